@@ -1,0 +1,53 @@
+"""Loom's environment, read once and in one place.
+
+Every ``LOOM_*`` variable is read here and nowhere else; callers take a ``LoomEnv`` and pass
+what they need down explicitly.
+
+    env = LoomEnv.from_environ()
+    store = ModelStore(env.models_dir)
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+@dataclass(frozen=True, kw_only=True)
+class LoomEnv:
+    home: Path
+    """Root of Loom's state (model store, databases, runtime files).
+
+    ``LOOM_HOME``, default ``./var``."""
+    api_keys: tuple[str, ...] = ()
+    """API keys from ``LOOM_API_KEYS`` (comma separated); they add to the config file's keys."""
+    config_path: Path | None = None
+    """Serving config file from ``LOOM_CONFIG``; ``--config`` on the command line wins."""
+    extra: Mapping[str, str] = field(default_factory=dict)
+    """Any other ``LOOM_*`` variable, for parts that come later (e.g. ``LOOM_DB_URL``)."""
+
+    @property
+    def models_dir(self) -> Path:
+        return self.home / "models"
+
+    @property
+    def run_dir(self) -> Path:
+        """Runtime files of a running server (metrics shards, pid files)."""
+        return self.home / "run"
+
+    @classmethod
+    def from_environ(cls, environ: Mapping[str, str] | None = None) -> LoomEnv:
+        environ = os.environ if environ is None else environ
+        home = Path(environ.get("LOOM_HOME") or "./var").expanduser().resolve()
+        keys = tuple(k.strip() for k in environ.get("LOOM_API_KEYS", "").split(",") if k.strip())
+        config = environ.get("LOOM_CONFIG")
+        known = {"LOOM_HOME", "LOOM_API_KEYS", "LOOM_CONFIG"}
+        extra = {k: v for k, v in environ.items() if k.startswith("LOOM_") and k not in known}
+        return cls(
+            home=home,
+            api_keys=keys,
+            config_path=Path(config).expanduser() if config else None,
+            extra=extra,
+        )

@@ -1,0 +1,1 @@
+"""The Ray Serve application: gateway, protocol adapters, model servers, metrics."""

@@ -1,0 +1,104 @@
+"""``loom serve`` and ``loom status``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import sys
+import threading
+import urllib.error
+import urllib.request
+
+from models.errors import StoreError
+from models.settings import LoomEnv
+from serving.config import ConfigError, LoomConfig, default_config, load_config, with_overrides
+
+
+def add_commands(subparsers: argparse._SubParsersAction) -> None:
+    serve_cmd = subparsers.add_parser(
+        "serve", help="serve models over HTTP (foreground; Ctrl-C stops)"
+    )
+    serve_cmd.add_argument("--config", type=str, default=None, help="serving config (YAML)")
+    serve_cmd.add_argument("--host", default=None, help="bind address (default 127.0.0.1)")
+    serve_cmd.add_argument("--port", type=int, default=None, help="HTTP port (default 8000)")
+    serve_cmd.set_defaults(func=run_serve)
+
+    status_cmd = subparsers.add_parser(
+        "status", help="what a running server has deployed, and whether it is ready"
+    )
+    status_cmd.add_argument(
+        "--url", default=None, help="server address (default http://127.0.0.1:8000)"
+    )
+    status_cmd.add_argument("--json", action="store_true", help="machine-readable output")
+    status_cmd.set_defaults(func=run_status)
+
+
+def resolve_config(args: argparse.Namespace, env: LoomEnv) -> LoomConfig:
+    path = args.config or env.config_path
+    from pathlib import Path
+
+    config = load_config(Path(path)) if path else default_config()
+    return with_overrides(config, env=env, host=args.host, port=args.port)
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    from serving.app import LoomServer  # imports Ray: only when serving
+
+    env = LoomEnv.from_environ()
+    try:
+        config = resolve_config(args, env)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    server = LoomServer(config, env)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    try:
+        server.start()
+    except (StoreError, ConfigError, RuntimeError, TimeoutError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        server.stop()
+        return 1
+    host, port = config.server.host, config.server.port
+    names = ", ".join(m.name for m in config.models)
+    auth = "on" if config.server.api_keys else "off"
+    print(
+        f"loom: serving {names} on http://{host}:{port} (API keys {auth}); Ctrl-C stops", flush=True
+    )
+    try:
+        stop.wait()
+    finally:
+        print("loom: shutting down", flush=True)
+        server.stop()
+    return 0
+
+
+def run_status(args: argparse.Namespace) -> int:
+    env = LoomEnv.from_environ()
+    url = (args.url or "http://127.0.0.1:8000").rstrip("/") + "/v1/status"
+    request = urllib.request.Request(url)
+    if env.api_keys:
+        request.add_header("Authorization", f"Bearer {env.api_keys[0]}")
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            status = json.load(response)
+    except urllib.error.HTTPError as exc:
+        print(
+            f"error: {url} answered {exc.code}: {exc.read().decode(errors='replace')}",
+            file=sys.stderr,
+        )
+        return 1
+    except (urllib.error.URLError, OSError) as exc:
+        print(f"error: no Loom server at {url} ({exc})", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(status, indent=2))
+        return 0
+    print(f"application: {status['application']}")
+    print(f"{'DEPLOYMENT':<28} {'STATUS':<12} {'RUNNING':>7}  READY")
+    for name, dep in sorted(status["deployments"].items()):
+        ready = "yes" if dep["running_replicas"] > 0 else "no"
+        print(f"{name:<28} {dep['status']:<12} {dep['running_replicas']:>7}  {ready}")
+    return 0

@@ -1,0 +1,211 @@
+"""Serving configuration: YAML -> typed, validated pydantic models.
+
+Errors name the field at fault (``models.0.batching.max_batch_size: ...``). With no file,
+``default_config()`` serves the bundled ``minilm`` on 127.0.0.1:8000.
+
+    config = load_config(Path("loom.yaml"), env=LoomEnv.from_environ())
+    config.models[0].batching.max_batch_size
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from models.bundled import BUNDLED_EMBEDDING_MODEL
+from models.errors import InvalidModelRef
+from models.refs import ModelRef
+from models.settings import LoomEnv
+
+Task = Literal["embed", "generate", "classify"]
+LOOPBACK_HOSTS = frozenset({"localhost"})
+
+
+class ConfigError(ValueError):
+    """The config file is missing, not YAML, or fails validation; the message names the field."""
+
+
+def _parse_ref(value: str) -> ModelRef:
+    try:
+        return ModelRef.parse(value)
+    except InvalidModelRef as exc:  # pydantic reports ValueErrors against the field
+        raise ValueError(str(exc)) from None
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ServerConfig(_Strict):
+    host: str = Field("127.0.0.1", description="Address the HTTP server binds.")
+    port: int = Field(8000, ge=1, le=65535, description="HTTP port.")
+    api_keys: tuple[str, ...] = Field(
+        (),
+        description="Bearer keys; when any are set every route but health and metrics needs one.",
+    )
+    max_body_bytes: int = Field(
+        1 << 20, ge=1024, description="Requests with a larger body are refused with 413."
+    )
+    request_timeout_s: float = Field(
+        60.0, gt=0, description="Deadline for one inference request; past it the answer is 504."
+    )
+
+    @property
+    def is_loopback(self) -> bool:
+        if self.host in LOOPBACK_HOSTS:
+            return True
+        try:
+            return ipaddress.ip_address(self.host).is_loopback
+        except ValueError:
+            return False
+
+
+class AutoscalingConfig(_Strict):
+    min_replicas: int = Field(1, ge=0, description="Fewest replicas kept running.")
+    max_replicas: int = Field(2, ge=1, description="Most replicas the autoscaler may start.")
+    target_ongoing_requests: float = Field(
+        32.0, gt=0, description="Requests in flight per replica the autoscaler aims for."
+    )
+
+    @model_validator(mode="after")
+    def _min_below_max(self) -> AutoscalingConfig:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError("min_replicas must be <= max_replicas")
+        return self
+
+
+class BatchingConfig(_Strict):
+    max_batch_size: int = Field(32, ge=1, le=1024, description="Most inputs in one engine run.")
+    max_wait_ms: float = Field(
+        5.0,
+        ge=0,
+        le=1000,
+        description="Longest an input waits for a fuller batch; only waited when more inputs "
+        "are expected within it (an idle server runs a request at once).",
+    )
+
+
+class LimitsConfig(_Strict):
+    max_inputs: int = Field(256, ge=1, description="Most inputs in one request (else 413).")
+    max_input_chars: int = Field(
+        20_000, ge=1, description="Longest single input in characters (else 413)."
+    )
+    max_queued: int = Field(
+        1024, ge=1, description="Inputs a replica admits before answering 503 with Retry-After."
+    )
+
+
+class ModelConfig(_Strict):
+    name: str = Field(description="The name clients call the model by.")
+    source: str = Field(description="Store reference: NAME, NAME@VERSION or NAME#ALIAS.")
+    task: Task = Field("embed", description="What the model does.")
+    device: str = Field("auto", description="auto (CUDA when present), cpu, cuda or cuda:N.")
+    dtype: str = Field("auto", description="auto, float32, float16 or bfloat16 (GPU only).")
+    replicas: int | None = Field(1, ge=1, description="A fixed number of replicas.")
+    autoscaling: AutoscalingConfig | None = Field(
+        None, description="Autoscale between bounds instead of a fixed number."
+    )
+    num_cpus: float = Field(1.0, ge=0, description="CPUs reserved per replica (Ray resources).")
+    num_gpus: float = Field(0.0, ge=0, description="GPUs reserved per replica.")
+    torch_threads: int | None = Field(
+        None, ge=1, description="Intra-op threads per replica; default: num_cpus, at least 1."
+    )
+    batching: BatchingConfig = Field(default_factory=BatchingConfig)
+    limits: LimitsConfig = Field(default_factory=LimitsConfig)
+
+    @field_validator("name")
+    @classmethod
+    def _name_is_well_formed(cls, value: str) -> str:
+        _parse_ref(value)  # same alphabet as the store: no slashes, no traversal
+        if "@" in value or "#" in value:
+            raise ValueError("a served name may not contain '@' or '#'")
+        return value
+
+    @field_validator("source")
+    @classmethod
+    def _source_is_a_store_ref(cls, value: str) -> str:
+        _parse_ref(value)
+        return value
+
+    @model_validator(mode="after")
+    def _replicas_or_autoscaling(self) -> ModelConfig:
+        if self.autoscaling is not None and self.replicas not in (None, 1):
+            raise ValueError("give either replicas or autoscaling, not both")
+        return self
+
+    @property
+    def threads(self) -> int:
+        return self.torch_threads or max(1, round(self.num_cpus))
+
+
+class LoomConfig(_Strict):
+    server: ServerConfig = Field(default_factory=ServerConfig)
+    models: tuple[ModelConfig, ...] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _names_unique(self) -> LoomConfig:
+        names = [m.name for m in self.models]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"model names must be unique; repeated: {', '.join(dupes)}")
+        return self
+
+    def model(self, name: str) -> ModelConfig | None:
+        return next((m for m in self.models if m.name == name), None)
+
+
+def default_config(cpus: int | None = None) -> LoomConfig:
+    """The embedded default: the bundled MiniLM on 127.0.0.1:8000, one replica on all cores."""
+    import os
+
+    cpus = cpus or os.cpu_count() or 1
+    minilm = ModelConfig(
+        name=BUNDLED_EMBEDDING_MODEL, source=BUNDLED_EMBEDDING_MODEL, task="embed", num_cpus=cpus
+    )
+    return LoomConfig(models=(minilm,))
+
+
+def parse_config(data: object) -> LoomConfig:
+    """Validate already-parsed YAML/JSON data; errors name each failing field."""
+    try:
+        return LoomConfig.model_validate(data)
+    except ValidationError as exc:
+        problems = []
+        for err in exc.errors():
+            where = ".".join(str(p) for p in err["loc"]) or "(top level)"
+            problems.append(f"{where}: {err['msg']}")
+        raise ConfigError("invalid config: " + "; ".join(problems)) from None
+
+
+def load_config(path: Path) -> LoomConfig:
+    """Read a YAML config file."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"cannot read config {path}: {exc.strerror}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config {path} is not valid YAML: {exc}") from None
+    return parse_config(data)
+
+
+def with_overrides(
+    config: LoomConfig, *, env: LoomEnv, host: str | None = None, port: int | None = None
+) -> LoomConfig:
+    """Apply command-line and environment overrides, then enforce the bind rule."""
+    server = config.server
+    keys = tuple(dict.fromkeys((*server.api_keys, *env.api_keys)))
+    server = server.model_copy(
+        update={"host": host or server.host, "port": port or server.port, "api_keys": keys}
+    )
+    if not server.is_loopback and not server.api_keys:
+        raise ConfigError(
+            f"refusing to bind {server.host} without API keys: set server.api_keys in the "
+            "config or LOOM_API_KEYS, or bind 127.0.0.1"
+        )
+    return config.model_copy(update={"server": server})

@@ -1,0 +1,145 @@
+"""ModelServer: one Ray Serve deployment per model, N replicas (the replicated service, ch. 6).
+
+A replica resolves its store reference, verifies every file's hash, loads the engine and warms
+it up in its constructor, so Ray Serve marks it running only once it can answer. Calls join a
+bounded admission queue feeding the batcher; a full queue refuses with ``Overloaded`` (the
+gateway answers 503 with Retry-After).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+from ray import serve
+
+from models.engines import build_engine
+from models.engines.embed import EmbedResult
+from models.store import ModelStore
+from serving import metrics
+from serving.batcher import Batcher, BatchPolicy, QueueFull
+from serving.config import ModelConfig
+from serving.errors import Overloaded
+from serving.readiness import model_deployment_name
+from serving.request import EmbedReply
+
+
+def split_result(result: EmbedResult, start: int, stop: int) -> EmbedResult:
+    return EmbedResult(
+        vectors=result.vectors[start:stop], token_counts=result.token_counts[start:stop]
+    )
+
+
+def concat_results(parts: list[EmbedResult]) -> EmbedResult:
+    return EmbedResult(
+        vectors=np.concatenate([p.vectors for p in parts]),
+        token_counts=tuple(c for p in parts for c in p.token_counts),
+    )
+
+
+class ModelServer:
+    """Serves one model: ``await handle.embed.remote(["a", "b"]) -> EmbedReply``."""
+
+    def __init__(self, model: dict, models_dir: str) -> None:
+        self._config = ModelConfig.model_validate(model)
+        name = self._config.name
+        started = time.perf_counter()
+        store = ModelStore(Path(models_dir))
+        resolved = store.resolve(self._config.source)
+        if resolved.task != self._config.task:
+            raise ValueError(
+                f"model {name}: config says task {self._config.task} but "
+                f"{resolved.name}@{resolved.version} is a {resolved.task} model"
+            )
+        store.verify(resolved)
+        self._version = resolved.version
+        self._engine = build_engine(
+            resolved.task,
+            resolved.path,
+            device=self._config.device,
+            dtype=self._config.dtype,
+            num_threads=self._config.threads,
+        )
+        self._engine.load()
+        self._engine.warmup()
+        metrics.MODEL_LOAD.labels(name, resolved.version).set(time.perf_counter() - started)
+        self._batch_size = metrics.BATCH_SIZE.labels(name)
+        self._batch_latency = metrics.BATCH_LATENCY.labels(name)
+        self._inputs = metrics.INPUTS.labels(name)
+        self._queue_depth = metrics.QUEUE_DEPTH.labels(name)
+        self._rejected = metrics.REJECTED.labels(name)
+        batching, limits = self._config.batching, self._config.limits
+        self._batcher: Batcher[str] = Batcher(
+            self._engine.run,
+            BatchPolicy(
+                max_batch_size=batching.max_batch_size,
+                max_wait_s=batching.max_wait_ms / 1000.0,
+                max_queued=limits.max_queued,
+            ),
+            split_rows=split_result,
+            concat_rows=concat_results,
+            on_batch=self._record_batch,
+        )
+
+    def _record_batch(self, size: int, seconds: float) -> None:
+        self._batch_size.observe(size)
+        self._batch_latency.observe(seconds)
+        self._inputs.inc(size)
+
+    async def embed(self, texts: list[str]) -> EmbedReply:
+        self._queue_depth.inc(len(texts))
+        try:
+            result: EmbedResult = await self._batcher.submit(texts)
+        except QueueFull as exc:
+            self._rejected.inc(len(texts))
+            raise Overloaded(self._config.name, exc.retry_after_s) from None
+        finally:
+            self._queue_depth.dec(len(texts))
+        return EmbedReply(
+            vectors=result.vectors, token_counts=result.token_counts, version=self._version
+        )
+
+    def info(self) -> dict:
+        """What the gateway shows in model metadata."""
+        return {
+            "name": self._config.name,
+            "version": self._version,
+            "task": self._config.task,
+            "dim": getattr(self._engine, "dim", None),
+            "max_length": getattr(self._engine, "max_length", None),
+        }
+
+    def check_health(self) -> None:
+        """Ray Serve's periodic health check: a replica with a dead batcher is unhealthy."""
+
+    def __del__(self) -> None:
+        batcher = getattr(self, "_batcher", None)
+        if batcher is not None:
+            batcher.close()
+        metrics.mark_this_process_dead()
+
+
+def model_server_deployment(config: ModelConfig, env_vars: dict[str, str]) -> serve.Deployment:
+    """The Ray Serve deployment for one model config: replicas, resources, runtime env."""
+    options: dict = {
+        "name": model_deployment_name(config.name),
+        # admission is ours (bounded queue -> 503); Ray's own limit only stays out of its way
+        "max_ongoing_requests": config.limits.max_queued + 64,
+        "ray_actor_options": {
+            "num_cpus": config.num_cpus,
+            "num_gpus": config.num_gpus,
+            "runtime_env": {"env_vars": env_vars},
+        },
+        "graceful_shutdown_timeout_s": 10,
+        "health_check_period_s": 10,
+    }
+    if config.autoscaling is not None:
+        options["autoscaling_config"] = {
+            "min_replicas": config.autoscaling.min_replicas,
+            "max_replicas": config.autoscaling.max_replicas,
+            "target_ongoing_requests": config.autoscaling.target_ongoing_requests,
+        }
+    else:
+        options["num_replicas"] = config.replicas or 1
+    return serve.deployment(ModelServer).options(**options)
