@@ -1,0 +1,80 @@
+"""Loading a transformers model and tokenizer from a local folder, safely.
+
+Every load is pinned to the folder on disk and to safetensors: ``local_files_only=True`` (no
+hub look-ups at run time), ``use_safetensors=True`` and ``trust_remote_code=False`` are passed
+explicitly, and a folder holding any pickle-based weights is refused before transformers sees
+it, so no code in a weights file or a repo's ``modeling_*.py`` ever runs.
+
+    loaded = load_pretrained(path, task="embed", device=torch.device("cpu"), dtype=torch.float32)
+    loaded.model(**loaded.tokenizer(["hello"], return_tensors="pt"))
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from models.errors import StoreError
+from models.weights import require_safe_weights
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
+
+# Which transformers head each task loads: embed reads hidden states, so the bare encoder.
+_MODEL_CLASS_BY_TASK: dict[str, str] = {
+    "embed": "AutoModel",
+    "generate": "AutoModelForCausalLM",
+    "classify": "AutoModelForSequenceClassification",
+}
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """A model in eval mode on its device, and the tokenizer that goes with it."""
+
+    model: PreTrainedModel
+    tokenizer: Any
+    """A transformers tokenizer (fast where the folder has ``tokenizer.json``)."""
+    device: torch.device
+    dtype: torch.dtype
+
+
+def load_pretrained(
+    path: Path, *, task: str, device: torch.device, dtype: torch.dtype
+) -> LoadedModel:
+    """Load the model for ``task`` and its tokenizer from ``path``, in eval mode on ``device``.
+
+    Raises ``UnsafeWeights`` for a folder with non-safetensors weights or none at all,
+    ``StoreError`` for a missing folder, and ``ValueError`` for an unknown task.
+    """
+    if task not in _MODEL_CLASS_BY_TASK:
+        known = ", ".join(sorted(_MODEL_CLASS_BY_TASK))
+        raise ValueError(f"unknown task {task!r}: expected one of {known}")
+    path = Path(path)
+    if not path.is_dir():
+        raise StoreError(f"model folder {path} does not exist or is not a folder")
+    require_safe_weights(path)
+
+    # Imported here, not at the top: transformers takes seconds to import, and processes that
+    # only read results (a gateway importing EmbedResult) never load a model.
+    import transformers
+
+    model_class = getattr(transformers, _MODEL_CLASS_BY_TASK[task])
+    model = model_class.from_pretrained(
+        str(path),
+        dtype=dtype,
+        use_safetensors=True,
+        trust_remote_code=False,
+        local_files_only=True,
+    )
+    model.to(device)
+    model.eval()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(
+        str(path),
+        trust_remote_code=False,
+        local_files_only=True,
+    )
+    return LoadedModel(model=model, tokenizer=tokenizer, device=device, dtype=dtype)
