@@ -60,6 +60,18 @@ def parse_json(body: bytes) -> object:
         ) from None
 
 
+# pydantic tags a union member's error with the member's type: ("input", "str") -> "input"
+_TYPE_TAGS = frozenset({"str", "int", "float", "bool", "list", "dict", "none"})
+
+
+def field_path(loc: tuple[int | str, ...]) -> str:
+    """The client's view of where an error is: ``inputs.0.datatype``, union tags left out."""
+    parts = [
+        str(p) for p in loc if not (isinstance(p, str) and (p in _TYPE_TAGS or "[" in p))
+    ]
+    return ".".join(parts)
+
+
 def validate(model: type[M], data: object) -> M:
     """Check parsed JSON against a schema; the first problem names its field (``param``)."""
     if not isinstance(data, dict):
@@ -68,7 +80,7 @@ def validate(model: type[M], data: object) -> M:
         return model.model_validate(data)
     except ValidationError as exc:
         first = exc.errors()[0]
-        where = ".".join(str(p) for p in first["loc"])
+        where = field_path(first["loc"])
         more = len(exc.errors()) - 1
         suffix = f" (and {more} more problem{'s' if more > 1 else ''})" if more else ""
         raise bad_request(f"{where}: {first['msg']}{suffix}", param=where or None) from None

@@ -56,7 +56,10 @@ def test_two_replicas_answer_64_concurrent_requests_and_batch_them(server: str) 
         limits = httpx.Limits(max_connections=64)
         async with httpx.AsyncClient(base_url=server, timeout=60, limits=limits) as client:
             return await asyncio.gather(
-                *[client.post("/v1/embeddings", json={"model": "minilm", "input": t}) for t in texts]
+                *[
+                    client.post("/v1/embeddings", json={"model": "minilm", "input": t})
+                    for t in texts
+                ]
             )
 
     responses = asyncio.run(fire())
@@ -69,7 +72,9 @@ def test_two_replicas_answer_64_concurrent_requests_and_batch_them(server: str) 
 
     text = httpx.get(f"{server}/metrics").text
     count = float(re.search(r'loom_batch_size_count\{model="minilm"\} (\S+)', text).group(1))
-    singles = float(re.search(r'loom_batch_size_bucket\{le="1.0",model="minilm"\} (\S+)', text).group(1))
+    singles = float(
+        re.search(r'loom_batch_size_bucket\{le="1.0",model="minilm"\} (\S+)', text).group(1)
+    )
     # 64 inputs in fewer engine runs than inputs means some batch held more than one
     assert count - singles >= 1, f"no batch larger than 1: {count} batches, {singles} of size 1"
     served = float(re.search(r'loom_inputs_total\{model="minilm"\} (\S+)', text).group(1))
@@ -84,13 +89,17 @@ def test_a_request_larger_than_the_queue_is_refused_with_503_and_retry_after(ser
     assert int(response.headers["retry-after"]) >= 1
     assert response.json()["error"]["code"] == "overloaded"
     # within the limit it is served
-    ok = httpx.post(f"{server}/v1/embeddings", json={"model": "tight", "input": ["a", "b"]}, timeout=30)
+    ok = httpx.post(
+        f"{server}/v1/embeddings", json={"model": "tight", "input": ["a", "b"]}, timeout=30
+    )
     assert ok.status_code == 200
 
 
 def test_same_text_gives_the_same_vector_from_either_replica(server: str) -> None:
     body = {"model": "minilm", "input": "replicas agree"}
-    first = httpx.post(f"{server}/v1/embeddings", json=body, timeout=30).json()["data"][0]["embedding"]
+    first = httpx.post(f"{server}/v1/embeddings", json=body, timeout=30).json()["data"][0][
+        "embedding"
+    ]
     for _ in range(6):
         again = httpx.post(f"{server}/v1/embeddings", json=body, timeout=30).json()
         assert again["data"][0]["embedding"] == pytest.approx(first, abs=1e-5)

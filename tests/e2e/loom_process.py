@@ -1,0 +1,90 @@
+"""Start and stop ``loom serve`` as a real subprocess, as a user would."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import yaml
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@dataclass
+class LoomProcess:
+    url: str
+    home: Path
+    process: subprocess.Popen
+    log: Path
+
+    def log_tail(self, chars: int = 4000) -> str:
+        return self.log.read_text(errors="replace")[-chars:]
+
+
+def start_loom(
+    home: Path, port: int, config: dict | None = None, env: dict[str, str] | None = None
+) -> LoomProcess:
+    home.mkdir(parents=True, exist_ok=True)
+    args = [sys.executable, "-m", "loom", "serve", "--port", str(port)]
+    if config is not None:
+        path = home / "loom.yaml"
+        path.write_text(yaml.safe_dump(config))
+        args += ["--config", str(path)]
+    log = home / "serve.log"
+    full_env = {k: v for k, v in os.environ.items() if k != "LOOM_API_KEYS"}
+    full_env.update({"LOOM_HOME": str(home), **(env or {})})
+    with log.open("wb") as out:
+        process = subprocess.Popen(
+            args,
+            cwd=REPO,
+            env=full_env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    loom = LoomProcess(f"http://127.0.0.1:{port}", home, process, log)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"loom serve exited with {process.returncode}:\n{loom.log_tail()}")
+        try:
+            if httpx.get(f"{loom.url}/v2/health/ready", timeout=2).status_code == 200:
+                return loom
+        except httpx.TransportError:
+            pass
+        time.sleep(1)
+    stop_loom(loom)
+    raise TimeoutError(f"loom serve was not ready in 300 s:\n{loom.log_tail()}")
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def stop_loom(loom: LoomProcess) -> tuple[int | None, bool]:
+    """Ctrl-C, as a user would. Returns the exit code and whether any process of the server's
+    group (Ray's included) outlived it by 15 s; those are then killed, so none is left."""
+    if loom.process.poll() is None:
+        loom.process.send_signal(signal.SIGINT)
+        try:
+            loom.process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            loom.process.kill()
+            loom.process.wait(timeout=10)
+    deadline = time.monotonic() + 15
+    while _group_alive(loom.process.pid) and time.monotonic() < deadline:
+        time.sleep(0.25)
+    leftovers = _group_alive(loom.process.pid)
+    if leftovers:
+        os.killpg(loom.process.pid, signal.SIGKILL)
+    return loom.process.returncode, leftovers

@@ -1,0 +1,109 @@
+"""API keys on, the bind rule, and the CLI against a running server."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+
+import httpx
+import pytest
+from loom_process import REPO, LoomProcess, start_loom, stop_loom
+
+KEY = "test-key-123"
+
+
+@pytest.fixture(scope="module")
+def keyed_server(
+    tmp_path_factory: pytest.TempPathFactory, free_port: Callable[[], int]
+) -> Iterator[LoomProcess]:
+    config = {
+        "server": {"api_keys": ["config-key"]},
+        "models": [{"name": "minilm", "source": "minilm", "task": "embed"}],
+    }
+    loom = start_loom(
+        tmp_path_factory.mktemp("e2e-keys"), free_port(), config, env={"LOOM_API_KEYS": KEY}
+    )
+    try:
+        yield loom
+    finally:
+        stop_loom(loom)
+
+
+def test_with_keys_every_model_route_needs_a_bearer_key(keyed_server: LoomProcess) -> None:
+    url = keyed_server.url
+    body = {"model": "minilm", "input": "secret"}
+    missing = httpx.post(f"{url}/v1/embeddings", json=body)
+    assert missing.status_code == 401
+    assert missing.json()["error"]["code"] == "missing_api_key"
+    wrong = httpx.post(f"{url}/v1/embeddings", json=body, headers={"Authorization": "Bearer nope"})
+    assert wrong.status_code == 401
+    assert wrong.json()["error"]["code"] == "invalid_api_key"
+    assert httpx.get(f"{url}/v1/models").status_code == 401
+    assert httpx.get(f"{url}/v2/models/minilm").json() == {
+        "error": "missing API key: send 'Authorization: Bearer <key>'"
+    }
+    for key in (KEY, "config-key"):  # the environment's key and the config file's both work
+        ok = httpx.post(
+            f"{url}/v1/embeddings", json=body, headers={"Authorization": f"Bearer {key}"}
+        )
+        assert ok.status_code == 200
+
+
+def test_with_keys_health_and_metrics_stay_open(keyed_server: LoomProcess) -> None:
+    url = keyed_server.url
+    assert httpx.get(f"{url}/v2/health/live").status_code == 200
+    assert httpx.get(f"{url}/v2/health/ready").status_code == 200
+    assert httpx.get(f"{url}/metrics").status_code == 200
+
+
+def test_loom_status_shows_deployments_using_the_key(keyed_server: LoomProcess) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "loom", "status", "--url", keyed_server.url, "--json"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={"PATH": "/usr/bin:/bin", "LOOM_API_KEYS": KEY, "LOOM_HOME": str(keyed_server.home)},
+    )
+    assert result.returncode == 0, result.stderr
+    status = json.loads(result.stdout)
+    assert status["deployments"]["model-minilm"]["running_replicas"] == 1
+
+
+def test_binding_a_public_address_without_keys_is_refused(tmp_path, free_port) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "loom", "serve", "--host", "0.0.0.0", "--port", str(free_port())],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={"PATH": "/usr/bin:/bin", "LOOM_HOME": str(tmp_path)},
+    )
+    assert result.returncode == 2
+    assert "without API keys" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_a_bad_config_file_is_refused_naming_the_field(tmp_path, free_port) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text("models:\n  - {name: m, source: minilm, batching: {max_batch_size: -1}}\n")
+    result = subprocess.run(
+        [sys.executable, "-m", "loom", "serve", "--config", str(path), "--port", str(free_port())],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={"PATH": "/usr/bin:/bin", "LOOM_HOME": str(tmp_path)},
+    )
+    assert result.returncode == 2
+    assert "models.0.batching.max_batch_size" in result.stderr
+
+
+def test_ctrl_c_stops_the_server_and_ray_with_it(tmp_path, free_port) -> None:
+    loom = start_loom(tmp_path / "home", free_port())
+    code, leftovers = stop_loom(loom)
+    assert code == 0, loom.log_tail()
+    assert "shutting down" in loom.log_tail()
+    assert not leftovers, "processes of the server's group outlived it"
