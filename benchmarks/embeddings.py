@@ -1,0 +1,337 @@
+"""Embeddings, end to end: the engine alone, the whole Loom stack, and a plain FastAPI server,
+measured in one run with one load generator, side by side.
+
+    python -m benchmarks.embeddings                      # full run, ~5 minutes on 2 cores
+    python -m benchmarks.embeddings --duration-s 5 --skip-stack
+    python -m benchmarks.embeddings --env RAY_SERVE_THROUGHPUT_OPTIMIZED=1
+
+Order: (0) the load generator against a no-op server; (a) the engine in this process at each
+batch size; (b) ``loom serve`` in a subprocess at each concurrency level; (c) the plain server
+the same way. Every step prints one line with units; the end prints the targets with
+PASS/MISS and writes everything to one JSON file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import gc
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from benchmarks.corpus import SENTENCES, request_bodies, take_cycled
+from benchmarks.engine_sweep import SweepConfig, measure_batch_size
+from benchmarks.loadgen import LoadConfig, run_load
+from benchmarks.machine import load_average_1m, machine_facts
+from benchmarks.options import parse_env_assignments, parse_int_list
+from benchmarks.processes import ServerNotReady, ServerProcess, ServerSpec
+from benchmarks.report import (
+    BatchSummary,
+    LevelSummary,
+    TargetGoals,
+    best_batch,
+    evaluate_targets,
+    format_batch_line,
+    format_hop_cost_line,
+    format_level_line,
+    format_target_line,
+    hop_cost,
+    summarise_level,
+    target_record,
+    write_json,
+)
+from benchmarks.setups import EMBEDDINGS_PATH, noop_spec, plain_spec, stack_spec
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass(frozen=True, kw_only=True)
+class EmbeddingsBenchConfig:
+    """One run of the embeddings benchmark."""
+
+    duration_s: float = 15.0
+    """Measured window per concurrency level."""
+    warmup_s: float = 3.0
+    """Load before each level's window opens, not recorded."""
+    levels: tuple[int, ...] = (1, 8, 32, 64)
+    """Concurrency levels (closed-loop virtual users) for the stack and the plain server."""
+    noop_concurrency: int = 64
+    batch_sizes: tuple[int, ...] = (1, 8, 16, 32, 64, 128)
+    engine_duration_s: float = 5.0
+    """Measured time per batch size of the in-process engine sweep."""
+    sentences: int = len(SENTENCES)
+    """Distinct texts cycled through (the corpus repeats past its 64)."""
+    model_name: str = "minilm"
+    skip_stack: bool = False
+    skip_plain: bool = False
+    stack_config_path: Path | None = None
+    """Serving YAML for the stack; ``None`` generates one for ``model_name``."""
+    stack_env: Mapping[str, str] = field(default_factory=dict)
+    """Extra environment for the stack's subprocess only (e.g. Ray Serve flags)."""
+    ready_timeout_s: float = 240.0
+    out_path: Path = REPO_ROOT / "benchmarks" / "results" / "embeddings.json"
+
+    def __post_init__(self) -> None:
+        if self.duration_s <= 0 or self.engine_duration_s <= 0 or self.warmup_s < 0:
+            raise ValueError("durations must be > 0 (warm-up >= 0)")
+        if self.sentences < 1 or self.noop_concurrency < 1 or self.ready_timeout_s <= 0:
+            raise ValueError("--sentences, --noop-concurrency, --ready-timeout-s must be > 0")
+
+
+def parse_args(argv: Sequence[str] | None) -> EmbeddingsBenchConfig:
+    defaults = EmbeddingsBenchConfig()
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.embeddings", description=__doc__.splitlines()[0]
+    )
+    parser.add_argument("--duration-s", type=float, default=defaults.duration_s)
+    parser.add_argument("--warmup-s", type=float, default=defaults.warmup_s)
+    parser.add_argument(
+        "--levels", default=",".join(map(str, defaults.levels)), help="e.g. 1,8,32,64"
+    )
+    parser.add_argument(
+        "--batch-sizes", default=",".join(map(str, defaults.batch_sizes)), help="engine sweep"
+    )
+    parser.add_argument("--engine-duration-s", type=float, default=defaults.engine_duration_s)
+    parser.add_argument("--noop-concurrency", type=int, default=defaults.noop_concurrency)
+    parser.add_argument("--sentences", type=int, default=defaults.sentences)
+    parser.add_argument("--skip-stack", action="store_true")
+    parser.add_argument("--skip-plain", action="store_true")
+    parser.add_argument("--config", type=Path, default=None, help="serving YAML for the stack")
+    parser.add_argument(
+        "--env", action="append", default=[], metavar="KEY=VALUE",
+        help="extra environment for the stack subprocess (repeatable)",
+    )  # fmt: skip
+    parser.add_argument("--ready-timeout-s", type=float, default=defaults.ready_timeout_s)
+    parser.add_argument("--out", type=Path, default=defaults.out_path)
+    args = parser.parse_args(argv)
+    try:
+        return EmbeddingsBenchConfig(
+            duration_s=args.duration_s,
+            warmup_s=args.warmup_s,
+            levels=parse_int_list(args.levels),
+            noop_concurrency=args.noop_concurrency,
+            batch_sizes=parse_int_list(args.batch_sizes),
+            engine_duration_s=args.engine_duration_s,
+            sentences=args.sentences,
+            skip_stack=args.skip_stack,
+            skip_plain=args.skip_plain,
+            stack_config_path=args.config,
+            stack_env=parse_env_assignments(args.env),
+            ready_timeout_s=args.ready_timeout_s,
+            out_path=args.out,
+        )
+    except ValueError as exc:
+        parser.error(str(exc))
+
+
+def say(line: str) -> None:
+    print(line, flush=True)
+
+
+def warn_if_busy(facts: Mapping[str, Any]) -> None:
+    """Say so when other work already keeps the CPUs busy: every figure will be noisy."""
+    load, cpus = facts.get("load_avg_1m"), facts.get("cpus_usable") or facts.get("cpu_count")
+    if load is not None and cpus and load > 0.5 * cpus:
+        say(
+            f"warning: load average {load:.1f} on {cpus} CPUs before the run; other work "
+            f"shares this machine, so the figures will be noisy (torch's threads suffer most)"
+        )
+
+
+def drive_levels(
+    setup: str,
+    server: ServerProcess,
+    bodies: Sequence[bytes],
+    levels: Sequence[int],
+    config: EmbeddingsBenchConfig,
+) -> list[LevelSummary]:
+    """Run each concurrency level against a ready server; stop early if the server dies."""
+    summaries = []
+    for concurrency in levels:
+        if not server.is_running:
+            raise RuntimeError(
+                f"{setup} server exited during the run\n--- stderr tail ---\n{server.stderr_tail()}"
+            )
+        load = LoadConfig(
+            port=server.spec.port,
+            path=EMBEDDINGS_PATH,
+            concurrency=concurrency,
+            warmup_s=config.warmup_s,
+            duration_s=config.duration_s,
+        )
+        result = run_load(load, bodies)
+        summary = summarise_level(
+            concurrency=concurrency,
+            duration_s=result.duration_s,
+            requests=result.requests,
+            errors=result.errors,
+            latencies_ns=result.latencies_ns,
+            texts_per_request=1,
+            loadgen_cpu_s=result.loadgen_cpu_s,
+        )
+        say(format_level_line(setup, summary))
+        if result.error_kinds:
+            say(f"{setup:<6} c={concurrency:<3}: errors by kind {result.error_kinds}")
+        summaries.append(summary)
+    return summaries
+
+
+def run_http_setup(
+    setup: str,
+    spec: ServerSpec,
+    measure: Callable[[ServerProcess], list[LevelSummary]],
+) -> dict[str, Any]:
+    """Start the server, measure it, stop it; the record holds levels or the error."""
+    record: dict[str, Any] = {"argv": list(spec.argv), "levels": [], "error": None}
+    server = ServerProcess(spec)
+    say(f"{setup:<6}: starting {' '.join(spec.argv[1:])}")
+    try:
+        with server:
+            say(f"{setup:<6}: ready in {server.ready_s:.1f} s")
+            record["levels"] = measure(server)
+    except (ServerNotReady, RuntimeError) as exc:
+        record["error"] = str(exc)
+        say(f"{setup:<6}: FAILED: {exc}")
+    record["server"] = server.describe()
+    if server.stop_record is not None:
+        stop = server.stop_record
+        say(
+            f"{setup:<6}: stopped in {stop.stop_s:.1f} s, exit code {stop.exit_code}, "
+            f"killed {stop.killed}, leftover processes reaped {stop.leftovers_killed}"
+        )
+    return record
+
+
+def run_engine_sweep(texts: Sequence[str], config: EmbeddingsBenchConfig) -> dict[str, Any]:
+    """The engine in this process at every batch size; freed before the HTTP setups run."""
+    from models.bundled import bundled_model_dir
+    from models.engines.embed import EmbeddingEngine
+
+    engine = EmbeddingEngine(bundled_model_dir())
+    engine.load()
+    engine.warmup()
+    sweep_config = SweepConfig(
+        batch_sizes=config.batch_sizes, duration_s_per_size=config.engine_duration_s
+    )
+    sweep: list[BatchSummary] = []
+    for batch_size in config.batch_sizes:
+        sweep.append(measure_batch_size(engine, texts, batch_size, sweep_config))
+        say(format_batch_line(sweep[-1]))
+    record = {"device": str(engine.device), "dtype": str(engine.dtype), "sweep": sweep}
+    del engine
+    gc.collect()
+    return record
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    config = parse_args(argv)
+    texts = take_cycled(config.sentences)
+    bodies = request_bodies(texts, model=config.model_name)
+    work_dir = Path(tempfile.mkdtemp(prefix="loom-bench-embeddings-"))
+    failed = True  # until every part has run; a crash keeps the server logs
+    started = time.monotonic()
+    results: dict[str, Any] = {
+        "benchmark": "embeddings",
+        "config": {k: _jsonable(v) for k, v in dataclasses.asdict(config).items()},
+        "machine": machine_facts(REPO_ROOT),
+    }
+    warn_if_busy(results["machine"])
+    try:
+        noop = run_http_setup(
+            "noop",
+            noop_spec(work_dir=work_dir),
+            lambda server: drive_levels("noop", server, bodies, (config.noop_concurrency,), config),
+        )
+        results["loadgen"] = {"client": "asyncio streams, HTTP/1.1 keep-alive", **noop}
+        results["engine"] = run_engine_sweep(texts, config)
+        setups: dict[str, Any] = {}
+        if not config.skip_stack:
+            spec = stack_spec(
+                work_dir=work_dir,
+                config_path=config.stack_config_path,
+                model_name=config.model_name,
+                extra_env=config.stack_env,
+                ready_timeout_s=config.ready_timeout_s,
+            )
+            setups["stack"] = run_http_setup(
+                "stack", spec, lambda s: drive_levels("stack", s, bodies, config.levels, config)
+            )
+            setups["stack"]["extra_env"] = dict(config.stack_env)
+        if not config.skip_plain:
+            spec = plain_spec(work_dir=work_dir, ready_timeout_s=config.ready_timeout_s)
+            setups["plain"] = run_http_setup(
+                "plain", spec, lambda s: drive_levels("plain", s, bodies, config.levels, config)
+            )
+        results["setups"] = setups
+        failed = any(record["error"] for record in (noop, *setups.values()))
+        results.update(summarise(results))
+    finally:
+        results["wall_s"] = time.monotonic() - started
+        results["machine"]["load_avg_1m_end"] = load_average_1m()
+        write_json(config.out_path, _jsonable(results))
+        say(f"wrote {config.out_path}")
+        if failed:
+            say(f"server logs kept in {work_dir / 'logs'}")
+        else:
+            shutil.rmtree(work_dir, ignore_errors=True)
+    return 1 if failed else 0
+
+
+def summarise(results: Mapping[str, Any]) -> dict[str, Any]:
+    """Targets and per-setup hop costs from the measured parts; prints the summary lines."""
+    sweep: list[BatchSummary] = results["engine"]["sweep"]
+    levels_by_setup = {name: record["levels"] for name, record in results["setups"].items()}
+    noop_levels = results["loadgen"]["levels"]
+    goals = TargetGoals()
+    targets = evaluate_targets(
+        engine=sweep,
+        stack=levels_by_setup.get("stack", []),
+        plain=levels_by_setup.get("plain", []),
+        goals=goals,
+    )
+    costs = {
+        name: hop_cost(sweep, levels, goals.high_concurrency, goals.low_concurrency)
+        for name, levels in levels_by_setup.items()
+    }
+    best = best_batch(sweep)
+    say("--- summary ---")
+    if noop_levels:
+        say(f"loadgen max (no-op server, c={noop_levels[0].concurrency}): "
+            f"{noop_levels[0].req_per_s:.0f} req/s")  # fmt: skip
+    if best is not None:
+        say(f"engine best: {best.texts_per_s:.1f} texts/s at batch {best.batch_size}")
+    batch_of_one = next((b for b in sweep if b.batch_size == 1), None)
+    if batch_of_one is not None and batch_of_one.p50_ms is not None:
+        say(f"engine batch-1 p50: {batch_of_one.p50_ms:.2f} ms")
+    for name, cost in costs.items():
+        say(format_hop_cost_line(name, cost))
+    for target in targets:
+        say(format_target_line(target))
+    return {
+        "engine_best": best,
+        "hop_costs": costs,
+        "targets": [target_record(t) for t in targets],
+    }
+
+
+def _jsonable(value: Any) -> Any:
+    """Dataclasses, paths and tuples as plain JSON values, recursively."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return _jsonable(dataclasses.asdict(value))
+    if isinstance(value, Mapping):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+if __name__ == "__main__":
+    sys.exit(main())

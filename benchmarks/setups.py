@@ -1,0 +1,112 @@
+"""The HTTP servers the embeddings benchmark compares, each as a ``ServerSpec``.
+
+- ``noop``: answers at once; measures the load generator alone.
+- ``stack``: ``loom serve`` (Ray Serve, gateway, batching) on a fresh ``LOOM_HOME``.
+- ``plain``: FastAPI + uvicorn calling the engine one request at a time.
+
+All three listen on a free 127.0.0.1 port and answer ``GET /v2/health/ready`` when ready.
+
+    spec = stack_spec(work_dir=tmp, config_path=None, model_name="minilm", extra_env={})
+    with ServerProcess(spec) as server: ...
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from benchmarks.processes import LOCALHOST, ServerSpec, child_env, free_port
+
+READY_PATH = "/v2/health/ready"
+EMBEDDINGS_PATH = "/v1/embeddings"
+
+
+def stack_config(
+    *, port: int, model_name: str, max_batch_size: int = 32, max_wait_ms: float = 5.0
+) -> dict[str, Any]:
+    """The serving config the benchmark generates: one embedding model, one replica, batched."""
+    return {
+        "server": {"host": LOCALHOST, "port": port},
+        "models": [
+            {
+                "name": model_name,
+                "source": model_name,
+                "task": "embed",
+                "replicas": 1,
+                "batching": {"max_batch_size": max_batch_size, "max_wait_ms": max_wait_ms},
+            }
+        ],
+    }
+
+
+def noop_spec(*, work_dir: Path) -> ServerSpec:
+    port = free_port()
+    return ServerSpec(
+        name="noop",
+        argv=(sys.executable, "-m", "benchmarks.noop_server", "--port", str(port)),
+        port=port,
+        ready_path=READY_PATH,
+        log_dir=work_dir / "logs",
+        env=child_env({"PYTHONUNBUFFERED": "1"}),
+        ready_timeout_s=30.0,
+    )
+
+
+def plain_spec(*, work_dir: Path, ready_timeout_s: float) -> ServerSpec:
+    port = free_port()
+    return ServerSpec(
+        name="plain",
+        argv=(sys.executable, "-m", "benchmarks.plain_server", "--port", str(port)),
+        port=port,
+        ready_path=READY_PATH,
+        log_dir=work_dir / "logs",
+        env=child_env({"PYTHONUNBUFFERED": "1"}),
+        ready_timeout_s=ready_timeout_s,
+    )
+
+
+def stack_spec(
+    *,
+    work_dir: Path,
+    config_path: Path | None,
+    model_name: str,
+    extra_env: Mapping[str, str],
+    ready_timeout_s: float,
+) -> ServerSpec:
+    """``loom serve`` on a free port with ``LOOM_HOME`` under ``work_dir``.
+
+    Without ``config_path`` a config for ``model_name`` is written to ``work_dir``; with one,
+    that file is used as is and ``--host``/``--port`` on the command line override its server.
+    ``extra_env`` (e.g. Ray Serve flags) goes to this subprocess only.
+    """
+    port = free_port()
+    if config_path is None:
+        config_path = work_dir / "stack.yaml"
+        config_path.write_text(yaml.safe_dump(stack_config(port=port, model_name=model_name)))
+    home = work_dir / "loom_home"
+    home.mkdir(parents=True, exist_ok=True)
+    return ServerSpec(
+        name="stack",
+        argv=(
+            sys.executable,
+            "-m",
+            "loom",
+            "serve",
+            "--config",
+            str(config_path),
+            "--host",
+            LOCALHOST,
+            "--port",
+            str(port),
+        ),  # fmt: skip
+        port=port,
+        ready_path=READY_PATH,
+        log_dir=work_dir / "logs",
+        env=child_env({"LOOM_HOME": str(home), "PYTHONUNBUFFERED": "1", **extra_env}),
+        ready_timeout_s=ready_timeout_s,
+        stop_grace_s=60.0,
+    )
