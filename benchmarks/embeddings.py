@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import gc
+import os
 import shutil
 import sys
 import tempfile
@@ -29,7 +30,7 @@ from benchmarks.corpus import SENTENCES, request_bodies, take_cycled
 from benchmarks.engine_sweep import SweepConfig, measure_batch_size
 from benchmarks.loadgen import LoadConfig, run_load
 from benchmarks.machine import load_average_1m, machine_facts
-from benchmarks.options import parse_env_assignments, parse_int_list
+from benchmarks.options import parse_env_assignments, parse_int_list, parse_variants
 from benchmarks.processes import ServerNotReady, ServerProcess, ServerSpec
 from benchmarks.report import (
     BatchSummary,
@@ -74,6 +75,10 @@ class EmbeddingsBenchConfig:
     """Serving YAML for the stack; ``None`` generates one for ``model_name``."""
     stack_env: Mapping[str, str] = field(default_factory=dict)
     """Extra environment for the stack's subprocess only (e.g. Ray Serve flags)."""
+    stack_variants: Mapping[str, Mapping[str, str]] = field(default_factory=dict)
+    """More stacks to measure in the same run, each with its own extra environment."""
+    max_wait_ms: float = 10.0
+    """The generated stack config's batching wait (the batch size is the engine's best)."""
     ready_timeout_s: float = 240.0
     out_path: Path = REPO_ROOT / "benchmarks" / "results" / "embeddings.json"
 
@@ -107,6 +112,11 @@ def parse_args(argv: Sequence[str] | None) -> EmbeddingsBenchConfig:
         "--env", action="append", default=[], metavar="KEY=VALUE",
         help="extra environment for the stack subprocess (repeatable)",
     )  # fmt: skip
+    parser.add_argument(
+        "--variant", action="append", default=[], metavar="LABEL:KEY=VALUE[,KEY=VALUE]",
+        help="also measure the stack with this environment, as setup stack:LABEL (repeatable)",
+    )  # fmt: skip
+    parser.add_argument("--max-wait-ms", type=float, default=defaults.max_wait_ms)
     parser.add_argument("--ready-timeout-s", type=float, default=defaults.ready_timeout_s)
     parser.add_argument("--out", type=Path, default=defaults.out_path)
     args = parser.parse_args(argv)
@@ -123,6 +133,8 @@ def parse_args(argv: Sequence[str] | None) -> EmbeddingsBenchConfig:
             skip_plain=args.skip_plain,
             stack_config_path=args.config,
             stack_env=parse_env_assignments(args.env),
+            stack_variants=parse_variants(args.variant),
+            max_wait_ms=args.max_wait_ms,
             ready_timeout_s=args.ready_timeout_s,
             out_path=args.out,
         )
@@ -251,18 +263,27 @@ def main(argv: Sequence[str] | None = None) -> int:
         results["loadgen"] = {"client": "asyncio streams, HTTP/1.1 keep-alive", **noop}
         results["engine"] = run_engine_sweep(texts, config)
         setups: dict[str, Any] = {}
-        if not config.skip_stack:
+        best = best_batch(results["engine"]["sweep"])
+        stacks = {"stack": config.stack_env} | {
+            f"stack:{label}": {**config.stack_env, **env}
+            for label, env in config.stack_variants.items()
+        }
+        for name, env in ({} if config.skip_stack else stacks).items():
             spec = stack_spec(
-                work_dir=work_dir,
+                work_dir=work_dir / name.replace(":", "-"),
                 config_path=config.stack_config_path,
                 model_name=config.model_name,
-                extra_env=config.stack_env,
+                extra_env=env,
                 ready_timeout_s=config.ready_timeout_s,
+                # the stack gets what the engine's best had: that batch size, every core
+                max_batch_size=best.batch_size if best else 64,
+                max_wait_ms=config.max_wait_ms,
+                num_cpus=os.cpu_count() or 1,
             )
-            setups["stack"] = run_http_setup(
-                "stack", spec, lambda s: drive_levels("stack", s, bodies, config.levels, config)
+            setups[name] = run_http_setup(
+                name, spec, lambda s, n=name: drive_levels(n, s, bodies, config.levels, config)
             )
-            setups["stack"]["extra_env"] = dict(config.stack_env)
+            setups[name]["extra_env"] = dict(env)
         if not config.skip_plain:
             spec = plain_spec(work_dir=work_dir, ready_timeout_s=config.ready_timeout_s)
             setups["plain"] = run_http_setup(

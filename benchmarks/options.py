@@ -47,3 +47,15 @@ def parse_env_assignments(assignments: Iterable[str]) -> dict[str, str]:
             raise ValueError(f"expected KEY=VALUE with KEY a variable name, got {assignment!r}")
         env[key] = value
     return env
+
+
+def parse_variants(specs: Iterable[str]) -> dict[str, dict[str, str]]:
+    """``LABEL:KEY=VALUE[,KEY=VALUE]`` strings as {label: env}: ``"ha:A=1,B=2"`` ->
+    ``{"ha": {"A": "1", "B": "2"}}``. Raises ``ValueError`` for a missing label or a bad pair."""
+    variants: dict[str, dict[str, str]] = {}
+    for spec in specs:
+        label, sep, assignments = spec.partition(":")
+        if not sep or not re.fullmatch(r"[A-Za-z0-9_-]+", label):
+            raise ValueError(f"expected LABEL:KEY=VALUE[,KEY=VALUE], got {spec!r}")
+        variants[label] = parse_env_assignments(a for a in assignments.split(",") if a)
+    return variants

@@ -26,9 +26,15 @@ EMBEDDINGS_PATH = "/v1/embeddings"
 
 
 def stack_config(
-    *, port: int, model_name: str, max_batch_size: int = 32, max_wait_ms: float = 5.0
+    *,
+    port: int,
+    model_name: str,
+    max_batch_size: int = 64,
+    max_wait_ms: float = 10.0,
+    num_cpus: int = 1,
 ) -> dict[str, Any]:
-    """The serving config the benchmark generates: one embedding model, one replica, batched."""
+    """The serving config the benchmark generates: one embedding model, one replica, batched,
+    with ``num_cpus`` cores (torch threads) as the in-process engine had."""
     return {
         "server": {"host": LOCALHOST, "port": port},
         "models": [
@@ -37,6 +43,7 @@ def stack_config(
                 "source": model_name,
                 "task": "embed",
                 "replicas": 1,
+                "num_cpus": num_cpus,
                 "batching": {"max_batch_size": max_batch_size, "max_wait_ms": max_wait_ms},
             }
         ],
@@ -76,6 +83,9 @@ def stack_spec(
     model_name: str,
     extra_env: Mapping[str, str],
     ready_timeout_s: float,
+    max_batch_size: int = 64,
+    max_wait_ms: float = 10.0,
+    num_cpus: int = 1,
 ) -> ServerSpec:
     """``loom serve`` on a free port with ``LOOM_HOME`` under ``work_dir``.
 
@@ -86,7 +96,15 @@ def stack_spec(
     port = free_port()
     if config_path is None:
         config_path = work_dir / "stack.yaml"
-        config_path.write_text(yaml.safe_dump(stack_config(port=port, model_name=model_name)))
+        config = stack_config(
+            port=port,
+            model_name=model_name,
+            max_batch_size=max_batch_size,
+            max_wait_ms=max_wait_ms,
+            num_cpus=num_cpus,
+        )
+        work_dir.mkdir(parents=True, exist_ok=True)
+        config_path.write_text(yaml.safe_dump(config))
     home = work_dir / "loom_home"
     home.mkdir(parents=True, exist_ok=True)
     return ServerSpec(

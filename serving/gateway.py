@@ -1,11 +1,14 @@
-"""The Gateway: the FastAPI ingress deployment every HTTP request enters by.
+"""The Gateway: the ingress deployment every HTTP request enters by.
 
 It authenticates, bounds body size, adapts the protocol (OpenAI, Open Inference Protocol v2)
 to an ``InferenceRequest``, and hands the inputs to the model's router. Requests for one model
 are joined into one call per batch (``Coalescer``) so an actor hop carries many requests.
 Every error leaves in its protocol's shape; nothing escapes as a bare 500.
-"""
 
+The routes are one FastAPI app (``build_http_app``). With ``server.ingress: direct`` the
+gateway replica serves it itself (``ThreadedHttpServer``); with ``proxy`` Ray Serve's HTTP
+proxy forwards to it (``serve.ingress``).
+"""
 
 import asyncio
 import hmac
@@ -32,6 +35,7 @@ from serving.errors import (
     overloaded,
     protocol_for_path,
 )
+from serving.http_server import ThreadedHttpServer
 from serving.protocols import openai as oai
 from serving.protocols import v2
 from serving.readiness import ReadinessCache
@@ -39,43 +43,15 @@ from serving.request import EmbedReply, InferenceRequest, check_inputs
 
 JSON = "application/json"
 SERVER_VERSION = "0.1.0"
+Handler = Callable[[dict[str, str]], Awaitable[Response]]
 
-app = FastAPI(title="Loom", version=SERVER_VERSION, docs_url=None, redoc_url=None, openapi_url=None)
 
-
-def _error_response(error: ApiError, path: str) -> Response:
+def error_response(error: ApiError, path: str) -> Response:
     return Response(
         error_body(error, protocol_for_path(path)),
         status_code=error.status,
         media_type=JSON,
         headers=error.headers,
-    )
-
-
-@app.exception_handler(ApiError)
-async def _on_api_error(request: Request, exc: ApiError) -> Response:
-    return _error_response(exc, request.url.path)
-
-
-@app.exception_handler(StarletteHTTPException)
-async def _on_http_error(request: Request, exc: StarletteHTTPException) -> Response:
-    message = "no such route" if exc.status_code == 404 else str(exc.detail)
-    if exc.status_code == 405:
-        message = f"method {request.method} is not allowed on {request.url.path}"
-    return _error_response(ApiError(exc.status_code, message, code="route_error"), request.url.path)
-
-
-@app.exception_handler(RequestValidationError)
-async def _on_validation_error(request: Request, exc: RequestValidationError) -> Response:
-    return _error_response(
-        ApiError(400, f"invalid request: {exc.errors()[0]['msg']}"), request.url.path
-    )
-
-
-@app.exception_handler(Exception)
-async def _on_unexpected(request: Request, exc: Exception) -> Response:  # a bug: say so, no trace
-    return _error_response(
-        ApiError(500, f"internal error ({type(exc).__name__})"), request.url.path
     )
 
 
@@ -87,20 +63,19 @@ def split_reply(reply: EmbedReply, start: int, stop: int) -> EmbedReply:
     )
 
 
-@serve.ingress(app)
-class Gateway:
-    def __init__(self, config: dict, servers: dict[str, DeploymentHandle]) -> None:
-        self._config = LoomConfig.model_validate(config)
-        self._keys = tuple(k.encode() for k in self._config.server.api_keys)
-        self._max_body_bytes = self._config.server.max_body_bytes
-        self._timeout_s = self._config.server.request_timeout_s
+class GatewayCore:
+    """What every route shares: auth, the model table, deadlines, the per-model coalescers."""
+
+    def __init__(self, config: LoomConfig, servers: dict[str, DeploymentHandle]) -> None:
+        self.config = config
+        self._keys = tuple(k.encode() for k in config.server.api_keys)
+        self.max_body_bytes = config.server.max_body_bytes
+        self._timeout_s = config.server.request_timeout_s
         self._handles = servers
-        self._coalescers = {
-            m.name: self._coalescer(m, servers[m.name]) for m in self._config.models
-        }
+        self._coalescers = {m.name: self._coalescer(m, servers[m.name]) for m in config.models}
         self._info: dict[str, dict] = {}
-        self._readiness = ReadinessCache(list(servers))
-        self._created_s = int(time.time())
+        self.readiness = ReadinessCache(list(servers))
+        self.created_s = int(time.time())
 
     @staticmethod
     def _coalescer(model: ModelConfig, handle: DeploymentHandle) -> Coalescer[EmbedReply]:
@@ -113,13 +88,10 @@ class Gateway:
             max_in_flight=2 * replicas,
         )
 
-    # ---- shared steps -------------------------------------------------------------------
-
-    def _authorize(self, request: Request) -> None:
+    def authorize(self, request: Request) -> None:
         if not self._keys:
             return
-        header = request.headers.get("authorization", "")
-        scheme, _, token = header.partition(" ")
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
         if scheme.lower() != "bearer" or not token:
             raise ApiError(
                 401, "missing API key: send 'Authorization: Bearer <key>'", code="missing_api_key"
@@ -128,48 +100,15 @@ class Gateway:
         if not any(hmac.compare_digest(given, key) for key in self._keys):
             raise ApiError(401, "invalid API key", code="invalid_api_key")
 
-    def _model(self, name: str) -> ModelConfig:
-        model = self._config.model(name)
+    def model(self, name: str) -> ModelConfig:
+        model = self.config.model(name)
         if model is None:
             raise model_not_found(name)
         return model
 
-    async def _infer(self, request: InferenceRequest) -> EmbedReply:
-        remaining_s = request.deadline_s - time.time()
-        try:
-            return await asyncio.wait_for(
-                self._coalescers[request.model].submit(request.inputs), remaining_s
-            )
-        except Overloaded as exc:
-            raise overloaded(exc) from None
-        except TimeoutError:
-            raise ApiError(
-                504, f"model {request.model} did not answer within the deadline", code="timeout"
-            ) from None
-
-    async def _measured(
-        self,
-        request: Request,
-        route: str,
-        handler: Callable[[dict[str, str]], Awaitable[Response]],
-    ) -> Response:
-        """Authorize, run ``handler``, count the answer by model, route and status.
-
-        ``handler`` may fill in ``labels["model"]`` once it has read the body."""
-        started = time.perf_counter()
-        labels = {"model": ""}  # set only for a known model: no label per unknown name
-        try:
-            self._authorize(request)
-            response = await handler(labels)
-        except ApiError as exc:
-            response = _error_response(exc, request.url.path)
-        metrics.REQUESTS.labels(labels["model"], route, str(response.status_code)).inc()
-        metrics.REQUEST_LATENCY.labels(labels["model"], route).observe(
-            time.perf_counter() - started
-        )
-        return response
-
-    def _request(self, model: str, inputs: tuple[str, ...], request: Request) -> InferenceRequest:
+    def inference_request(
+        self, model: str, inputs: tuple[str, ...], request: Request
+    ) -> InferenceRequest:
         return InferenceRequest(
             model=model,
             inputs=inputs,
@@ -177,28 +116,67 @@ class Gateway:
             deadline_s=time.time() + self._timeout_s,
         )
 
-    async def _model_info(self, name: str) -> dict:
+    async def infer(self, request: InferenceRequest) -> EmbedReply:
+        remaining_s = request.deadline_s - time.time()
+        coalescer = self._coalescers[request.model]
+        try:
+            return await asyncio.wait_for(coalescer.submit(request.inputs), remaining_s)
+        except Overloaded as exc:
+            raise overloaded(exc) from None
+        except TimeoutError:
+            raise ApiError(
+                504, f"model {request.model} did not answer within the deadline", code="timeout"
+            ) from None
+
+    async def model_info(self, name: str) -> dict:
         if name not in self._info:
             self._info[name] = await self._handles[name].info.remote()
         return self._info[name]
 
-    # ---- OpenAI-compatible --------------------------------------------------------------
+    async def measured(self, request: Request, route: str, handler: Handler) -> Response:
+        """Authorize, run ``handler``, count the answer by model, route and status.
+
+        ``handler`` sets ``labels["model"]`` once it knows the model is one of ours, so an
+        unknown name never becomes a label."""
+        started = time.perf_counter()
+        labels = {"model": ""}
+        try:
+            self.authorize(request)
+            response = await handler(labels)
+        except ApiError as exc:
+            response = error_response(exc, request.url.path)
+        metrics.REQUESTS.labels(labels["model"], route, str(response.status_code)).inc()
+        metrics.REQUEST_LATENCY.labels(labels["model"], route).observe(
+            time.perf_counter() - started
+        )
+        return response
+
+
+def build_http_app(gw: GatewayCore) -> FastAPI:
+    """Every HTTP route of Loom, over ``gw``."""
+    app = FastAPI(
+        title="Loom", version=SERVER_VERSION, docs_url=None, redoc_url=None, openapi_url=None
+    )
+    _add_error_handlers(app)
+    limits = {m.name: m.limits for m in gw.config.models}
+
+    def checked(name: str, texts: tuple[str, ...]) -> None:
+        check_inputs(
+            texts, max_inputs=limits[name].max_inputs, max_input_chars=limits[name].max_input_chars
+        )
+
+    # ---- OpenAI-compatible ----------------------------------------------------------
 
     @app.post("/v1/embeddings")
-    async def embeddings(self, request: Request) -> Response:
+    async def embeddings(request: Request) -> Response:
         async def handle(labels: dict[str, str]) -> Response:
-            body = validate(
-                oai.EmbeddingsRequest, parse_json(await read_body(request, self._max_body_bytes))
-            )
-            model = self._model(body.model)
+            data = parse_json(await read_body(request, gw.max_body_bytes))
+            body = validate(oai.EmbeddingsRequest, data)
+            model = gw.model(body.model)
             labels["model"] = model.name
             texts = body.texts()
-            check_inputs(
-                texts,
-                max_inputs=model.limits.max_inputs,
-                max_input_chars=model.limits.max_input_chars,
-            )
-            reply = await self._infer(self._request(model.name, texts, request))
+            checked(model.name, texts)
+            reply = await gw.infer(gw.inference_request(model.name, texts, request))
             content = oai.embeddings_response(
                 reply,
                 model=model.name,
@@ -207,98 +185,137 @@ class Gateway:
             )
             return Response(content, media_type=JSON)
 
-        return await self._measured(request, "embeddings", handle)
+        return await gw.measured(request, "embeddings", handle)
 
     @app.get("/v1/models")
-    async def list_models(self, request: Request) -> Response:
+    async def list_models(request: Request) -> Response:
         async def handle(labels: dict[str, str]) -> Response:
-            cards = [oai.model_card(m.name, self._created_s) for m in self._config.models]
+            cards = [oai.model_card(m.name, gw.created_s) for m in gw.config.models]
             return JSONResponse({"object": "list", "data": cards})
 
-        return await self._measured(request, "models", handle)
+        return await gw.measured(request, "models", handle)
 
     @app.get("/v1/models/{name}")
-    async def retrieve_model(self, name: str, request: Request) -> Response:
+    async def retrieve_model(name: str, request: Request) -> Response:
         async def handle(labels: dict[str, str]) -> Response:
-            labels["model"] = self._model(name).name
-            return JSONResponse(oai.model_card(name, self._created_s))
+            labels["model"] = gw.model(name).name
+            return JSONResponse(oai.model_card(name, gw.created_s))
 
-        return await self._measured(request, "models", handle)
+        return await gw.measured(request, "models", handle)
 
     @app.get("/v1/status")
-    async def status(self, request: Request) -> Response:
+    async def status(request: Request) -> Response:
         async def handle(labels: dict[str, str]) -> Response:
-            return JSONResponse(await self._readiness.status())
+            return JSONResponse(await gw.readiness.status())
 
-        return await self._measured(request, "status", handle)
+        return await gw.measured(request, "status", handle)
 
-    # ---- Open Inference Protocol v2 -----------------------------------------------------
+    # ---- Open Inference Protocol v2 -------------------------------------------------
 
     @app.get("/v2")
-    async def server_metadata(self, request: Request) -> Response:
+    async def server_metadata(request: Request) -> Response:
         async def handle(labels: dict[str, str]) -> Response:
             return JSONResponse(
                 {"name": v2.SERVER_NAME, "version": SERVER_VERSION, "extensions": []}
             )
 
-        return await self._measured(request, "v2_metadata", handle)
+        return await gw.measured(request, "v2_metadata", handle)
 
     @app.get("/v2/health/live")
-    async def live(self) -> Response:
+    async def live() -> Response:
         return JSONResponse({"live": True})
 
     @app.get("/v2/health/ready")
-    async def ready(self) -> Response:
-        ready = await self._readiness.all_ready()
-        return JSONResponse({"ready": ready}, status_code=200 if ready else 503)
+    async def ready() -> Response:
+        is_ready = await gw.readiness.all_ready()
+        return JSONResponse({"ready": is_ready}, status_code=200 if is_ready else 503)
 
     @app.get("/v2/models/{name}")
-    async def model_metadata(self, name: str, request: Request) -> Response:
+    async def model_metadata(name: str, request: Request) -> Response:
         async def handle(labels: dict[str, str]) -> Response:
-            model = self._model(name)
+            model = gw.model(name)
             labels["model"] = name
-            info = await self._model_info(name)
-            return JSONResponse(
-                v2.model_metadata(
-                    model.name, [info["version"]], info.get("dim"), "loom-" + model.task
-                )
-            )
+            info = await gw.model_info(name)
+            meta = v2.model_metadata(name, [info["version"]], info.get("dim"), "loom-" + model.task)
+            return JSONResponse(meta)
 
-        return await self._measured(request, "v2_model", handle)
+        return await gw.measured(request, "v2_model", handle)
 
     @app.get("/v2/models/{name}/ready")
-    async def model_ready(self, name: str, request: Request) -> Response:
+    async def model_ready(name: str, request: Request) -> Response:
         async def handle(labels: dict[str, str]) -> Response:
-            labels["model"] = self._model(name).name
-            ready = await self._readiness.model_ready(name)
-            return JSONResponse({"name": name, "ready": ready}, status_code=200 if ready else 503)
+            labels["model"] = gw.model(name).name
+            is_ready = await gw.readiness.model_ready(name)
+            code = 200 if is_ready else 503
+            return JSONResponse({"name": name, "ready": is_ready}, status_code=code)
 
-        return await self._measured(request, "v2_ready", handle)
+        return await gw.measured(request, "v2_ready", handle)
 
     @app.post("/v2/models/{name}/infer")
-    async def infer(self, name: str, request: Request) -> Response:
+    async def infer(name: str, request: Request) -> Response:
         async def handle(labels: dict[str, str]) -> Response:
-            model = self._model(name)
+            model = gw.model(name)
             labels["model"] = name
-            body = validate(
-                v2.InferRequest, parse_json(await read_body(request, self._max_body_bytes))
-            )
+            data = parse_json(await read_body(request, gw.max_body_bytes))
+            body = validate(v2.InferRequest, data)
             texts = v2.text_inputs(body)
-            check_inputs(
-                texts,
-                max_inputs=model.limits.max_inputs,
-                max_input_chars=model.limits.max_input_chars,
-            )
-            reply = await self._infer(self._request(model.name, texts, request))
-            return Response(
-                v2.infer_response(reply, model=model.name, request_id=body.id), media_type=JSON
-            )
+            checked(name, texts)
+            reply = await gw.infer(gw.inference_request(model.name, texts, request))
+            content = v2.infer_response(reply, model=model.name, request_id=body.id)
+            return Response(content, media_type=JSON)
 
-        return await self._measured(request, "v2_infer", handle)
+        return await gw.measured(request, "v2_infer", handle)
 
-    # ---- monitoring ---------------------------------------------------------------------
+    # ---- monitoring -----------------------------------------------------------------
 
     @app.get("/metrics")
-    async def metrics_text(self) -> Response:
+    async def metrics_text() -> Response:
         content = await asyncio.to_thread(metrics.render_latest)
         return Response(content, media_type=metrics.CONTENT_TYPE)
+
+    return app
+
+
+def _add_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(ApiError)
+    async def on_api_error(request: Request, exc: ApiError) -> Response:
+        return error_response(exc, request.url.path)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def on_http_error(request: Request, exc: StarletteHTTPException) -> Response:
+        message = "no such route" if exc.status_code == 404 else str(exc.detail)
+        if exc.status_code == 405:
+            message = f"method {request.method} is not allowed on {request.url.path}"
+        error = ApiError(exc.status_code, message, code="route_error")
+        return error_response(error, request.url.path)
+
+    @app.exception_handler(RequestValidationError)
+    async def on_validation_error(request: Request, exc: RequestValidationError) -> Response:
+        error = ApiError(400, f"invalid request: {exc.errors()[0]['msg']}")
+        return error_response(error, request.url.path)
+
+    @app.exception_handler(Exception)
+    async def on_unexpected(request: Request, exc: Exception) -> Response:  # a bug: no trace
+        error = ApiError(500, f"internal error ({type(exc).__name__})")
+        return error_response(error, request.url.path)
+
+
+@serve.ingress()
+class Gateway:
+    """The gateway deployment: ``serve.deployment(Gateway).bind(config_dict, handles)``."""
+
+    def __init__(self, config: dict, servers: dict[str, DeploymentHandle]) -> None:
+        loom_config = LoomConfig.model_validate(config)
+        self._app = build_http_app(GatewayCore(loom_config, servers))
+        self._http: ThreadedHttpServer | None = None
+        server = loom_config.server
+        if server.ingress == "direct":
+            self._http = ThreadedHttpServer(self._app, host=server.host, port=server.port)
+            self._http.start()
+
+    def __serve_build_asgi_app__(self) -> FastAPI:
+        return self._app
+
+    def __del__(self) -> None:
+        if getattr(self, "_http", None) is not None:
+            self._http.stop()

@@ -18,7 +18,7 @@ from models.engines import build_engine
 from models.engines.embed import EmbedResult
 from models.store import ModelStore
 from serving import metrics
-from serving.batcher import Batcher, BatchPolicy, QueueFull
+from serving.batcher import Batcher, BatchPolicy, QueueFull, engine_thread
 from serving.config import ModelConfig
 from serving.errors import Overloaded
 from serving.readiness import model_deployment_name
@@ -61,8 +61,9 @@ class ModelServer:
             dtype=self._config.dtype,
             num_threads=self._config.threads,
         )
-        self._engine.load()
-        self._engine.warmup()
+        runner = engine_thread()
+        # load, warm up and run on the same thread (see Batcher)
+        runner.submit(self._load_and_warm_up).result()
         metrics.MODEL_LOAD.labels(name, resolved.version).set(time.perf_counter() - started)
         self._batch_size = metrics.BATCH_SIZE.labels(name)
         self._batch_latency = metrics.BATCH_LATENCY.labels(name)
@@ -80,7 +81,12 @@ class ModelServer:
             split_rows=split_result,
             concat_rows=concat_results,
             on_batch=self._record_batch,
+            executor=runner,
         )
+
+    def _load_and_warm_up(self) -> None:
+        self._engine.load()
+        self._engine.warmup()
 
     def _record_batch(self, size: int, seconds: float) -> None:
         self._batch_size.observe(size)

@@ -6,9 +6,9 @@ Embedding models take one input ``text`` (``BYTES``, shape ``[n]``) and give one
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
+import orjson
 from pydantic import BaseModel, ConfigDict, Field
 
 from serving.errors import bad_request
@@ -81,13 +81,13 @@ def infer_response(reply: EmbedReply, *, model: str, request_id: str | None) -> 
                 "name": EMBED_OUTPUT,
                 "shape": [n, dim],
                 "datatype": "FP32",
-                "data": reply.vectors.reshape(-1).tolist(),
+                "data": reply.vectors.reshape(-1),  # row-major, as v2 lays out tensors
             }
         ],
     }
     if request_id is not None:
         body["id"] = request_id
-    return json.dumps(body, separators=(",", ":")).encode()
+    return orjson.dumps(body, option=orjson.OPT_SERIALIZE_NUMPY)
 
 
 def model_metadata(name: str, versions: list[str], dim: int | None, platform: str) -> dict:

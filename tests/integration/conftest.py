@@ -9,8 +9,14 @@ import pytest
 
 @pytest.fixture(scope="session")
 def ray_session() -> Iterator[None]:
+    import os
+
     import ray
 
+    from serving.app import ray_serve_env
+
+    for key, value in ray_serve_env().items():  # the settings `loom serve` runs with
+        os.environ.setdefault(key, value)
     ray.init(
         num_cpus=4,  # logical: room for two 1-CPU replicas beside the gateway
         include_dashboard=False,

@@ -23,7 +23,8 @@ def server(
     port = free_port()
     config = parse_config(
         {
-            "server": {"port": port},
+            # the session's Ray is already running: the proxy path (e2e covers direct)
+            "server": {"port": port, "ingress": "proxy"},
             "models": [
                 {
                     "name": "minilm",

@@ -110,3 +110,11 @@ def test_child_env_drops_inherited_loom_settings_and_adds_overrides() -> None:
     inherited = {"PATH": "/bin", "LOOM_API_KEYS": "k", "LOOM_CONFIG": "x.yaml"}
     env = child_env({"LOOM_HOME": "/tmp/h", "RAY_SERVE_X": "1"}, environ=inherited)
     assert env == {"PATH": "/bin", "LOOM_HOME": "/tmp/h", "RAY_SERVE_X": "1"}
+
+
+def test_variants_parse_labels_and_their_environments():
+    from benchmarks.options import parse_variants
+
+    assert parse_variants(["ha:A=1,B=2", "plain:"]) == {"ha": {"A": "1", "B": "2"}, "plain": {}}
+    with pytest.raises(ValueError, match="LABEL"):
+        parse_variants(["A=1"])
