@@ -1,9 +1,9 @@
 """Build and run the Loom Ray Serve application: a Gateway and one ModelServer per model.
 
-    server = LoomServer(config, env)
-    server.start()   # a local Ray if none runs, the app, HTTP on host:port; waits until ready
-    ...
-    server.stop()    # Serve, then the Ray it started: nothing left running
+server = LoomServer(config, env)
+server.start()   # a local Ray if none runs, the app, HTTP on host:port; waits until ready
+...
+server.stop()    # Serve, then the Ray it started: nothing left running
 """
 
 from __future__ import annotations

@@ -151,6 +151,13 @@ class Batcher(Generic[T]):
     def queued_inputs(self) -> int:
         return self._queued_inputs
 
+    def check(self) -> None:
+        """Raise if the batching loop has died: nothing queued would ever run."""
+        task = self._loop_task
+        if task is not None and task.done():
+            cause = None if task.cancelled() else task.exception()
+            raise RuntimeError(f"the batching loop stopped: {cause!r}")
+
     async def submit(self, inputs: Sequence[T]) -> Any:
         if self._loop_task is None:
             self._loop_task = asyncio.get_running_loop().create_task(self._loop())

@@ -117,7 +117,9 @@ class ModelServer:
         }
 
     def check_health(self) -> None:
-        """Ray Serve's periodic health check: a replica with a dead batcher is unhealthy."""
+        """Ray Serve's periodic health check: a replica with a dead batcher is unhealthy
+        (Serve replaces it)."""
+        self._batcher.check()
 
     def __del__(self) -> None:
         batcher = getattr(self, "_batcher", None)

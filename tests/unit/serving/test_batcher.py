@@ -141,3 +141,17 @@ def test_engine_failure_reaches_every_caller_in_the_batch_and_the_batcher_goes_o
         batcher.close()
 
     asyncio.run(scenario())
+
+
+def test_a_dead_batching_loop_fails_the_health_check():
+    async def scenario() -> None:
+        batcher = Batcher(lambda b: b, BatchPolicy(max_batch_size=4, max_wait_s=0.0, max_queued=10))
+        batcher.check()  # not started yet: healthy
+        assert await batcher.submit([1]) == [1]
+        batcher.check()  # running: healthy
+        batcher.close()  # the loop is cancelled, as if it had crashed
+        await asyncio.sleep(0)
+        with pytest.raises(RuntimeError, match="batching loop stopped"):
+            batcher.check()
+
+    asyncio.run(scenario())
