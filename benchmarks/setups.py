@@ -33,8 +33,9 @@ def stack_config(
     max_wait_ms: float = 10.0,
     num_cpus: int = 1,
 ) -> dict[str, Any]:
-    """The serving config the benchmark generates: one embedding model, one replica, batched,
-    with ``num_cpus`` cores (torch threads) as the in-process engine had."""
+    """The serving config the benchmark generates: one embedding model, batched, on the
+    ``num_cpus`` cores the in-process engine had, laid out as ``loom serve``'s default lays
+    them out: one single-threaded replica per core."""
     return {
         "server": {"host": LOCALHOST, "port": port},
         "models": [
@@ -42,8 +43,9 @@ def stack_config(
                 "name": model_name,
                 "source": model_name,
                 "task": "embed",
-                "replicas": 1,
-                "num_cpus": num_cpus,
+                "replicas": num_cpus,
+                "num_cpus": 1,
+                "torch_threads": 1,
                 "batching": {"max_batch_size": max_batch_size, "max_wait_ms": max_wait_ms},
             }
         ],

@@ -23,6 +23,7 @@ from models.store import ModelStore
 from serving import metrics
 from serving.config import LoomConfig
 from serving.gateway import Gateway
+from serving.http_server import bind_socket
 from serving.model_server import model_server_deployment
 from serving.readiness import APP_NAME
 
@@ -78,7 +79,10 @@ class LoomServer:
         self._started_ray = False
 
     def prepare(self) -> None:
-        """Register the bundled model on first start and check every source resolves."""
+        """Check the port is free and every source resolves (registering the bundled model on
+        first start), before any Ray process starts."""
+        server = self.config.server
+        bind_socket(server.host, server.port).close()  # a taken port: a clear error, now
         store = ModelStore(self.env.models_dir)
         ensure_bundled(store)
         check_sources(self.config, store)

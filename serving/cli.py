@@ -6,7 +6,7 @@ import argparse
 import json
 import signal
 import sys
-import threading
+import time
 import urllib.error
 import urllib.request
 
@@ -34,6 +34,21 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     status_cmd.set_defaults(func=run_status)
 
 
+class StopRequest:
+    """Set by SIGINT/SIGTERM. The handler only flips a flag: taking a lock in a signal handler
+    (``threading.Event.set``) deadlocks if the signal lands while the main thread holds it.
+    After the first signal the default action returns, so a second Ctrl-C forces the exit."""
+
+    def __init__(self) -> None:
+        self.requested = False
+
+    def handle(self, signum: int, frame: object) -> None:
+        self.requested = True
+        signal.signal(
+            signum, signal.SIG_DFL if signum != signal.SIGINT else signal.default_int_handler
+        )
+
+
 def resolve_config(args: argparse.Namespace, env: LoomEnv) -> LoomConfig:
     path = args.config or env.config_path
     from pathlib import Path
@@ -52,9 +67,9 @@ def run_serve(args: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     server = LoomServer(config, env)
-    stop = threading.Event()
+    stop = StopRequest()
     for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
+        signal.signal(sig, stop.handle)
     try:
         server.start()
     except (StoreError, ConfigError, RuntimeError, TimeoutError) as exc:
@@ -68,9 +83,10 @@ def run_serve(args: argparse.Namespace) -> int:
         f"loom: serving {names} on http://{host}:{port} (API keys {auth}); Ctrl-C stops", flush=True
     )
     try:
-        stop.wait()
+        while not stop.requested:
+            time.sleep(0.2)
     finally:
-        print("loom: shutting down", flush=True)
+        print("loom: shutting down (Ctrl-C again to force)", flush=True)
         server.stop()
     return 0
 

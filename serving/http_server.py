@@ -24,6 +24,10 @@ import uvicorn
 from starlette.types import ASGIApp
 
 
+class PortUnavailable(RuntimeError):
+    """The HTTP port is taken (or the address is not this machine's)."""
+
+
 def bind_socket(host: str, port: int) -> socket.socket:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
@@ -32,7 +36,7 @@ def bind_socket(host: str, port: int) -> socket.socket:
         sock.bind((host, port))
     except OSError as exc:
         sock.close()
-        raise RuntimeError(f"cannot bind {host}:{port}: {exc.strerror}") from None
+        raise PortUnavailable(f"cannot listen on {host}:{port}: {exc.strerror}") from None
     sock.listen(2048)
     sock.setblocking(False)
     return sock

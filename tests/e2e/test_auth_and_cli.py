@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import socket
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
@@ -99,6 +100,21 @@ def test_a_bad_config_file_is_refused_naming_the_field(tmp_path, free_port) -> N
     )
     assert result.returncode == 2
     assert "models.0.batching.max_batch_size" in result.stderr
+
+
+def test_a_port_in_use_is_refused_before_anything_starts(tmp_path, free_port) -> None:
+    port = free_port()
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", port))
+        taken.listen()
+        result = subprocess.run(
+            [sys.executable, "-m", "loom", "serve", "--port", str(port)],
+            cwd=REPO, capture_output=True, text=True, timeout=120,
+            env={"PATH": "/usr/bin:/bin", "LOOM_HOME": str(tmp_path)},
+        )  # fmt: skip
+    assert result.returncode == 1
+    assert f"cannot listen on 127.0.0.1:{port}" in result.stderr
+    assert "Traceback" not in result.stderr
 
 
 def test_ctrl_c_stops_the_server_and_ray_with_it(tmp_path, free_port) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import math
+import os
 
 import httpx
 import numpy as np
@@ -113,7 +114,9 @@ def test_metrics_show_requests_latency_batches_queue_and_load_time(loom_server) 
 def test_status_route_reports_deployments_and_replicas(loom_server) -> None:
     status = httpx.get(f"{loom_server.url}/v1/status").json()
     assert status["application"] == "RUNNING"
-    assert status["deployments"]["model-minilm"]["running_replicas"] == 1
+    # the embedded default: one single-threaded replica per core, at most 8
+    expected = min(os.cpu_count() or 1, 8)
+    assert status["deployments"]["model-minilm"]["running_replicas"] == expected
     assert status["deployments"]["gateway"]["running_replicas"] == 1
 
 

@@ -12,12 +12,13 @@ def env(**values: str) -> LoomEnv:
     return LoomEnv.from_environ({"LOOM_HOME": "/tmp/loom-test-home", **values})
 
 
-def test_default_config_serves_minilm_on_loopback_port_8000():
+def test_default_config_serves_minilm_on_loopback_port_8000_one_replica_per_core():
     config = default_config(cpus=2)
     assert config.server.host == "127.0.0.1"
     assert config.server.port == 8000
     assert [m.name for m in config.models] == ["minilm"]
-    assert config.models[0].threads == 2
+    assert (config.models[0].replicas, config.models[0].threads) == (2, 1)
+    assert default_config(cpus=32).models[0].replicas == 8  # capped
 
 
 def test_yaml_file_becomes_typed_config(tmp_path: Path):
