@@ -52,30 +52,26 @@ def stack_config(
     }
 
 
-def noop_spec(*, work_dir: Path) -> ServerSpec:
+def _module_server(name: str, module: str, work_dir: Path, ready_timeout_s: float) -> ServerSpec:
+    """``python -m MODULE --port P`` on a free port."""
     port = free_port()
     return ServerSpec(
-        name="noop",
-        argv=(sys.executable, "-m", "benchmarks.noop_server", "--port", str(port)),
-        port=port,
-        ready_path=READY_PATH,
-        log_dir=work_dir / "logs",
-        env=child_env({"PYTHONUNBUFFERED": "1"}),
-        ready_timeout_s=30.0,
-    )
-
-
-def plain_spec(*, work_dir: Path, ready_timeout_s: float) -> ServerSpec:
-    port = free_port()
-    return ServerSpec(
-        name="plain",
-        argv=(sys.executable, "-m", "benchmarks.plain_server", "--port", str(port)),
+        name=name,
+        argv=(sys.executable, "-m", module, "--port", str(port)),
         port=port,
         ready_path=READY_PATH,
         log_dir=work_dir / "logs",
         env=child_env({"PYTHONUNBUFFERED": "1"}),
         ready_timeout_s=ready_timeout_s,
     )
+
+
+def noop_spec(*, work_dir: Path) -> ServerSpec:
+    return _module_server("noop", "benchmarks.noop_server", work_dir, ready_timeout_s=30.0)
+
+
+def plain_spec(*, work_dir: Path, ready_timeout_s: float) -> ServerSpec:
+    return _module_server("plain", "benchmarks.plain_server", work_dir, ready_timeout_s)
 
 
 def stack_spec(

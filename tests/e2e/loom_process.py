@@ -88,3 +88,17 @@ def stop_loom(loom: LoomProcess) -> tuple[int | None, bool]:
     if leftovers:
         os.killpg(loom.process.pid, signal.SIGKILL)
     return loom.process.returncode, leftovers
+
+
+def run_loom(
+    home: Path, *args: str, env: dict[str, str] | None = None, timeout_s: float = 120
+) -> subprocess.CompletedProcess:
+    """One ``loom`` command to completion, with a clean environment and ``LOOM_HOME``."""
+    return subprocess.run(
+        [sys.executable, "-m", "loom", *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout_s,
+        env={"PATH": "/usr/bin:/bin", "LOOM_HOME": str(home), **(env or {})},
+    )

@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import json
 import socket
-import subprocess
-import sys
 from collections.abc import Callable, Iterator
 
 import httpx
 import pytest
-from loom_process import REPO, LoomProcess, start_loom, stop_loom
+from loom_process import LoomProcess, run_loom, start_loom, stop_loom
 
 KEY = "test-key-123"
 
@@ -60,13 +58,8 @@ def test_with_keys_health_and_metrics_stay_open(keyed_server: LoomProcess) -> No
 
 
 def test_loom_status_shows_deployments_using_the_key(keyed_server: LoomProcess) -> None:
-    result = subprocess.run(
-        [sys.executable, "-m", "loom", "status", "--url", keyed_server.url, "--json"],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env={"PATH": "/usr/bin:/bin", "LOOM_API_KEYS": KEY, "LOOM_HOME": str(keyed_server.home)},
+    result = run_loom(
+        keyed_server.home, "status", "--url", keyed_server.url, "--json", env={"LOOM_API_KEYS": KEY}
     )
     assert result.returncode == 0, result.stderr
     status = json.loads(result.stdout)
@@ -74,14 +67,7 @@ def test_loom_status_shows_deployments_using_the_key(keyed_server: LoomProcess) 
 
 
 def test_binding_a_public_address_without_keys_is_refused(tmp_path, free_port) -> None:
-    result = subprocess.run(
-        [sys.executable, "-m", "loom", "serve", "--host", "0.0.0.0", "--port", str(free_port())],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env={"PATH": "/usr/bin:/bin", "LOOM_HOME": str(tmp_path)},
-    )
+    result = run_loom(tmp_path, "serve", "--host", "0.0.0.0", "--port", str(free_port()))
     assert result.returncode == 2
     assert "without API keys" in result.stderr
     assert "Traceback" not in result.stderr
@@ -90,14 +76,7 @@ def test_binding_a_public_address_without_keys_is_refused(tmp_path, free_port) -
 def test_a_bad_config_file_is_refused_naming_the_field(tmp_path, free_port) -> None:
     path = tmp_path / "bad.yaml"
     path.write_text("models:\n  - {name: m, source: minilm, batching: {max_batch_size: -1}}\n")
-    result = subprocess.run(
-        [sys.executable, "-m", "loom", "serve", "--config", str(path), "--port", str(free_port())],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env={"PATH": "/usr/bin:/bin", "LOOM_HOME": str(tmp_path)},
-    )
+    result = run_loom(tmp_path, "serve", "--config", str(path), "--port", str(free_port()))
     assert result.returncode == 2
     assert "models.0.batching.max_batch_size" in result.stderr
 
@@ -107,11 +86,7 @@ def test_a_port_in_use_is_refused_before_anything_starts(tmp_path, free_port) ->
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", port))
         taken.listen()
-        result = subprocess.run(
-            [sys.executable, "-m", "loom", "serve", "--port", str(port)],
-            cwd=REPO, capture_output=True, text=True, timeout=120,
-            env={"PATH": "/usr/bin:/bin", "LOOM_HOME": str(tmp_path)},
-        )  # fmt: skip
+        result = run_loom(tmp_path, "serve", "--port", str(port))
     assert result.returncode == 1
     assert f"cannot listen on 127.0.0.1:{port}" in result.stderr
     assert "Traceback" not in result.stderr
