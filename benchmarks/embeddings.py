@@ -30,7 +30,12 @@ from benchmarks.corpus import SENTENCES, request_bodies, take_cycled
 from benchmarks.engine_sweep import SweepConfig, measure_batch_size
 from benchmarks.loadgen import LoadConfig, run_load
 from benchmarks.machine import load_average_1m, machine_facts
-from benchmarks.options import parse_env_assignments, parse_int_list, parse_variants
+from benchmarks.options import (
+    parse_env_assignments,
+    parse_int_list,
+    parse_variants,
+    split_variant,
+)
 from benchmarks.processes import ServerNotReady, ServerProcess, ServerSpec
 from benchmarks.report import (
     BatchSummary,
@@ -76,7 +81,8 @@ class EmbeddingsBenchConfig:
     stack_env: Mapping[str, str] = field(default_factory=dict)
     """Extra environment for the stack's subprocess only (e.g. Ray Serve flags)."""
     stack_variants: Mapping[str, Mapping[str, str]] = field(default_factory=dict)
-    """More stacks to measure in the same run, each with its own extra environment."""
+    """More stacks to measure in the same run, each with its own extra environment and
+    ``model.FIELD`` overrides of the generated config."""
     max_wait_ms: float = 10.0
     """The generated stack config's batching wait (the batch size is the engine's best)."""
     ready_timeout_s: float = 240.0
@@ -114,7 +120,8 @@ def parse_args(argv: Sequence[str] | None) -> EmbeddingsBenchConfig:
     )  # fmt: skip
     parser.add_argument(
         "--variant", action="append", default=[], metavar="LABEL:KEY=VALUE[,KEY=VALUE]",
-        help="also measure the stack with this environment, as setup stack:LABEL (repeatable)",
+        help="also measure the stack with this environment (KEY=VALUE) or generated-config change "
+        "(model.FIELD=VALUE), as setup stack:LABEL (repeatable)",
     )  # fmt: skip
     parser.add_argument("--max-wait-ms", type=float, default=defaults.max_wait_ms)
     parser.add_argument("--ready-timeout-s", type=float, default=defaults.ready_timeout_s)
@@ -268,7 +275,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"stack:{label}": {**config.stack_env, **env}
             for label, env in config.stack_variants.items()
         }
-        for name, env in ({} if config.skip_stack else stacks).items():
+        for name, assignments in ({} if config.skip_stack else stacks).items():
+            env, model_overrides = split_variant(assignments)
             spec = stack_spec(
                 work_dir=work_dir / name.replace(":", "-"),
                 config_path=config.stack_config_path,
@@ -279,11 +287,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                 max_batch_size=best.batch_size if best else 64,
                 max_wait_ms=config.max_wait_ms,
                 num_cpus=os.cpu_count() or 1,
+                model_overrides=model_overrides,
             )
             setups[name] = run_http_setup(
                 name, spec, lambda s, n=name: drive_levels(n, s, bodies, config.levels, config)
             )
             setups[name]["extra_env"] = dict(env)
+            setups[name]["model_overrides"] = model_overrides
         if not config.skip_plain:
             spec = plain_spec(work_dir=work_dir, ready_timeout_s=config.ready_timeout_s)
             setups["plain"] = run_http_setup(

@@ -7,7 +7,9 @@ parse_env_assignments(["RAY_SERVE_X=1"])       # {"RAY_SERVE_X": "1"}
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
+
+import yaml
 
 _ENV_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
@@ -49,13 +51,38 @@ def parse_env_assignments(assignments: Iterable[str]) -> dict[str, str]:
     return env
 
 
+MODEL_PREFIX = "model."
+
+
 def parse_variants(specs: Iterable[str]) -> dict[str, dict[str, str]]:
-    """``LABEL:KEY=VALUE[,KEY=VALUE]`` strings as {label: env}: ``"ha:A=1,B=2"`` ->
-    ``{"ha": {"A": "1", "B": "2"}}``. Raises ``ValueError`` for a missing label or a bad pair."""
+    """``LABEL:KEY=VALUE[,KEY=VALUE]`` strings as {label: assignments}: ``"ha:A=1,B=2"`` ->
+    ``{"ha": {"A": "1", "B": "2"}}``. A key is an environment variable, or ``model.FIELD`` for
+    a field of the generated model config (``model.replicas=1``). Raises ``ValueError`` for a
+    missing label or a bad pair."""
     variants: dict[str, dict[str, str]] = {}
     for spec in specs:
         label, sep, assignments = spec.partition(":")
         if not sep or not re.fullmatch(r"[A-Za-z0-9_-]+", label):
             raise ValueError(f"expected LABEL:KEY=VALUE[,KEY=VALUE], got {spec!r}")
-        variants[label] = parse_env_assignments(a for a in assignments.split(",") if a)
+        pairs = [a for a in assignments.split(",") if a]
+        model = [p for p in pairs if p.startswith(MODEL_PREFIX)]
+        env = parse_env_assignments(p for p in pairs if not p.startswith(MODEL_PREFIX))
+        for pair in model:
+            key, eq, value = pair.partition("=")
+            if not eq or not _ENV_KEY.fullmatch(key[len(MODEL_PREFIX) :]):
+                raise ValueError(f"expected model.FIELD=VALUE, got {pair!r}")
+            env[key] = value
+        variants[label] = env
     return variants
+
+
+def split_variant(assignments: Mapping[str, str]) -> tuple[dict[str, str], dict[str, object]]:
+    """A variant's environment, and its model-config overrides with YAML-typed values:
+    ``{"A": "1", "model.replicas": "2"}`` -> ``({"A": "1"}, {"replicas": 2})``."""
+    env = {k: v for k, v in assignments.items() if not k.startswith(MODEL_PREFIX)}
+    model = {
+        k[len(MODEL_PREFIX) :]: yaml.safe_load(v)
+        for k, v in assignments.items()
+        if k.startswith(MODEL_PREFIX)
+    }
+    return env, model

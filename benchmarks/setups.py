@@ -32,23 +32,23 @@ def stack_config(
     max_batch_size: int = 64,
     max_wait_ms: float = 10.0,
     num_cpus: int = 1,
+    model_overrides: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The serving config the benchmark generates: one embedding model, batched, on the
     ``num_cpus`` cores the in-process engine had, laid out as ``loom serve``'s default lays
-    them out: one single-threaded replica per core."""
+    them out: one single-threaded replica per core. ``model_overrides`` replace fields."""
+    model = {
+        "name": model_name,
+        "source": model_name,
+        "task": "embed",
+        "replicas": num_cpus,
+        "num_cpus": 1,
+        "torch_threads": 1,
+        "batching": {"max_batch_size": max_batch_size, "max_wait_ms": max_wait_ms},
+    }
     return {
         "server": {"host": LOCALHOST, "port": port},
-        "models": [
-            {
-                "name": model_name,
-                "source": model_name,
-                "task": "embed",
-                "replicas": num_cpus,
-                "num_cpus": 1,
-                "torch_threads": 1,
-                "batching": {"max_batch_size": max_batch_size, "max_wait_ms": max_wait_ms},
-            }
-        ],
+        "models": [model | dict(model_overrides or {})],
     }
 
 
@@ -84,12 +84,14 @@ def stack_spec(
     max_batch_size: int = 64,
     max_wait_ms: float = 10.0,
     num_cpus: int = 1,
+    model_overrides: Mapping[str, Any] | None = None,
 ) -> ServerSpec:
     """``loom serve`` on a free port with ``LOOM_HOME`` under ``work_dir``.
 
     Without ``config_path`` a config for ``model_name`` is written to ``work_dir``; with one,
     that file is used as is and ``--host``/``--port`` on the command line override its server.
-    ``extra_env`` (e.g. Ray Serve flags) goes to this subprocess only.
+    ``extra_env`` (e.g. Ray Serve flags) goes to this subprocess only; ``model_overrides``
+    change fields of the generated model config.
     """
     port = free_port()
     if config_path is None:
@@ -100,6 +102,7 @@ def stack_spec(
             max_batch_size=max_batch_size,
             max_wait_ms=max_wait_ms,
             num_cpus=num_cpus,
+            model_overrides=model_overrides,
         )
         work_dir.mkdir(parents=True, exist_ok=True)
         config_path.write_text(yaml.safe_dump(config))

@@ -118,3 +118,18 @@ def test_variants_parse_labels_and_their_environments():
     assert parse_variants(["ha:A=1,B=2", "plain:"]) == {"ha": {"A": "1", "B": "2"}, "plain": {}}
     with pytest.raises(ValueError, match="LABEL"):
         parse_variants(["A=1"])
+
+
+def test_variants_carry_model_config_overrides_with_yaml_types():
+    from benchmarks.options import parse_variants, split_variant
+    from benchmarks.setups import stack_config
+
+    variants = parse_variants(["one:model.replicas=1,model.torch_threads=2,RAY_X=1"])
+    env, model = split_variant(variants["one"])
+    assert env == {"RAY_X": "1"}
+    assert model == {"replicas": 1, "torch_threads": 2}
+    config = stack_config(port=1, model_name="m", num_cpus=4, model_overrides=model)
+    assert (config["models"][0]["replicas"], config["models"][0]["torch_threads"]) == (1, 2)
+    assert stack_config(port=1, model_name="m", num_cpus=4)["models"][0]["replicas"] == 4
+    with pytest.raises(ValueError, match="model.FIELD"):
+        parse_variants(["bad:model.=3"])
