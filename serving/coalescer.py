@@ -19,21 +19,9 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
+from serving.batcher import plan_batch
+
 R = TypeVar("R")
-
-
-def take_requests(queued_sizes: Sequence[int], max_batch_inputs: int) -> int:
-    """How many queued requests (front first) go in the next call: at least one, then all
-    that fit in ``max_batch_inputs``: sizes [1]*40 with max 32 -> 32."""
-    if not queued_sizes:
-        return 0
-    total, taken = queued_sizes[0], 1
-    for size in queued_sizes[1:]:
-        if total + size > max_batch_inputs:
-            break
-        total += size
-        taken += 1
-    return taken
 
 
 @dataclass(slots=True)
@@ -64,13 +52,6 @@ class Coalescer(Generic[R]):
         self._waiting: deque[_Waiting] = deque()
         self._in_flight = 0
 
-    @property
-    def in_flight(self) -> int:
-        return self._in_flight
-
-    def set_max_in_flight(self, value: int) -> None:
-        self._max_in_flight = max(1, value)
-
     async def submit(self, inputs: Sequence[str]) -> R:
         future = asyncio.get_running_loop().create_future()
         self._waiting.append(_Waiting(inputs, future))
@@ -79,7 +60,8 @@ class Coalescer(Generic[R]):
         return await future
 
     def _send_next(self) -> None:
-        taken = take_requests([len(w.inputs) for w in self._waiting], self._max_batch_inputs)
+        # whole requests, as many as fit: the rule the replica's batcher uses too
+        taken = plan_batch([len(w.inputs) for w in self._waiting], self._max_batch_inputs)
         if taken == 0:
             return
         group = [self._waiting.popleft() for _ in range(taken)]

@@ -4,7 +4,8 @@ import asyncio
 
 import pytest
 
-from serving.coalescer import Coalescer, take_requests
+from serving.batcher import plan_batch
+from serving.coalescer import Coalescer
 
 
 @pytest.mark.parametrize(
@@ -12,7 +13,7 @@ from serving.coalescer import Coalescer, take_requests
     [([], 8, 0), ([3], 2, 1), ([1] * 40, 32, 32), ([5, 3, 1], 8, 2)],
 )
 def test_take_requests_fills_a_call_with_whole_requests(sizes, max_inputs, expected):
-    assert take_requests(sizes, max_inputs) == expected
+    assert plan_batch(sizes, max_inputs) == expected
 
 
 def test_lone_request_is_sent_at_once_and_concurrent_ones_share_calls():
