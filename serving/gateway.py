@@ -102,6 +102,11 @@ class GatewayCore:
         if not any(hmac.compare_digest(given, key) for key in self._keys):
             raise ApiError(401, "invalid API key", code="invalid_api_key")
 
+    def handle(self, name: str) -> DeploymentHandle:
+        """The deployment handle that serves model ``name`` now: the one accessor every route
+        uses, so the rollout reconciler can change it under running traffic."""
+        return self._handles[name]
+
     def model(self, name: str) -> ModelConfig:
         model = self.config.model(name)
         if model is None:
@@ -132,7 +137,7 @@ class GatewayCore:
 
     async def model_info(self, name: str) -> dict:
         if name not in self._info:
-            self._info[name] = await self._handles[name].info.remote()
+            self._info[name] = await self.handle(name).info.remote()
         return self._info[name]
 
     async def measured(self, request: Request, route: str, handler: Handler) -> Response:
