@@ -1,0 +1,395 @@
+"""Text generation (issue 3): the Loom stack's continuous batching against sequential
+``model.generate`` and static batching in-process, at several concurrency levels, in one run.
+
+    python -m benchmarks.generation                       # full run, a few minutes on 2 cores
+    python -m benchmarks.generation --quick               # a short smoke run
+    python -m benchmarks.generation --only sequential,static --concurrency 1,8
+
+Every variant serves the same ~10M-parameter random GPT-2 (``generation_model``), the same
+prompts (32-64 tokens) and makes exactly ``--max-tokens`` tokens per request, greedily:
+
+- sequential: ``model.generate`` one request at a time; c closed-loop clients replayed over
+  its timings (``generation_inprocess``);
+- static: c prompts left-padded into one ``generate`` call per batch;
+- stack: ``loom serve`` in a subprocess, c clients streaming ``/v1/completions`` over HTTP
+  (``generation_client``).
+
+Each prints one line per concurrency with tokens/s and TTFT p50/p95; the end prints the two
+targets with PASS/MISS and writes everything to ``benchmarks/results/generation-<time>.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime as dt
+import gc
+import math
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from benchmarks.embeddings import _jsonable, say, warn_if_busy
+from benchmarks.generation_client import StreamLoadConfig, completion_body, run_stream_load
+from benchmarks.generation_model import (
+    Prompt,
+    TinyGptSpec,
+    build_tiny_gpt,
+    make_prompts,
+    register_tiny_gpt,
+)
+from benchmarks.generation_report import (
+    GenerationGoals,
+    GenerationLevel,
+    evaluate_generation_targets,
+    format_generation_line,
+    sequential_figures,
+    static_figures,
+    summarise_generation,
+    window_figures,
+)
+from benchmarks.machine import load_average_1m, machine_facts
+from benchmarks.options import parse_env_assignments, parse_int_list
+from benchmarks.processes import ServerNotReady, ServerProcess, ServerSpec
+from benchmarks.report import format_target_line, target_record, write_json
+from benchmarks.setups import stack_spec
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+RESULTS_DIR = REPO_ROOT / "benchmarks" / "results"
+VARIANTS = ("sequential", "static", "stack")
+
+
+@dataclass(frozen=True, kw_only=True)
+class GenerationBenchConfig:
+    """One run of the generation benchmark."""
+
+    levels: tuple[int, ...] = (1, 8, 32)
+    """Concurrency levels: closed-loop clients, each with one request in flight."""
+    max_tokens: int = 64
+    """Tokens every request generates (EOS ignored)."""
+    variants: tuple[str, ...] = VARIANTS
+    duration_s: float = 20.0
+    """The stack's measured window per level."""
+    warmup_s: float = 5.0
+    """Load on the stack before each level's window opens, not recorded."""
+    requests: int = 32
+    """In-process requests measured per level (after a closed loop's first round)."""
+    min_static_batches: int = 3
+    """Static batching runs max(this, requests / c) batches per level."""
+    threads: int = 1
+    """Torch threads in-process, and CPUs and threads of the stack's one replica."""
+    prompts: int = 64
+    """Distinct prompts cycled through."""
+    model_name: str = "tinygpt"
+    model: TinyGptSpec = field(default_factory=TinyGptSpec)
+    stack_config_path: Path | None = None
+    """Serving YAML to use as is; ``None`` generates one for ``model_name``."""
+    model_overrides: Mapping[str, Any] = field(default_factory=dict)
+    """Fields of the generated model config to replace (e.g. generation settings)."""
+    stack_env: Mapping[str, str] = field(default_factory=dict)
+    """Extra environment for the stack's subprocess only."""
+    ready_timeout_s: float = 300.0
+    out_path: Path | None = None
+    """``None``: ``benchmarks/results/generation-<UTC time>.json``."""
+
+    def __post_init__(self) -> None:
+        if self.duration_s <= 0 or self.warmup_s < 0 or self.ready_timeout_s <= 0:
+            raise ValueError("durations must be > 0 (warm-up >= 0)")
+        if min(self.max_tokens, self.requests, self.threads, self.prompts) < 1:
+            raise ValueError("--max-tokens, --requests, --threads and prompts must be >= 1")
+        if self.min_static_batches < 1:
+            raise ValueError("min_static_batches must be >= 1")
+        unknown = set(self.variants) - set(VARIANTS)
+        if unknown or not self.variants:
+            raise ValueError(f"variants must be some of {', '.join(VARIANTS)}; got {unknown}")
+
+
+def full_config() -> GenerationBenchConfig:
+    return GenerationBenchConfig()
+
+
+def quick_config() -> GenerationBenchConfig:
+    """A smoke run: short windows, few requests (a minute or two plus the stack's start)."""
+    return GenerationBenchConfig(
+        duration_s=6.0, warmup_s=3.0, requests=8, min_static_batches=2, prompts=32
+    )
+
+
+def parse_variant_names(text: str) -> tuple[str, ...]:
+    """``"stack, static"`` -> ("stack", "static"), in the order given, duplicates dropped;
+    ``ValueError`` for a name that is not a variant."""
+    names: list[str] = []
+    for name in (part.strip() for part in text.split(",")):
+        if not name:
+            continue
+        if name not in VARIANTS:
+            raise ValueError(f"unknown variant {name!r}: expected some of {', '.join(VARIANTS)}")
+        if name not in names:
+            names.append(name)
+    if not names:
+        raise ValueError(f"no variants in {text!r}")
+    return tuple(names)
+
+
+def default_out_path(now: dt.datetime) -> Path:
+    """``benchmarks/results/generation-20250101T120000Z.json`` for ``now`` (UTC)."""
+    return RESULTS_DIR / f"generation-{now.astimezone(dt.UTC):%Y%m%dT%H%M%SZ}.json"
+
+
+def parse_args(argv: Sequence[str] | None) -> GenerationBenchConfig:
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.generation", description=__doc__.splitlines()[0]
+    )
+    parser.add_argument("--quick", action="store_true", help="short windows, few requests")
+    parser.add_argument("--concurrency", help="levels, e.g. 1,8,32")
+    parser.add_argument("--max-tokens", type=int, help="tokens per request")
+    parser.add_argument("--only", help=f"variants to run, some of {','.join(VARIANTS)}")
+    parser.add_argument("--duration-s", type=float, help="the stack's window per level")
+    parser.add_argument("--warmup-s", type=float, help="the stack's warm-up per level")
+    parser.add_argument("--requests", type=int, help="in-process requests measured per level")
+    parser.add_argument("--threads", type=int, help="torch threads (and the stack's CPUs)")
+    parser.add_argument("--config", type=Path, help="serving YAML for the stack, used as is")
+    parser.add_argument(
+        "--model-set", action="append", default=[], metavar="FIELD=YAML",
+        help="replace a field of the generated stack model config (repeatable)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--env", action="append", default=[], metavar="KEY=VALUE",
+        help="extra environment for the stack subprocess (repeatable)",
+    )  # fmt: skip
+    parser.add_argument("--ready-timeout-s", type=float)
+    parser.add_argument("--out", type=Path, help="JSON path (default: results/generation-*)")
+    args = parser.parse_args(argv)
+    base = quick_config() if args.quick else full_config()
+    try:
+        overrides: dict[str, Any] = {
+            "levels": parse_int_list(args.concurrency) if args.concurrency else None,
+            "max_tokens": args.max_tokens,
+            "variants": parse_variant_names(args.only) if args.only else None,
+            "duration_s": args.duration_s,
+            "warmup_s": args.warmup_s,
+            "requests": args.requests,
+            "threads": args.threads,
+            "stack_config_path": args.config,
+            "ready_timeout_s": args.ready_timeout_s,
+            "out_path": args.out,
+            "model_overrides": {
+                k: yaml.safe_load(v) for k, v in parse_env_assignments(args.model_set).items()
+            },
+            "stack_env": parse_env_assignments(args.env),
+        }
+        return dataclasses.replace(base, **{k: v for k, v in overrides.items() if v is not None})
+    except ValueError as exc:
+        parser.error(str(exc))
+
+
+def stack_model_config(config: GenerationBenchConfig) -> dict[str, Any]:
+    """The generated serving config: one replica of the generate model on ``threads`` CPUs
+    (the same compute the in-process variants get)."""
+    model = {
+        "name": config.model_name,
+        "source": config.model_name,
+        "task": "generate",
+        "replicas": 1,
+        "num_cpus": config.threads,
+        "torch_threads": config.threads,
+    }
+    return {"models": [model | dict(config.model_overrides)]}
+
+
+def static_batches(requests: int, concurrency: int, min_batches: int) -> int:
+    """Batches of ``concurrency`` to run: enough for ``requests`` requests, at least
+    ``min_batches``: 32 requests at c=8 -> 4; at c=32 -> max(1, 3) = 3."""
+    return max(min_batches, math.ceil(requests / concurrency))
+
+
+def run_in_process(
+    model_dir: Path, prompts: Sequence[str], config: GenerationBenchConfig
+) -> dict[str, Any]:
+    """Sequential and static batching with ``model.generate``; the model is freed after."""
+    from benchmarks.generation_inprocess import InProcessGenerator
+
+    generator = InProcessGenerator.load(model_dir, threads=config.threads)
+    records: dict[str, Any] = {}
+    if "sequential" in config.variants:
+        # one back-to-back run long enough for the largest level's steady state
+        count = max(config.levels) + config.requests
+        services = generator.sequential(
+            prompts, max_new_tokens=config.max_tokens, count=count, warmup=2
+        )
+        levels = []
+        for concurrency in config.levels:
+            figures = sequential_figures(services, concurrency)
+            levels.append(summarise_generation(concurrency=concurrency, figures=figures))
+            say(format_generation_line("sequential", levels[-1]))
+        records["sequential"] = {
+            "method": "model.generate one request at a time, run back to back once; each "
+            "level replays c closed-loop clients over those timings (FIFO); TTFT = queueing "
+            "behind the requests ahead + time to first token (streamer hook)",
+            "requests_run": count,
+            "levels": levels,
+        }
+    if "static" in config.variants:
+        levels = []
+        for concurrency in config.levels:
+            batches = generator.static(
+                prompts,
+                max_new_tokens=config.max_tokens,
+                batch_size=concurrency,
+                batches=static_batches(config.requests, concurrency, config.min_static_batches),
+                warmup=1,
+            )
+            figures = static_figures(batches)
+            levels.append(summarise_generation(concurrency=concurrency, figures=figures))
+            say(format_generation_line("static", levels[-1]))
+        records["static"] = {
+            "method": "c prompts left-padded into one model.generate call, batches back to "
+            "back; TTFT = the batch's time to first token (streamer hook)",
+            "levels": levels,
+        }
+    records["device"] = str(generator.device)
+    del generator
+    gc.collect()
+    return records
+
+
+def run_stack(
+    spec: ServerSpec, prompts: Sequence[str], config: GenerationBenchConfig
+) -> dict[str, Any]:
+    """Start ``loom serve``, drive each level with streaming completions, stop it."""
+    bodies = [completion_body(config.model_name, p, config.max_tokens) for p in prompts]
+    record: dict[str, Any] = {"argv": list(spec.argv), "levels": [], "error": None}
+    server = ServerProcess(spec)
+    say(f"stack: starting {' '.join(spec.argv[1:])}")
+    try:
+        with server:
+            say(f"stack: ready in {server.ready_s:.1f} s")
+            for concurrency in config.levels:
+                if not server.is_running:
+                    raise RuntimeError(f"the stack exited\n{server.stderr_tail()}")
+                load = StreamLoadConfig(
+                    port=spec.port,
+                    concurrency=concurrency,
+                    warmup_s=config.warmup_s,
+                    duration_s=config.duration_s,
+                    expected_tokens=config.max_tokens,
+                )
+                result = run_stream_load(load, bodies)
+                figures = window_figures(
+                    result.timings, result.window_start_ns, result.window_end_ns
+                )
+                level = summarise_generation(
+                    concurrency=concurrency,
+                    figures=figures,
+                    errors=result.errors,
+                    short=result.short,
+                    loadgen_cpu_s=result.loadgen_cpu_s,
+                )
+                say(format_generation_line("stack", level))
+                if result.error_kinds:
+                    say(f"stack      c={concurrency:<3}: errors by kind {result.error_kinds}")
+                record["levels"].append(level)
+                record.setdefault("error_kinds", {})[str(concurrency)] = result.error_kinds
+    except (ServerNotReady, RuntimeError) as exc:
+        record["error"] = str(exc)
+        say(f"stack: FAILED: {exc}")
+    record["server"] = server.describe()
+    return record
+
+
+def summarise(variants: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """The two targets, printed and as JSON records."""
+    levels: dict[str, Sequence[GenerationLevel]] = {
+        name: record.get("levels", []) for name, record in variants.items()
+    }
+    say("--- targets ---")
+    targets = evaluate_generation_targets(levels, GenerationGoals())
+    for target in targets:
+        say(format_target_line(target))
+    return [target_record(t) for t in targets]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    config = parse_args(argv)
+    out_path = config.out_path or default_out_path(dt.datetime.now(dt.UTC))
+    work_dir = Path(tempfile.mkdtemp(prefix="loom-bench-generation-"))
+    started = time.monotonic()
+    failed = True  # until every part has run; a crash keeps the server logs
+    results: dict[str, Any] = {
+        "benchmark": "generation",
+        "config": _jsonable(config),
+        "machine": machine_facts(REPO_ROOT),
+    }
+    warn_if_busy(results["machine"])
+    try:
+        source = work_dir / "tinygpt-source"
+        parameters = build_tiny_gpt(source, config.model)
+        prompts = make_prompts(source, count=config.prompts)
+        config_path = config.stack_config_path
+        if config_path is None:
+            config_path = work_dir / "stack.yaml"
+            config_path.write_text(yaml.safe_dump(stack_model_config(config)))
+        spec = stack_spec(
+            work_dir=work_dir,
+            config_path=config_path,
+            model_name=config.model_name,
+            extra_env=config.stack_env,
+            ready_timeout_s=config.ready_timeout_s,
+        )
+        # the stack loads the stored copy; the in-process variants load the same folder
+        stored = register_tiny_gpt(Path(spec.env["LOOM_HOME"]), source, name=config.model_name)
+        results["model"] = model_record(config, parameters, prompts)
+        say(
+            f"model: {config.model_name}, {parameters / 1e6:.1f}M parameters, prompts "
+            f"{results['model']['prompt_tokens_min']}-{results['model']['prompt_tokens_max']} "
+            f"tokens, {config.max_tokens} new tokens each"
+        )
+        texts = [p.text for p in prompts]
+        variants: dict[str, Any] = {}
+        if {"sequential", "static"} & set(config.variants):
+            in_process = run_in_process(stored, texts, config)
+            results["in_process_device"] = in_process.pop("device")
+            variants |= in_process
+        if "stack" in config.variants:
+            variants["stack"] = run_stack(spec, texts, config)
+            variants["stack"]["config"] = yaml.safe_load(config_path.read_text())
+        results["variants"] = variants
+        results["targets"] = summarise(variants)
+        failed = bool(variants.get("stack", {}).get("error"))
+    finally:
+        results["wall_s"] = time.monotonic() - started
+        results["machine"]["load_avg_1m_end"] = load_average_1m()
+        write_json(out_path, _jsonable(results))
+        say(f"wrote {out_path}")
+        if failed:
+            say(f"work folder and server logs kept in {work_dir}")
+        else:
+            shutil.rmtree(work_dir, ignore_errors=True)
+    return 1 if failed else 0
+
+
+def model_record(
+    config: GenerationBenchConfig, parameters: int, prompts: Sequence[Prompt]
+) -> dict[str, Any]:
+    lengths = [p.tokens for p in prompts]
+    return {
+        "name": config.model_name,
+        "parameters": parameters,
+        "spec": config.model,
+        "prompts": len(prompts),
+        "prompt_tokens_min": min(lengths),
+        "prompt_tokens_max": max(lengths),
+        "prompt_tokens_mean": sum(lengths) / len(lengths),
+        "max_tokens": config.max_tokens,
+    }
+
+
+if __name__ == "__main__":
+    sys.exit(main())
