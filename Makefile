@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PIP := $(BIN)/python -m pip
 
-.PHONY: install run test lint bench clean
+.PHONY: install run test lint bench bench-generation clean
 
 install: $(STAMP)
 
@@ -28,6 +28,9 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks.embeddings
+
+bench-generation: $(STAMP)
+	$(BIN)/python -m benchmarks.generation
 
 clean:
 	rm -rf $(VENV) build *.egg-info
