@@ -1,53 +1,64 @@
-"""Text generation for causal language models: greedy or sampled, token by token.
+"""Text generation for causal language models, continuously batched.
 
-This is the first slice of the generation engine (issue 3): one sequence at a time with a
-KV cache, so greedy output equals ``model.generate(do_sample=False)`` token for token.
-Continuous batching (new requests joining a running batch) comes next.
+The engine runs transformers' own continuous batching (``ContinuousBatchingManager``: a paged
+KV cache and iteration-level scheduling on one background thread): a sequence that arrives
+while others are decoding joins the very next step instead of waiting for the batch to end,
+and a finished or cancelled sequence frees its slot at once. Loom adds per-sequence sampling
+with its own seed (``SequenceSampler``), stop strings and incremental text (``TextStream``),
+and a callback per sequence that receives each step's new text.
 
-    engine = GenerationEngine(model_dir)
+Measured on 2 CPU cores, a 5M-parameter GPT-2, 32 prompts of 20 tokens x 64 new tokens:
+sequential ``generate`` ~370 tokens/s, static batch of 32 ~3000, this manager ~2300 with every
+request arriving at once (and, unlike the static batch, nobody waits for a batch to form or to
+drain). Greedy output equals ``generate(do_sample=False)`` token for token (tested).
+
+    engine = GenerationEngine(model_dir, max_sequences=32)
     engine.load(); engine.warmup()
-    for delta in engine.stream("Once upon", SamplingParams(max_tokens=8, temperature=0)):
-        print(delta, end="")
+    seq_id = engine.submit("Once upon", SamplingParams(max_tokens=8), on_update=print)
+    engine.cancel(seq_id)   # frees its slot; no more updates
+    engine.close()
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+import math
+import queue
+import threading
+import uuid
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from transformers import GenerationConfig, LogitsProcessorList
+from transformers.generation.configuration_utils import ContinuousBatchingConfig
+from transformers.generation.continuous_batching.cb_logits_processors import (
+    ContinuousBatchingLogitsProcessorList,
+)
+from transformers.generation.continuous_batching.continuous_api import OutputRouter
 
 from models.device import resolve_device, resolve_dtype
+from models.engines.detokenize import TextStream, cut_at_stop
+from models.engines.sampling import SamplingParams, SequenceSampler, pick_next_token
 from models.loading import LoadedModel, load_pretrained
 
+__all__ = [
+    "EngineStats",
+    "Generation",
+    "GenerationEngine",
+    "PromptError",
+    "SamplingParams",
+    "SequenceUpdate",
+    "cut_at_stop",
+    "pick_next_token",
+]
 
-@dataclass(frozen=True, kw_only=True)
-class SamplingParams:
-    max_tokens: int = 16
-    """Most new tokens to generate."""
-    temperature: float = 1.0
-    """0 means greedy (argmax); above 0 divides the logits before sampling."""
-    top_p: float = 1.0
-    """Nucleus sampling: keep the smallest set of tokens whose probability reaches top_p."""
-    stop: tuple[str, ...] = ()
-    """Generation ends before the first of these strings; it is not part of the text."""
-    seed: int | None = None
-    """Makes sampling repeatable."""
+KV_PAGE_TOKENS = 64
+"""Tokens per page of the paged KV cache: small pages waste little on short sequences."""
 
-    def __post_init__(self) -> None:
-        if self.max_tokens < 1:
-            raise ValueError(f"max_tokens must be at least 1, not {self.max_tokens}")
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, not {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], not {self.top_p}")
-        if any(not s for s in self.stop):
-            raise ValueError("stop strings must not be empty")
 
-    @property
-    def greedy(self) -> bool:
-        return self.temperature == 0
+class PromptError(ValueError):
+    """The prompt cannot be generated from: empty, or too long for the model's context."""
 
 
 @dataclass(frozen=True)
@@ -59,36 +70,70 @@ class Generation:
     """``stop`` (end-of-sequence token or a stop string) or ``length`` (max_tokens)."""
 
 
-@dataclass
-class _Decode:
-    """The running state of one sequence."""
+@dataclass(frozen=True, slots=True)
+class SequenceUpdate:
+    """What one decoding step produced for one sequence."""
 
-    generated: list[int] = field(default_factory=list)
-    text: str = ""
+    seq_id: str
+    delta: str
+    """New text, safe to show (may be empty while a possible stop string is held back)."""
+    completion_tokens: int
+    """Tokens generated so far (the end-of-sequence token not counted)."""
     finish_reason: str | None = None
+    """None while running; ``stop`` or ``length`` on the last update."""
+    error: str | None = None
+    """Set on the last update when generation failed."""
+    token_ids: tuple[int, ...] = ()
+    """On the last update: every generated token (the end-of-sequence token not counted)."""
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None or self.error is not None
 
 
-def pick_next_token(
-    logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None
-) -> int:
-    """The next token from the last position's logits (V,): argmax, or a top-p sample."""
-    if params.greedy:
-        return int(torch.argmax(logits))
-    probs = torch.softmax(logits.float() / params.temperature, dim=-1)
-    if params.top_p < 1.0:
-        sorted_probs, order = torch.sort(probs, descending=True)
-        # keep tokens until the mass before them reaches top_p: [0.5, 0.3, 0.2] at 0.7 -> 2
-        keep = torch.cumsum(sorted_probs, dim=-1) - sorted_probs < params.top_p
-        sorted_probs = sorted_probs * keep
-        choice = torch.multinomial(sorted_probs / sorted_probs.sum(), 1, generator=generator)
-        return int(order[choice])
-    return int(torch.multinomial(probs, 1, generator=generator))
+@dataclass(frozen=True, slots=True)
+class EngineStats:
+    running: int
+    """Sequences in the batch now (prefilling or decoding)."""
+    waiting: int
+    """Sequences admitted but not yet in the batch."""
 
 
-def cut_at_stop(text: str, stop: Sequence[str]) -> tuple[str, bool]:
-    """``text`` up to the first stop string, and whether one was found."""
-    cuts = [i for i in (text.find(s) for s in stop) if i >= 0]
-    return (text[: min(cuts)], True) if cuts else (text, False)
+@dataclass
+class _Sequence:
+    seq_id: str
+    params: SamplingParams
+    text: TextStream
+    slot: int
+    on_update: Callable[[SequenceUpdate], None]
+    eos_ids: frozenset[int]
+
+
+class _DirectRouter(OutputRouter):
+    """Hands each step's outputs to the engine on the generation thread, in one call."""
+
+    def __init__(self, deliver: Callable[[list], None]) -> None:
+        super().__init__()
+        self._deliver_all = deliver
+
+    def deliver(self, output) -> None:
+        self._deliver_all([output])
+
+    def deliver_batch(self, outputs: list) -> None:
+        self._deliver_all(outputs)
+
+
+def _start_daemon(manager) -> None:
+    """``manager.start()``, but on a daemon thread: the manager's own thread is not one, so a
+    process that forgot ``close()`` would hang at exit waiting for it."""
+    manager.background_thread_status.clear()
+    manager._generation_thread = threading.Thread(
+        target=manager._run_generation_loop,
+        kwargs={"use_inference_mode": True},
+        name="loom-generation",
+        daemon=True,
+    )
+    manager._generation_thread.start()
 
 
 class GenerationEngine:
@@ -103,12 +148,27 @@ class GenerationEngine:
         device: str = "auto",
         dtype: str = "auto",
         num_threads: int | None = None,
+        max_sequences: int = 32,
+        max_batch_tokens: int = 1024,
+        kv_cache_tokens: int | None = None,
     ) -> None:
+        """``max_sequences``: most sequences decoding together; ``max_batch_tokens``: most
+        tokens in one step (prefill chunks plus one per decoding sequence);
+        ``kv_cache_tokens``: KV cache size (default: room for max_sequences full contexts)."""
         self.model_dir = Path(model_dir)
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
         self._num_threads = num_threads
+        self.max_sequences = max_sequences
+        self._max_batch_tokens = max(max_batch_tokens, max_sequences)
+        self._kv_cache_tokens = kv_cache_tokens
         self._loaded: LoadedModel | None = None
+        self._manager = None
+        self._sampler = SequenceSampler()
+        self._sequences: dict[str, _Sequence] = {}
+        self._lock = threading.Lock()
+
+    # ---- lifecycle ------------------------------------------------------------------
 
     def load(self) -> None:
         if self._num_threads is not None:
@@ -116,9 +176,56 @@ class GenerationEngine:
         self._loaded = load_pretrained(
             self.model_dir, task=self.task, device=self.device, dtype=self.dtype
         )
+        model, tokenizer = self._loaded.model, self._loaded.tokenizer
+        eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else -1
+        cache_tokens = self._kv_cache_tokens or self.max_sequences * self.context_length
+        manager = model.init_continuous_batching(
+            generation_config=GenerationConfig(
+                do_sample=False,  # sampled rows are drawn by SequenceSampler, per sequence
+                max_new_tokens=16,
+                eos_token_id=eos,
+                pad_token_id=eos if eos >= 0 else 0,
+            ),
+            continuous_batching_config=ContinuousBatchingConfig(
+                page_size=KV_PAGE_TOKENS,
+                num_blocks=math.ceil(cache_tokens / KV_PAGE_TOKENS),
+                max_batch_tokens=self._max_batch_tokens,
+                max_requests_per_batch=self.max_sequences,
+                per_request_processors=True,
+                allow_block_sharing=False,  # prompts rarely share prefixes; keeps pages simple
+            ),
+        )
+        # our sampler takes the logits-processor slot; one int32 argument row (the slot)
+        processors = ContinuousBatchingLogitsProcessorList(
+            LogitsProcessorList([self._sampler]), per_request_processors=True
+        )
+        processors.tensors_required = 1
+        manager.logit_processor = processors
+        manager.output_router = _DirectRouter(self._on_outputs)
+        _start_daemon(manager)
+        self._manager = manager
 
     def warmup(self) -> None:
-        self.run([("Hello", SamplingParams(max_tokens=2, temperature=0))])
+        self.run(
+            [
+                ("Hello", SamplingParams(max_tokens=2, temperature=0)),
+                ("Hello", SamplingParams(max_tokens=2, temperature=1.0, seed=0)),
+            ]
+        )
+
+    def close(self) -> None:
+        manager, self._manager = self._manager, None
+        if manager is not None:
+            manager.stop(block=True, timeout=10)
+
+    def check(self) -> None:
+        """Raise if the generation thread has died (a health check)."""
+        manager = self._require_manager()
+        error = manager.background_thread_status.fatal_error
+        if error is not None or not manager.is_running():
+            raise RuntimeError(f"the generation loop has stopped: {error or 'not running'}")
+
+    # ---- what the model allows ------------------------------------------------------
 
     @property
     def context_length(self) -> int:
@@ -126,76 +233,166 @@ class GenerationEngine:
         config = self._require_loaded().model.config
         return int(getattr(config, "n_positions", None) or config.max_position_embeddings)
 
+    @property
+    def tokenizer(self):
+        return self._require_loaded().tokenizer
+
     def count_tokens(self, text: str) -> int:
-        return len(self._require_loaded().tokenizer(text)["input_ids"])
+        return len(self.tokenizer(text)["input_ids"])
 
-    def run(self, batch: Sequence[tuple[str, SamplingParams]]) -> list[Generation]:
-        """Generate for each (prompt, params) in turn; results in input order."""
-        results = []
-        for prompt, params in batch:
-            state = _Decode()
-            for _ in self._decode(prompt, params, state):
-                pass
-            results.append(self._result(prompt, state))
-        return results
-
-    def stream(self, prompt: str, params: SamplingParams) -> Iterator[str]:
-        """The generated text as it grows, one delta per new token (stop strings held back
-        until they can be ruled out)."""
-        state = _Decode()
-        yield from self._decode(prompt, params, state)
-
-    def _result(self, prompt: str, state: _Decode) -> Generation:
-        return Generation(
-            text=state.text,
-            token_ids=tuple(state.generated),
-            prompt_tokens=self.count_tokens(prompt),
-            finish_reason=state.finish_reason or "length",
-        )
-
-    def _decode(self, prompt: str, params: SamplingParams, state: _Decode) -> Iterator[str]:
-        loaded = self._require_loaded()
-        tokenizer, model = loaded.tokenizer, loaded.model
-        input_ids = tokenizer(prompt, return_tensors="pt")["input_ids"].to(self.device)
-        if input_ids.shape[1] == 0:
-            raise ValueError("the prompt is empty")
-        if input_ids.shape[1] + params.max_tokens > self.context_length:
-            raise ValueError(
-                f"{input_ids.shape[1]} prompt tokens + max_tokens {params.max_tokens} exceed "
+    def encode_prompt(self, prompt: str, params: SamplingParams) -> list[int]:
+        """The prompt's token ids; ``PromptError`` if it is empty or leaves no room for
+        ``max_tokens`` in the context."""
+        ids = self.tokenizer(prompt)["input_ids"]
+        if not ids:
+            raise PromptError("the prompt is empty")
+        if len(ids) + params.max_tokens > self.context_length:
+            raise PromptError(
+                f"{len(ids)} prompt tokens + max_tokens {params.max_tokens} exceed "
                 f"the model's context of {self.context_length} tokens"
             )
-        generator = None
-        if params.seed is not None:
-            generator = torch.Generator(device=self.device).manual_seed(params.seed)
-        eos = tokenizer.eos_token_id
-        emitted = 0  # characters of state.text already yielded
-        hold = max((len(s) for s in params.stop), default=1) - 1
-        with torch.inference_mode():
-            out = model(input_ids=input_ids, use_cache=True)
-            for step in range(params.max_tokens):
-                token = pick_next_token(out.logits[0, -1], params, generator)
-                if token == eos:
-                    state.finish_reason = "stop"
-                    break
-                state.generated.append(token)
-                text = tokenizer.decode(state.generated, skip_special_tokens=True)
-                text, stopped = cut_at_stop(text, params.stop)
-                state.text = text
-                if stopped:
-                    state.finish_reason = "stop"
-                    break
-                # hold back the tail that could still be the start of a stop string
-                safe = len(text) - hold if params.stop else len(text)
-                if safe > emitted:
-                    yield text[emitted:safe]
-                    emitted = safe
-                if step + 1 < params.max_tokens:
-                    next_ids = torch.tensor([[token]], device=self.device)
-                    out = model(input_ids=next_ids, cache=out.past_key_values, use_cache=True)
-        if len(state.text) > emitted:
-            yield state.text[emitted:]
+        return ids
+
+    # ---- sequences ------------------------------------------------------------------
+
+    def submit(
+        self,
+        prompt: str | Sequence[int],
+        params: SamplingParams,
+        *,
+        on_update: Callable[[SequenceUpdate], None],
+    ) -> str:
+        """Start one sequence; returns its id. ``on_update`` is called on the generation
+        thread after each step that produced text, and once more with the finish reason (keep
+        it short: hand the update to your own thread or event loop)."""
+        manager = self._require_manager()
+        ids = self.encode_prompt(prompt, params) if isinstance(prompt, str) else list(prompt)
+        seq_id = uuid.uuid4().hex
+        eos = self.tokenizer.eos_token_id
+        eos_ids = frozenset() if params.ignore_eos or eos is None else frozenset({eos})
+        slot = self._sampler.add(params, self.device)
+        seq = _Sequence(
+            seq_id, params, TextStream(self.tokenizer, params.stop), slot, on_update, eos_ids
+        )
+        with self._lock:
+            self._sequences[seq_id] = seq
+        manager.add_request(
+            ids,
+            request_id=seq_id,
+            max_new_tokens=params.max_tokens,
+            streaming=True,
+            eos_token_id=-1 if not eos_ids else eos,
+            loom_slot=slot,
+        )
+        return seq_id
+
+    def cancel(self, seq_id: str) -> None:
+        """Stop a sequence and free its slot; it gets no more updates."""
+        with self._lock:
+            seq = self._sequences.pop(seq_id, None)
+        if seq is None:
+            return
+        self._sampler.remove(seq.slot)
+        if self._manager is not None:
+            self._manager.cancel_request(seq_id)
+
+    def stats(self) -> EngineStats:
+        manager = self._manager
+        processor = getattr(manager, "batch_processor", None) if manager else None
+        if processor is None:
+            return EngineStats(running=0, waiting=0)
+        scheduler = processor.scheduler
+        waiting = len(scheduler.waiting_requests) + manager.input_queue.qsize()
+        return EngineStats(running=len(scheduler.active_requests), waiting=waiting)
+
+    def run(self, batch: Sequence[tuple[str, SamplingParams]]) -> list[Generation]:
+        """Generate for each (prompt, params), all in one continuous batch; input order kept."""
+        results: list[Generation | None] = [None] * len(batch)
+        done = threading.Semaphore(0)
+        prompts = [self.encode_prompt(prompt, params) for prompt, params in batch]
+
+        def collector(i: int, prompt_tokens: int) -> Callable[[SequenceUpdate], None]:
+            parts: list[str] = []
+
+            def collect(update: SequenceUpdate) -> None:
+                parts.append(update.delta)
+                if update.finished:
+                    results[i] = Generation(
+                        text="".join(parts),
+                        token_ids=update.token_ids,
+                        prompt_tokens=prompt_tokens,
+                        finish_reason=update.finish_reason or "error",
+                    )
+                    done.release()
+
+            return collect
+
+        for i, (ids, (_, params)) in enumerate(zip(prompts, batch, strict=True)):
+            self.submit(ids, params, on_update=collector(i, len(ids)))
+        for _ in batch:
+            done.acquire()
+        return [r for r in results if r is not None]
+
+    def stream(self, prompt: str, params: SamplingParams) -> Iterator[str]:
+        """The generated text as it grows, one delta per step that produced text."""
+        updates: queue.SimpleQueue[SequenceUpdate] = queue.SimpleQueue()
+        seq_id = self.submit(prompt, params, on_update=updates.put)
+        try:
+            while True:
+                update = updates.get()
+                if update.error is not None:
+                    raise RuntimeError(update.error)
+                if update.delta:
+                    yield update.delta
+                if update.finished:
+                    return
+        finally:
+            self.cancel(seq_id)
+
+    # ---- the generation thread ------------------------------------------------------
+
+    def _on_outputs(self, outputs: list) -> None:
+        for output in outputs:
+            with self._lock:
+                seq = self._sequences.get(output.request_id)
+            if seq is None:
+                continue  # cancelled meanwhile
+            update = self._advance(seq, output)
+            if update.finished:
+                with self._lock:
+                    self._sequences.pop(seq.seq_id, None)
+                self._sampler.remove(seq.slot)
+            if update.delta or update.finished:
+                seq.on_update(update)
+
+    def _advance(self, seq: _Sequence, output) -> SequenceUpdate:
+        if output.error is not None:
+            return SequenceUpdate(seq.seq_id, "", 0, error=str(output.error))
+        tokens = output.generated_tokens
+        ended_on_eos = bool(tokens) and tokens[-1] in seq.eos_ids and output.is_finished()
+        if ended_on_eos:
+            tokens = tokens[:-1]
+        finished = output.is_finished()
+        delta = seq.text.push(tokens, final=finished)
+        if seq.text.stopped:
+            if not finished and self._manager is not None:
+                self._manager.cancel_request(seq.seq_id)
+            return SequenceUpdate(
+                seq.seq_id, delta, len(tokens), finish_reason="stop", token_ids=tuple(tokens)
+            )
+        if finished:
+            reason = "stop" if ended_on_eos else "length"
+            return SequenceUpdate(
+                seq.seq_id, delta, len(tokens), finish_reason=reason, token_ids=tuple(tokens)
+            )
+        return SequenceUpdate(seq.seq_id, delta, len(tokens))
 
     def _require_loaded(self) -> LoadedModel:
         if self._loaded is None:
             raise RuntimeError("GenerationEngine.load() must be called first")
         return self._loaded
+
+    def _require_manager(self):
+        if self._manager is None:
+            raise RuntimeError("GenerationEngine.load() must be called first")
+        return self._manager

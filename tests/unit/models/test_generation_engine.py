@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import threading
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -9,7 +12,9 @@ import torch
 
 from models.engines.generate import (
     GenerationEngine,
+    PromptError,
     SamplingParams,
+    SequenceUpdate,
     cut_at_stop,
     pick_next_token,
 )
@@ -46,11 +51,31 @@ def tiny_gpt2(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def engine(tiny_gpt2: Path) -> GenerationEngine:
-    engine = GenerationEngine(tiny_gpt2, device="cpu")
+def engine(tiny_gpt2: Path) -> Iterator[GenerationEngine]:
+    engine = GenerationEngine(tiny_gpt2, device="cpu", max_sequences=4)
     engine.load()
     engine.warmup()
-    return engine
+    yield engine
+    engine.close()
+
+
+class Collector:
+    """Gathers one sequence's updates, as a server's callback would."""
+
+    def __init__(self) -> None:
+        self.updates: list[SequenceUpdate] = []
+        self.done = threading.Event()
+        self.finished_at = 0.0
+
+    def __call__(self, update: SequenceUpdate) -> None:
+        self.updates.append(update)
+        if update.finished:
+            self.finished_at = time.monotonic()
+            self.done.set()
+
+    @property
+    def text(self) -> str:
+        return "".join(u.delta for u in self.updates)
 
 
 def test_greedy_output_equals_transformers_generate_token_for_token(engine, tiny_gpt2):
@@ -77,26 +102,29 @@ def test_streamed_deltas_join_to_the_whole_text(engine):
 
 
 def test_max_tokens_ends_with_length_and_counts_tokens(engine):
-    (result,) = engine.run([("the lazy", SamplingParams(max_tokens=3, temperature=0))])
-    if result.finish_reason == "length":
-        assert len(result.token_ids) == 3
+    params = SamplingParams(max_tokens=3, temperature=0, ignore_eos=True)
+    (result,) = engine.run([("the lazy", params)])
+    assert result.finish_reason == "length"
+    assert len(result.token_ids) == 3
     assert result.prompt_tokens == engine.count_tokens("the lazy")
 
 
 def test_a_stop_string_ends_generation_before_it(engine):
-    params = SamplingParams(max_tokens=20, temperature=0)
+    params = SamplingParams(max_tokens=20, temperature=0, ignore_eos=True)
     (free,) = engine.run([("the quick", params)])
-    if len(free.text) < 3:
-        pytest.skip("the random model ended at once; nothing to stop on")
+    assert len(free.text) >= 3, free  # 20 tokens of a 300-token BPE vocabulary
     stop = free.text[1:3]
     (stopped,) = engine.run(
-        [("the quick", SamplingParams(max_tokens=20, temperature=0, stop=(stop,)))]
+        [("the quick", SamplingParams(max_tokens=20, temperature=0, stop=(stop,), ignore_eos=True))]
     )
     assert stopped.finish_reason == "stop"
     assert stopped.text == free.text[: free.text.find(stop)]
     assert (
         "".join(
-            engine.stream("the quick", SamplingParams(max_tokens=20, temperature=0, stop=(stop,)))
+            engine.stream(
+                "the quick",
+                SamplingParams(max_tokens=20, temperature=0, stop=(stop,), ignore_eos=True),
+            )
         )
         == stopped.text
     )
@@ -108,9 +136,78 @@ def test_same_seed_samples_the_same_text(engine):
     assert first.token_ids == second.token_ids
 
 
+def test_a_seeded_sample_in_a_mixed_batch_equals_sampling_it_alone(engine, tiny_gpt2):
+    """Each row samples with its own sequence's generator: the same draws as a plain loop."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    params = SamplingParams(max_tokens=10, temperature=0.9, top_p=0.95, seed=11, ignore_eos=True)
+    greedy = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True)
+    other = SamplingParams(max_tokens=10, temperature=1.0, seed=3, ignore_eos=True)
+    _, ours, _ = engine.run([("the lazy", greedy), ("once upon", params), ("a model", other)])
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_gpt2, use_safetensors=True).eval()
+    ids = AutoTokenizer.from_pretrained(tiny_gpt2)("once upon", return_tensors="pt")["input_ids"]
+    generator = torch.Generator().manual_seed(11)
+    expected = []
+    with torch.inference_mode():
+        for _ in range(10):
+            logits = model(input_ids=ids).logits[0, -1]
+            token = pick_next_token(logits, params, generator)
+            expected.append(token)
+            ids = torch.cat([ids, torch.tensor([[token]])], dim=1)
+    assert list(ours.token_ids) == expected
+
+
+def test_a_request_joining_a_running_batch_finishes_before_the_long_one(engine):
+    long, short = Collector(), Collector()
+    engine.submit("the quick", SamplingParams(max_tokens=40, temperature=0, ignore_eos=True),
+                  on_update=long)  # fmt: skip
+    while not long.updates:  # the long one is decoding
+        time.sleep(0.001)
+    engine.submit("once", SamplingParams(max_tokens=3, temperature=0, ignore_eos=True),
+                  on_update=short)  # fmt: skip
+    assert short.done.wait(30)
+    assert long.done.wait(30)
+    assert short.finished_at < long.finished_at
+    assert short.updates[-1].completion_tokens == 3
+    assert long.updates[-1].completion_tokens == 40
+
+
+def test_cancelling_a_sequence_frees_its_slot(engine):
+    params = SamplingParams(max_tokens=60, temperature=0, ignore_eos=True)
+    running = [Collector() for _ in range(engine.max_sequences)]
+    ids = [engine.submit("the quick", params, on_update=c) for c in running]
+    while engine.stats().running < engine.max_sequences:  # every slot taken
+        time.sleep(0.001)
+    waiting = Collector()
+    engine.submit("once", SamplingParams(max_tokens=2, temperature=0, ignore_eos=True),
+                  on_update=waiting)  # fmt: skip
+    engine.cancel(ids[0])  # frees a slot: the waiting one gets it
+    assert waiting.done.wait(30)
+    assert not running[0].done.is_set()  # the cancelled one hears nothing more
+    for seq_id in ids[1:]:
+        engine.cancel(seq_id)
+    deadline = time.monotonic() + 10
+    while engine.stats().running and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert engine.stats() == type(engine.stats())(running=0, waiting=0)
+
+
+def test_more_sequences_than_slots_all_finish_with_their_own_lengths(engine):
+    batch = [("a model", SamplingParams(max_tokens=n, temperature=0, ignore_eos=True))
+             for n in range(1, 11)]  # fmt: skip
+    results = engine.run(batch)  # 10 sequences through 4 slots
+    assert [len(r.token_ids) for r in results] == list(range(1, 11))
+
+
 def test_prompt_plus_max_tokens_beyond_the_context_is_refused(engine):
-    with pytest.raises(ValueError, match="context of 64 tokens"):
+    with pytest.raises(PromptError, match="context of 64 tokens"):
         engine.run([("the quick brown fox", SamplingParams(max_tokens=64, temperature=0))])
+
+
+def test_an_empty_prompt_is_refused(engine):
+    with pytest.raises(PromptError, match="empty"):
+        engine.run([("", SamplingParams(max_tokens=4))])
 
 
 @pytest.mark.parametrize(
