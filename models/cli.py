@@ -1,8 +1,9 @@
-"""``loom models ...``: list, show and register models in the store under ``LOOM_HOME``.
+"""``loom models ...``: list, show, register and promote models in the store under ``LOOM_HOME``.
 
     loom models list [--json]
     loom models show NAME [--json]
     loom models register NAME PATH --task embed [--version V]
+    loom models promote NAME VERSION [--alias serving]
 
 The bundled model is registered before ``list`` and ``show``, so it always appears. A store
 error prints ``error: <message>`` on stderr and exits 1, without a traceback.
@@ -18,10 +19,10 @@ from pathlib import Path
 from typing import Any
 
 from models.bundled import ensure_bundled
-from models.errors import StoreError
+from models.errors import ModelNotFound, StoreError
 from models.manifest import Manifest
 from models.settings import LoomEnv
-from models.store import TASKS, ModelInfo, ModelStore
+from models.store import SERVING_ALIAS, TASKS, ModelInfo, ModelStore
 
 
 def add_commands(subparsers: Any) -> None:
@@ -44,6 +45,17 @@ def add_commands(subparsers: Any) -> None:
     register.add_argument("--task", required=True, choices=sorted(TASKS))
     register.add_argument("--version", default=None, help="default: the next number")
     register.set_defaults(func=_guarded(cmd_register))
+
+    promote = commands.add_parser(
+        "promote",
+        help="point the serving alias at a version; a running server rolls it out",
+    )
+    promote.add_argument("name", help="the model's name")
+    promote.add_argument("version", help="the stored version to serve, e.g. 2")
+    promote.add_argument(
+        "--alias", default=SERVING_ALIAS, help=f"the alias to move (default {SERVING_ALIAS})"
+    )
+    promote.set_defaults(func=_guarded(cmd_promote))
 
 
 def cmd_list(args: argparse.Namespace) -> int:
@@ -88,6 +100,22 @@ def cmd_register(args: argparse.Namespace) -> int:
     manifest = _store().register(args.name, args.path, task=args.task, version=args.version)
     print(f"registered {manifest.name}@{manifest.version}")
     _print_manifest_summary(manifest)
+    return 0
+
+
+def cmd_promote(args: argparse.Namespace) -> int:
+    """Move the alias. Serving follows it with no restart: the rollout reconciler of each
+    running server starts the version, moves traffic once it is ready, then drains the old."""
+    store = _store()
+    if not store.has(args.name):
+        raise ModelNotFound(f"no model named {args.name!r} in the store at {store.root}")
+    previous = store.aliases(args.name).get(args.alias)
+    store.set_alias(args.name, args.alias, args.version)  # ModelNotFound names the versions
+    if previous == args.version:
+        print(f"{args.name}#{args.alias} already points at version {args.version}")
+    else:
+        moved = f"{args.alias}: {previous or '-'} -> {args.version}"
+        print(f"promoted {args.name}@{args.version} ({moved})")
     return 0
 
 

@@ -1,9 +1,10 @@
-"""Build and run the Loom Ray Serve application: a Gateway and one ModelServer per model.
+"""Build and run Loom on Ray Serve: the Gateway application, one application per model
+version, and the rollout reconciler that keeps the versions in step with the store's aliases.
 
 server = LoomServer(config, env)
-server.start()   # a local Ray if none runs, the app, HTTP on host:port; waits until ready
+server.start()   # a local Ray if none runs, the apps, HTTP on host:port; waits until ready
 ...
-server.stop()    # Serve, then the Ray it started: nothing left running
+server.stop()    # the reconciler, Serve, then the Ray it started: nothing left running
 """
 
 from __future__ import annotations
@@ -24,24 +25,34 @@ from serving import metrics
 from serving.config import LoomConfig
 from serving.gateway import Gateway
 from serving.http_server import bind_socket
-from serving.model_server import model_server_deployment
 from serving.readiness import APP_NAME
+from serving.reconciler import ActorBoard, Reconciler, ServeVersionApps
+from serving.rollout import follows_alias
+from serving.route_table import create_board
+
+BOARD_NAME = "loom-routes"
+"""The named actor holding the route table (namespace ``loom``)."""
+
+
+def serve_env_vars(metrics_dir: Path) -> dict[str, str]:
+    """Environment of every Loom replica: where its metrics go."""
+    return {metrics.MULTIPROC_ENV: str(metrics_dir)}
 
 
 def build_application(config: LoomConfig, env: LoomEnv, metrics_dir: Path) -> serve.Application:
-    """The deployment graph: each model's ModelServer bound into the Gateway."""
-    env_vars = {metrics.MULTIPROC_ENV: str(metrics_dir)}
-    servers = {
-        m.name: model_server_deployment(m, env_vars).bind(m.model_dump(), str(env.models_dir))
-        for m in config.models
-    }
+    """The gateway application. Model versions are applications of their own, deployed by the
+    reconciler (``serving.reconciler``); the gateway finds them in the route table on the
+    board ``BOARD_NAME``, so a rollout never redeploys (restarts) the gateway."""
     gateway = serve.deployment(Gateway).options(
         name="gateway",
         num_replicas=1,
         max_ongoing_requests=4096,  # admission happens per model, behind the gateway
-        ray_actor_options={"num_cpus": 0, "runtime_env": {"env_vars": env_vars}},
+        ray_actor_options={
+            "num_cpus": 0,
+            "runtime_env": {"env_vars": serve_env_vars(metrics_dir)},
+        },
     )
-    return gateway.bind(config.model_dump(), servers)
+    return gateway.bind(config.model_dump(), str(env.models_dir), BOARD_NAME)
 
 
 def ray_serve_env() -> dict[str, str]:
@@ -58,17 +69,23 @@ def ray_serve_env() -> dict[str, str]:
 
 
 def check_sources(config: LoomConfig, store: ModelStore) -> None:
-    """Every configured source resolves in the store (fail before starting anything)."""
+    """Every configured source resolves in the store, and every version a traffic split names
+    exists (fail before starting anything)."""
     for model in config.models:
         store.resolve(ModelRef.parse(model.source))
+        for version in model.traffic or {}:
+            store.resolve(ModelRef(name=ModelRef.parse(model.source).name, version=version))
 
 
 def required_cpus(config: LoomConfig) -> int:
-    """Logical CPUs a local Ray needs so every replica can be placed: 2 x 1.0 -> 2."""
+    """Logical CPUs a local Ray needs so every replica can be placed: 2 x 1.0 -> 2, and as
+    many again for a model that follows an alias (a new version starts beside the old one),
+    once per version of a traffic split: 2 replicas x 1.0, following an alias -> 4."""
     total = 0.0
     for m in config.models:
         replicas = m.autoscaling.max_replicas if m.autoscaling else (m.replicas or 1)
-        total += m.num_cpus * replicas
+        copies = len(m.traffic) if m.traffic else (2 if follows_alias(m) else 1)
+        total += m.num_cpus * replicas * copies
     return max(int(total + 0.999), os.cpu_count() or 1)
 
 
@@ -77,6 +94,8 @@ class LoomServer:
         self.config = config
         self.env = env
         self._started_ray = False
+        self._board = None
+        self.reconciler: Reconciler | None = None
 
     def prepare(self) -> None:
         """Check the port is free and every source resolves (registering the bundled model on
@@ -107,30 +126,39 @@ class LoomServer:
             serve.start(proxy_location="Disabled")
         else:
             serve.start(http_options=HTTPOptions(host=server.host, port=server.port))
-        app = build_application(self.config, self.env, metrics_dir)
         started = time.monotonic()
-        serve.run(app, name=APP_NAME, route_prefix="/", blocking=False)
-        self._wait_ready(ready_timeout_s - (time.monotonic() - started))
-
-    def _wait_ready(self, timeout_s: float) -> None:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            app = serve.status().applications.get(APP_NAME)
-            state = str(getattr(app.status, "value", app.status)) if app else "NOT_STARTED"
-            if state == "RUNNING":
-                return
-            if state in ("DEPLOY_FAILED", "UNHEALTHY"):
-                details = "; ".join(
-                    f"{name}: {dep.message}" for name, dep in app.deployments.items() if dep.message
-                )
-                raise RuntimeError(f"deployment failed: {details or app.message}")
-            time.sleep(0.5)
-        raise TimeoutError(f"the application was not ready within {timeout_s:.0f} s")
+        store = ModelStore(self.env.models_dir)
+        self._board = create_board(BOARD_NAME)
+        rollout = self.config.rollout
+        self.reconciler = Reconciler(
+            self.config.models,
+            resolve=lambda source: store.resolve(source).version,
+            apps=ServeVersionApps(
+                self.config.models,
+                env_vars=serve_env_vars(metrics_dir),
+                models_dir=str(self.env.models_dir),
+                drain_timeout_s=rollout.drain_timeout_s,
+            ),
+            board=ActorBoard(self._board),
+            poll_interval_s=rollout.poll_interval_s,
+            drain_timeout_s=rollout.drain_timeout_s,
+            on_event=lambda message: print(f"loom: {message}", flush=True),
+        )
+        self.reconciler.step()  # the first versions start loading beside the gateway
+        app = build_application(self.config, self.env, metrics_dir)
+        serve.run(app, name=APP_NAME, route_prefix="/", blocking=False)  # waits for RUNNING
+        self.reconciler.wait_until_serving(ready_timeout_s - (time.monotonic() - started))
+        self.reconciler.start()
 
     def stop(self) -> None:
         try:
+            if self.reconciler is not None:
+                self.reconciler.stop()
             if ray.is_initialized():
                 serve.shutdown()
+                if self._board is not None:
+                    ray.kill(self._board)
         finally:
+            self._board = None
             if self._started_ray and ray.is_initialized():
                 ray.shutdown()

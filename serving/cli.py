@@ -78,7 +78,7 @@ def run_serve(args: argparse.Namespace) -> int:
         return 1
     host, port = config.server.host, config.server.port
     names = ", ".join(m.name for m in config.models)
-    auth = "on" if config.server.api_keys else "off"
+    auth = "on" if config.server.keys_on else "off"
     print(
         f"loom: serving {names} on http://{host}:{port} (API keys {auth}); Ctrl-C stops", flush=True
     )
@@ -115,6 +115,9 @@ def run_status(args: argparse.Namespace) -> int:
     print(f"application: {status['application']}")
     print(f"{'DEPLOYMENT':<28} {'STATUS':<12} {'RUNNING':>7}  READY")
     for name, dep in sorted(status["deployments"].items()):
-        ready = "yes" if dep["running_replicas"] > 0 else "no"
+        ready = "yes" if dep.get("ready", dep["running_replicas"] > 0) else "no"
         print(f"{name:<28} {dep['status']:<12} {dep['running_replicas']:>7}  {ready}")
+        for version, app in sorted(dep.get("versions", {}).items()):
+            label = f"  @{version} weight {app['weight']:g}"
+            print(f"{label:<28} {app['status']:<12} {app['running_replicas']:>7}")
     return 0

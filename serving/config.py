@@ -10,6 +10,7 @@ Errors name the field at fault (``models.0.batching.max_batch_size: ...``). With
 from __future__ import annotations
 
 import ipaddress
+import math
 from pathlib import Path
 from typing import Literal
 
@@ -18,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from models.bundled import BUNDLED_EMBEDDING_MODEL
 from models.errors import InvalidModelRef
-from models.refs import ModelRef
+from models.refs import ModelRef, validate_name
 from models.settings import LoomEnv
 
 Task = Literal["embed", "generate", "classify"]
@@ -47,6 +48,11 @@ class ServerConfig(_Strict):
         (),
         description="Bearer keys; when any are set every route but health and metrics needs one.",
     )
+    admin_api_keys: tuple[str, ...] = Field(
+        (),
+        description="Bearer keys that may also use /v1/admin routes (any route, too). With keys "
+        "on, an admin route refuses an ordinary key with 403; with no keys at all it is open.",
+    )
     max_body_bytes: int = Field(
         1 << 20, ge=1024, description="Requests with a larger body are refused with 413."
     )
@@ -58,6 +64,11 @@ class ServerConfig(_Strict):
     request_timeout_s: float = Field(
         60.0, gt=0, description="Deadline for one inference request; past it the answer is 504."
     )
+
+    @property
+    def keys_on(self) -> bool:
+        """True when any route but health and metrics needs a key."""
+        return bool(self.api_keys or self.admin_api_keys)
 
     @property
     def is_loopback(self) -> bool:
@@ -109,6 +120,25 @@ class LimitsConfig(_Strict):
     )
 
 
+class GenerationSettings(_Strict):
+    """How a generate model's replica batches sequences (transformers' continuous batching)."""
+
+    max_sequences: int = Field(
+        32, ge=1, le=1024, description="Most sequences decoding together in one replica."
+    )
+    max_batch_tokens: int = Field(
+        1024,
+        ge=16,
+        description="Most tokens in one step: prompt chunks being prefilled plus one per "
+        "decoding sequence.",
+    )
+    kv_cache_tokens: int | None = Field(
+        None,
+        ge=64,
+        description="KV cache size in tokens; default: max_sequences full contexts.",
+    )
+
+
 class ModelConfig(_Strict):
     name: str = Field(description="The name clients call the model by.")
     source: str = Field(description="Store reference: NAME, NAME@VERSION or NAME#ALIAS.")
@@ -126,6 +156,14 @@ class ModelConfig(_Strict):
     )
     batching: BatchingConfig = Field(default_factory=BatchingConfig)
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
+    generation: GenerationSettings = Field(
+        default_factory=GenerationSettings, description="Only for task generate."
+    )
+    traffic: dict[str, float] | None = Field(
+        None,
+        description='Canary split between pinned versions by weight, e.g. {"3": 90, "4": 10}; '
+        "source then names the store model alone (NAME). Each version must exist at start.",
+    )
 
     @field_validator("name")
     @classmethod
@@ -141,6 +179,31 @@ class ModelConfig(_Strict):
         _parse_ref(value)
         return value
 
+    @field_validator("traffic")
+    @classmethod
+    def _traffic_is_weighted_versions(cls, value: dict[str, float] | None) -> dict | None:
+        if value is None:
+            return None
+        if not value:
+            raise ValueError("traffic needs at least one version")
+        for version, weight in value.items():
+            try:
+                validate_name("version", version)
+            except InvalidModelRef as exc:
+                raise ValueError(str(exc)) from None
+            if not 0 < weight < math.inf:
+                raise ValueError(f"traffic weight of version {version} must be > 0, not {weight}")
+        return value
+
+    @model_validator(mode="after")
+    def _traffic_names_the_model_alone(self) -> ModelConfig:
+        ref = _parse_ref(self.source)
+        if self.traffic is not None and (ref.version is not None or ref.alias is not None):
+            raise ValueError(
+                "with traffic, source names the store model alone (NAME), not a version or alias"
+            )
+        return self
+
     @model_validator(mode="after")
     def _replicas_or_autoscaling(self) -> ModelConfig:
         if self.autoscaling is not None and self.replicas not in (None, 1):
@@ -152,9 +215,22 @@ class ModelConfig(_Strict):
         return self.torch_threads or max(1, round(self.num_cpus))
 
 
+class RolloutConfig(_Strict):
+    poll_interval_s: float = Field(
+        0.5, gt=0, le=60, description="How often the reconciler reads the store's aliases."
+    )
+    drain_timeout_s: float = Field(
+        75.0,
+        gt=0,
+        description="Longest an old version keeps running after traffic left it, for requests "
+        "still in flight (streams included); keep it above server.request_timeout_s.",
+    )
+
+
 class LoomConfig(_Strict):
     server: ServerConfig = Field(default_factory=ServerConfig)
     models: tuple[ModelConfig, ...] = Field(min_length=1)
+    rollout: RolloutConfig = Field(default_factory=RolloutConfig)
 
     @model_validator(mode="after")
     def _names_unique(self) -> LoomConfig:
@@ -228,7 +304,7 @@ def with_overrides(
     server = server.model_copy(
         update={"host": host or server.host, "port": port or server.port, "api_keys": keys}
     )
-    if not server.is_loopback and not server.api_keys:
+    if not server.is_loopback and not server.keys_on:
         raise ConfigError(
             f"refusing to bind {server.host} without API keys: set server.api_keys in the "
             "config or LOOM_API_KEYS, or bind 127.0.0.1"

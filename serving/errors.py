@@ -80,6 +80,16 @@ def model_not_found(name: str) -> ApiError:
     return ApiError(404, f"model '{name}' does not exist", code="model_not_found", param="model")
 
 
+def model_not_ready(name: str) -> ApiError:
+    """No version of the model is routed yet (it is starting): retry shortly."""
+    return ApiError(
+        503,
+        f"model '{name}' has no version ready yet",
+        code="model_not_ready",
+        headers={"Retry-After": "1"},
+    )
+
+
 def overloaded(exc: Overloaded) -> ApiError:
     return ApiError(
         503,

@@ -11,11 +11,14 @@ proxy forwards to it (``serve.ingress``).
 """
 
 import asyncio
+import contextlib
 import hmac
 import time
 import uuid
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 
+import ray
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from ray import serve
@@ -23,7 +26,9 @@ from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import JSONResponse, Response
 
+from models.store import ModelStore
 from serving import metrics
+from serving.admin import add_admin_routes
 from serving.body import parse_json, read_body, validate
 from serving.coalescer import Coalescer
 from serving.config import LoomConfig, ModelConfig
@@ -32,6 +37,7 @@ from serving.errors import (
     Overloaded,
     error_body,
     model_not_found,
+    model_not_ready,
     overloaded,
     protocol_for_path,
 )
@@ -40,10 +46,19 @@ from serving.protocols import openai as oai
 from serving.protocols import v2
 from serving.readiness import ReadinessCache
 from serving.request import EmbedReply, InferenceRequest, check_inputs
+from serving.route_table import (
+    BOARD_NAMESPACE,
+    NotRouted,
+    RouteFollower,
+    VersionRoute,
+    board_poller,
+)
 
 JSON = "application/json"
 SERVER_VERSION = "0.1.0"
 Handler = Callable[[dict[str, str]], Awaitable[Response]]
+WARM_TIMEOUT_S = 5.0
+VERSION_HEADER = "x-loom-model-version"
 
 
 def error_response(error: ApiError, path: str) -> Response:
@@ -64,17 +79,23 @@ def split_reply(reply: EmbedReply, start: int, stop: int) -> EmbedReply:
 
 
 class GatewayCore:
-    """What every route shares: auth, the model table, deadlines, the per-model coalescers."""
+    """What every route shares: auth, the model table, the route table (which version serves
+    each request), deadlines, one coalescer per model version."""
 
-    def __init__(self, config: LoomConfig, servers: dict[str, DeploymentHandle]) -> None:
+    def __init__(self, config: LoomConfig, routes: RouteFollower, store: ModelStore) -> None:
+        """``routes`` picks each request's model version (``serving.route_table``); ``store``
+        is the model store the admin routes move aliases in."""
         self.config = config
-        self._keys = tuple(k.encode() for k in config.server.api_keys)
+        server = config.server
+        self._keys = tuple(k.encode() for k in (*server.api_keys, *server.admin_api_keys))
         self.max_body_bytes = config.server.max_body_bytes
         self._timeout_s = config.server.request_timeout_s
-        self._handles = servers
-        self._coalescers = {m.name: self._coalescer(m, servers[m.name]) for m in config.models}
-        self._info: dict[str, dict] = {}
-        self.readiness = ReadinessCache(list(servers))
+        self.routes = routes
+        self.store = store
+        # one coalescer per version app: a call joins requests for one version only
+        self._coalescers: dict[str, Coalescer] = {}
+        self._info: dict[str, dict] = {}  # app name -> its replica's info()
+        self.readiness = ReadinessCache([m.name for m in config.models], routes.weights)
         self.created_s = int(time.time())
 
     @staticmethod
@@ -104,8 +125,17 @@ class GatewayCore:
 
     def handle(self, name: str) -> DeploymentHandle:
         """The deployment handle that serves model ``name`` now: the one accessor every route
-        uses, so the rollout reconciler can change it under running traffic."""
-        return self._handles[name]
+        uses, so the rollout reconciler can change it under running traffic. Each call picks a
+        version by the route table's weights. A version's app is deleted only after it leaves
+        the table; Serve then lets its replicas finish what they hold (streams too)."""
+        return self.route(name).handle
+
+    def route(self, name: str) -> VersionRoute:
+        """The version one request of model ``name`` goes to; 503 while none is routed."""
+        try:
+            return self.routes.pick(name)
+        except NotRouted:
+            raise model_not_ready(name) from None
 
     def model(self, name: str) -> ModelConfig:
         model = self.config.model(name)
@@ -125,9 +155,13 @@ class GatewayCore:
 
     async def infer(self, request: InferenceRequest) -> EmbedReply:
         remaining_s = request.deadline_s - time.time()
-        coalescer = self._coalescers[request.model]
+        route = self.route(request.model)
+        coalescer = self._coalescer_for(route)
         try:
-            return await asyncio.wait_for(coalescer.submit(request.inputs), remaining_s)
+            # counted in flight until answered: the reconciler deletes an old version only
+            # once no gateway has a request left on it
+            with self.routes.tracking(route.app_name):
+                return await asyncio.wait_for(coalescer.submit(request.inputs), remaining_s)
         except Overloaded as exc:
             raise overloaded(exc) from None
         except TimeoutError:
@@ -135,10 +169,32 @@ class GatewayCore:
                 504, f"model {request.model} did not answer within the deadline", code="timeout"
             ) from None
 
+    def _coalescer_for(self, route: VersionRoute) -> Coalescer:
+        coalescer = self._coalescers.get(route.app_name)
+        if coalescer is None:
+            live = self.routes.app_names()  # forget versions no longer routed
+            for app_name in [a for a in self._coalescers if a not in live]:
+                del self._coalescers[app_name]  # its queued requests still finish
+            coalescer = self._coalescer(self.config.model(route.model), route.handle)
+            self._coalescers[route.app_name] = coalescer
+        return coalescer
+
     async def model_info(self, name: str) -> dict:
-        if name not in self._info:
-            self._info[name] = await self.handle(name).info.remote()
-        return self._info[name]
+        """The info of the version that takes most of ``name``'s traffic."""
+        try:
+            route = self.routes.primary(name)
+        except NotRouted:
+            raise model_not_ready(name) from None
+        if route.app_name not in self._info:
+            self._info[route.app_name] = await route.handle.info.remote()
+        return self._info[route.app_name]
+
+    async def warm(self, route: VersionRoute) -> None:
+        """Before a new version is routed: its first call sets up the handle (so the first
+        request does not), and its info is cached. Bounded: the follower waits for it."""
+        with contextlib.suppress(Exception):
+            info = await asyncio.wait_for(route.handle.info.remote(), WARM_TIMEOUT_S)
+            self._info[route.app_name] = info
 
     async def measured(self, request: Request, route: str, handler: Handler) -> Response:
         """Authorize, run ``handler``, count the answer by model, route and status.
@@ -190,7 +246,9 @@ def build_http_app(gw: GatewayCore) -> FastAPI:
                 encoding_format=body.encoding_format,
                 dimensions=body.dimensions,
             )
-            return Response(content, media_type=JSON)
+            # which version answered: during a rollout or a canary split it varies
+            headers = {VERSION_HEADER: reply.version}
+            return Response(content, media_type=JSON, headers=headers)
 
         return await gw.measured(request, "embeddings", handle)
 
@@ -273,6 +331,8 @@ def build_http_app(gw: GatewayCore) -> FastAPI:
 
         return await gw.measured(request, "v2_infer", handle)
 
+    add_admin_routes(app, gw)
+
     # ---- monitoring -----------------------------------------------------------------
 
     @app.get("/metrics")
@@ -309,11 +369,17 @@ def _add_error_handlers(app: FastAPI) -> None:
 
 @serve.ingress()
 class Gateway:
-    """The gateway deployment: ``serve.deployment(Gateway).bind(config_dict, handles)``."""
+    """The gateway deployment: ``serve.deployment(Gateway).bind(config_dict, models_dir,
+    board_name)``; it follows the route table the reconciler publishes on the named board."""
 
-    async def __init__(self, config: dict, servers: dict[str, DeploymentHandle]) -> None:
+    async def __init__(self, config: dict, models_dir: str, board_name: str) -> None:
         loom_config = LoomConfig.model_validate(config)
-        self._app = build_http_app(GatewayCore(loom_config, servers))
+        board = await asyncio.to_thread(ray.get_actor, board_name, namespace=BOARD_NAMESPACE)
+        self._routes = RouteFollower(board_poller(board))
+        core = GatewayCore(loom_config, self._routes, ModelStore(Path(models_dir)))
+        self._routes.warm_up = core.warm
+        self._routes.start()
+        self._app = build_http_app(core)
         self._http: HttpServer | None = None
         server = loom_config.server
         if server.ingress == "direct":
@@ -324,5 +390,7 @@ class Gateway:
         return self._app
 
     async def __del__(self) -> None:
+        if getattr(self, "_routes", None) is not None:
+            await self._routes.stop()
         if getattr(self, "_http", None) is not None:
             await self._http.stop()

@@ -1,4 +1,10 @@
-"""Readiness of the model deployments, as Ray Serve's controller reports it.
+"""Readiness of the served models, as Ray Serve's controller reports it and the route table says.
+
+The gateway runs in the application ``loom``; each model version runs in its own application
+``loom.<model>@<version>`` (``serving.rollout``). A model is ready when it routes to at least
+one version and every routed version has a running replica. ``/v1/status`` shows, per model,
+the routed versions summed as ``model-<name>`` and every version app of the model (one
+starting or draining during a rollout too) under ``versions``.
 
 ``serve.status()`` is a blocking call to the controller; it runs in a thread and its answer
 is cached for ``max_age_s`` so health probes cost nothing on the hot path.
@@ -8,39 +14,103 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable, Mapping
 
 from ray import serve
 
+from serving.rollout import VersionKey
+
 APP_NAME = "loom"
+
+RoutedWeights = Mapping[str, Mapping[str, float]]
+"""Model -> version -> weight, as the gateway routes now."""
 
 
 def model_deployment_name(model: str) -> str:
     return f"model-{model}"
 
 
-def _snapshot() -> dict:
-    status = serve.status()
-    app = status.applications.get(APP_NAME)
-    if app is None:
-        return {"application": "NOT_STARTED", "deployments": {}}
-    deployments = {}
-    for name, dep in app.deployments.items():
-        running = int(dep.replica_states.get("RUNNING", 0))
-        deployments[name] = {
-            "status": str(getattr(dep.status, "value", dep.status)),
-            "running_replicas": running,
-            "replica_states": {str(k): int(v) for k, v in dep.replica_states.items()},
-            "message": dep.message,
-        }
+def _state(value: object) -> str:
+    return str(getattr(value, "value", value))
+
+
+def _app_entry(app: object, weight: float) -> dict:
+    """One version app: its status, and replicas running in every one of its deployments."""
+    deployments = list(app.deployments.values())
+    running = min((int(d.replica_states.get("RUNNING", 0)) for d in deployments), default=0)
+    states: dict[str, int] = {}
+    for dep in deployments:
+        for state, count in dep.replica_states.items():
+            states[str(state)] = states.get(str(state), 0) + int(count)
+    messages = [d.message for d in deployments if d.message]
     return {
-        "application": str(getattr(app.status, "value", app.status)),
+        "status": _state(app.status),
+        "deployment_status": ", ".join(sorted({_state(d.status) for d in deployments})) or "-",
+        "running_replicas": running,
+        "replica_states": states,
+        "message": "; ".join(messages) or app.message,
+        "weight": weight,
+    }
+
+
+def _model_entry(versions: dict[str, dict], routed: Mapping[str, float]) -> dict:
+    serving = [versions[v] for v in routed if v in versions]
+    ready = (
+        bool(routed)
+        and len(serving) == len(routed)
+        and all(e["running_replicas"] > 0 for e in serving)
+    )
+    states: dict[str, int] = {}
+    for entry in serving:
+        for state, count in entry["replica_states"].items():
+            states[state] = states.get(state, 0) + count
+    statuses = sorted({e["deployment_status"] for e in serving})
+    return {
+        "status": ", ".join(statuses) if serving else "NOT_ROUTED",
+        "running_replicas": sum(e["running_replicas"] for e in serving),
+        "replica_states": states,
+        "message": "; ".join(e["message"] for e in serving if e["message"]),
+        "ready": ready,
+        "versions": versions,
+    }
+
+
+def _snapshot(models: list[str], routed: RoutedWeights) -> dict:
+    status = serve.status()
+    gateway_app = status.applications.get(APP_NAME)
+    deployments: dict[str, dict] = {}
+    if gateway_app is not None:
+        for name, dep in gateway_app.deployments.items():
+            deployments[name] = {
+                "status": _state(dep.status),
+                "running_replicas": int(dep.replica_states.get("RUNNING", 0)),
+                "replica_states": {str(k): int(v) for k, v in dep.replica_states.items()},
+                "message": dep.message,
+            }
+    versions: dict[str, dict[str, dict]] = {model: {} for model in models}
+    for app_name, app in status.applications.items():
+        key = VersionKey.from_app_name(app_name)
+        if key is not None and key.model in versions:
+            weight = float(routed.get(key.model, {}).get(key.version, 0.0))
+            versions[key.model][key.version] = _app_entry(app, weight)
+    for model in models:
+        deployments[model_deployment_name(model)] = _model_entry(
+            versions[model], routed.get(model, {})
+        )
+    return {
+        "application": _state(gateway_app.status) if gateway_app else "NOT_STARTED",
         "deployments": deployments,
     }
 
 
 class ReadinessCache:
-    def __init__(self, models: list[str], max_age_s: float = 1.0) -> None:
+    """``routed()`` gives the gateway's current route weights (read on the event loop)."""
+
+    def __init__(
+        self, models: list[str], routed: Callable[[], RoutedWeights], max_age_s: float = 1.0
+    ) -> None:
         self._models = models
+        self._routed = routed
         self._max_age_s = max_age_s
         self._snapshot: dict | None = None
         self._taken_s = 0.0
@@ -49,14 +119,15 @@ class ReadinessCache:
     async def status(self) -> dict:
         async with self._lock:
             if self._snapshot is None or time.monotonic() - self._taken_s > self._max_age_s:
-                self._snapshot = await asyncio.to_thread(_snapshot)
+                routed = self._routed()
+                self._snapshot = await asyncio.to_thread(_snapshot, self._models, routed)
                 self._taken_s = time.monotonic()
             return self._snapshot
 
     async def model_ready(self, model: str) -> bool:
         deployments = (await self.status())["deployments"]
         dep = deployments.get(model_deployment_name(model))
-        return bool(dep and dep["running_replicas"] > 0)
+        return bool(dep and dep.get("ready"))
 
     async def all_ready(self) -> bool:
         return all([await self.model_ready(m) for m in self._models])
