@@ -116,6 +116,7 @@ class Reconciler:
         self.states: dict[VersionKey, AppStatus] = {}
         self._handles: dict[VersionKey, Any] = {}
         self._told: set[str] = set()
+        self._settled_for: dict[str, Weights] | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -140,10 +141,17 @@ class Reconciler:
         return desired
 
     def step(self) -> RolloutPlan:
-        """Observe, plan, apply once. Returns the plan it applied."""
+        """Observe, plan, apply once. Returns the plan it applied.
+
+        Once settled (every app RUNNING, nothing to do) it asks Serve nothing until the store
+        says something else: a tick is then two small file reads, not a controller call."""
         desired = self.desired()
+        if self._settled_for == desired:
+            return RolloutPlan()
         self.states = self._apps.states()
         plan = plan_rollout(desired, self.routed, {k: s.state for k, s in self.states.items()})
+        settled = plan.is_idle and all(s.state == AppState.RUNNING for s in self.states.values())
+        self._settled_for = desired if settled else None
         self._report_failures(desired)
         for key in plan.deploy:
             self._on_event(f"{key.model}: starting version {key.version} ({key.app_name})")

@@ -232,3 +232,23 @@ def test_start_up_fails_fast_when_the_first_version_cannot_start(
     apps.set("m", "1", AppState.FAILED, "no such file")
     with pytest.raises(RuntimeError, match=r"loom.m@1: no such file"):
         rec.wait_until_serving(timeout_s=60, interval_s=0)
+
+
+def test_once_settled_it_asks_serve_nothing_until_an_alias_moves(
+    apps: FakeApps, board: FakeBoard
+) -> None:
+    calls = []
+    states = apps.states
+    apps.states = lambda: calls.append(1) or states()  # count controller calls
+    store = Store(m="1")
+    rec = reconciler([ModelConfig(name="m", source="m")], store, apps, board)
+    apps.set("m", "1", AppState.RUNNING)
+    rec.step()  # routes 1
+    rec.step()  # sees all RUNNING and nothing to do: settled
+    for _ in range(5):
+        rec.step()
+    assert len(calls) == 2
+    store.aliases["m"] = "2"
+    rec.step()
+    assert len(calls) == 3
+    assert actions(apps)[-1] == "deploy loom.m@2"
