@@ -63,6 +63,33 @@ MODEL_LOAD = Gauge(
 )
 REJECTED = Counter("loom_rejected", "Inputs refused by admission control (queue full).", ["model"])
 
+# ---- generation ------------------------------------------------------------------------
+TIME_TO_FIRST_TOKEN = Histogram(
+    "loom_time_to_first_token_seconds",
+    "Time from a sequence's arrival at its replica to its first generated text.",
+    ["model"],
+    buckets=LATENCY_BUCKETS_S,
+)
+INTER_TOKEN_LATENCY = Histogram(
+    "loom_inter_token_latency_seconds",
+    "Time between a sequence's successive tokens (a step's gap divided by its new tokens).",
+    ["model"],
+    buckets=LATENCY_BUCKETS_S,
+)
+GENERATED_TOKENS = Counter("loom_generated_tokens", "Tokens generated.", ["model"])
+RUNNING_SEQUENCES = Gauge(
+    "loom_running_sequences",
+    "Sequences in the running batch, summed over live replicas.",
+    ["model"],
+    multiprocess_mode="livesum",
+)
+WAITING_SEQUENCES = Gauge(
+    "loom_waiting_sequences",
+    "Sequences admitted but waiting for a slot, summed over live replicas.",
+    ["model"],
+    multiprocess_mode="livesum",
+)
+
 
 def multiproc_enabled() -> bool:
     return bool(os.environ.get(MULTIPROC_ENV))

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from model_folders import make_tiny_gpt2_folder
 
 from models.engines.generate import (
     GenerationEngine,
@@ -19,35 +20,10 @@ from models.engines.generate import (
     pick_next_token,
 )
 
-CORPUS = [
-    "the quick brown fox jumps over the lazy dog",
-    "a model serves requests and streams tokens back",
-    "once upon a time there was a tiny language model",
-] * 20
-
 
 @pytest.fixture(scope="module")
 def tiny_gpt2(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
-
-    folder = tmp_path_factory.mktemp("tiny-gpt2")
-    bpe = Tokenizer(models.BPE(unk_token="<unk>"))
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "<eos>"])
-    bpe.train_from_iterator(CORPUS, trainer)
-    from tokenizers import decoders
-
-    bpe.decoder = decoders.ByteLevel()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, unk_token="<unk>", eos_token="<eos>")
-    tokenizer.save_pretrained(folder)
-    torch.manual_seed(0)
-    config = GPT2Config(
-        vocab_size=len(tokenizer), n_positions=64, n_embd=32, n_layer=2, n_head=2,
-        eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.eos_token_id,
-    )  # fmt: skip
-    GPT2LMHeadModel(config).save_pretrained(folder, safe_serialization=True)
-    return folder
+    return make_tiny_gpt2_folder(tmp_path_factory.mktemp("tiny-gpt2"))
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,250 @@
+"""GenerationServer: the replicated deployment of one generate model (ch. 6), continuously
+batched (ch. 15).
+
+A replica loads the model into a ``GenerationEngine`` whose background thread runs
+transformers' continuous batching; every call adds its sequences to the running batch.
+``generate`` is a streaming method: its first chunk says the prompts were accepted, then each
+chunk carries every choice's text produced since the previous chunk (under load one chunk
+holds several steps, so the stream's cost does not grow with the step rate). When the caller
+goes away, Ray Serve cancels the generator and the ``finally`` cancels its sequences, freeing
+their slots at once.
+
+    handle.options(stream=True).generate.remote(GenerateCall(request_id="r", prompts=("Hi",)))
+    await handle.complete.remote(call)   # the whole answer in one reply
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+from models.engines.generate import GenerationEngine, PromptError, SamplingParams, SequenceUpdate
+from models.store import ModelStore
+from serving import metrics
+from serving.config import ModelConfig
+from serving.errors import Overloaded
+from serving.generation import (
+    ChoiceDelta,
+    GenerateCall,
+    GenerateChunk,
+    GenerationRefused,
+    render_plain_chat,
+)
+
+STATS_PERIOD_S = 0.25
+"""How often the running/waiting sequence gauges are refreshed."""
+
+
+class _Choice:
+    """Latency bookkeeping of one sequence (for the TTFT and inter-token histograms)."""
+
+    __slots__ = ("last_s", "tokens")
+
+    def __init__(self) -> None:
+        self.last_s = 0.0
+        self.tokens = 0
+
+
+class GenerationServer:
+    """Serves one generate model: ``generate`` (streamed chunks) and ``complete`` (whole)."""
+
+    def __init__(self, model: dict, models_dir: str) -> None:
+        self._config = ModelConfig.model_validate(model)
+        name = self._config.name
+        started = time.perf_counter()
+        store = ModelStore(Path(models_dir))
+        resolved = store.resolve(self._config.source)
+        if resolved.task != "generate":
+            raise ValueError(
+                f"model {name}: config says task generate but "
+                f"{resolved.name}@{resolved.version} is a {resolved.task} model"
+            )
+        store.verify(resolved)
+        self._version = resolved.version
+        settings = self._config.generation
+        self._engine = GenerationEngine(
+            resolved.path,
+            device=self._config.device,
+            dtype=self._config.dtype,
+            num_threads=self._config.threads,
+            max_sequences=settings.max_sequences,
+            max_batch_tokens=settings.max_batch_tokens,
+            kv_cache_tokens=settings.kv_cache_tokens,
+        )
+        self._engine.load()
+        self._engine.warmup()
+        self._admitted = 0
+        self._max_admitted = self._config.limits.max_queued
+        metrics.MODEL_LOAD.labels(name, resolved.version).set(time.perf_counter() - started)
+        self._ttft = metrics.TIME_TO_FIRST_TOKEN.labels(name)
+        self._itl = metrics.INTER_TOKEN_LATENCY.labels(name)
+        self._tokens = metrics.GENERATED_TOKENS.labels(name)
+        self._running = metrics.RUNNING_SEQUENCES.labels(name)
+        self._waiting = metrics.WAITING_SEQUENCES.labels(name)
+        self._rejected = metrics.REJECTED.labels(name)
+        self._stats_task: asyncio.Task | None = None
+
+    # ---- the calls ------------------------------------------------------------------
+
+    async def generate(self, call: GenerateCall) -> AsyncIterator[GenerateChunk]:
+        arrived_s = time.perf_counter()
+        if self._stats_task is None:  # the replica's event loop exists once calls arrive
+            self._stats_task = asyncio.get_running_loop().create_task(self._report_stats_every())
+        prompts = self._prompt_ids(call)
+        wanted = len(prompts) * call.n
+        if self._admitted + wanted > self._max_admitted:
+            self._rejected.inc(wanted)
+            raise Overloaded(self._config.name, retry_after_s=1)
+        self._admitted += wanted
+        loop = asyncio.get_running_loop()
+        updates: asyncio.Queue[tuple[int, SequenceUpdate]] = asyncio.Queue()
+        seq_ids: list[str] = []
+        try:
+            for i, ids in enumerate(prompts):
+                for j in range(call.n):
+                    index = i * call.n + j
+
+                    def deliver(update: SequenceUpdate, index: int = index) -> None:
+                        loop.call_soon_threadsafe(updates.put_nowait, (index, update))
+
+                    params = self._params(call, len(ids), sample=j)
+                    seq_ids.append(self._engine.submit(ids, params, on_update=deliver))
+            yield GenerateChunk(self._version, prompt_tokens=tuple(len(p) for p in prompts))
+            choices = [_Choice() for _ in range(wanted)]
+            unfinished = wanted
+            while unfinished:
+                batch = [await updates.get()]
+                while not updates.empty():  # everything that arrived meanwhile: one chunk
+                    batch.append(updates.get_nowait())
+                deltas = []
+                for index, update in batch:
+                    if update.error is not None:
+                        raise RuntimeError(f"generation failed: {update.error}")
+                    self._observe(choices[index], update, arrived_s)
+                    deltas.append(
+                        ChoiceDelta(
+                            index, update.delta, update.completion_tokens, update.finish_reason
+                        )
+                    )
+                    unfinished -= update.finished
+                yield GenerateChunk(self._version, deltas=tuple(deltas))
+        finally:
+            for seq_id in seq_ids:
+                self._engine.cancel(seq_id)  # a no-op for finished ones; frees the rest
+            self._admitted -= wanted
+
+    async def complete(self, call: GenerateCall) -> GenerateChunk:
+        """The whole answer in one reply: ``prompt_tokens`` and one delta per choice."""
+        prompt_tokens: tuple[int, ...] = ()
+        texts: dict[int, list[str]] = {}
+        last: dict[int, ChoiceDelta] = {}
+        async for chunk in self.generate(call):
+            prompt_tokens = prompt_tokens or chunk.prompt_tokens
+            for delta in chunk.deltas:
+                texts.setdefault(delta.index, []).append(delta.text)
+                last[delta.index] = delta
+        deltas = tuple(
+            ChoiceDelta(i, "".join(texts[i]), last[i].completion_tokens, last[i].finish_reason)
+            for i in sorted(last)
+        )
+        return GenerateChunk(self._version, deltas=deltas, prompt_tokens=prompt_tokens)
+
+    def info(self) -> dict:
+        return {
+            "name": self._config.name,
+            "version": self._version,
+            "task": "generate",
+            "context_length": self._engine.context_length,
+            "max_sequences": self._engine.max_sequences,
+        }
+
+    def check_health(self) -> None:
+        """A replica whose generation loop died is unhealthy; Ray Serve replaces it."""
+        self._engine.check()
+
+    def __del__(self) -> None:
+        engine = getattr(self, "_engine", None)
+        if engine is not None:
+            engine.close()
+        metrics.mark_this_process_dead()
+
+    # ---- helpers --------------------------------------------------------------------
+
+    def _prompt_ids(self, call: GenerateCall) -> list[list[int]]:
+        """Each prompt's token ids, checked against the context (``GenerationRefused``)."""
+        if call.messages:
+            texts = [self._render_chat(call)]
+            param = "messages"
+        else:
+            texts = list(call.prompts)
+            param = "prompt"
+        ids = []
+        for text in texts:
+            tokens = self._engine.tokenizer(text)["input_ids"] if text else []
+            if not tokens:
+                raise GenerationRefused("the prompt is empty", param=param)
+            if call.max_tokens is not None and len(tokens) + call.max_tokens > self.context_length:
+                raise GenerationRefused(
+                    f"{len(tokens)} prompt tokens + max_tokens {call.max_tokens} exceed the "
+                    f"model's context of {self.context_length} tokens",
+                    param="max_tokens",
+                )
+            if len(tokens) >= self.context_length:
+                raise GenerationRefused(
+                    f"the prompt has {len(tokens)} tokens; the model's context is "
+                    f"{self.context_length}",
+                    param=param,
+                )
+            ids.append(tokens)
+        return ids
+
+    @property
+    def context_length(self) -> int:
+        return self._engine.context_length
+
+    def _render_chat(self, call: GenerateCall) -> str:
+        tokenizer = self._engine.tokenizer
+        if getattr(tokenizer, "chat_template", None):
+            messages = [{"role": m.role, "content": m.content} for m in call.messages]
+            return tokenizer.apply_chat_template(
+                messages, tokenize=False, add_generation_prompt=True
+            )
+        return render_plain_chat(call.messages)
+
+    def _params(self, call: GenerateCall, prompt_tokens: int, *, sample: int) -> SamplingParams:
+        max_tokens = call.max_tokens or self.context_length - prompt_tokens
+        seed = None if call.seed is None else call.seed + sample  # n samples differ, repeatably
+        try:
+            return SamplingParams(
+                max_tokens=max_tokens,
+                temperature=call.temperature,
+                top_p=call.top_p,
+                stop=call.stop,
+                seed=seed,
+                ignore_eos=call.ignore_eos,
+            )
+        except (ValueError, PromptError) as exc:
+            raise GenerationRefused(str(exc)) from None
+
+    def _observe(self, choice: _Choice, update: SequenceUpdate, arrived_s: float) -> None:
+        now = time.perf_counter()
+        new_tokens = update.completion_tokens - choice.tokens
+        if new_tokens <= 0:
+            return
+        if choice.tokens == 0:
+            self._ttft.observe(now - arrived_s)
+        else:
+            self._itl.observe((now - choice.last_s) / new_tokens)
+        self._tokens.inc(new_tokens)
+        choice.tokens, choice.last_s = update.completion_tokens, now
+
+    async def _report_stats_every(self, period_s: float = STATS_PERIOD_S) -> None:
+        """Keep the running/waiting gauges current (a cancelled sequence leaves the batch at
+        the engine's next step, after its call has returned)."""
+        while True:
+            stats = self._engine.stats()
+            self._running.set(stats.running)
+            self._waiting.set(stats.waiting)
+            await asyncio.sleep(period_s)

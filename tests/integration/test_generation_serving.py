@@ -1,0 +1,293 @@
+"""Generation through the whole stack on the session Ray: OpenAI routes, SSE streaming with
+the OpenAI SDK, continuous batching, cancellation on disconnect, errors and metrics."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+import torch
+from model_folders import make_tiny_gpt2_folder
+
+from models.settings import LoomEnv
+from models.store import ModelStore
+from serving.app import LoomServer
+from serving.config import parse_config
+
+CONTEXT = 1024  # room for long generations: 1000 tokens of the tiny model take a few seconds
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_tiny_gpt2_folder(tmp_path_factory.mktemp("tinygpt"), n_positions=CONTEXT)
+
+
+@pytest.fixture(scope="module")
+def server(
+    ray_session: None,
+    tmp_path_factory: pytest.TempPathFactory,
+    free_port: Callable[[], int],
+    model_dir: Path,
+) -> Iterator[str]:
+    home: Path = tmp_path_factory.mktemp("loom-home")
+    env = LoomEnv.from_environ({"LOOM_HOME": str(home)})
+    ModelStore(env.models_dir).register("tinygpt", model_dir, task="generate")
+    port = free_port()
+    config = parse_config(
+        {
+            "server": {"port": port, "ingress": "proxy"},
+            "models": [
+                {
+                    "name": "tinygpt",
+                    "source": "tinygpt",
+                    "task": "generate",
+                    "num_cpus": 0.5,
+                    "generation": {"max_sequences": 4},
+                },
+                {"name": "minilm", "source": "minilm", "num_cpus": 0.5},
+            ],
+        }
+    )
+    loom = LoomServer(config, env)
+    loom.start(ready_timeout_s=300)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        loom.stop()
+
+
+def reference_greedy(model_dir: Path, prompt: str, max_tokens: int) -> str:
+    """What transformers' own generate() says, decoded the way the server decodes."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, use_safetensors=True).eval()
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
+    with torch.inference_mode():
+        out = model.generate(
+            ids, do_sample=False, max_new_tokens=max_tokens, pad_token_id=tokenizer.eos_token_id
+        )[0, ids.shape[1] :].tolist()
+    if tokenizer.eos_token_id in out:
+        out = out[: out.index(tokenizer.eos_token_id)]
+    return tokenizer.decode(out, skip_special_tokens=True)
+
+
+def metric(server: str, name: str) -> float:
+    text = httpx.get(f"{server}/metrics").text
+    found = re.search(rf'^{name}\{{model="tinygpt"\}} (\S+)$', text, re.MULTILINE)
+    return float(found.group(1)) if found else 0.0
+
+
+def test_a_greedy_completion_equals_transformers_generate(server: str, model_dir: Path) -> None:
+    body = {"model": "tinygpt", "prompt": "once upon a time", "max_tokens": 24, "temperature": 0}
+    reply = httpx.post(f"{server}/v1/completions", json=body, timeout=60)
+    assert reply.status_code == 200, reply.text
+    data = reply.json()
+    assert data["object"] == "text_completion"
+    assert data["choices"][0]["text"] == reference_greedy(model_dir, "once upon a time", 24)
+    usage = data["usage"]
+    assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
+
+
+def test_the_openai_sdk_parses_streamed_completion_chunks(server: str) -> None:
+    client = openai.OpenAI(base_url=f"{server}/v1", api_key="unused", max_retries=0)
+    whole = client.completions.create(
+        model="tinygpt",
+        prompt="the lazy",
+        max_tokens=20,
+        temperature=0,
+        extra_body={"ignore_eos": True},
+    )
+    chunks = list(
+        client.completions.create(
+            model="tinygpt",
+            prompt="the lazy",
+            max_tokens=20,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+            extra_body={"ignore_eos": True},
+        )
+    )
+    text = "".join(c.choices[0].text for c in chunks if c.choices)
+    assert text == whole.choices[0].text
+    finishes = [
+        c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason
+    ]
+    assert finishes == ["length"]  # 20 tokens, EOS ignored
+    assert chunks[-1].usage.completion_tokens == 20
+    assert whole.usage.completion_tokens == 20
+
+
+def test_the_openai_sdk_streams_a_chat_completion(server: str) -> None:
+    client = openai.OpenAI(base_url=f"{server}/v1", api_key="unused", max_retries=0)
+    messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hello"}]
+    whole = client.chat.completions.create(
+        model="tinygpt", messages=messages, max_tokens=12, temperature=0, seed=1
+    )
+    stream = client.chat.completions.create(
+        model="tinygpt", messages=messages, max_tokens=12, temperature=0, stream=True
+    )
+    chunks = list(stream)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    text = "".join(c.choices[0].delta.content or "" for c in chunks)
+    assert text == whole.choices[0].message.content
+    assert whole.choices[0].finish_reason in ("stop", "length")
+    assert chunks[-1].choices[0].finish_reason == whole.choices[0].finish_reason
+
+
+def test_n_choices_and_several_prompts_come_back_indexed(server: str) -> None:
+    body = {
+        "model": "tinygpt",
+        "prompt": ["the quick", "a model"],
+        "n": 2,
+        "max_tokens": 6,
+        "temperature": 1.0,
+        "seed": 5,
+        "ignore_eos": True,
+    }
+    data = httpx.post(f"{server}/v1/completions", json=body, timeout=60).json()
+    assert [c["index"] for c in data["choices"]] == [0, 1, 2, 3]
+    assert data["usage"]["completion_tokens"] == 4 * 6
+    again = httpx.post(f"{server}/v1/completions", json=body, timeout=60).json()
+    assert [c["text"] for c in again["choices"]] == [c["text"] for c in data["choices"]]  # seeded
+
+
+async def stream_lines(
+    client: httpx.AsyncClient, body: dict, on_first: asyncio.Event | None = None
+):
+    """The SSE data payloads of one streamed completion, and the time it ended."""
+    payloads = []
+    async with client.stream("POST", "/v1/completions", json=body) as reply:
+        assert reply.status_code == 200
+        async for line in reply.aiter_lines():
+            if line.startswith("data: "):
+                payloads.append(line[6:])
+                if on_first is not None:
+                    on_first.set()
+    return payloads, time.monotonic()
+
+
+def test_a_request_joining_a_running_batch_finishes_before_the_long_one(server: str) -> None:
+    long_body = {"model": "tinygpt", "prompt": "the quick", "max_tokens": 600, "stream": True,
+                 "temperature": 0, "ignore_eos": True}  # fmt: skip
+    short_body = {"model": "tinygpt", "prompt": "once", "max_tokens": 5, "stream": True,
+                  "temperature": 0, "ignore_eos": True}  # fmt: skip
+
+    async def run() -> tuple[float, float, list[str]]:
+        async with httpx.AsyncClient(base_url=server, timeout=120) as client:
+            started = asyncio.Event()
+            long_task = asyncio.create_task(stream_lines(client, long_body, started))
+            await started.wait()  # the long one is decoding
+            short_payloads, short_end = await stream_lines(client, short_body)
+            long_payloads, long_end = await long_task
+            assert long_payloads[-1] == "[DONE]"
+            return short_end, long_end, short_payloads
+
+    short_end, long_end, short_payloads = asyncio.run(run())
+    assert short_end < long_end
+    assert short_payloads[-1] == "[DONE]"
+    finish = [json.loads(p)["choices"][0]["finish_reason"] for p in short_payloads[:-1]]
+    assert finish[-1] == "length"
+
+
+def test_a_client_that_disconnects_frees_its_slots(server: str) -> None:
+    """Four long streams fill the replica's four slots; their clients hang up after the first
+    chunk. The sequences stop there: far fewer tokens than 4 x 1000 are generated, the running
+    gauge drops to 0, and a new request gets a slot."""
+    tokens_before = metric(server, "loom_generated_tokens_total")
+    body = {"model": "tinygpt", "prompt": "the quick", "max_tokens": 1000, "stream": True,
+            "temperature": 0, "ignore_eos": True}  # fmt: skip
+
+    async def hang_up_after_first_chunk() -> None:
+        async with (
+            httpx.AsyncClient(base_url=server, timeout=60) as client,
+            client.stream("POST", "/v1/completions", json=body) as reply,
+        ):
+            async for line in reply.aiter_lines():
+                if line.startswith("data: "):
+                    return  # leaving the block closes the connection
+
+    async def run() -> None:
+        await asyncio.gather(*[hang_up_after_first_chunk() for _ in range(4)])
+
+    asyncio.run(run())
+    deadline = time.monotonic() + 30
+    while metric(server, "loom_running_sequences") > 0 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert metric(server, "loom_running_sequences") == 0
+    reply = httpx.post(
+        f"{server}/v1/completions",
+        json={"model": "tinygpt", "prompt": "once", "max_tokens": 3, "ignore_eos": True},
+        timeout=60,
+    )
+    assert reply.json()["usage"]["completion_tokens"] == 3
+    generated = metric(server, "loom_generated_tokens_total") - tokens_before
+    assert generated < 4 * 1000 / 2, f"{generated} tokens: the cancelled sequences ran on"
+
+
+@pytest.mark.parametrize(
+    ("route", "body", "param"),
+    [
+        ("/v1/completions", {"prompt": ""}, "prompt"),
+        ("/v1/completions", {"prompt": "hi", "max_tokens": CONTEXT}, "max_tokens"),
+        ("/v1/completions", {"prompt": "hi", "temperature": -0.5}, "temperature"),
+        ("/v1/completions", {"prompt": "hi", "top_p": 0}, "top_p"),
+        ("/v1/completions", {"prompt": "hi", "stop": ["a", "b", "c", "d", "e"]}, "stop"),
+        ("/v1/completions", {"prompt": "hi", "logprobs": 2}, None),
+        ("/v1/chat/completions", {"messages": [{"role": "wizard", "content": "hi"}]}, "messages"),
+        ("/v1/chat/completions", {"messages": []}, "messages"),
+        (
+            "/v1/chat/completions",
+            {"messages": [{"role": "user", "content": "x"}], "max_tokens": CONTEXT},
+            "max_tokens",
+        ),
+    ],
+)
+def test_bad_generation_requests_get_400_in_openai_shape(
+    server: str, route: str, body: dict, param: str | None
+) -> None:
+    for stream in (False, True):
+        reply = httpx.post(f"{server}{route}", json={"model": "tinygpt", "stream": stream, **body})
+        assert reply.status_code == 400, reply.text
+        error = reply.json()["error"]
+        assert error["type"] == "invalid_request_error"
+        if param is not None:
+            assert error["param"].startswith(param), error
+
+
+def test_unknown_model_is_404_and_a_non_generate_model_is_400(server: str) -> None:
+    reply = httpx.post(f"{server}/v1/completions", json={"model": "nope", "prompt": "hi"})
+    assert reply.status_code == 404
+    assert reply.json()["error"]["code"] == "model_not_found"
+    chat = {"model": "minilm", "messages": [{"role": "user", "content": "hi"}]}
+    reply = httpx.post(f"{server}/v1/chat/completions", json=chat)
+    assert reply.status_code == 400
+    assert "embed model" in reply.json()["error"]["message"]
+    reply = httpx.post(f"{server}/v1/embeddings", json={"model": "tinygpt", "input": "hi"})
+    assert reply.status_code == 400
+    assert "/v1/completions" in reply.json()["error"]["message"]
+
+
+def test_generation_metrics_are_exported(server: str) -> None:
+    httpx.post(
+        f"{server}/v1/completions",
+        json={"model": "tinygpt", "prompt": "the", "max_tokens": 4, "ignore_eos": True},
+        timeout=60,
+    )
+    text = httpx.get(f"{server}/metrics").text
+    for name in (
+        'loom_time_to_first_token_seconds_count{model="tinygpt"}',
+        'loom_inter_token_latency_seconds_count{model="tinygpt"}',
+        'loom_generated_tokens_total{model="tinygpt"}',
+        'loom_running_sequences{model="tinygpt"}',
+        'loom_waiting_sequences{model="tinygpt"}',
+    ):
+        assert name in text, name
