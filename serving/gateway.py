@@ -35,6 +35,7 @@ from serving.config import LoomConfig, ModelConfig
 from serving.errors import (
     ApiError,
     Overloaded,
+    bad_request,
     error_body,
     model_not_found,
     model_not_ready,
@@ -45,7 +46,13 @@ from serving.http_server import HttpServer
 from serving.protocols import openai as oai
 from serving.protocols import v2
 from serving.readiness import ReadinessCache
-from serving.request import EmbedReply, InferenceRequest, check_inputs
+from serving.request import (
+    ClassifyReply,
+    EmbedReply,
+    InferenceRequest,
+    check_inputs,
+    pack_inputs,
+)
 from serving.route_table import (
     BOARD_NAMESPACE,
     NotRouted,
@@ -67,6 +74,23 @@ def error_response(error: ApiError, path: str) -> Response:
         status_code=error.status,
         media_type=JSON,
         headers=error.headers,
+    )
+
+
+# Where each task is served: the hint in the 400 a model gets on a route not for its task.
+TASK_ROUTES = {
+    "embed": "POST /v1/embeddings or POST /v2/models/{name}/infer",
+    "classify": "POST /v2/models/{name}/infer",
+}
+
+
+def wrong_route(model: ModelConfig, route: str) -> ApiError:
+    where = TASK_ROUTES.get(model.task)
+    hint = f"; use {where.format(name=model.name)}" if where else ""
+    return bad_request(
+        f"model '{model.name}' is a {model.task} model, which {route} does not serve{hint}",
+        param="model",
+        code="wrong_model_task",
     )
 
 
@@ -99,11 +123,21 @@ class GatewayCore:
         self.created_s = int(time.time())
 
     @staticmethod
-    def _coalescer(model: ModelConfig, handle: DeploymentHandle) -> Coalescer[EmbedReply]:
+    def _coalescer(model: ModelConfig, handle: DeploymentHandle) -> Coalescer:
         replicas = model.autoscaling.max_replicas if model.autoscaling else (model.replicas or 1)
+
+        def classify(inputs: list) -> Awaitable[ClassifyReply]:
+            # feature rows travel as one (n, features) array, texts as a list
+            return handle.classify.remote(pack_inputs(inputs))
+
+        def embed(texts: list[str]) -> Awaitable[EmbedReply]:
+            return handle.embed.remote(texts)
+
+        is_classifier = model.task == "classify"
+        call, split = (classify, ClassifyReply.rows) if is_classifier else (embed, split_reply)
         return Coalescer(
-            call=lambda texts: handle.embed.remote(texts),
-            split=split_reply,
+            call=call,
+            split=split,
             max_batch_inputs=model.batching.max_batch_size,
             # up to 4 calls per replica: the replica's batcher merges what queues behind the
             # running batch. Measured at concurrency 8: 2 per replica ~70 req/s, 4 ~90, 8 ~73
@@ -144,7 +178,7 @@ class GatewayCore:
         return model
 
     def inference_request(
-        self, model: str, inputs: tuple[str, ...], request: Request
+        self, model: str, inputs: tuple[object, ...], request: Request
     ) -> InferenceRequest:
         return InferenceRequest(
             model=model,
@@ -153,7 +187,7 @@ class GatewayCore:
             deadline_s=time.time() + self._timeout_s,
         )
 
-    async def infer(self, request: InferenceRequest) -> EmbedReply:
+    async def infer(self, request: InferenceRequest) -> EmbedReply | ClassifyReply:
         remaining_s = request.deadline_s - time.time()
         route = self.route(request.model)
         coalescer = self._coalescer_for(route)
@@ -228,6 +262,17 @@ def build_http_app(gw: GatewayCore) -> FastAPI:
             texts, max_inputs=limits[name].max_inputs, max_input_chars=limits[name].max_input_chars
         )
 
+    async def classifier_inputs(name: str, body: v2.InferRequest) -> tuple[object, ...]:
+        """A classifier's inputs, checked against what its replica says it takes: feature
+        rows (one 1-D array each) for a tensor model, texts for a text model."""
+        info = await gw.model_info(name)
+        if info["input"] == "tensor":
+            max_rows = limits[name].max_inputs
+            return tuple(v2.tensor_rows(body, features=info["features"], max_rows=max_rows))
+        texts = v2.text_inputs(body)
+        checked(name, texts)
+        return texts
+
     # ---- OpenAI-compatible ----------------------------------------------------------
 
     @app.post("/v1/embeddings")
@@ -237,6 +282,8 @@ def build_http_app(gw: GatewayCore) -> FastAPI:
             body = validate(oai.EmbeddingsRequest, data)
             model = gw.model(body.model)
             labels["model"] = model.name
+            if model.task != "embed":
+                raise wrong_route(model, "/v1/embeddings")
             texts = body.texts()
             checked(model.name, texts)
             reply = await gw.infer(gw.inference_request(model.name, texts, request))
@@ -301,7 +348,17 @@ def build_http_app(gw: GatewayCore) -> FastAPI:
             model = gw.model(name)
             labels["model"] = name
             info = await gw.model_info(name)
-            meta = v2.model_metadata(name, [info["version"]], info.get("dim"), "loom-" + model.task)
+            platform = "loom-" + model.task
+            if model.task == "classify":
+                meta = v2.classifier_metadata(
+                    name,
+                    [info["version"]],
+                    platform,
+                    features=info["features"],
+                    labels=info["labels"],
+                )
+            else:
+                meta = v2.model_metadata(name, [info["version"]], info.get("dim"), platform)
             return JSONResponse(meta)
 
         return await gw.measured(request, "v2_model", handle)
@@ -323,6 +380,13 @@ def build_http_app(gw: GatewayCore) -> FastAPI:
             labels["model"] = name
             data = parse_json(await read_body(request, gw.max_body_bytes))
             body = validate(v2.InferRequest, data)
+            if model.task == "classify":
+                inputs = await classifier_inputs(name, body)
+                reply = await gw.infer(gw.inference_request(model.name, inputs, request))
+                content = v2.classify_response(reply, model=model.name, request_id=body.id)
+                return Response(content, media_type=JSON)
+            if model.task != "embed":
+                raise wrong_route(model, f"/v2/models/{name}/infer")
             texts = v2.text_inputs(body)
             checked(name, texts)
             reply = await gw.infer(gw.inference_request(model.name, texts, request))

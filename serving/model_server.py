@@ -3,13 +3,15 @@
 A replica resolves its store reference, verifies every file's hash, loads the engine and warms
 it up in its constructor, so Ray Serve marks it running only once it can answer. Calls join a
 bounded admission queue feeding the batcher; a full queue refuses with ``Overloaded`` (the
-gateway answers 503 with Retry-After).
+gateway answers 503 with Retry-After). Each task has its replica class (``SERVER_BY_TASK``):
+``ModelServer`` embeds, ``ClassifierServer`` classifies.
 """
 
 from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from ray import serve
@@ -22,7 +24,7 @@ from serving.batcher import Batcher, BatchPolicy, QueueFull, engine_thread
 from serving.config import ModelConfig
 from serving.errors import Overloaded
 from serving.readiness import model_deployment_name
-from serving.request import EmbedReply
+from serving.request import ClassifyReply, EmbedReply
 
 
 def split_result(result: EmbedResult, start: int, stop: int) -> EmbedResult:
@@ -38,8 +40,10 @@ def concat_results(parts: list[EmbedResult]) -> EmbedResult:
     )
 
 
-class ModelServer:
-    """Serves one model: ``await handle.embed.remote(["a", "b"]) -> EmbedReply``."""
+class ModelReplica:
+    """What every task's replica shares: load and warm up on the engine thread, a bounded
+    admission queue feeding the batcher, metrics, health, ``info``. Subclasses add their call
+    (``embed``, ``classify``) and may say how the batcher runs, cuts and joins rows."""
 
     def __init__(self, model: dict, models_dir: str) -> None:
         self._config = ModelConfig.model_validate(model)
@@ -71,15 +75,15 @@ class ModelServer:
         self._queue_depth = metrics.QUEUE_DEPTH.labels(name)
         self._rejected = metrics.REJECTED.labels(name)
         batching, limits = self._config.batching, self._config.limits
-        self._batcher: Batcher[str] = Batcher(
-            self._engine.run,
+        self._batcher: Batcher[Any] = Batcher(
+            self.run_batch,
             BatchPolicy(
                 max_batch_size=batching.max_batch_size,
                 max_wait_s=batching.max_wait_ms / 1000.0,
                 max_queued=limits.max_queued,
             ),
-            split_rows=split_result,
-            concat_rows=concat_results,
+            split_rows=self.split_rows,
+            concat_rows=self.concat_rows,
             on_batch=self._record_batch,
             executor=runner,
         )
@@ -93,18 +97,28 @@ class ModelServer:
         self._batch_latency.observe(seconds)
         self._inputs.inc(size)
 
-    async def embed(self, texts: list[str]) -> EmbedReply:
-        self._queue_depth.inc(len(texts))
+    def run_batch(self, inputs: list[Any]) -> Any:
+        """One engine run over the batcher's joined inputs (on the engine thread)."""
+        return self._engine.run(inputs)
+
+    @staticmethod
+    def split_rows(rows: Any, start: int, stop: int) -> Any:
+        return rows[start:stop]
+
+    @staticmethod
+    def concat_rows(parts: list[Any]) -> Any:
+        return np.concatenate(parts)
+
+    async def _submit(self, inputs: Any) -> Any:
+        """Admit ``inputs`` and wait for their rows; a full queue raises ``Overloaded``."""
+        self._queue_depth.inc(len(inputs))
         try:
-            result: EmbedResult = await self._batcher.submit(texts)
+            return await self._batcher.submit(inputs)
         except QueueFull as exc:
-            self._rejected.inc(len(texts))
+            self._rejected.inc(len(inputs))
             raise Overloaded(self._config.name, exc.retry_after_s) from None
         finally:
-            self._queue_depth.dec(len(texts))
-        return EmbedReply(
-            vectors=result.vectors, token_counts=result.token_counts, version=self._version
-        )
+            self._queue_depth.dec(len(inputs))
 
     def info(self) -> dict:
         """What the gateway shows in model metadata."""
@@ -128,8 +142,66 @@ class ModelServer:
         metrics.mark_this_process_dead()
 
 
+class ModelServer(ModelReplica):
+    """Serves one embedding model: ``await handle.embed.remote(["a", "b"]) -> EmbedReply``."""
+
+    split_rows = staticmethod(split_result)
+    concat_rows = staticmethod(concat_results)
+
+    async def embed(self, texts: list[str]) -> EmbedReply:
+        result: EmbedResult = await self._submit(texts)
+        return EmbedReply(
+            vectors=result.vectors, token_counts=result.token_counts, version=self._version
+        )
+
+
+class ClassifierServer(ModelReplica):
+    """Serves one classifier, tensor or text (``info()["input"]`` says which).
+
+    ``await handle.classify.remote(np.zeros((2, 64), np.float32))`` gives a ``ClassifyReply``
+    of (2, 10) probabilities; ``handle.classify.remote(["great film"])`` one of (1, labels).
+    """
+
+    def run_batch(self, inputs: list[Any]) -> np.ndarray:
+        if self._engine.input_kind == "tensor":
+            # the batcher joins requests row by row: n rows of (64,) -> one (n, 64) array
+            return self._engine.run(np.stack(inputs))
+        return self._engine.run(inputs)
+
+    async def classify(self, inputs: np.ndarray | list[str]) -> ClassifyReply:
+        # checked here too, before admission: a bad request joined into a batch would fail
+        # every other request in it
+        if self._engine.input_kind == "tensor":
+            self._engine.check_input(np.asarray(inputs))
+        elif not all(isinstance(text, str) for text in inputs):
+            raise TypeError("a text classifier takes a list of strings")
+        probabilities = await self._submit(inputs)
+        return ClassifyReply(probabilities=probabilities, version=self._version)
+
+    def info(self) -> dict:
+        """Model metadata plus what the gateway checks requests against: the input kind,
+        features per row (tensor models) and the label of each output column."""
+        return {
+            **super().info(),
+            "input": self._engine.input_kind,
+            "features": self._engine.input_features,
+            "labels": list(self._engine.labels),
+        }
+
+
+SERVER_BY_TASK: dict[str, type] = {
+    "embed": ModelServer,
+    "classify": ClassifierServer,
+}
+"""The replica class that serves each task."""
+
+
 def model_server_deployment(config: ModelConfig, env_vars: dict[str, str]) -> serve.Deployment:
-    """The Ray Serve deployment for one model config: replicas, resources, runtime env."""
+    """The Ray Serve deployment for one model config: its task's replica class (see
+    ``SERVER_BY_TASK``), replicas, resources, runtime env."""
+    server_class = SERVER_BY_TASK.get(config.task)
+    if server_class is None:
+        raise ValueError(f"model {config.name}: task {config.task} is not served yet")
     options: dict = {
         "name": model_deployment_name(config.name),
         # admission is ours (bounded queue -> 503); Ray's own limit only stays out of its way
@@ -150,4 +222,4 @@ def model_server_deployment(config: ModelConfig, env_vars: dict[str, str]) -> se
         }
     else:
         options["num_replicas"] = config.replicas or 1
-    return serve.deployment(ModelServer).options(**options)
+    return serve.deployment(server_class).options(**options)

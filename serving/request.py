@@ -19,7 +19,8 @@ class InferenceRequest:
     """
 
     model: str
-    inputs: tuple[str, ...]
+    inputs: tuple[Any, ...]
+    """Texts, or for tensor models one FP32 feature row (a 1-D numpy array) per input."""
     request_id: str
     deadline_s: float
     """Wall-clock time (``time.time()``) after which the answer is no use to the client."""
@@ -35,6 +36,27 @@ class EmbedReply:
     token_counts: tuple[int, ...]
     version: str
     """The model version that computed it."""
+
+
+@dataclass(frozen=True, slots=True)
+class ClassifyReply:
+    """What a classifier's server returns for one call: rows in input order."""
+
+    probabilities: np.ndarray
+    """(n, classes) float32; column j is the model's label j (see its metadata)."""
+    version: str
+    """The model version that computed it."""
+
+    def rows(self, start: int, stop: int) -> ClassifyReply:
+        return ClassifyReply(probabilities=self.probabilities[start:stop], version=self.version)
+
+
+def pack_inputs(inputs: list[Any]) -> np.ndarray | list[str]:
+    """What one call to a classifier carries: feature rows stacked into one contiguous
+    (n, features) array (one buffer over the hop, not n), texts as they are."""
+    if inputs and isinstance(inputs[0], np.ndarray):
+        return np.stack(inputs)
+    return list(inputs)
 
 
 def check_inputs(texts: tuple[str, ...], *, max_inputs: int, max_input_chars: int) -> None:

@@ -12,17 +12,31 @@ from pathlib import Path
 from typing import Any
 
 from models.engines.base import Engine
+from models.engines.classify import TensorClassifierEngine, TextClassifierEngine, is_family_folder
 from models.engines.embed import EmbeddingEngine, EmbedResult
 
-__all__ = ["EmbedResult", "EmbeddingEngine", "Engine", "build_engine"]
+__all__ = [
+    "EmbedResult",
+    "EmbeddingEngine",
+    "Engine",
+    "TensorClassifierEngine",
+    "TextClassifierEngine",
+    "build_engine",
+]
 
 
 def build_engine(task: str, model_dir: Path, **options: Any) -> Engine:
     """The engine for ``task`` over ``model_dir``, not yet loaded; ``options`` go to its
-    constructor (``device``, ``dtype``, ``max_length``, ``num_threads`` for embed).
+    constructor (``device``, ``dtype``, ``num_threads``; ``max_length`` for text models).
 
-    Raises ``ValueError`` for a task with no engine yet.
+    ``classify`` picks by folder: a config naming a Loom family (``digits``) gets the tensor
+    engine, anything else the transformers text engine. Raises ``ValueError`` for a task with
+    no engine yet.
     """
     if task == "embed":
         return EmbeddingEngine(model_dir, **options)
+    if task == "classify":
+        if is_family_folder(model_dir):
+            return TensorClassifierEngine(model_dir, **options)
+        return TextClassifierEngine(model_dir, **options)
     raise ValueError(f"task {task} is not served yet")

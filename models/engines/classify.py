@@ -1,7 +1,14 @@
-"""Tensor classifiers of Loom's own families: FP32 ``[n, features]`` -> probabilities.
+"""Classifiers: rows of features or texts in, class probabilities out.
 
-A folder holds ``config.json`` (naming the family) and ``model.safetensors``. Shapes are
-checked before anything is allocated on the device.
+Two engines share one shape (``load``, ``warmup``, ``run(batch) -> (n, classes)`` float32,
+``labels`` naming the columns, ``input_kind`` saying what a row is):
+
+- ``TensorClassifierEngine``: Loom's own families (``config.json`` naming the family, plus
+  ``model.safetensors``); FP32 ``[n, features]`` in.
+- ``TextClassifierEngine``: a transformers sequence-classification folder (safetensors only,
+  no remote code); texts in, labels from the config's ``id2label``.
+
+``is_family_folder`` tells them apart; ``build_engine("classify", ...)`` uses it.
 
     engine = TensorClassifierEngine(model_dir); engine.load(); engine.warmup()
     probabilities = engine.run(np.zeros((2, 64), dtype=np.float32))   # (2, 10), rows sum to 1
@@ -10,18 +17,27 @@ checked before anything is allocated on the device.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
 from safetensors.torch import load_file
 
-from models.device import resolve_device
+from models.device import resolve_device, resolve_dtype
 from models.families import digits
+from models.loading import LoadedModel, load_pretrained
 from models.weights import require_safe_weights
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
+FAMILY_KEY = "family"
+"""The config key naming a Loom family; transformers configs have ``model_type`` instead."""
+
+InputKind = Literal["tensor", "text"]
+
+_WARMUP_TEXTS = ("Hello.", "A slightly longer sentence, so the warm-up batch has padding.")
 
 
 def save_family_model(model: torch.nn.Module, config: digits.DigitsConfig, folder: Path) -> None:
@@ -34,16 +50,39 @@ def save_family_model(model: torch.nn.Module, config: digits.DigitsConfig, folde
     save_file(state, str(folder / WEIGHTS_FILE))
 
 
-class TensorClassifierEngine:
-    task = "classify"
+def is_family_folder(model_dir: Path) -> bool:
+    """True when ``model_dir``'s config names a Loom family (``{"family": "digits", ...}``).
 
-    def __init__(self, model_dir: Path, *, device: str = "auto", num_threads: int | None = None):
+    A folder without a readable JSON config is not one of ours; transformers reports it."""
+    try:
+        config = json.loads((Path(model_dir) / CONFIG_FILE).read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(config, dict) and FAMILY_KEY in config
+
+
+class TensorClassifierEngine:
+    """Classifies FP32 feature rows with a Loom family model (today: ``digits``)."""
+
+    task = "classify"
+    input_kind: InputKind = "tensor"
+
+    def __init__(
+        self,
+        model_dir: Path,
+        *,
+        device: str = "auto",
+        dtype: str = "auto",
+        num_threads: int | None = None,
+    ) -> None:
         self.model_dir = Path(model_dir)
         self.device = resolve_device(device)
+        self.dtype = resolve_dtype(dtype, self.device)
         self._num_threads = num_threads
         self._model: torch.nn.Module | None = None
         self.input_features = digits.INPUT_FEATURES
         self.num_classes = digits.NUM_CLASSES
+        self.labels: tuple[str, ...] = tuple(str(digit) for digit in range(digits.NUM_CLASSES))
 
     def load(self) -> None:
         if self._num_threads is not None:
@@ -54,7 +93,7 @@ class TensorClassifierEngine:
         )
         model = digits.build_digits(config)
         model.load_state_dict(load_file(str(self.model_dir / WEIGHTS_FILE)))
-        self._model = model.to(self.device).eval()
+        self._model = model.to(self.device, self.dtype).eval()
 
     def warmup(self) -> None:
         self.run(np.zeros((2, self.input_features), dtype=np.float32))
@@ -74,5 +113,103 @@ class TensorClassifierEngine:
             raise RuntimeError("TensorClassifierEngine.load() must be called first")
         self.check_input(batch)
         with torch.inference_mode():
-            logits = self._model(torch.from_numpy(batch).to(self.device))
+            logits = self._model(torch.from_numpy(batch).to(self.device, self.dtype))
             return torch.softmax(logits.float(), dim=-1).cpu().numpy()
+
+
+class TextClassifierEngine:
+    """Classifies texts with a transformers ``*ForSequenceClassification`` folder.
+
+    Single-label models give a softmax over the labels (rows sum to 1); models whose config
+    says ``problem_type: multi_label_classification`` give one sigmoid per label. Regression
+    heads are refused: they have no labels. Texts longer than ``max_length`` tokens are
+    truncated.
+
+        engine = TextClassifierEngine(model_dir, device="cpu"); engine.load()
+        engine.run(["great film", "dull film"])    # (2, num_labels); engine.labels names them
+    """
+
+    task = "classify"
+    input_kind: InputKind = "text"
+    input_features = None
+
+    def __init__(
+        self,
+        model_dir: Path,
+        *,
+        device: str = "auto",
+        dtype: str = "auto",
+        max_length: int | None = None,
+        num_threads: int | None = None,
+    ) -> None:
+        self.model_dir = Path(model_dir)
+        self.device = resolve_device(device)
+        self.dtype = resolve_dtype(dtype, self.device)
+        if max_length is not None and max_length < 2:
+            raise ValueError(f"max_length must be at least 2 tokens, not {max_length}")
+        self._requested_max_length = max_length
+        self._num_threads = num_threads
+        self._loaded: LoadedModel | None = None
+        self._multi_label = False
+        self.max_length = 0
+        self.labels: tuple[str, ...] = ()
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.labels)
+
+    def load(self) -> None:
+        """Load the model and tokenizer (safetensors only, no remote code), in eval mode."""
+        if self._num_threads is not None:
+            torch.set_num_threads(self._num_threads)
+        loaded = load_pretrained(
+            self.model_dir, task=self.task, device=self.device, dtype=self.dtype
+        )
+        config = loaded.model.config
+        if config.problem_type == "regression":
+            raise ValueError(f"{self.model_dir} has a regression head, not a classifier")
+        self._multi_label = config.problem_type == "multi_label_classification"
+        # id2label maps column index -> name: {0: "negative", 1: "positive"}
+        self.labels = tuple(str(config.id2label[i]) for i in range(config.num_labels))
+        self.max_length = self._pick_max_length(loaded)
+        self._loaded = loaded
+
+    def warmup(self) -> None:
+        self.run(_WARMUP_TEXTS)
+
+    def run(self, texts: Sequence[str]) -> np.ndarray:
+        """Label probabilities (n, num_labels), float32, in input order."""
+        loaded = self._require_loaded()
+        items = list(texts)
+        if not items:
+            return np.zeros((0, self.num_classes), dtype=np.float32)
+        for index, text in enumerate(items):
+            if not isinstance(text, str):
+                raise TypeError(f"input {index} is {type(text).__name__}, not str")
+        batch = loaded.tokenizer(
+            items, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
+        )
+        batch = {key: value.to(self.device) for key, value in batch.items()}
+        with torch.inference_mode():
+            logits = loaded.model(**batch).logits.float()  # (B, num_labels)
+            scores = torch.sigmoid(logits) if self._multi_label else torch.softmax(logits, -1)
+        return scores.cpu().numpy()
+
+    def _require_loaded(self) -> LoadedModel:
+        if self._loaded is None:
+            raise RuntimeError("TextClassifierEngine.load() must be called first")
+        return self._loaded
+
+    def _pick_max_length(self, loaded: LoadedModel) -> int:
+        """Asked for (bounded by the model's positions), else the tokenizer's or the model's."""
+        position_limit = int(getattr(loaded.model.config, "max_position_embeddings", 0) or 0)
+        if self._requested_max_length is not None:
+            if position_limit and self._requested_max_length > position_limit:
+                raise ValueError(
+                    f"max_length {self._requested_max_length} exceeds the model's "
+                    f"{position_limit} positions"
+                )
+            return self._requested_max_length
+        # tokenizers without a limit report a huge sentinel (1e30); positions bound us anyway
+        limits = [int(min(loaded.tokenizer.model_max_length, 1 << 30)), position_limit]
+        return min(limit for limit in limits if limit > 0)
