@@ -42,6 +42,7 @@ from serving.errors import (
     overloaded,
     protocol_for_path,
 )
+from serving.generation_routes import add_generation_routes
 from serving.http_server import HttpServer
 from serving.protocols import openai as oai
 from serving.protocols import v2
@@ -81,6 +82,7 @@ def error_response(error: ApiError, path: str) -> Response:
 TASK_ROUTES = {
     "embed": "POST /v1/embeddings or POST /v2/models/{name}/infer",
     "classify": "POST /v2/models/{name}/infer",
+    "generate": "POST /v1/completions or POST /v1/chat/completions",
 }
 
 
@@ -255,6 +257,7 @@ def build_http_app(gw: GatewayCore) -> FastAPI:
         title="Loom", version=SERVER_VERSION, docs_url=None, redoc_url=None, openapi_url=None
     )
     _add_error_handlers(app)
+    add_generation_routes(app, gw)
     limits = {m.name: m.limits for m in gw.config.models}
 
     def checked(name: str, texts: tuple[str, ...]) -> None:

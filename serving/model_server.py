@@ -23,6 +23,7 @@ from serving import metrics
 from serving.batcher import Batcher, BatchPolicy, QueueFull, engine_thread
 from serving.config import ModelConfig
 from serving.errors import Overloaded
+from serving.generation_server import GenerationServer
 from serving.readiness import model_deployment_name
 from serving.request import ClassifyReply, EmbedReply
 
@@ -192,6 +193,7 @@ class ClassifierServer(ModelReplica):
 SERVER_BY_TASK: dict[str, type] = {
     "embed": ModelServer,
     "classify": ClassifierServer,
+    "generate": GenerationServer,
 }
 """The replica class that serves each task."""
 
@@ -211,7 +213,9 @@ def model_server_deployment(config: ModelConfig, env_vars: dict[str, str]) -> se
             "num_gpus": config.num_gpus,
             "runtime_env": {"env_vars": env_vars},
         },
-        "graceful_shutdown_timeout_s": 10,
+        # a replica being replaced first finishes what it holds: a generation may stream
+        # for a minute or more, a batch of embeddings takes milliseconds
+        "graceful_shutdown_timeout_s": 120 if config.task == "generate" else 10,
         "health_check_period_s": 10,
     }
     if config.autoscaling is not None:
