@@ -4,13 +4,19 @@
     python -m benchmarks.generation                       # full run, a few minutes on 2 cores
     python -m benchmarks.generation --quick               # a short smoke run
     python -m benchmarks.generation --only sequential,static --concurrency 1,8
+    python -m benchmarks.generation --fixed-length        # every request --max-tokens long
 
-Every variant serves the same ~10M-parameter random GPT-2 (``generation_model``), the same
-prompts (32-64 tokens) and makes exactly ``--max-tokens`` tokens per request, greedily:
+Every variant serves the same ~10M-parameter random GPT-2 (``generation_model``) the same
+fixed list of requests, greedily, EOS ignored: prompts of 32-64 tokens, each asking for its
+own number of new tokens, uniform over [M/2, 3M/2] for ``--max-tokens`` M (32-96 for 64, mean
+exactly 64), from a seed of its own. Varied lengths are real traffic, and the case continuous
+batching is for; with ``--fixed-length`` every request makes M, so the stack's closed-loop
+clients finish together and arrive together (the lockstep worst case for TTFT).
 
 - sequential: ``model.generate`` one request at a time; c closed-loop clients replayed over
   its timings (``generation_inprocess``);
-- static: c prompts left-padded into one ``generate`` call per batch;
+- static: c prompts left-padded into one ``generate`` call per batch, run to its longest
+  request's length; only each request's own length counts as useful tokens;
 - stack: ``loom serve`` in a subprocess, c clients streaming ``/v1/completions`` over HTTP
   (``generation_client``).
 
@@ -37,12 +43,16 @@ from typing import Any
 import yaml
 
 from benchmarks.embeddings import _jsonable, say, warn_if_busy
-from benchmarks.generation_client import StreamLoadConfig, completion_body, run_stream_load
+from benchmarks.generation_client import StreamLoadConfig, completion_request, run_stream_load
 from benchmarks.generation_model import (
+    GenerationRequest,
     Prompt,
     TinyGptSpec,
     build_tiny_gpt,
     make_prompts,
+    output_length_bounds,
+    output_lengths,
+    pair_requests,
     register_tiny_gpt,
 )
 from benchmarks.generation_report import (
@@ -53,6 +63,7 @@ from benchmarks.generation_report import (
     sequential_figures,
     static_figures,
     summarise_generation,
+    useful_token_share,
     window_figures,
 )
 from benchmarks.machine import load_average_1m, machine_facts
@@ -73,7 +84,12 @@ class GenerationBenchConfig:
     levels: tuple[int, ...] = (1, 8, 32)
     """Concurrency levels: closed-loop clients, each with one request in flight."""
     max_tokens: int = 64
-    """Tokens every request generates (EOS ignored)."""
+    """Mean new tokens per request (EOS ignored): each request's own is drawn from
+    ``output_length_bounds`` (32-96 for 64), or is exactly this with ``fixed_length``."""
+    fixed_length: bool = False
+    """Every request makes exactly ``max_tokens``: clients in lockstep, TTFT's worst case."""
+    length_seed: int = 2
+    """Seeds the output lengths, apart from the prompts' seed."""
     variants: tuple[str, ...] = VARIANTS
     duration_s: float = 20.0
     """The stack's measured window per level."""
@@ -149,7 +165,11 @@ def parse_args(argv: Sequence[str] | None) -> GenerationBenchConfig:
     )
     parser.add_argument("--quick", action="store_true", help="short windows, few requests")
     parser.add_argument("--concurrency", help="levels, e.g. 1,8,32")
-    parser.add_argument("--max-tokens", type=int, help="tokens per request")
+    parser.add_argument("--max-tokens", type=int, help="mean new tokens per request")
+    parser.add_argument(
+        "--fixed-length", action="store_true", default=None,
+        help="every request makes exactly --max-tokens (clients in lockstep)",
+    )  # fmt: skip
     parser.add_argument("--only", help=f"variants to run, some of {','.join(VARIANTS)}")
     parser.add_argument("--duration-s", type=float, help="the stack's window per level")
     parser.add_argument("--warmup-s", type=float, help="the stack's warm-up per level")
@@ -172,6 +192,7 @@ def parse_args(argv: Sequence[str] | None) -> GenerationBenchConfig:
         overrides: dict[str, Any] = {
             "levels": parse_int_list(args.concurrency) if args.concurrency else None,
             "max_tokens": args.max_tokens,
+            "fixed_length": args.fixed_length,
             "variants": parse_variant_names(args.only) if args.only else None,
             "duration_s": args.duration_s,
             "warmup_s": args.warmup_s,
@@ -204,6 +225,41 @@ def stack_model_config(config: GenerationBenchConfig) -> dict[str, Any]:
     return {"models": [model | dict(config.model_overrides)]}
 
 
+def generation_requests(
+    prompts: Sequence[str], config: GenerationBenchConfig
+) -> list[GenerationRequest]:
+    """The fixed list every variant serves: prompt i with output length i, the lengths drawn
+    with ``length_seed`` (or all ``max_tokens`` with ``fixed_length``)."""
+    if config.fixed_length:
+        lengths = [config.max_tokens] * len(prompts)
+    else:
+        lengths = output_lengths(
+            len(prompts), mean_tokens=config.max_tokens, seed=config.length_seed
+        )
+    return pair_requests(prompts, lengths)
+
+
+def length_record(
+    requests: Sequence[GenerationRequest], config: GenerationBenchConfig
+) -> dict[str, Any]:
+    """The output lengths used, for the JSON."""
+    lengths = [r.max_tokens for r in requests]
+    low, high = (
+        (config.max_tokens, config.max_tokens)
+        if config.fixed_length
+        else output_length_bounds(config.max_tokens)
+    )
+    return {
+        "distribution": "fixed" if config.fixed_length else "uniform",
+        "bounds": [low, high],
+        "seed": None if config.fixed_length else config.length_seed,
+        "requests": len(lengths),
+        "max_tokens_min": min(lengths),
+        "max_tokens_mean": sum(lengths) / len(lengths),
+        "max_tokens_max": max(lengths),
+    }
+
+
 def static_batches(requests: int, concurrency: int, min_batches: int) -> int:
     """Batches of ``concurrency`` to run: enough for ``requests`` requests, at least
     ``min_batches``: 32 requests at c=8 -> 4; at c=32 -> max(1, 3) = 3."""
@@ -211,7 +267,7 @@ def static_batches(requests: int, concurrency: int, min_batches: int) -> int:
 
 
 def run_in_process(
-    model_dir: Path, prompts: Sequence[str], config: GenerationBenchConfig
+    model_dir: Path, requests: Sequence[GenerationRequest], config: GenerationBenchConfig
 ) -> dict[str, Any]:
     """Sequential and static batching with ``model.generate``; the model is freed after."""
     from benchmarks.generation_inprocess import InProcessGenerator
@@ -221,37 +277,40 @@ def run_in_process(
     if "sequential" in config.variants:
         # one back-to-back run long enough for the largest level's steady state
         count = max(config.levels) + config.requests
-        services = generator.sequential(
-            prompts, max_new_tokens=config.max_tokens, count=count, warmup=2
-        )
+        services = generator.sequential(requests, count=count, warmup=2)
         levels = []
         for concurrency in config.levels:
             figures = sequential_figures(services, concurrency)
             levels.append(summarise_generation(concurrency=concurrency, figures=figures))
             say(format_generation_line("sequential", levels[-1]))
         records["sequential"] = {
-            "method": "model.generate one request at a time, run back to back once; each "
-            "level replays c closed-loop clients over those timings (FIFO); TTFT = queueing "
-            "behind the requests ahead + time to first token (streamer hook)",
+            "method": "model.generate one request at a time, each to its own max_tokens, run "
+            "back to back once; each level replays c closed-loop clients over those timings "
+            "(FIFO); TTFT = queueing behind the requests ahead + time to first token (streamer "
+            "hook)",
             "requests_run": count,
             "levels": levels,
         }
     if "static" in config.variants:
-        levels = []
+        levels, useful_shares = [], {}
         for concurrency in config.levels:
             batches = generator.static(
-                prompts,
-                max_new_tokens=config.max_tokens,
+                requests,
                 batch_size=concurrency,
                 batches=static_batches(config.requests, concurrency, config.min_static_batches),
                 warmup=1,
             )
             figures = static_figures(batches)
             levels.append(summarise_generation(concurrency=concurrency, figures=figures))
+            useful_shares[str(concurrency)] = useful_token_share(batches)
             say(format_generation_line("static", levels[-1]))
         records["static"] = {
-            "method": "c prompts left-padded into one model.generate call, batches back to "
-            "back; TTFT = the batch's time to first token (streamer hook)",
+            "method": "c prompts left-padded into one model.generate call run to the longest "
+            "member's max_tokens (min_new_tokens the same), as a static-batching server must; "
+            "batches back to back; tokens/s counts only each member's own max_tokens as "
+            "useful, not the steps a shorter member's row idles until the longest ends; "
+            "TTFT = the batch's time to first token (streamer hook)",
+            "useful_token_share": useful_shares,
             "levels": levels,
         }
     records["device"] = str(generator.device)
@@ -261,10 +320,10 @@ def run_in_process(
 
 
 def run_stack(
-    spec: ServerSpec, prompts: Sequence[str], config: GenerationBenchConfig
+    spec: ServerSpec, requests: Sequence[GenerationRequest], config: GenerationBenchConfig
 ) -> dict[str, Any]:
     """Start ``loom serve``, drive each level with streaming completions, stop it."""
-    bodies = [completion_body(config.model_name, p, config.max_tokens) for p in prompts]
+    completions = [completion_request(config.model_name, r.prompt, r.max_tokens) for r in requests]
     record: dict[str, Any] = {"argv": list(spec.argv), "levels": [], "error": None}
     server = ServerProcess(spec)
     say(f"stack: starting {' '.join(spec.argv[1:])}")
@@ -279,9 +338,8 @@ def run_stack(
                     concurrency=concurrency,
                     warmup_s=config.warmup_s,
                     duration_s=config.duration_s,
-                    expected_tokens=config.max_tokens,
                 )
-                result = run_stream_load(load, bodies)
+                result = run_stream_load(load, completions)
                 figures = window_figures(
                     result.timings, result.window_start_ns, result.window_end_ns
                 )
@@ -346,19 +404,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         # the stack loads the stored copy; the in-process variants load the same folder
         stored = register_tiny_gpt(Path(spec.env["LOOM_HOME"]), source, name=config.model_name)
         results["model"] = model_record(config, parameters, prompts)
+        requests = generation_requests([p.text for p in prompts], config)
+        lengths = results["output_lengths"] = length_record(requests, config)
         say(
             f"model: {config.model_name}, {parameters / 1e6:.1f}M parameters, prompts "
             f"{results['model']['prompt_tokens_min']}-{results['model']['prompt_tokens_max']} "
-            f"tokens, {config.max_tokens} new tokens each"
+            f"tokens, new tokens {lengths['max_tokens_min']}-{lengths['max_tokens_max']} "
+            f"(mean {lengths['max_tokens_mean']:.1f}, {lengths['distribution']})"
         )
-        texts = [p.text for p in prompts]
         variants: dict[str, Any] = {}
         if {"sequential", "static"} & set(config.variants):
-            in_process = run_in_process(stored, texts, config)
+            in_process = run_in_process(stored, requests, config)
             results["in_process_device"] = in_process.pop("device")
             variants |= in_process
         if "stack" in config.variants:
-            variants["stack"] = run_stack(spec, texts, config)
+            variants["stack"] = run_stack(spec, requests, config)
             variants["stack"]["config"] = yaml.safe_load(config_path.read_text())
         results["variants"] = variants
         results["targets"] = summarise(variants)

@@ -5,15 +5,16 @@ C virtual users each hold one keep-alive HTTP/1.1 connection, send a prebuilt
 ``POST /v1/completions`` with ``"stream": true`` and read the server-sent events as they
 arrive: TTFT is send to the first chunk with non-empty text, the request ends at
 ``data: [DONE]``, and the final chunk's ``usage.completion_tokens`` says how many tokens it
-made. Users send back to back until the window closes; the requests still streaming then are
-read to their end, so tokens in the window can be counted by overlap
-(``generation_report.tokens_in_window``).
+made (fewer than that request's own ``max_tokens``: ``short``). Users send back to back
+until the window closes; the requests still streaming then are read to their end, so tokens
+in the window can be counted by overlap (``generation_report.tokens_in_window``).
 
 The HTTP is the same minimal client as ``loadgen`` (asyncio streams, uvloop when installed),
 reading a chunked body chunk by chunk instead of discarding it. Only 127.0.0.1 is a target.
 
+    requests = [completion_request("tinygpt", "Once upon", 64), ...]
     config = StreamLoadConfig(port=8000, concurrency=8, warmup_s=5, duration_s=20)
-    result = run_stream_load(config, bodies)     # blocks for warmup_s + duration_s + drain
+    result = run_stream_load(config, requests)   # blocks for warmup_s + duration_s + drain
     figures = window_figures(result.timings, result.window_start_ns, result.window_end_ns)
 """
 
@@ -48,6 +49,19 @@ def completion_body(model: str, prompt: str, max_tokens: int) -> bytes:
             "ignore_eos": True,
         }
     )
+
+
+@dataclass(frozen=True)
+class CompletionRequest:
+    """One prebuilt request body and the tokens it asks for."""
+
+    body: bytes
+    max_tokens: int
+    """An answer with fewer tokens than this counts as ``short``."""
+
+
+def completion_request(model: str, prompt: str, max_tokens: int) -> CompletionRequest:
+    return CompletionRequest(completion_body(model, prompt, max_tokens), max_tokens)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -175,8 +189,6 @@ class StreamLoadConfig:
     """Load runs this long before the window opens."""
     duration_s: float
     """Length of the measured window."""
-    expected_tokens: int | None = None
-    """Answers with fewer tokens count as ``short``."""
     path: str = COMPLETIONS_PATH
     host: str = LOCALHOST
     drain_timeout_s: float = 120.0
@@ -205,7 +217,7 @@ class StreamLoadResult:
     errors: int = 0
     error_kinds: dict[str, int] = field(default_factory=dict)
     short: int = 0
-    """Requests sent in the window that made fewer than ``expected_tokens``."""
+    """Requests sent in the window that made fewer tokens than their own ``max_tokens``."""
     loadgen_cpu_s: float = 0.0
     """CPU time this process used during the window."""
 
@@ -221,11 +233,11 @@ class _Collector:
         self.short = 0
         self.error_kinds: Counter[str] = Counter()
 
-    def success(self, timing: RequestTiming) -> None:
+    def success(self, timing: RequestTiming, max_tokens: int) -> None:
+        """A complete answer to a request that asked for ``max_tokens``."""
         self.timings.append(timing)
-        expected = self.config.expected_tokens
         sent_inside = self.window_start_ns <= timing.sent_ns < self.window_end_ns
-        if sent_inside and expected is not None and timing.tokens < expected:
+        if sent_inside and timing.tokens < max_tokens:
             self.short += 1
 
     def failure(self, at_ns: int, kind: str) -> None:
@@ -252,10 +264,14 @@ async def stream_one(
 
 
 async def _user(
-    config: StreamLoadConfig, requests: Sequence[bytes], offset: int, collector: _Collector
+    config: StreamLoadConfig,
+    requests: Sequence[CompletionRequest],
+    messages: Sequence[bytes],
+    offset: int,
+    collector: _Collector,
 ) -> None:
     """One virtual user: send, read the stream to [DONE], send the next, until the window
-    closes."""
+    closes. ``messages[i]`` is ``requests[i]`` as HTTP bytes."""
     reader = writer = None
     errors = 0
     index = offset
@@ -266,7 +282,7 @@ async def _user(
                 if writer is None:
                     reader, writer = await asyncio.open_connection(config.host, config.port)
                 head, stream, first_ns = await stream_one(
-                    reader, writer, requests[index % len(requests)]
+                    reader, writer, messages[index % len(messages)]
                 )
             except (
                 OSError,
@@ -283,6 +299,7 @@ async def _user(
                 await asyncio.sleep(config.reconnect_backoff_s)
                 continue
             done_ns = time.perf_counter_ns()
+            request = requests[index % len(requests)]
             index += 1
             if head.closes or head.status != 200:  # after an error, trust a new connection
                 writer = await _close(writer)
@@ -298,7 +315,8 @@ async def _user(
                         first_token_ns=first_ns,
                         done_ns=done_ns,
                         tokens=stream.tokens,
-                    )
+                    ),
+                    request.max_tokens,
                 )
     finally:
         await _close(writer)
@@ -311,7 +329,9 @@ async def _close(writer: asyncio.StreamWriter | None) -> None:
             await writer.wait_closed()
 
 
-async def _run_level(config: StreamLoadConfig, requests: Sequence[bytes]) -> StreamLoadResult:
+async def _run_level(
+    config: StreamLoadConfig, requests: Sequence[CompletionRequest], messages: Sequence[bytes]
+) -> StreamLoadResult:
     now_ns = time.perf_counter_ns()
     window_start_ns = now_ns + int(config.warmup_s * NS_PER_S)
     window_end_ns = window_start_ns + int(config.duration_s * NS_PER_S)
@@ -319,7 +339,7 @@ async def _run_level(config: StreamLoadConfig, requests: Sequence[bytes]) -> Str
     # users start at different prompts so concurrent requests carry different lengths
     stride = max(1, len(requests) // config.concurrency)
     users = [
-        asyncio.create_task(_user(config, requests, i * stride, collector))
+        asyncio.create_task(_user(config, requests, messages, i * stride, collector))
         for i in range(config.concurrency)
     ]
     await asyncio.sleep(max(0.0, (window_start_ns - time.perf_counter_ns()) / NS_PER_S))
@@ -345,11 +365,13 @@ async def _run_level(config: StreamLoadConfig, requests: Sequence[bytes]) -> Str
     )
 
 
-def run_stream_load(config: StreamLoadConfig, bodies: Sequence[bytes]) -> StreamLoadResult:
-    """Drive one level; blocks for ``warmup_s + duration_s`` and the drain. Raises
-    ``ValueError`` if ``bodies`` is empty."""
-    if not bodies:
-        raise ValueError("bodies must not be empty")
-    requests = build_requests(config.host, config.port, config.path, bodies)
+def run_stream_load(
+    config: StreamLoadConfig, requests: Sequence[CompletionRequest]
+) -> StreamLoadResult:
+    """Drive one level, the users cycling through ``requests``; blocks for
+    ``warmup_s + duration_s`` and the drain. Raises ``ValueError`` if ``requests`` is empty."""
+    if not requests:
+        raise ValueError("requests must not be empty")
+    messages = build_requests(config.host, config.port, config.path, [r.body for r in requests])
     with asyncio.Runner(loop_factory=_loop_factory()) as runner:
-        return runner.run(_run_level(config, requests))
+        return runner.run(_run_level(config, requests, messages))

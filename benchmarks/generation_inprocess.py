@@ -1,6 +1,6 @@
 """The two baselines the stack is measured against, run in this process with transformers'
 ``model.generate``, greedy, ``min_new_tokens == max_new_tokens`` so every request makes
-exactly N tokens:
+exactly its own ``max_tokens``:
 
 - sequential: one request at a time. The requests run back to back once; each concurrency's
   figures are then replayed from the same timings (``generation_report.replay_closed_loop``):
@@ -8,16 +8,19 @@ exactly N tokens:
   when answered, so a request's TTFT is its wait behind the c-1 ahead of it plus its own time
   to first token. A one-at-a-time server's service times do not depend on c, so one run
   serves every level.
-- static batching: c clients' prompts left-padded into one ``generate`` call; all start
-  together and all wait for the whole batch, so TTFT is the batch's time to first token.
+- static batching: c clients' prompts left-padded into one ``generate`` call that runs to the
+  longest request's ``max_tokens``, as a static-batching server must; all start together and
+  all wait for the whole batch, so TTFT is the batch's time to first token. Only each
+  request's own ``max_tokens`` count as useful tokens: a row whose request ended sooner is
+  computed but wasted.
 
 The first token's time comes from a streamer hook (``FirstTokenClock``): ``generate`` hands
 the streamer the prompt, then each step's new tokens (moved to the CPU, so a GPU is
 synchronised by then).
 
     runner = InProcessGenerator.load(model_dir, threads=1)
-    services = runner.sequential(prompts, max_new_tokens=64, count=40, warmup=2)
-    batches = runner.static(prompts, max_new_tokens=64, batch_size=8, batches=4, warmup=1)
+    services = runner.sequential(requests, count=40, warmup=2)   # GenerationRequest list
+    batches = runner.static(requests, batch_size=8, batches=4, warmup=1)
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from benchmarks.generation_model import GenerationRequest
 from benchmarks.generation_report import BatchTiming, RequestTiming
 
 
@@ -76,8 +80,9 @@ class InProcessGenerator:
         return cls(model=loaded.model, tokenizer=loaded.tokenizer, device=resolved)
 
     def _generate(self, prompts: Sequence[str], max_new_tokens: int) -> tuple[int, int, int, int]:
-        """One ``generate`` call on ``prompts`` (padded together); (start, first token, done)
-        on the ``perf_counter_ns`` clock, and the tokens generated in all."""
+        """One ``generate`` call on ``prompts`` (padded together) making ``max_new_tokens`` in
+        every row; (start, first token, done) on the ``perf_counter_ns`` clock, and the new
+        tokens per row."""
         import torch
 
         clock = FirstTokenClock()
@@ -93,55 +98,63 @@ class InProcessGenerator:
                 streamer=clock,
             )
         done_ns = time.perf_counter_ns()  # generate returns CPU-visible ids: synchronised
-        new_tokens = (out.shape[1] - inputs["input_ids"].shape[1]) * out.shape[0]
+        steps = out.shape[1] - inputs["input_ids"].shape[1]
         if clock.first_token_ns is None:
             raise RuntimeError("generate produced no tokens")
-        return started_ns, clock.first_token_ns, done_ns, int(new_tokens)
+        return started_ns, clock.first_token_ns, done_ns, int(steps)
 
     def sequential(
-        self, prompts: Sequence[str], *, max_new_tokens: int, count: int, warmup: int
+        self, requests: Sequence[GenerationRequest], *, count: int, warmup: int
     ) -> list[RequestTiming]:
-        """``warmup`` unmeasured requests, then ``count`` back to back, prompts in turn."""
+        """``warmup`` unmeasured requests, then ``count`` back to back, requests in turn, each
+        making its own ``max_tokens``."""
         for i in range(warmup):
-            self._generate([prompts[i % len(prompts)]], max_new_tokens)
+            request = requests[i % len(requests)]
+            self._generate([request.prompt], request.max_tokens)
         services = []
         for i in range(count):
-            started, first, done, tokens = self._generate(
-                [prompts[i % len(prompts)]], max_new_tokens
-            )
+            request = requests[i % len(requests)]
+            started, first, done, steps = self._generate([request.prompt], request.max_tokens)
             services.append(
-                RequestTiming(sent_ns=started, first_token_ns=first, done_ns=done, tokens=tokens)
+                RequestTiming(sent_ns=started, first_token_ns=first, done_ns=done, tokens=steps)
             )
         return services
 
     def static(
         self,
-        prompts: Sequence[str],
+        requests: Sequence[GenerationRequest],
         *,
-        max_new_tokens: int,
         batch_size: int,
         batches: int,
         warmup: int,
     ) -> list[BatchTiming]:
         """``warmup`` unmeasured batches, then ``batches`` of ``batch_size`` back to back;
-        consecutive batches take consecutive prompts, so padding varies from batch to batch."""
+        consecutive batches take consecutive requests, so padding and lengths vary from batch
+        to batch. A batch runs to its longest request's ``max_tokens``; each request's own
+        counts as useful (lengths 40 and 88: 88 steps, 176 computed, 128 useful)."""
 
-        def batch_prompts(index: int) -> list[str]:
+        def batch_requests(index: int) -> list[GenerationRequest]:
             start = index * batch_size
-            return [prompts[(start + j) % len(prompts)] for j in range(batch_size)]
+            return [requests[(start + j) % len(requests)] for j in range(batch_size)]
+
+        def run(batch: Sequence[GenerationRequest]) -> tuple[int, int, int, int]:
+            longest = max(r.max_tokens for r in batch)
+            return self._generate([r.prompt for r in batch], longest)
 
         for i in range(warmup):
-            self._generate(batch_prompts(i), max_new_tokens)
+            run(batch_requests(i))
         timings = []
         for i in range(batches):
-            started, first, done, tokens = self._generate(batch_prompts(i), max_new_tokens)
+            batch = batch_requests(i)
+            started, first, done, steps = run(batch)
             timings.append(
                 BatchTiming(
                     started_ns=started,
                     first_token_ns=first,
                     done_ns=done,
                     size=batch_size,
-                    tokens=tokens,
+                    tokens=sum(min(r.max_tokens, steps) for r in batch),
+                    computed_tokens=steps * batch_size,
                 )
             )
         return timings

@@ -1,6 +1,6 @@
 """The model the generation benchmark serves: a ~10M-parameter GPT-2 with random weights and a
-byte-level BPE tokenizer trained here on a synthetic corpus, plus the prompts every variant
-gets.
+byte-level BPE tokenizer trained here on a synthetic corpus, plus the requests every variant
+gets: prompts of 32-64 tokens, each asking for its own number of new tokens.
 
 Random weights make nonsense text, but the work per token (the forward pass over a KV cache)
 is what a trained model of that size does, which is all a throughput benchmark needs. Nothing
@@ -9,12 +9,15 @@ is downloaded.
     spec = TinyGptSpec()
     params = build_tiny_gpt(folder, spec)            # tokenizer + safetensors weights
     prompts = make_prompts(folder, count=64)         # [Prompt(text, tokens)], 32-64 tokens
+    lengths = output_lengths(64, mean_tokens=64, seed=2)   # 32..96 new tokens, mean exactly 64
+    requests = pair_requests([p.text for p in prompts], lengths)
     register_tiny_gpt(loom_home, folder, name="tinygpt")
 """
 
 from __future__ import annotations
 
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -138,6 +141,54 @@ def make_prompts(
             length = len(tokenizer(" ".join(taken))["input_ids"])
         prompts.append(Prompt(" ".join(taken), length))
     return prompts
+
+
+def output_length_bounds(mean_tokens: int) -> tuple[int, int]:
+    """The range output lengths are drawn from, centred on ``mean_tokens`` and about half of it
+    either side: 64 -> (32, 96); 5 -> (3, 7); 1 -> (1, 1)."""
+    if mean_tokens < 1:
+        raise ValueError(f"mean_tokens must be >= 1, got {mean_tokens}")
+    half_span = mean_tokens // 2
+    return mean_tokens - half_span, mean_tokens + half_span
+
+
+def output_lengths(count: int, *, mean_tokens: int, seed: int) -> list[int]:
+    """``count`` new-token counts, each uniform over ``output_length_bounds(mean_tokens)``,
+    the same for a seed.
+
+    Drawn in antithetic pairs (x, 2 * mean - x), both uniform over the same range: the list's
+    mean is exactly ``mean_tokens`` when ``count`` is even, and so is that of any run of
+    consecutive requests that starts at an even index and has an even length (a static batch
+    of 8 or 32, the first 40 sequential requests), so every variant makes the same tokens per
+    request on average as a run with every request at ``mean_tokens``: 64, seed 2 ->
+    [39, 89, 43, 85, ...].
+    """
+    if count < 0:
+        raise ValueError(f"count must be >= 0, got {count}")
+    low, high = output_length_bounds(mean_tokens)
+    rng = random.Random(seed)
+    lengths: list[int] = []
+    while len(lengths) < count:
+        drawn = rng.randint(low, high)
+        lengths += [drawn, low + high - drawn]
+    return lengths[:count]
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """One request of the benchmark's fixed list, the same for every variant."""
+
+    prompt: str
+    max_tokens: int
+    """New tokens it makes (EOS ignored: exactly this many)."""
+
+
+def pair_requests(prompts: Sequence[str], lengths: Sequence[int]) -> list[GenerationRequest]:
+    """Request i = prompt i with length i; the two lists come from separate seeds, so a
+    prompt's length says nothing of its output's."""
+    if len(prompts) != len(lengths):
+        raise ValueError(f"{len(prompts)} prompts but {len(lengths)} lengths")
+    return [GenerationRequest(p, n) for p, n in zip(prompts, lengths, strict=True)]
 
 
 def register_tiny_gpt(loom_home: Path, folder: Path, *, name: str) -> Path:

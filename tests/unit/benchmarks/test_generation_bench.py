@@ -12,6 +12,8 @@ from benchmarks.generation import (
     VARIANTS,
     GenerationBenchConfig,
     default_out_path,
+    generation_requests,
+    length_record,
     parse_args,
     parse_variant_names,
     quick_config,
@@ -19,18 +21,28 @@ from benchmarks.generation import (
     static_batches,
 )
 from benchmarks.generation_model import (
+    GenerationRequest,
     TinyGptSpec,
     build_tiny_gpt,
     make_prompts,
+    output_length_bounds,
+    output_lengths,
+    pair_requests,
     prompt_lengths,
     synthetic_sentences,
 )
-from benchmarks.generation_report import sequential_figures, static_figures
+from benchmarks.generation_report import sequential_figures, static_figures, useful_token_share
 
 
 def test_defaults_measure_every_variant_at_1_8_and_32_with_64_tokens() -> None:
     config = parse_args([])
     assert (config.levels, config.max_tokens, config.variants) == ((1, 8, 32), 64, VARIANTS)
+    assert config.fixed_length is False  # lengths vary unless asked
+
+
+def test_fixed_length_flag_is_parsed_and_kept_by_quick() -> None:
+    assert parse_args(["--quick", "--fixed-length"]).fixed_length is True
+    assert parse_args(["--quick"]).fixed_length is False
 
 
 def test_quick_is_the_quick_preset_and_explicit_options_still_win() -> None:
@@ -90,6 +102,66 @@ def test_prompt_lengths_spread_over_the_range_by_sevens() -> None:
         prompt_lengths(3, 10, 5)
 
 
+def test_output_length_bounds_are_half_the_mean_either_side() -> None:
+    assert output_length_bounds(64) == (32, 96)  # 64 / 2 and 3 x 64 / 2
+    assert output_length_bounds(5) == (3, 7)  # 5 // 2 = 2 either side, centred on 5
+    assert output_length_bounds(1) == (1, 1)
+    with pytest.raises(ValueError, match="mean_tokens"):
+        output_length_bounds(0)
+
+
+def test_output_lengths_stay_in_bounds_and_average_exactly_the_mean() -> None:
+    lengths = output_lengths(1000, mean_tokens=64, seed=2)
+    assert min(lengths) == 32  # 1000 draws over 65 values reach both ends
+    assert max(lengths) == 96
+    assert sum(lengths) == 64 * 1000  # antithetic pairs: x + (128 - x) = 128 per pair
+    assert sum(lengths[:40]) == 64 * 40  # so does every even-length run from an even index
+    assert sum(lengths[8:16]) == 64 * 8  # a static batch of 8
+
+
+def test_output_lengths_are_spread_over_the_whole_range() -> None:
+    lengths = output_lengths(1000, mean_tokens=64, seed=2)
+    quarter = sum(1 for n in lengths if n < 48) / 1000  # uniform: 16 of 65 values below 48
+    assert quarter == pytest.approx(16 / 65, abs=0.05)
+    assert len(set(lengths)) == 65  # every value from 32 to 96
+
+
+def test_output_lengths_are_the_same_for_a_seed_and_differ_across_seeds() -> None:
+    assert output_lengths(64, mean_tokens=64, seed=2) == output_lengths(64, mean_tokens=64, seed=2)
+    assert output_lengths(64, mean_tokens=64, seed=2) != output_lengths(64, mean_tokens=64, seed=3)
+    assert (
+        output_lengths(3, mean_tokens=64, seed=2) == output_lengths(4, mean_tokens=64, seed=2)[:3]
+    )
+
+
+def test_pair_requests_pairs_by_index_and_refuses_unequal_lists() -> None:
+    assert pair_requests(["a", "b"], [40, 88]) == [
+        GenerationRequest("a", 40), GenerationRequest("b", 88),
+    ]  # fmt: skip
+    with pytest.raises(ValueError, match="2 prompts but 1 lengths"):
+        pair_requests(["a", "b"], [40])
+
+
+def test_generation_requests_vary_lengths_unless_fixed_and_keep_the_prompts() -> None:
+    prompts = [f"p{i}" for i in range(64)]
+    varied = generation_requests(prompts, GenerationBenchConfig())
+    fixed = generation_requests(prompts, GenerationBenchConfig(fixed_length=True))
+    assert [r.prompt for r in varied] == [r.prompt for r in fixed] == prompts
+    assert [r.max_tokens for r in varied] == output_lengths(64, mean_tokens=64, seed=2)
+    assert {r.max_tokens for r in fixed} == {64}
+
+
+def test_length_record_gives_min_mean_max_of_the_lengths_used() -> None:
+    requests = pair_requests(["a", "b", "c", "d"], [40, 88, 32, 96])
+    record = length_record(requests, GenerationBenchConfig())
+    assert record == {
+        "distribution": "uniform", "bounds": [32, 96], "seed": 2, "requests": 4,
+        "max_tokens_min": 32, "max_tokens_mean": 64.0, "max_tokens_max": 96,
+    }  # fmt: skip
+    fixed = length_record(pair_requests(["a"], [64]), GenerationBenchConfig(fixed_length=True))
+    assert (fixed["distribution"], fixed["bounds"], fixed["seed"]) == ("fixed", [64, 64], None)
+
+
 def test_synthetic_sentences_are_ascii_and_the_same_for_a_seed() -> None:
     sentences = synthetic_sentences(3, 50)
     assert sentences == synthetic_sentences(3, 50)
@@ -124,15 +196,19 @@ def test_make_prompts_reach_their_target_lengths(small_gpt) -> None:
     assert len({p.text for p in prompts}) == 5
 
 
-def test_in_process_baselines_make_exactly_n_tokens_per_request(small_gpt) -> None:
+def test_in_process_baselines_make_each_request_its_own_length(small_gpt) -> None:
     from benchmarks.generation_inprocess import InProcessGenerator
 
     runner = InProcessGenerator.load(small_gpt, threads=1, device="cpu")
     prompts = [p.text for p in make_prompts(small_gpt, count=4, min_tokens=8, max_tokens=16)]
-    services = runner.sequential(prompts, max_new_tokens=5, count=3, warmup=1)
-    assert [s.tokens for s in services] == [5, 5, 5]
+    requests = pair_requests(prompts, [3, 7, 5, 5])
+    services = runner.sequential(requests, count=3, warmup=1)
+    assert [s.tokens for s in services] == [3, 7, 5]
     assert all(s.sent_ns < s.first_token_ns < s.done_ns for s in services)
     assert len(sequential_figures(services, 2).ttft_ns) == 1  # 3 requests - the first 2
-    batches = runner.static(prompts, max_new_tokens=5, batch_size=3, batches=2, warmup=0)
-    assert [b.tokens for b in batches] == [15, 15]  # 3 prompts x 5 tokens, padding aside
+    batches = runner.static(requests, batch_size=3, batches=2, warmup=0)
+    # batch 0: lengths 3, 7, 5 run 7 steps; batch 1 wraps round: 5, 3, 7
+    assert [b.tokens for b in batches] == [15, 15]  # 3 + 7 + 5 useful, padding aside
+    assert [b.computed_tokens for b in batches] == [21, 21]  # 3 rows x the longest, 7
+    assert useful_token_share(batches) == pytest.approx(30 / 42)
     assert len(static_figures(batches).ttft_ns) == 6

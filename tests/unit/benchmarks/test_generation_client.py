@@ -14,11 +14,15 @@ from benchmarks.generation_client import (
     CompletionStream,
     SseDecoder,
     StreamLoadConfig,
+    _Collector,
     body_chunks,
     completion_body,
+    completion_request,
     parse_head,
+    run_stream_load,
     stream_one,
 )
+from benchmarks.generation_report import RequestTiming
 from benchmarks.loadgen import ProtocolError
 
 
@@ -61,6 +65,34 @@ def test_completion_body_asks_for_a_greedy_stream_with_usage_ignoring_eos() -> N
         "model": "tinygpt", "prompt": "once upon", "max_tokens": 64, "temperature": 0,
         "stream": True, "stream_options": {"include_usage": True}, "ignore_eos": True,
     }  # fmt: skip
+
+
+def test_completion_request_carries_its_own_max_tokens_in_the_body() -> None:
+    request = completion_request("tinygpt", "once upon", 40)
+    assert request.max_tokens == 40
+    assert json.loads(request.body)["max_tokens"] == 40
+    assert json.loads(request.body)["ignore_eos"] is True
+
+
+def test_a_request_is_short_against_its_own_max_tokens_only_when_sent_in_the_window() -> None:
+    config = StreamLoadConfig(port=80, concurrency=2, warmup_s=0, duration_s=1)
+    collector = _Collector(config, window_start_ns=100, window_end_ns=200)
+
+    def answered(sent_ns: int, tokens: int) -> RequestTiming:
+        return RequestTiming(sent_ns=sent_ns, first_token_ns=sent_ns + 1, done_ns=sent_ns + 2,
+                             tokens=tokens)  # fmt: skip
+
+    collector.success(answered(150, 40), max_tokens=40)  # made all 40 it asked for
+    collector.success(answered(150, 64), max_tokens=96)  # 64 < 96: short
+    collector.success(answered(150, 88), max_tokens=88)  # longer than the mean 64: not short
+    collector.success(answered(50, 10), max_tokens=96)  # short, but sent in the warm-up
+    assert (collector.short, len(collector.timings)) == (1, 4)
+
+
+def test_run_stream_load_refuses_no_requests() -> None:
+    config = StreamLoadConfig(port=80, concurrency=1, warmup_s=0, duration_s=1)
+    with pytest.raises(ValueError, match="requests"):
+        run_stream_load(config, [])
 
 
 def test_parse_head_reads_status_framing_and_close_in_any_case() -> None:

@@ -17,6 +17,7 @@ from benchmarks.generation_report import (
     static_figures,
     summarise_generation,
     tokens_in_window,
+    useful_token_share,
     window_figures,
 )
 
@@ -107,13 +108,24 @@ def test_sequential_figures_need_more_requests_than_clients() -> None:
 
 def test_static_figures_give_every_request_its_batch_ttft() -> None:
     batches = [
-        BatchTiming(started_ns=0, first_token_ns=200 * MS, done_ns=2 * S, size=8, tokens=512),
+        BatchTiming(started_ns=0, first_token_ns=200 * MS, done_ns=2 * S, size=8, tokens=512,
+                    computed_tokens=768),
         BatchTiming(started_ns=2 * S, first_token_ns=2 * S + 300 * MS, done_ns=4 * S, size=8,
-                    tokens=512),
+                    tokens=512, computed_tokens=640),
     ]  # fmt: skip
     figures = static_figures(batches)
     assert figures.ttft_ns == (200 * MS,) * 8 + (300 * MS,) * 8
-    assert figures.tokens / figures.duration_s == 256.0  # 1024 tokens in 4 s
+    # useful tokens only: 1024 in 4 s, not the 1408 computed
+    assert figures.tokens / figures.duration_s == 256.0
+
+
+def test_useful_token_share_is_own_lengths_over_rows_run_to_the_longest() -> None:
+    # lengths 40 and 88 in one batch: 88 steps x 2 rows computed, 128 useful
+    batch = BatchTiming(started_ns=0, first_token_ns=1, done_ns=2, size=2, tokens=128,
+                        computed_tokens=176)  # fmt: skip
+    assert useful_token_share([batch]) == pytest.approx(128 / 176)  # 0.73
+    with pytest.raises(ValueError, match="no tokens"):
+        useful_token_share([])
 
 
 def test_static_figures_refuse_no_batches() -> None:
