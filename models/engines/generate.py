@@ -40,6 +40,7 @@ from transformers.generation.continuous_batching.continuous_api import OutputRou
 from models.device import resolve_device, resolve_dtype
 from models.engines.detokenize import TextStream, cut_at_stop
 from models.engines.sampling import SamplingParams, SequenceSampler, pick_next_token
+from models.engines.varlen_attention import VARLEN_ATTENTION, register_varlen_attention
 from models.loading import LoadedModel, load_pretrained
 
 __all__ = [
@@ -195,6 +196,12 @@ class GenerationEngine:
                 allow_block_sharing=False,  # prompts rarely share prefixes; keeps pages simple
             ),
         )
+        if self.device.type == "cpu" and model.config._attn_implementation == "sdpa":
+            # one attention call per sequence instead of one masked call over the whole batch
+            # (varlen_attention.py): 32 sequences of a 10M GPT-2 on 2 CPU cores, ~860 -> ~1160
+            # tokens/s
+            register_varlen_attention()
+            model.set_attn_implementation(VARLEN_ATTENTION)
         # our sampler takes the logits-processor slot; one int32 argument row (the slot)
         processors = ContinuousBatchingLogitsProcessorList(
             LogitsProcessorList([self._sampler]), per_request_processors=True

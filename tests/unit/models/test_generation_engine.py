@@ -71,6 +71,30 @@ def test_greedy_output_equals_transformers_generate_token_for_token(engine, tiny
         assert list(ours.token_ids) == expected
 
 
+def test_a_prompt_prefilled_in_chunks_still_equals_generate(tiny_gpt2):
+    """A step holds at most 16 tokens here, so a 40-token prompt is prefilled over three steps
+    (its later chunks attend to the cached earlier ones)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from models.engines.varlen_attention import VARLEN_ATTENTION
+
+    prompt = " ".join(["the quick brown fox jumps over the lazy dog"] * 4)
+    small = GenerationEngine(tiny_gpt2, device="cpu", max_sequences=2, max_batch_tokens=16)
+    small.load()
+    try:
+        assert small._loaded.model.config._attn_implementation == VARLEN_ATTENTION
+        (ours,) = small.run(
+            [(prompt, SamplingParams(max_tokens=8, temperature=0, ignore_eos=True))]
+        )
+    finally:
+        small.close()
+    model = AutoModelForCausalLM.from_pretrained(tiny_gpt2, use_safetensors=True)
+    ids = AutoTokenizer.from_pretrained(tiny_gpt2)(prompt, return_tensors="pt")["input_ids"]
+    assert 32 < ids.shape[1] <= 56  # longer than two steps' budget, room for 8 more
+    reference = model.generate(ids, do_sample=False, max_new_tokens=8, min_new_tokens=8)
+    assert list(ours.token_ids) == reference[0, ids.shape[1] :].tolist()
+
+
 def test_streamed_deltas_join_to_the_whole_text(engine):
     params = SamplingParams(max_tokens=10, temperature=0)
     (whole,) = engine.run([("a model", params)])
