@@ -137,6 +137,14 @@ class GenerationSettings(_Strict):
         ge=64,
         description="KV cache size in tokens; default: max_sequences full contexts.",
     )
+    stream_interval_ms: float = Field(
+        100.0,
+        ge=0,
+        le=1000,
+        description="After a choice's first text, stream at most one chunk per this interval "
+        "(0: one per decoding step). Fewer, fuller chunks cost less: on 2 cores, 32 streams "
+        "of a 10M GPT-2 gave ~650 tokens/s at 0 and ~930 at 100 ms; 8 streams ~390 and ~600.",
+    )
 
 
 class ModelConfig(_Strict):
