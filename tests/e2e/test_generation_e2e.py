@@ -1,0 +1,96 @@
+"""Generation through `loom serve` as users run it: the gateway's own HTTP server (direct
+ingress, the default) streaming SSE, the OpenAI SDK, and a client that hangs up."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+
+import httpx
+import pytest
+from loom_process import LoomProcess, start_loom, stop_loom
+from model_folders import make_tiny_gpt2_folder
+from openai import OpenAI
+
+from models.settings import LoomEnv
+from models.store import ModelStore
+
+
+@pytest.fixture(scope="module")
+def gen_server(
+    tmp_path_factory: pytest.TempPathFactory, free_port: Callable[[], int]
+) -> Iterator[LoomProcess]:
+    home = tmp_path_factory.mktemp("e2e-gen")
+    folder = make_tiny_gpt2_folder(tmp_path_factory.mktemp("tinygpt"), n_positions=1024)
+    store = ModelStore(LoomEnv.from_environ({"LOOM_HOME": str(home)}).models_dir)
+    store.register("tinygpt", folder, task="generate")
+    config = {
+        "models": [
+            {"name": "tinygpt", "source": "tinygpt", "task": "generate",
+             "generation": {"max_sequences": 2, "stream_interval_ms": 0}},
+        ]
+    }  # fmt: skip
+    loom = start_loom(home, free_port(), config=config)
+    try:
+        yield loom
+    finally:
+        stop_loom(loom)
+
+
+def metric(url: str, name: str) -> float:
+    for line in httpx.get(f"{url}/metrics").text.splitlines():
+        if line.startswith(name + '{model="tinygpt"}'):
+            return float(line.split()[-1])
+    return 0.0
+
+
+def running_sequences(url: str) -> float:
+    return metric(url, "loom_running_sequences")
+
+
+def test_the_sdk_streams_a_chat_completion_over_the_default_ingress(gen_server) -> None:
+    client = OpenAI(base_url=f"{gen_server.url}/v1", api_key="unused", max_retries=0)
+    messages = [{"role": "user", "content": "tell me about the fox"}]
+    whole = client.chat.completions.create(
+        model="tinygpt", messages=messages, max_tokens=16, temperature=0,
+        extra_body={"ignore_eos": True},
+    )  # fmt: skip
+    chunks = list(
+        client.chat.completions.create(
+            model="tinygpt",
+            messages=messages,
+            max_tokens=16,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+            extra_body={"ignore_eos": True},
+        )  # fmt: skip
+    )
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == whole.choices[0].message.content
+    assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens == 16
+
+
+def test_hanging_up_mid_stream_frees_both_slots(gen_server) -> None:
+    """Two 1000-token streams take both slots; their clients leave after the first event.
+    The sequences stop (far fewer than 2 x 1000 tokens are made) and their slots come free,
+    so a third request is answered in full."""
+    tokens_before = metric(gen_server.url, "loom_generated_tokens_total")
+    body = {"model": "tinygpt", "prompt": "the quick", "max_tokens": 1000, "stream": True,
+            "ignore_eos": True}  # fmt: skip
+    for _ in range(2):
+        with httpx.stream("POST", f"{gen_server.url}/v1/completions", json=body) as reply:
+            assert reply.status_code == 200
+            next(reply.iter_lines())
+    deadline = time.monotonic() + 30
+    while running_sequences(gen_server.url) > 0 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert running_sequences(gen_server.url) == 0
+    reply = httpx.post(
+        f"{gen_server.url}/v1/completions",
+        json={"model": "tinygpt", "prompt": "once", "max_tokens": 4, "ignore_eos": True},
+        timeout=60,
+    )
+    assert reply.json()["usage"]["completion_tokens"] == 4
+    generated = metric(gen_server.url, "loom_generated_tokens_total") - tokens_before
+    assert generated < 1000, f"{generated} tokens: the abandoned streams ran on"
