@@ -32,6 +32,7 @@ if TYPE_CHECKING:
 
 JSON = "application/json"
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+VERSION_HEADER = "x-loom-model-version"  # the model version that generated the answer
 
 
 def refused(exc: GenerationRefused) -> ApiError:
@@ -144,7 +145,7 @@ async def _answer(
             choices=whole.deltas,
             usage=gen_api.usage(whole.prompt_tokens, tokens, call.n),
         )
-        return Response(content, media_type=JSON)
+        return Response(content, media_type=JSON, headers={VERSION_HEADER: whole.version})
 
     stream: DeploymentResponseGenerator = route.handle.options(stream=True).generate.remote(call)
     try:
@@ -163,7 +164,8 @@ async def _answer(
         chat=chat, id=call.request_id, created_s=int(time.time()), model=model.name
     )
     events = _events(stream, first, writer, call, in_flight, include_usage=body.include_usage)
-    return StreamingResponse(events, media_type="text/event-stream", headers=SSE_HEADERS)
+    headers = {**SSE_HEADERS, VERSION_HEADER: first.version}
+    return StreamingResponse(events, media_type="text/event-stream", headers=headers)
 
 
 async def _events(

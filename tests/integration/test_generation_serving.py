@@ -30,19 +30,25 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
+def store(tmp_path_factory: pytest.TempPathFactory) -> ModelStore:
+    home = tmp_path_factory.mktemp("loom-home")
+    return ModelStore(LoomEnv.from_environ({"LOOM_HOME": str(home)}).models_dir)
+
+
+@pytest.fixture(scope="module")
 def server(
     ray_session: None,
-    tmp_path_factory: pytest.TempPathFactory,
+    store: ModelStore,
     free_port: Callable[[], int],
     model_dir: Path,
 ) -> Iterator[str]:
-    home: Path = tmp_path_factory.mktemp("loom-home")
-    env = LoomEnv.from_environ({"LOOM_HOME": str(home)})
-    ModelStore(env.models_dir).register("tinygpt", model_dir, task="generate")
+    env = LoomEnv.from_environ({"LOOM_HOME": str(store.root.parent)})
+    store.register("tinygpt", model_dir, task="generate")
     port = free_port()
     config = parse_config(
         {
             "server": {"port": port, "ingress": "proxy"},
+            "rollout": {"poll_interval_s": 0.2},
             "models": [
                 {
                     "name": "tinygpt",
@@ -291,3 +297,47 @@ def test_generation_metrics_are_exported(server: str) -> None:
         'loom_waiting_sequences{model="tinygpt"}',
     ):
         assert name in text, name
+
+
+def test_promoting_a_new_version_under_streaming_load_fails_no_request(
+    server: str, store: ModelStore, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """Long streams on version 1 run to their end while the alias moves to version 2; short
+    requests keep flowing throughout, none fails, and the later ones come from version 2."""
+    v2 = make_tiny_gpt2_folder(tmp_path_factory.mktemp("tinygpt-v2"), n_positions=CONTEXT, seed=1)
+    store.register("tinygpt", v2, task="generate", version="2")
+    long_body = {"model": "tinygpt", "prompt": "the quick", "max_tokens": 400, "stream": True,
+                 "temperature": 0, "ignore_eos": True}  # fmt: skip
+    short_body = {"model": "tinygpt", "prompt": "once", "max_tokens": 4, "ignore_eos": True}
+
+    async def long_stream(client: httpx.AsyncClient, started: asyncio.Event) -> tuple[str, int]:
+        async with client.stream("POST", "/v1/completions", json=long_body) as reply:
+            version, finish = reply.headers["x-loom-model-version"], None
+            async for line in reply.aiter_lines():
+                if line.startswith("data: {"):
+                    started.set()
+                    choices = json.loads(line[6:])["choices"]
+                    finish = finish or (choices and choices[0]["finish_reason"])
+            return version, (reply.status_code, finish)
+
+    async def run() -> tuple[list, list]:
+        async with httpx.AsyncClient(base_url=server, timeout=120) as client:
+            started = [asyncio.Event() for _ in range(2)]
+            longs = [asyncio.create_task(long_stream(client, e)) for e in started]
+            for event in started:
+                await event.wait()  # both decoding on version 1
+            promoted = await client.post("/v1/admin/models/tinygpt/promote", json={"version": "2"})
+            assert promoted.status_code == 200, promoted.text
+            shorts = []
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline:
+                reply = await client.post("/v1/completions", json=short_body)
+                shorts.append((reply.status_code, reply.headers.get("x-loom-model-version")))
+                if shorts[-1][1] == "2" and len([s for s in shorts if s[1] == "2"]) >= 5:
+                    break
+            return [await t for t in longs], shorts
+
+    longs, shorts = asyncio.run(run())
+    assert longs == [("1", (200, "length"))] * 2  # finished on the old version, in full
+    assert all(status == 200 for status, _ in shorts), shorts
+    assert shorts[-1][1] == "2"
