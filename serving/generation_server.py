@@ -23,7 +23,7 @@ import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-from models.engines.generate import GenerationEngine, PromptError, SamplingParams, SequenceUpdate
+from models.engines.generate import GenerationEngine, SamplingParams, SequenceUpdate
 from models.store import ModelStore
 from serving import metrics
 from serving.config import ModelConfig
@@ -265,7 +265,7 @@ class GenerationServer:
                 seed=seed,
                 ignore_eos=call.ignore_eos,
             )
-        except (ValueError, PromptError) as exc:
+        except ValueError as exc:
             raise GenerationRefused(str(exc)) from None
 
     def _merge(
