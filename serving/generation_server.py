@@ -23,6 +23,7 @@ import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+from models.engines import build_engine
 from models.engines.generate import GenerationEngine, SamplingParams, SequenceUpdate
 from models.store import ModelStore
 from serving import metrics
@@ -112,7 +113,8 @@ class GenerationServer:
         store.verify(resolved)
         self._version = resolved.version
         settings = self._config.generation
-        self._engine = GenerationEngine(
+        self._engine: GenerationEngine = build_engine(
+            "generate",
             resolved.path,
             device=self._config.device,
             dtype=self._config.dtype,

@@ -14,11 +14,13 @@ from typing import Any
 from models.engines.base import Engine
 from models.engines.classify import TensorClassifierEngine, TextClassifierEngine, is_family_folder
 from models.engines.embed import EmbeddingEngine, EmbedResult
+from models.engines.generate import GenerationEngine
 
 __all__ = [
     "EmbedResult",
     "EmbeddingEngine",
     "Engine",
+    "GenerationEngine",
     "TensorClassifierEngine",
     "TextClassifierEngine",
     "build_engine",
@@ -27,7 +29,8 @@ __all__ = [
 
 def build_engine(task: str, model_dir: Path, **options: Any) -> Engine:
     """The engine for ``task`` over ``model_dir``, not yet loaded; ``options`` go to its
-    constructor (``device``, ``dtype``, ``num_threads``; ``max_length`` for text models).
+    constructor (``device``, ``dtype``, ``num_threads``; ``max_length`` for text models;
+    ``max_sequences``, ``max_batch_tokens``, ``kv_cache_tokens`` for generate).
 
     ``classify`` picks by folder: a config naming a Loom family (``digits``) gets the tensor
     engine, anything else the transformers text engine. Raises ``ValueError`` for a task with
@@ -39,4 +42,6 @@ def build_engine(task: str, model_dir: Path, **options: Any) -> Engine:
         if is_family_folder(model_dir):
             return TensorClassifierEngine(model_dir, **options)
         return TextClassifierEngine(model_dir, **options)
+    if task == "generate":
+        return GenerationEngine(model_dir, **options)
     raise ValueError(f"task {task} is not served yet")
