@@ -72,6 +72,15 @@ def check_sources(config: LoomConfig, store: ModelStore) -> None:
     """Every configured source resolves in the store, and every version a traffic split names
     exists (fail before starting anything)."""
     for model in config.models:
+        if model.multiplex is not None:  # a pool: each member's pinned ref
+            for ref in model.multiplex.models:
+                resolved = store.resolve(ref)
+                if resolved.task != model.task:
+                    raise ValueError(
+                        f"pool {model.name} serves {model.task}; member {ref} is a "
+                        f"{resolved.task} model"
+                    )
+            continue
         store.resolve(ModelRef.parse(model.source))
         for version in model.traffic or {}:
             store.resolve(ModelRef(name=ModelRef.parse(model.source).name, version=version))

@@ -224,7 +224,12 @@ class Batcher(Generic[T]):
                 p.future.set_result(self._split_rows(result, offset, offset + n))
             offset += n
 
-    def close(self) -> None:
+    def stop(self) -> None:
+        """Stop the batching loop, leaving the engine thread to its owner (a thread shared by
+        several batchers, one per model of a pool, outlives each of them)."""
         if self._loop_task is not None:
             self._loop_task.cancel()
+
+    def close(self) -> None:
+        self.stop()
         self._executor.shutdown(wait=False, cancel_futures=True)

@@ -118,9 +118,12 @@ class GatewayCore:
         self._timeout_s = config.server.request_timeout_s
         self.routes = routes
         self.store = store
-        # one coalescer per version app: a call joins requests for one version only
-        self._coalescers: dict[str, Coalescer] = {}
-        self._info: dict[str, dict] = {}  # app name -> its replica's info()
+        # one coalescer per version app and model (a pool's app serves several members): a
+        # call joins requests for one version of one model only
+        self._coalescers: dict[tuple[str, str], Coalescer] = {}
+        self._info: dict[tuple[str, str], dict] = {}  # (app, model) -> its replica's info()
+        self.members = config.pool_members()  # member -> its pool: the routed entry
+        self._member_handles: dict[tuple[str, str], DeploymentHandle] = {}
         self.readiness = ReadinessCache([m.name for m in config.models], routes.weights)
         self.created_s = int(time.time())
 
@@ -167,14 +170,35 @@ class GatewayCore:
         return self.route(name).handle
 
     def route(self, name: str) -> VersionRoute:
-        """The version one request of model ``name`` goes to; 503 while none is routed."""
+        """The version one request of model ``name`` goes to; 503 while none is routed. A pool
+        member goes to its pool's app, the handle naming the member (``multiplexed_model_id``)."""
+        return self._for_member(name, self.routes.pick)
+
+    def _for_member(self, name: str, pick: Callable[[str], VersionRoute]) -> VersionRoute:
+        member = self.members.get(name)
         try:
-            return self.routes.pick(name)
+            route = pick(member.pool if member else name)
         except NotRouted:
             raise model_not_ready(name) from None
+        if member is None:
+            return route
+        key = (route.app_name, name)
+        handle = self._member_handles.get(key)
+        if handle is None:
+            handle = route.handle.options(multiplexed_model_id=member.ref)
+            self._member_handles[key] = handle
+        # the app stays the pool's: in-flight tracking (and so draining) is per app
+        return VersionRoute(name, route.version, route.weight, route.app_name, handle)
+
+    def routed_name(self, name: str) -> str:
+        """The route-table entry serving ``name``: its pool for a member, else itself."""
+        member = self.members.get(name)
+        return member.pool if member else name
 
     def model(self, name: str) -> ModelConfig:
-        model = self.config.model(name)
+        """The config a callable name is served by (a pool member's: its pool's settings);
+        404 for an unknown name or a pool's own name."""
+        model = self.config.served(name)
         if model is None:
             raise model_not_found(name)
         return model
@@ -206,31 +230,32 @@ class GatewayCore:
             ) from None
 
     def _coalescer_for(self, route: VersionRoute) -> Coalescer:
-        coalescer = self._coalescers.get(route.app_name)
+        key = (route.app_name, route.model)
+        coalescer = self._coalescers.get(key)
         if coalescer is None:
             live = self.routes.app_names()  # forget versions no longer routed
-            for app_name in [a for a in self._coalescers if a not in live]:
-                del self._coalescers[app_name]  # its queued requests still finish
-            coalescer = self._coalescer(self.config.model(route.model), route.handle)
-            self._coalescers[route.app_name] = coalescer
+            for old in [k for k in self._coalescers if k[0] not in live]:
+                del self._coalescers[old]  # its queued requests still finish
+            for old in [k for k in self._member_handles if k[0] not in live]:
+                del self._member_handles[old]
+            coalescer = self._coalescer(self.config.served(route.model), route.handle)
+            self._coalescers[key] = coalescer
         return coalescer
 
     async def model_info(self, name: str) -> dict:
         """The info of the version that takes most of ``name``'s traffic."""
-        try:
-            route = self.routes.primary(name)
-        except NotRouted:
-            raise model_not_ready(name) from None
-        if route.app_name not in self._info:
-            self._info[route.app_name] = await route.handle.info.remote()
-        return self._info[route.app_name]
+        route = self._for_member(name, self.routes.primary)
+        key = (route.app_name, route.model)
+        if key not in self._info:
+            self._info[key] = await route.handle.info.remote()
+        return self._info[key]
 
     async def warm(self, route: VersionRoute) -> None:
         """Before a new version is routed: its first call sets up the handle (so the first
         request does not), and its info is cached. Bounded: the follower waits for it."""
         with contextlib.suppress(Exception):
             info = await asyncio.wait_for(route.handle.info.remote(), WARM_TIMEOUT_S)
-            self._info[route.app_name] = info
+            self._info[(route.app_name, route.model)] = info
 
     async def measured(self, request: Request, route: str, handler: Handler) -> Response:
         """Authorize, run ``handler``, count the answer by model, route and status.
@@ -258,7 +283,7 @@ def build_http_app(gw: GatewayCore) -> FastAPI:
     )
     _add_error_handlers(app)
     add_generation_routes(app, gw)
-    limits = {m.name: m.limits for m in gw.config.models}
+    limits = {name: gw.model(name).limits for name in gw.config.served_names()}
 
     def checked(name: str, texts: tuple[str, ...]) -> None:
         check_inputs(
@@ -305,7 +330,7 @@ def build_http_app(gw: GatewayCore) -> FastAPI:
     @app.get("/v1/models")
     async def list_models(request: Request) -> Response:
         async def handle(labels: dict[str, str]) -> Response:
-            cards = [oai.model_card(m.name, gw.created_s) for m in gw.config.models]
+            cards = [oai.model_card(name, gw.created_s) for name in gw.config.served_names()]
             return JSONResponse({"object": "list", "data": cards})
 
         return await gw.measured(request, "models", handle)
@@ -370,7 +395,7 @@ def build_http_app(gw: GatewayCore) -> FastAPI:
     async def model_ready(name: str, request: Request) -> Response:
         async def handle(labels: dict[str, str]) -> Response:
             labels["model"] = gw.model(name).name
-            is_ready = await gw.readiness.model_ready(name)
+            is_ready = await gw.readiness.model_ready(gw.routed_name(name))
             code = 200 if is_ready else 503
             return JSONResponse({"name": name, "ready": is_ready}, status_code=code)
 

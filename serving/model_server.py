@@ -198,10 +198,12 @@ SERVER_BY_TASK: dict[str, type] = {
 """The replica class that serves each task."""
 
 
-def model_server_deployment(config: ModelConfig, env_vars: dict[str, str]) -> serve.Deployment:
+def model_server_deployment(
+    config: ModelConfig, env_vars: dict[str, str], *, server_class: type | None = None
+) -> serve.Deployment:
     """The Ray Serve deployment for one model config: its task's replica class (see
-    ``SERVER_BY_TASK``), replicas, resources, runtime env."""
-    server_class = SERVER_BY_TASK.get(config.task)
+    ``SERVER_BY_TASK``) unless ``server_class`` is given, replicas, resources, runtime env."""
+    server_class = server_class or SERVER_BY_TASK.get(config.task)
     if server_class is None:
         raise ValueError(f"model {config.name}: task {config.task} is not served yet")
     options: dict = {

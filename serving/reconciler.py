@@ -39,7 +39,9 @@ from models.errors import StoreError
 from models.refs import ModelRef
 from serving.config import ModelConfig
 from serving.model_server import model_server_deployment
+from serving.pool_server import pool_server_deployment
 from serving.rollout import (
+    POOL_VERSION,
     AppState,
     GatewayReport,
     RolloutPlan,
@@ -129,6 +131,9 @@ class Reconciler:
         for model in self._models.values():
             if model.traffic is not None:
                 desired[model.name] = desired_weights(model, "")
+                continue
+            if model.multiplex is not None:  # one routed entry for all its members
+                desired[model.name] = {POOL_VERSION: 1.0}
                 continue
             try:
                 version = self._resolve(model.source)
@@ -304,13 +309,16 @@ class ServeVersionApps:
 
     def pinned(self, key: VersionKey) -> ModelConfig:
         model = self._models[key.model]
+        if model.multiplex is not None:
+            return model  # members are pinned refs already
         store_name = ModelRef.parse(model.source).name
         return model.model_copy(update={"source": f"{store_name}@{key.version}", "traffic": None})
 
     def deploy(self, key: VersionKey) -> None:
         pinned = self.pinned(key)
         # Serve's own drain on delete: a replica waits for what it holds (a long stream too)
-        deployment = model_server_deployment(pinned, self._env_vars).options(
+        build = pool_server_deployment if pinned.multiplex else model_server_deployment
+        deployment = build(pinned, self._env_vars).options(
             graceful_shutdown_timeout_s=self._drain_timeout_s
         )
         app = deployment.bind(pinned.model_dump(), self._models_dir)

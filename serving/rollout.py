@@ -75,8 +75,16 @@ def app_state(serve_status: str) -> AppState:
     return _SERVE_TO_STATE.get(serve_status, AppState.DEPLOYING)
 
 
+POOL_VERSION = "pool"
+"""The one version a multiplexed pool is routed and deployed as (``loom.<pool>@pool``): its
+members are pinned refs resolved at start, so the pool itself never moves."""
+
+
 def follows_alias(model: ModelConfig) -> bool:
-    """True when the model's version can move: ``NAME`` or ``NAME#ALIAS``, no traffic split."""
+    """True when the model's version can move: ``NAME`` or ``NAME#ALIAS``, no traffic split
+    (a pool never moves: its members are pinned)."""
+    if model.multiplex is not None or model.source is None:
+        return False
     return model.traffic is None and ModelRef.parse(model.source).version is None
 
 
