@@ -52,6 +52,19 @@ class Overloaded(Exception):
         return (Overloaded, (self.model, self.retry_after_s))
 
 
+class InputRefused(Exception):
+    """A replica refused a request's inputs (the gateway answers 400). The gateway checks
+    inputs against the model's current version first; a replica still checks, since a canary
+    version may take another shape."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+    def __reduce__(self):  # survives the hop back through Ray
+        return (InputRefused, (self.message,))
+
+
 def protocol_for_path(path: str) -> Protocol:
     return "v2" if path == "/v2" or path.startswith("/v2/") else "openai"
 

@@ -34,6 +34,7 @@ from serving.coalescer import Coalescer
 from serving.config import LoomConfig, ModelConfig
 from serving.errors import (
     ApiError,
+    InputRefused,
     Overloaded,
     bad_request,
     error_body,
@@ -224,6 +225,8 @@ class GatewayCore:
                 return await asyncio.wait_for(coalescer.submit(request.inputs), remaining_s)
         except Overloaded as exc:
             raise overloaded(exc) from None
+        except InputRefused as exc:
+            raise bad_request(exc.message, param="inputs") from None
         except TimeoutError:
             raise ApiError(
                 504, f"model {request.model} did not answer within the deadline", code="timeout"

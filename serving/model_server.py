@@ -22,7 +22,7 @@ from models.store import ModelStore
 from serving import metrics
 from serving.batcher import Batcher, BatchPolicy, QueueFull, engine_thread
 from serving.config import ModelConfig
-from serving.errors import Overloaded
+from serving.errors import InputRefused, Overloaded
 from serving.generation_server import GenerationServer
 from serving.readiness import model_deployment_name
 from serving.request import ClassifyReply, EmbedReply
@@ -170,12 +170,7 @@ class ClassifierServer(ModelReplica):
         return self._engine.run(inputs)
 
     async def classify(self, inputs: np.ndarray | list[str]) -> ClassifyReply:
-        # checked here too, before admission: a bad request joined into a batch would fail
-        # every other request in it
-        if self._engine.input_kind == "tensor":
-            self._engine.check_input(np.asarray(inputs))
-        elif not all(isinstance(text, str) for text in inputs):
-            raise TypeError("a text classifier takes a list of strings")
+        check_classifier_inputs(self._engine, inputs)
         probabilities = await self._submit(inputs)
         return ClassifyReply(probabilities=probabilities, version=self._version)
 
@@ -188,6 +183,18 @@ class ClassifierServer(ModelReplica):
             "features": self._engine.input_features,
             "labels": list(self._engine.labels),
         }
+
+
+def check_classifier_inputs(engine: Any, inputs: np.ndarray | list[str]) -> None:
+    """``InputRefused`` unless ``inputs`` suit ``engine``. Checked in the replica too, before
+    admission: a bad request joined into a batch would fail every other request in it."""
+    try:
+        if engine.input_kind == "tensor":
+            engine.check_input(np.asarray(inputs))
+        elif not all(isinstance(text, str) for text in inputs):
+            raise ValueError("a text classifier takes a list of strings")
+    except ValueError as exc:
+        raise InputRefused(str(exc)) from None
 
 
 SERVER_BY_TASK: dict[str, type] = {

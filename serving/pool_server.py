@@ -33,7 +33,12 @@ from serving import metrics
 from serving.batcher import Batcher, BatchPolicy, QueueFull, engine_thread
 from serving.config import ModelConfig
 from serving.errors import Overloaded
-from serving.model_server import concat_results, model_server_deployment, split_result
+from serving.model_server import (
+    check_classifier_inputs,
+    concat_results,
+    model_server_deployment,
+    split_result,
+)
 from serving.request import ClassifyReply, EmbedReply
 from serving.rollout import POOL_VERSION
 
@@ -185,12 +190,7 @@ class PoolReplica:
 
     async def classify(self, inputs: np.ndarray | list[str]) -> ClassifyReply:
         model = await self._model()
-        # checked before admission, as in ClassifierServer: a bad request joined into a batch
-        # would fail every other request in it
-        if model.engine.input_kind == "tensor":
-            model.engine.check_input(np.asarray(inputs))
-        elif not all(isinstance(text, str) for text in inputs):
-            raise TypeError("a text classifier takes a list of strings")
+        check_classifier_inputs(model.engine, inputs)
         probabilities = await self._submit(model, inputs)
         return ClassifyReply(probabilities=probabilities, version=model.version)
 

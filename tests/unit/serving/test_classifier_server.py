@@ -13,7 +13,7 @@ from prometheus_client import REGISTRY
 from models.engines import build_engine
 from models.store import ModelStore
 from serving.config import ModelConfig
-from serving.errors import Overloaded
+from serving.errors import InputRefused, Overloaded
 from serving.model_server import ClassifierServer, ModelServer, model_server_deployment
 
 
@@ -77,7 +77,7 @@ def test_a_call_larger_than_the_queue_is_refused_as_overloaded(tmp_path: Path):
 )
 def test_a_tensor_model_refuses_wrong_rows_before_they_join_a_batch(tmp_path: Path, rows):
     server, _ = served(tmp_path, "digits-checked", make_digits_folder(tmp_path / "d"))
-    with pytest.raises(ValueError, match="input must"):
+    with pytest.raises(InputRefused, match="input must"):  # the gateway answers 400
         asyncio.run(server.classify(rows))
     assert server._batcher.queued_inputs == 0
 
