@@ -25,3 +25,7 @@ class HashMismatch(StoreError):
 
 class ModelExists(StoreError):
     """Registering a version that already exists."""
+
+
+class WrongTask(StoreError):
+    """A stored version is a model for another task than the one asked for."""

@@ -28,7 +28,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from models.errors import HashMismatch, ModelExists, ModelNotFound, StoreError
+from models.errors import HashMismatch, ModelExists, ModelNotFound, StoreError, WrongTask
 from models.manifest import (
     HASH_CHUNK_BYTES,
     MANIFEST_FILENAME,
@@ -236,6 +236,18 @@ class ModelStore:
             path=self.root / name / version,
             manifest=manifest,
         )
+
+    def open(self, ref: str | ModelRef, *, task: str) -> ResolvedModel:
+        """``resolve`` then ``verify``, for a model of ``task``: what a server does before it
+        loads a version. Raises ``WrongTask`` for a version of another task, and whatever
+        ``resolve`` and ``verify`` raise."""
+        resolved = self.resolve(ref)
+        if resolved.task != task:
+            raise WrongTask(
+                f"{resolved.name}@{resolved.version} is a {resolved.task} model, not {task}"
+            )
+        self.verify(resolved)
+        return resolved
 
     def verify(self, resolved: ResolvedModel) -> None:
         """Check the version's folder against its manifest, file by file.

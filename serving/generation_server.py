@@ -103,14 +103,7 @@ class GenerationServer:
         self._config = ModelConfig.model_validate(model)
         name = self._config.name
         started = time.perf_counter()
-        store = ModelStore(Path(models_dir))
-        resolved = store.resolve(self._config.source)
-        if resolved.task != "generate":
-            raise ValueError(
-                f"model {name}: config says task generate but "
-                f"{resolved.name}@{resolved.version} is a {resolved.task} model"
-            )
-        store.verify(resolved)
+        resolved = ModelStore(Path(models_dir)).open(self._config.source, task="generate")
         self._version = resolved.version
         settings = self._config.generation
         self._engine: GenerationEngine = build_engine(

@@ -50,14 +50,7 @@ class ModelReplica:
         self._config = ModelConfig.model_validate(model)
         name = self._config.name
         started = time.perf_counter()
-        store = ModelStore(Path(models_dir))
-        resolved = store.resolve(self._config.source)
-        if resolved.task != self._config.task:
-            raise ValueError(
-                f"model {name}: config says task {self._config.task} but "
-                f"{resolved.name}@{resolved.version} is a {resolved.task} model"
-            )
-        store.verify(resolved)
+        resolved = ModelStore(Path(models_dir)).open(self._config.source, task=self._config.task)
         self._version = resolved.version
         self._engine = build_engine(
             resolved.task,

@@ -114,13 +114,7 @@ class PoolReplica:
         if name is None:
             raise ValueError(f"{ref} is not a member of pool {self._config.name}")
         started = time.perf_counter()
-        resolved = await asyncio.to_thread(self._store.resolve, ref)
-        if resolved.task != self._config.task:
-            raise ValueError(
-                f"pool {self._config.name} serves {self._config.task}; {ref} is a "
-                f"{resolved.task} model"
-            )
-        await asyncio.to_thread(self._store.verify, resolved)
+        resolved = await asyncio.to_thread(self._store.open, ref, task=self._config.task)
         engine = build_engine(
             resolved.task,
             resolved.path,

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from models.device import resolve_device, resolve_dtype
-from models.engines import EmbeddingEngine, Engine, build_engine
+from models.engines import EmbeddingEngine, Engine, GenerationEngine, build_engine
 from models.errors import UnsafeWeights
 from models.loading import load_pretrained
 
@@ -65,11 +65,15 @@ def test_load_pretrained_refuses_a_folder_with_pickle_weights(
         load_pretrained(folder, task="embed", device=torch.device("cpu"), dtype=torch.float32)
 
 
-def test_build_engine_makes_an_embedding_engine_and_refuses_other_tasks(tmp_path: Path) -> None:
+def test_build_engine_makes_each_tasks_engine_and_refuses_other_tasks(tmp_path: Path) -> None:
     engine = build_engine("embed", tmp_path, device="cpu")
 
     assert isinstance(engine, EmbeddingEngine)
     assert isinstance(engine, Engine)
     assert engine.task == "embed"
-    with pytest.raises(ValueError, match="task generate is not served yet"):
-        build_engine("generate", tmp_path)
+    generator = build_engine("generate", tmp_path, device="cpu", max_sequences=4)
+    assert isinstance(generator, GenerationEngine)
+    assert isinstance(generator, Engine)
+    assert generator.max_sequences == 4
+    with pytest.raises(ValueError, match="task translate is not served yet"):
+        build_engine("translate", tmp_path)

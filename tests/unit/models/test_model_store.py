@@ -17,6 +17,7 @@ from models.errors import (
     ModelNotFound,
     StoreError,
     UnsafeWeights,
+    WrongTask,
 )
 from models.manifest import sha256_file
 from models.refs import ModelRef
@@ -266,6 +267,19 @@ def test_verify_passes_for_an_untouched_version(
     store.register("enc", make_model_dir(), task="embed")
 
     store.verify(store.resolve("enc"))  # no exception
+
+
+def test_open_resolves_and_verifies_a_version_of_the_asked_task(
+    store: ModelStore, make_model_dir: MakeModelDir
+) -> None:
+    store.register("enc", make_model_dir(), task="embed")
+    assert store.open("enc", task="embed").version == "1"
+    with pytest.raises(WrongTask, match="enc@1 is a embed model, not generate"):
+        store.open("enc", task="generate")
+    weights = store.resolve("enc").path / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-1])  # a truncated file fails the hash check
+    with pytest.raises(HashMismatch):
+        store.open("enc", task="embed")
 
 
 def test_verify_names_a_tampered_file_and_both_hashes(
