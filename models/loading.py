@@ -78,3 +78,23 @@ def load_pretrained(
         local_files_only=True,
     )
     return LoadedModel(model=model, tokenizer=tokenizer, device=device, dtype=dtype)
+
+
+def pick_max_length(
+    loaded: LoadedModel, requested: int | None, preferred: int | None = None
+) -> int:
+    """The token limit of a text model: ``requested`` (refused past the model's positions),
+    else ``preferred`` (what the model was trained at, e.g. sentence-transformers' 256 for
+    MiniLM), else the smaller of the tokenizer's and the model's limits."""
+    position_limit = int(getattr(loaded.model.config, "max_position_embeddings", 0) or 0)
+    if requested is not None:
+        if position_limit and requested > position_limit:
+            raise ValueError(
+                f"max_length {requested} exceeds the model's {position_limit} positions"
+            )
+        return requested
+    if preferred is not None and preferred > 0:
+        return preferred
+    # tokenizers without a limit report a huge sentinel (1e30); positions bound us anyway
+    limits = [int(min(loaded.tokenizer.model_max_length, 1 << 30)), position_limit]
+    return min(limit for limit in limits if limit > 0)

@@ -27,7 +27,7 @@ from safetensors.torch import load_file
 
 from models.device import resolve_device, resolve_dtype
 from models.families import digits
-from models.loading import LoadedModel, load_pretrained
+from models.loading import LoadedModel, load_pretrained, pick_max_length
 from models.weights import require_safe_weights
 
 CONFIG_FILE = "config.json"
@@ -171,7 +171,7 @@ class TextClassifierEngine:
         self._multi_label = config.problem_type == "multi_label_classification"
         # id2label maps column index -> name: {0: "negative", 1: "positive"}
         self.labels = tuple(str(config.id2label[i]) for i in range(config.num_labels))
-        self.max_length = self._pick_max_length(loaded)
+        self.max_length = pick_max_length(loaded, self._requested_max_length)
         self._loaded = loaded
 
     def warmup(self) -> None:
@@ -199,17 +199,3 @@ class TextClassifierEngine:
         if self._loaded is None:
             raise RuntimeError("TextClassifierEngine.load() must be called first")
         return self._loaded
-
-    def _pick_max_length(self, loaded: LoadedModel) -> int:
-        """Asked for (bounded by the model's positions), else the tokenizer's or the model's."""
-        position_limit = int(getattr(loaded.model.config, "max_position_embeddings", 0) or 0)
-        if self._requested_max_length is not None:
-            if position_limit and self._requested_max_length > position_limit:
-                raise ValueError(
-                    f"max_length {self._requested_max_length} exceeds the model's "
-                    f"{position_limit} positions"
-                )
-            return self._requested_max_length
-        # tokenizers without a limit report a huge sentinel (1e30); positions bound us anyway
-        limits = [int(min(loaded.tokenizer.model_max_length, 1 << 30)), position_limit]
-        return min(limit for limit in limits if limit > 0)

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from models.device import resolve_device, resolve_dtype
-from models.loading import LoadedModel, load_pretrained
+from models.loading import LoadedModel, load_pretrained, pick_max_length
 
 _WARMUP_TEXTS = (
     "Loom warms the model up.",
@@ -82,7 +82,9 @@ class EmbeddingEngine:
         loaded = load_pretrained(
             self.model_dir, task=self.task, device=self.device, dtype=self.dtype
         )
-        self._max_length = self._pick_max_length(loaded)
+        self._max_length = pick_max_length(
+            loaded, self._requested_max_length, self._trained_max_length()
+        )
         self._loaded = loaded
 
     def warmup(self) -> None:
@@ -139,25 +141,14 @@ class EmbeddingEngine:
             raise RuntimeError("EmbeddingEngine.load() must be called first")
         return self._loaded
 
-    def _pick_max_length(self, loaded: LoadedModel) -> int:
-        """The token limit: asked for, else sentence-transformers' own, else the model's."""
-        position_limit = int(getattr(loaded.model.config, "max_position_embeddings", 0) or 0)
-        if self._requested_max_length is not None:
-            if position_limit and self._requested_max_length > position_limit:
-                raise ValueError(
-                    f"max_length {self._requested_max_length} exceeds the model's "
-                    f"{position_limit} positions"
-                )
-            return self._requested_max_length
+    def _trained_max_length(self) -> int | None:
+        """What the model was trained and evaluated at (sentence-transformers' config): 256
+        for MiniLM, below its 512 positions."""
         sbert_config = self.model_dir / "sentence_bert_config.json"
-        if sbert_config.is_file():
-            # What the model was trained and evaluated at: 256 for MiniLM, below its 512.
-            max_seq_length = json.loads(sbert_config.read_text()).get("max_seq_length")
-            if isinstance(max_seq_length, int) and max_seq_length > 0:
-                return max_seq_length
-        limits = [int(loaded.tokenizer.model_max_length), position_limit]
-        # Tokenizers without a limit report a huge sentinel (1e30); positions bound us anyway.
-        return min(limit for limit in limits if limit > 0)
+        if not sbert_config.is_file():
+            return None
+        max_seq_length = json.loads(sbert_config.read_text()).get("max_seq_length")
+        return max_seq_length if isinstance(max_seq_length, int) else None
 
 
 def _mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
