@@ -30,7 +30,13 @@ from dataclasses import dataclass, field
 import orjson
 
 from benchmarks.generation_report import RequestTiming
-from benchmarks.loadgen import LOCALHOST, ProtocolError, _loop_factory, build_requests
+from benchmarks.loadgen import (
+    LOCALHOST,
+    ProtocolError,
+    build_requests,
+    drive_window,
+    event_loop_factory,
+)
 
 NS_PER_S = 1_000_000_000
 COMPLETIONS_PATH = "/v1/completions"
@@ -342,17 +348,12 @@ async def _run_level(
         asyncio.create_task(_user(config, requests, messages, i * stride, collector))
         for i in range(config.concurrency)
     ]
-    await asyncio.sleep(max(0.0, (window_start_ns - time.perf_counter_ns()) / NS_PER_S))
-    cpu_start_s = time.process_time()
-    await asyncio.sleep(max(0.0, (window_end_ns - time.perf_counter_ns()) / NS_PER_S))
-    cpu_s = time.process_time() - cpu_start_s
-    _, pending = await asyncio.wait(users, timeout=config.drain_timeout_s)
-    for task in pending:
-        task.cancel()
-    await asyncio.gather(*pending, return_exceptions=True)
-    for task in users:
-        if not task.cancelled() and task.exception() is not None:
-            raise RuntimeError("a virtual user failed") from task.exception()
+    cpu_s = await drive_window(
+        users,
+        window_start_ns=window_start_ns,
+        window_end_ns=window_end_ns,
+        drain_timeout_s=config.drain_timeout_s,
+    )
     return StreamLoadResult(
         concurrency=config.concurrency,
         window_start_ns=window_start_ns,
@@ -373,5 +374,5 @@ def run_stream_load(
     if not requests:
         raise ValueError("requests must not be empty")
     messages = build_requests(config.host, config.port, config.path, [r.body for r in requests])
-    with asyncio.Runner(loop_factory=_loop_factory()) as runner:
+    with asyncio.Runner(loop_factory=event_loop_factory()) as runner:
         return runner.run(_run_level(config, requests, messages))

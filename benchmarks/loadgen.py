@@ -256,17 +256,12 @@ async def _run_level(config: LoadConfig, requests: Sequence[bytes]) -> LoadResul
         asyncio.create_task(_user(config, requests, i * stride, recorder))
         for i in range(config.concurrency)
     ]
-    await asyncio.sleep(max(0.0, (window_start_ns - time.perf_counter_ns()) / NS_PER_S))
-    cpu_start_s = time.process_time()
-    await asyncio.sleep(max(0.0, (window_end_ns - time.perf_counter_ns()) / NS_PER_S))
-    cpu_s = time.process_time() - cpu_start_s
-    _, pending = await asyncio.wait(users, timeout=config.drain_timeout_s)
-    for task in pending:
-        task.cancel()
-    await asyncio.gather(*pending, return_exceptions=True)
-    for task in users:
-        if not task.cancelled() and task.exception() is not None:
-            raise RuntimeError("a virtual user failed") from task.exception()
+    cpu_s = await drive_window(
+        users,
+        window_start_ns=window_start_ns,
+        window_end_ns=window_end_ns,
+        drain_timeout_s=config.drain_timeout_s,
+    )
     return LoadResult(
         concurrency=config.concurrency,
         duration_s=config.duration_s,
@@ -278,7 +273,7 @@ async def _run_level(config: LoadConfig, requests: Sequence[bytes]) -> LoadResul
     )
 
 
-def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop]:
+def event_loop_factory() -> Callable[[], asyncio.AbstractEventLoop]:
     try:
         import uvloop
     except ImportError:
@@ -287,7 +282,7 @@ def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop]:
 
 
 def _run(coro: Coroutine[Any, Any, LoadResult]) -> LoadResult:
-    with asyncio.Runner(loop_factory=_loop_factory()) as runner:
+    with asyncio.Runner(loop_factory=event_loop_factory()) as runner:
         return runner.run(coro)
 
 
@@ -300,3 +295,27 @@ def run_load(config: LoadConfig, bodies: Sequence[bytes]) -> LoadResult:
         raise ValueError("bodies must not be empty")
     requests = build_requests(config.host, config.port, config.path, bodies)
     return _run(_run_level(config, requests))
+
+
+async def drive_window(
+    users: list[asyncio.Task],
+    *,
+    window_start_ns: int,
+    window_end_ns: int,
+    drain_timeout_s: float,
+) -> float:
+    """Let ``users`` run through the measured window, then drain them (cancelling stragglers
+    after ``drain_timeout_s``); returns this process's CPU seconds inside the window. Raises
+    if a user failed."""
+    await asyncio.sleep(max(0.0, (window_start_ns - time.perf_counter_ns()) / NS_PER_S))
+    cpu_start_s = time.process_time()
+    await asyncio.sleep(max(0.0, (window_end_ns - time.perf_counter_ns()) / NS_PER_S))
+    cpu_s = time.process_time() - cpu_start_s
+    _, pending = await asyncio.wait(users, timeout=drain_timeout_s)
+    for task in pending:
+        task.cancel()
+    await asyncio.gather(*pending, return_exceptions=True)
+    for task in users:
+        if not task.cancelled() and task.exception() is not None:
+            raise RuntimeError("a virtual user failed") from task.exception()
+    return cpu_s
