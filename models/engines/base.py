@@ -11,7 +11,13 @@ knows nothing of HTTP, Ray or queues, and is driven by one thread at a time.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
+
+import torch
+
+from models.device import resolve_device, resolve_dtype
+from models.loading import LoadedModel, load_pretrained
 
 
 @runtime_checkable
@@ -27,3 +33,43 @@ class Engine(Protocol):
 
     def run(self, batch: Sequence[Any]) -> Any:
         """Run one batch; returns the batch's results in input order."""
+
+
+class PretrainedEngine:
+    """What every engine over a transformers folder shares: the folder, the device and dtype
+    (resolved when the engine is built, so a machine that cannot honour the config fails
+    then, not at the first request), torch's intra-op threads, and loading (safetensors only).
+
+        class MyEngine(PretrainedEngine):
+            task = "embed"
+            def load(self): self._loaded = self._load_pretrained()
+    """
+
+    task: str
+
+    def __init__(
+        self,
+        model_dir: Path,
+        *,
+        device: str = "auto",
+        dtype: str = "auto",
+        num_threads: int | None = None,
+    ) -> None:
+        self.model_dir = Path(model_dir)
+        self.device = resolve_device(device)
+        self.dtype = resolve_dtype(dtype, self.device)
+        if num_threads is not None and num_threads < 1:
+            raise ValueError(f"num_threads must be at least 1, not {num_threads}")
+        self._num_threads = num_threads
+        self._loaded: LoadedModel | None = None
+
+    def _load_pretrained(self) -> LoadedModel:
+        """Set torch's threads, then load the folder's model and tokenizer for ``task``."""
+        if self._num_threads is not None:
+            torch.set_num_threads(self._num_threads)
+        return load_pretrained(self.model_dir, task=self.task, device=self.device, dtype=self.dtype)
+
+    def _require_loaded(self) -> LoadedModel:
+        if self._loaded is None:
+            raise RuntimeError(f"{type(self).__name__}.load() must be called first")
+        return self._loaded

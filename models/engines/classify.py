@@ -26,8 +26,9 @@ import torch
 from safetensors.torch import load_file
 
 from models.device import resolve_device, resolve_dtype
+from models.engines.base import PretrainedEngine
 from models.families import digits
-from models.loading import LoadedModel, load_pretrained, pick_max_length
+from models.loading import pick_max_length
 from models.weights import require_safe_weights
 
 CONFIG_FILE = "config.json"
@@ -117,7 +118,7 @@ class TensorClassifierEngine:
             return torch.softmax(logits.float(), dim=-1).cpu().numpy()
 
 
-class TextClassifierEngine:
+class TextClassifierEngine(PretrainedEngine):
     """Classifies texts with a transformers ``*ForSequenceClassification`` folder.
 
     Single-label models give a softmax over the labels (rows sum to 1); models whose config
@@ -142,14 +143,10 @@ class TextClassifierEngine:
         max_length: int | None = None,
         num_threads: int | None = None,
     ) -> None:
-        self.model_dir = Path(model_dir)
-        self.device = resolve_device(device)
-        self.dtype = resolve_dtype(dtype, self.device)
+        super().__init__(model_dir, device=device, dtype=dtype, num_threads=num_threads)
         if max_length is not None and max_length < 2:
             raise ValueError(f"max_length must be at least 2 tokens, not {max_length}")
         self._requested_max_length = max_length
-        self._num_threads = num_threads
-        self._loaded: LoadedModel | None = None
         self._multi_label = False
         self.max_length = 0
         self.labels: tuple[str, ...] = ()
@@ -160,11 +157,7 @@ class TextClassifierEngine:
 
     def load(self) -> None:
         """Load the model and tokenizer (safetensors only, no remote code), in eval mode."""
-        if self._num_threads is not None:
-            torch.set_num_threads(self._num_threads)
-        loaded = load_pretrained(
-            self.model_dir, task=self.task, device=self.device, dtype=self.dtype
-        )
+        loaded = self._load_pretrained()
         config = loaded.model.config
         if config.problem_type == "regression":
             raise ValueError(f"{self.model_dir} has a regression head, not a classifier")
@@ -194,8 +187,3 @@ class TextClassifierEngine:
             logits = loaded.model(**batch).logits.float()  # (B, num_labels)
             scores = torch.sigmoid(logits) if self._multi_label else torch.softmax(logits, -1)
         return scores.cpu().numpy()
-
-    def _require_loaded(self) -> LoadedModel:
-        if self._loaded is None:
-            raise RuntimeError("TextClassifierEngine.load() must be called first")
-        return self._loaded

@@ -20,8 +20,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from models.device import resolve_device, resolve_dtype
-from models.loading import LoadedModel, load_pretrained, pick_max_length
+from models.engines.base import PretrainedEngine
+from models.loading import pick_max_length
 
 _WARMUP_TEXTS = (
     "Loom warms the model up.",
@@ -41,7 +41,7 @@ class EmbedResult:
     """Tokens per input after truncation, special tokens included (usage.prompt_tokens)."""
 
 
-class EmbeddingEngine:
+class EmbeddingEngine(PretrainedEngine):
     """Embeds text with a mean-pooling sentence encoder from a local folder.
 
     Driven by one thread at a time (see ``models.engines.base``). ``device``/``dtype`` take
@@ -60,28 +60,16 @@ class EmbeddingEngine:
         max_length: int | None = None,
         num_threads: int | None = None,
     ) -> None:
-        # Resolved now, so a machine that cannot honour the config fails when the engine is
-        # built, not at the first request.
-        self.model_dir = Path(model_dir)
-        self.device = resolve_device(device)
-        self.dtype = resolve_dtype(dtype, self.device)
+        super().__init__(model_dir, device=device, dtype=dtype, num_threads=num_threads)
         if max_length is not None and max_length < 2:
             raise ValueError(f"max_length must be at least 2 tokens ([CLS], [SEP]): {max_length}")
-        if num_threads is not None and num_threads < 1:
-            raise ValueError(f"num_threads must be at least 1, not {num_threads}")
         self._requested_max_length = max_length
-        self._num_threads = num_threads
-        self._loaded: LoadedModel | None = None
         self._max_length = 0
 
     def load(self) -> None:
         """Load weights and tokenizer onto the device (safetensors only), in eval mode."""
         _require_mean_pooling(self.model_dir)
-        if self._num_threads is not None:
-            torch.set_num_threads(self._num_threads)
-        loaded = load_pretrained(
-            self.model_dir, task=self.task, device=self.device, dtype=self.dtype
-        )
+        loaded = self._load_pretrained()
         self._max_length = pick_max_length(
             loaded, self._requested_max_length, self._trained_max_length()
         )
@@ -135,11 +123,6 @@ class EmbeddingEngine:
             vectors=vectors.cpu().numpy(),
             token_counts=tuple(token_counts.cpu().tolist()),
         )
-
-    def _require_loaded(self) -> LoadedModel:
-        if self._loaded is None:
-            raise RuntimeError("EmbeddingEngine.load() must be called first")
-        return self._loaded
 
     def _trained_max_length(self) -> int | None:
         """What the model was trained and evaluated at (sentence-transformers' config): 256

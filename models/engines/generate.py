@@ -29,7 +29,6 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 from transformers import GenerationConfig, LogitsProcessorList
 from transformers.generation.configuration_utils import ContinuousBatchingConfig
 from transformers.generation.continuous_batching.cb_logits_processors import (
@@ -37,11 +36,10 @@ from transformers.generation.continuous_batching.cb_logits_processors import (
 )
 from transformers.generation.continuous_batching.continuous_api import OutputRouter
 
-from models.device import resolve_device, resolve_dtype
+from models.engines.base import PretrainedEngine
 from models.engines.detokenize import TextStream, cut_at_stop
 from models.engines.sampling import SamplingParams, SequenceSampler, pick_next_token
 from models.engines.varlen_attention import VARLEN_ATTENTION, register_varlen_attention
-from models.loading import LoadedModel, load_pretrained
 
 __all__ = [
     "EngineStats",
@@ -137,7 +135,7 @@ def _start_daemon(manager) -> None:
     manager._generation_thread.start()
 
 
-class GenerationEngine:
+class GenerationEngine(PretrainedEngine):
     """Generates from a transformers causal-LM folder (safetensors weights only)."""
 
     task = "generate"
@@ -156,14 +154,10 @@ class GenerationEngine:
         """``max_sequences``: most sequences decoding together; ``max_batch_tokens``: most
         tokens in one step (prefill chunks plus one per decoding sequence);
         ``kv_cache_tokens``: KV cache size (default: room for max_sequences full contexts)."""
-        self.model_dir = Path(model_dir)
-        self.device = resolve_device(device)
-        self.dtype = resolve_dtype(dtype, self.device)
-        self._num_threads = num_threads
+        super().__init__(model_dir, device=device, dtype=dtype, num_threads=num_threads)
         self.max_sequences = max_sequences
         self._max_batch_tokens = max(max_batch_tokens, max_sequences)
         self._kv_cache_tokens = kv_cache_tokens
-        self._loaded: LoadedModel | None = None
         self._manager = None
         self._sampler = SequenceSampler()
         self._sequences: dict[str, _Sequence] = {}
@@ -172,11 +166,7 @@ class GenerationEngine:
     # ---- lifecycle ------------------------------------------------------------------
 
     def load(self) -> None:
-        if self._num_threads is not None:
-            torch.set_num_threads(self._num_threads)
-        self._loaded = load_pretrained(
-            self.model_dir, task=self.task, device=self.device, dtype=self.dtype
-        )
+        self._loaded = self._load_pretrained()
         model, tokenizer = self._loaded.model, self._loaded.tokenizer
         eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else -1
         cache_tokens = self._kv_cache_tokens or self.max_sequences * self.context_length
@@ -393,11 +383,6 @@ class GenerationEngine:
                 seq.seq_id, delta, len(tokens), finish_reason=reason, token_ids=tuple(tokens)
             )
         return SequenceUpdate(seq.seq_id, delta, len(tokens))
-
-    def _require_loaded(self) -> LoadedModel:
-        if self._loaded is None:
-            raise RuntimeError("GenerationEngine.load() must be called first")
-        return self._loaded
 
     def _require_manager(self):
         if self._manager is None:
