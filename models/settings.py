@@ -33,6 +33,13 @@ class LoomEnv:
         return self.home / "models"
 
     @property
+    def db_url(self) -> str:
+        """The job store's SQLAlchemy URL: ``LOOM_DB_URL``, default a SQLite file
+        ``$LOOM_HOME/loom.db`` (Postgres in a cluster, e.g.
+        ``postgresql+psycopg://user@host:5432/loom``)."""
+        return self.extra.get("LOOM_DB_URL") or f"sqlite:///{self.home / 'loom.db'}"
+
+    @property
     def run_dir(self) -> Path:
         """Runtime files of a running server (metrics shards, pid files)."""
         return self.home / "run"

@@ -1,0 +1,132 @@
+"""The job store's database: one engine per URL, the tables, and a transaction helper.
+
+SQLite (a file under ``$LOOM_HOME``) is the embedded default; PostgreSQL is for a cluster.
+Both go through SQLAlchemy Core, so the same statements run on each:
+
+    engine = create_db_engine(env.db_url)
+    create_tables(engine)
+    with transaction(engine) as conn:
+        conn.execute(...)
+
+Every table of the store is declared here, on one ``metadata``, so one ``create_all`` makes
+the whole store. Times are float seconds since the epoch, written from the caller's clock and
+never from the database's ``now()``: an injected clock then drives expiry in tests, and
+SQLite and Postgres agree on the arithmetic.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Column,
+    Connection,
+    Engine,
+    Float,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    UniqueConstraint,
+    create_engine,
+    event,
+)
+
+metadata = MetaData()
+
+# BIGINT on Postgres; on SQLite only "INTEGER PRIMARY KEY" is the auto-incrementing rowid.
+_id_type = BigInteger().with_variant(Integer(), "sqlite")
+
+work_items = Table(
+    "work_items",
+    metadata,
+    Column("id", _id_type, primary_key=True, autoincrement=True),
+    Column("queue", String(200), nullable=False),
+    Column("payload", JSON, nullable=False),
+    Column("state", String(16), nullable=False),
+    Column("attempts", Integer, nullable=False, default=0),
+    Column("max_attempts", Integer, nullable=False),
+    Column("available_at", Float, nullable=False),
+    Column("lease_owner", String(200)),
+    Column("lease_epoch", Integer, nullable=False, default=0),
+    Column("lease_expires_at", Float),
+    Column("result", JSON),
+    Column("last_error", Text),
+    Column("idempotency_key", String(200)),
+    Column("created_at", Float, nullable=False),
+    Column("updated_at", Float, nullable=False),
+    # NULL keys are distinct on both databases, so only keyed puts are deduplicated
+    UniqueConstraint("queue", "idempotency_key", name="uq_work_items_queue_key"),
+    Index("ix_work_items_ready", "queue", "state", "available_at", "id"),
+    Index("ix_work_items_lease_expiry", "state", "lease_expires_at"),
+)
+
+_SQLITE_BEGIN_OPTION = "loom_sqlite_begin"
+
+
+def create_db_engine(
+    url: str, *, schema: str | None = None, sqlite_busy_timeout_ms: int = 5000
+) -> Engine:
+    """An engine for ``url``, set up for the store's concurrency on that database.
+
+    SQLite: WAL (readers don't block the one writer), a busy timeout (a writer waits for the
+    lock instead of failing at once), foreign keys on, and transactions begun by us (see
+    ``transaction``), not by the driver. Postgres: pool pre-ping, so a connection dropped by a
+    restarted server is replaced rather than failing the next statement.
+
+    ``schema`` puts every table in that Postgres schema (tests use one per run).
+    """
+    if url.startswith("sqlite"):
+        engine = create_engine(url, connect_args={"check_same_thread": False})
+        _configure_sqlite(engine, busy_timeout_ms=sqlite_busy_timeout_ms)
+    else:
+        engine = create_engine(url, pool_pre_ping=True)
+    if schema is not None:
+        engine = engine.execution_options(schema_translate_map={None: schema})
+    return engine
+
+
+def _configure_sqlite(engine: Engine, *, busy_timeout_ms: int) -> None:
+    # pysqlite opens transactions lazily and never as BEGIN IMMEDIATE; SQLAlchemy's documented
+    # recipe turns the driver's handling off and emits BEGIN itself.
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_connection: Any, _record: Any) -> None:
+        dbapi_connection.isolation_level = None
+        cursor = dbapi_connection.cursor()
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute(f"PRAGMA busy_timeout={int(busy_timeout_ms)}")
+        cursor.execute("PRAGMA foreign_keys=ON")
+        cursor.close()
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(conn: Connection) -> None:
+        mode = conn.get_execution_options().get(_SQLITE_BEGIN_OPTION, "DEFERRED")
+        conn.exec_driver_sql(f"BEGIN {mode}")
+
+
+def create_tables(engine: Engine) -> None:
+    """Create every table of the store that is missing (idempotent)."""
+    with engine.begin() as conn:
+        metadata.create_all(conn)
+
+
+@contextmanager
+def transaction(engine: Engine, *, write: bool = True) -> Iterator[Connection]:
+    """One transaction: commits when the block ends, rolls back if it raises.
+
+    ``write=True`` on SQLite begins with ``BEGIN IMMEDIATE``, taking the database's one write
+    lock up front; two writers then queue on the busy timeout instead of both reading, both
+    trying to upgrade, and one failing with "database is locked". Postgres ignores it (row
+    locks, ``FOR UPDATE SKIP LOCKED``, do that work there).
+    """
+    with engine.connect() as conn:
+        if write and engine.dialect.name == "sqlite":
+            conn.execution_options(**{_SQLITE_BEGIN_OPTION: "IMMEDIATE"})
+        with conn.begin():
+            yield conn
