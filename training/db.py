@@ -27,6 +27,7 @@ from sqlalchemy import (
     Connection,
     Engine,
     Float,
+    ForeignKey,
     Index,
     Integer,
     MetaData,
@@ -65,6 +66,41 @@ work_items = Table(
     UniqueConstraint("queue", "idempotency_key", name="uq_work_items_queue_key"),
     Index("ix_work_items_ready", "queue", "state", "available_at", "id"),
     Index("ix_work_items_lease_expiry", "state", "lease_expires_at"),
+)
+
+jobs = Table(
+    "jobs",
+    metadata,
+    Column("id", String(64), primary_key=True),
+    Column("idempotency_key", String(200), unique=True),
+    Column("name", String(128), nullable=False),
+    Column("trainer", String(64), nullable=False),
+    Column("spec", JSON, nullable=False),
+    Column("state", String(16), nullable=False),
+    Column("stage", String(64)),
+    Column("priority", Integer, nullable=False),
+    Column("progress", Float, nullable=False, default=0.0),
+    Column("metrics", JSON, nullable=False),
+    Column("error", Text),
+    # the seq of the job's latest event; the next event takes last_event_seq + 1
+    Column("last_event_seq", Integer, nullable=False, default=0),
+    Column("created_at", Float, nullable=False),
+    Column("updated_at", Float, nullable=False),
+    Column("started_at", Float),
+    Column("finished_at", Float),
+    Index("ix_jobs_state_order", "state", "priority", "created_at"),
+)
+
+# One row per job state change, numbered 1, 2, 3, ... within its job: the source of the job's
+# CloudEvents (SSE, webhooks), read with "after seq".
+job_events = Table(
+    "job_events",
+    metadata,
+    Column("job_id", String(64), ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True),
+    Column("seq", Integer, primary_key=True, autoincrement=False),
+    Column("type", String(64), nullable=False),
+    Column("time", Float, nullable=False),
+    Column("data", JSON, nullable=False),
 )
 
 _SQLITE_BEGIN_OPTION = "loom_sqlite_begin"

@@ -1,0 +1,359 @@
+"""The job store: training jobs, their states, and the events each state change leaves.
+
+    store = JobStore(engine)
+    job = store.submit(spec, idempotency_key="nightly-2026-11-27")
+    store.start(job.id, stage="split")
+    store.succeed(job.id, metrics={"perplexity": 12.5})
+
+A job moves QUEUED -> RUNNING (through its stages) -> SUCCEEDED | FAILED | CANCELLED; which
+moves are legal is one pure table, ``ALLOWED_TRANSITIONS``. Each move is one transaction that
+locks the job's row, checks the table, writes the new state and appends one row to
+``job_events``, numbered 1, 2, 3, ... within the job: the events the SSE stream and webhooks
+send. Progress and metrics while running are row updates, not events.
+
+Idempotent submit: a client-chosen ``job_id`` or ``idempotency_key`` names the job; the same
+spec again returns the same job, another spec under that name raises ``JobConflict`` (409).
+"""
+
+from __future__ import annotations
+
+import builtins
+import time
+import uuid
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any
+
+from sqlalchemy import Connection, Engine, Row, select, update
+from sqlalchemy.exc import IntegrityError
+
+from training.db import job_events, jobs, transaction
+from training.spec import DigitsJobSpec, LmJobSpec, parse_job_spec
+
+
+class JobState(StrEnum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+ALLOWED_TRANSITIONS: Mapping[JobState, frozenset[JobState]] = {
+    JobState.QUEUED: frozenset({JobState.RUNNING, JobState.FAILED, JobState.CANCELLED}),
+    # RUNNING -> RUNNING is a stage change; RUNNING -> QUEUED gives a failed run back for one
+    # of the spec's max_retries, or after a restart that lost it
+    JobState.RUNNING: frozenset(
+        {
+            JobState.RUNNING,
+            JobState.QUEUED,
+            JobState.SUCCEEDED,
+            JobState.FAILED,
+            JobState.CANCELLED,
+        }
+    ),
+    JobState.SUCCEEDED: frozenset(),
+    JobState.FAILED: frozenset(),
+    JobState.CANCELLED: frozenset(),
+}
+"""Which state may follow which. The three final states lead nowhere."""
+
+FINAL_STATES = frozenset(state for state, nexts in ALLOWED_TRANSITIONS.items() if not nexts)
+
+
+def can_transition(current: JobState, new: JobState) -> bool:
+    return new in ALLOWED_TRANSITIONS[current]
+
+
+class JobNotFound(LookupError):
+    """No job has this id (the 404 case)."""
+
+
+class JobConflict(Exception):
+    """The request contradicts the job as stored (the 409 case): a reused id or key with
+    another spec, or a state change the transition table refuses."""
+
+
+@dataclass(frozen=True)
+class JobId:
+    value: str
+
+
+@dataclass(frozen=True, kw_only=True)
+class Job:
+    """A read-only view of one job as the store holds it."""
+
+    id: JobId
+    name: str
+    spec: LmJobSpec | DigitsJobSpec
+    state: JobState
+    stage: str | None
+    """The pipeline stage while RUNNING (e.g. ``tokenise``); the last one reached after."""
+    priority: int
+    progress: float
+    """Fraction of the job done, 0..1, as its stages report it."""
+    metrics: dict[str, Any]
+    error: str | None
+    idempotency_key: str | None
+    created_at: float
+    updated_at: float
+    started_at: float | None
+    finished_at: float | None
+
+
+@dataclass(frozen=True, kw_only=True)
+class JobEvent:
+    """One state change of a job, as ``job_events`` holds it (the body of a CloudEvent)."""
+
+    job_id: JobId
+    seq: int
+    """1 for the job's first event, then 2, 3, ...: the SSE event id, and ``after=`` in reads."""
+    type: str
+    """``loom.job.<state>``, e.g. ``loom.job.running``."""
+    time: float
+    data: dict[str, Any]
+
+
+class JobStore:
+    """Jobs in the store's ``jobs`` and ``job_events`` tables (see the module docstring).
+
+    ``clock`` returns seconds (``time.time`` by default); every time written comes from it.
+    """
+
+    def __init__(self, engine: Engine, *, clock: Callable[[], float] = time.time) -> None:
+        self._engine = engine
+        self._clock = clock
+
+    def submit(
+        self,
+        spec: LmJobSpec | DigitsJobSpec,
+        *,
+        job_id: str | None = None,
+        idempotency_key: str | None = None,
+    ) -> Job:
+        """Queue a job for ``spec`` (already validated); the new job, or the one it repeats.
+
+        With ``job_id`` or ``idempotency_key``, a job already stored under either with the same
+        spec is returned and nothing is written; with a different spec, ``JobConflict``.
+        """
+        spec_json = spec.model_dump(mode="json")
+        existing = self._find_repeat(job_id, idempotency_key, spec_json)
+        if existing is not None:
+            return existing
+        new_id = job_id if job_id is not None else f"job-{uuid.uuid4().hex}"
+        now = self._clock()
+        try:
+            with transaction(self._engine) as conn:
+                conn.execute(
+                    jobs.insert().values(
+                        id=new_id,
+                        idempotency_key=idempotency_key,
+                        name=spec.name,
+                        trainer=spec.trainer,
+                        spec=spec_json,
+                        state=JobState.QUEUED.value,
+                        priority=spec.priority,
+                        progress=0.0,
+                        metrics={},
+                        last_event_seq=0,
+                        created_at=now,
+                        updated_at=now,
+                    )
+                )
+                self._append_event(conn, new_id, JobState.QUEUED, now, {"state": "queued"})
+        except IntegrityError:
+            # a concurrent submit took the id or key between our look and our insert
+            existing = self._find_repeat(job_id, idempotency_key, spec_json)
+            if existing is None:
+                raise
+            return existing
+        return self.get(JobId(new_id))
+
+    def _find_repeat(
+        self, job_id: str | None, key: str | None, spec_json: dict[str, Any]
+    ) -> Job | None:
+        for column, value in ((jobs.c.id, job_id), (jobs.c.idempotency_key, key)):
+            if value is None:
+                continue
+            with transaction(self._engine, write=False) as conn:
+                row = conn.execute(select(jobs).where(column == value)).one_or_none()
+            if row is None:
+                continue
+            if row.spec != spec_json:
+                raise JobConflict(f"{column.name} {value!r} already names a job with another spec")
+            return _job_from_row(row)
+        return None
+
+    def get(self, job_id: JobId) -> Job:
+        with transaction(self._engine, write=False) as conn:
+            row = conn.execute(select(jobs).where(jobs.c.id == job_id.value)).one_or_none()
+        if row is None:
+            raise JobNotFound(job_id.value)
+        return _job_from_row(row)
+
+    def list(self, state: JobState | None = None) -> builtins.list[Job]:
+        """Jobs in submit order, only those in ``state`` if given."""
+        query = select(jobs).order_by(jobs.c.created_at, jobs.c.id)
+        if state is not None:
+            query = query.where(jobs.c.state == state.value)
+        with transaction(self._engine, write=False) as conn:
+            rows = conn.execute(query).all()
+        return [_job_from_row(row) for row in rows]
+
+    # --- state changes: each one transaction, each one event ----------------------------------
+
+    def start(self, job_id: JobId, *, stage: str) -> Job:
+        """QUEUED -> RUNNING, in ``stage``."""
+        return self.transition(job_id, JobState.RUNNING, stage=stage)
+
+    def enter_stage(self, job_id: JobId, stage: str) -> Job:
+        """RUNNING -> RUNNING, now in ``stage``."""
+        return self.transition(job_id, JobState.RUNNING, stage=stage, require=JobState.RUNNING)
+
+    def succeed(self, job_id: JobId, *, metrics: Mapping[str, Any] | None = None) -> Job:
+        return self.transition(job_id, JobState.SUCCEEDED, metrics=metrics)
+
+    def fail(self, job_id: JobId, error: str) -> Job:
+        return self.transition(job_id, JobState.FAILED, error=error)
+
+    def requeue(self, job_id: JobId, reason: str) -> Job:
+        """RUNNING -> QUEUED: the run was lost or failed and will be tried again."""
+        return self.transition(job_id, JobState.QUEUED, error=reason)
+
+    def cancel(self, job_id: JobId) -> Job:
+        """Cancel a queued or running job; ``JobConflict`` if it has already finished."""
+        return self.transition(job_id, JobState.CANCELLED)
+
+    def transition(
+        self,
+        job_id: JobId,
+        new: JobState,
+        *,
+        stage: str | None = None,
+        error: str | None = None,
+        metrics: Mapping[str, Any] | None = None,
+        require: JobState | None = None,
+    ) -> Job:
+        """Move the job to ``new`` if the table allows it from its current state.
+
+        ``require`` also demands that current state. ``JobNotFound``, or ``JobConflict`` with
+        nothing written when refused. ``metrics`` merge into the job's; ``error`` replaces.
+        """
+        now = self._clock()
+        with transaction(self._engine) as conn:
+            # FOR UPDATE: a concurrent change of this job waits, then sees our state
+            row = conn.execute(
+                select(jobs).where(jobs.c.id == job_id.value).with_for_update()
+            ).one_or_none()
+            if row is None:
+                raise JobNotFound(job_id.value)
+            current = JobState(row.state)
+            if (require is not None and current != require) or not can_transition(current, new):
+                raise JobConflict(f"job {job_id.value} is {current}; it cannot become {new}")
+            values: dict[str, Any] = {"state": new.value, "updated_at": now}
+            if stage is not None:
+                values["stage"] = stage
+            if error is not None:
+                values["error"] = error
+            if metrics:
+                values["metrics"] = {**row.metrics, **metrics}
+            if new == JobState.RUNNING and row.started_at is None:
+                values["started_at"] = now
+            if new in FINAL_STATES:
+                values["finished_at"] = now
+                if new == JobState.SUCCEEDED:
+                    values["progress"] = 1.0
+            conn.execute(update(jobs).where(jobs.c.id == job_id.value).values(**values))
+            data = {
+                "state": new.value,
+                "previous_state": current.value,
+                "stage": values.get("stage", row.stage),
+            }
+            if error is not None:
+                data["error"] = error
+            self._append_event(conn, job_id.value, new, now, data)
+            updated = conn.execute(select(jobs).where(jobs.c.id == job_id.value)).one()
+        return _job_from_row(updated)
+
+    def report_progress(
+        self,
+        job_id: JobId,
+        *,
+        progress: float,
+        metrics: Mapping[str, Any] | None = None,
+    ) -> bool:
+        """Record a running job's progress (0..1) and merge ``metrics``; no event.
+
+        False, and nothing written, when the job is not RUNNING (a late report after a cancel).
+        """
+        if not 0.0 <= progress <= 1.0:
+            raise ValueError(f"progress is a fraction 0..1, got {progress}")
+        now = self._clock()
+        with transaction(self._engine) as conn:
+            row = conn.execute(
+                select(jobs.c.metrics)
+                .where(jobs.c.id == job_id.value, jobs.c.state == JobState.RUNNING.value)
+                .with_for_update()
+            ).one_or_none()
+            if row is None:
+                return False
+            conn.execute(
+                update(jobs)
+                .where(jobs.c.id == job_id.value)
+                .values(
+                    progress=progress, metrics={**row.metrics, **(metrics or {})}, updated_at=now
+                )
+            )
+        return True
+
+    def events(self, job_id: JobId, *, after: int = 0) -> builtins.list[JobEvent]:
+        """The job's events with ``seq > after``, in order; ``JobNotFound`` for an unknown job."""
+        with transaction(self._engine, write=False) as conn:
+            if conn.execute(select(jobs.c.id).where(jobs.c.id == job_id.value)).first() is None:
+                raise JobNotFound(job_id.value)
+            rows = conn.execute(
+                select(job_events)
+                .where(job_events.c.job_id == job_id.value, job_events.c.seq > after)
+                .order_by(job_events.c.seq)
+            ).all()
+        return [
+            JobEvent(job_id=job_id, seq=row.seq, type=row.type, time=row.time, data=row.data)
+            for row in rows
+        ]
+
+    @staticmethod
+    def _append_event(
+        conn: Connection, job_id: str, state: JobState, now: float, data: dict[str, Any]
+    ) -> None:
+        # the job's row is ours in this transaction, so its counter numbers events without gaps
+        seq = conn.execute(
+            update(jobs)
+            .where(jobs.c.id == job_id)
+            .values(last_event_seq=jobs.c.last_event_seq + 1)
+            .returning(jobs.c.last_event_seq)
+        ).scalar_one()
+        conn.execute(
+            job_events.insert().values(
+                job_id=job_id, seq=seq, type=f"loom.job.{state.value}", time=now, data=data
+            )
+        )
+
+
+def _job_from_row(row: Row[Any]) -> Job:
+    return Job(
+        id=JobId(row.id),
+        name=row.name,
+        spec=parse_job_spec(row.spec),
+        state=JobState(row.state),
+        stage=row.stage,
+        priority=row.priority,
+        progress=row.progress,
+        metrics=dict(row.metrics),
+        error=row.error,
+        idempotency_key=row.idempotency_key,
+        created_at=row.created_at,
+        updated_at=row.updated_at,
+        started_at=row.started_at,
+        finished_at=row.finished_at,
+    )
