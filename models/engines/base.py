@@ -35,15 +35,10 @@ class Engine(Protocol):
         """Run one batch; returns the batch's results in input order."""
 
 
-class PretrainedEngine:
-    """What every engine over a transformers folder shares: the folder, the device and dtype
-    (resolved when the engine is built, so a machine that cannot honour the config fails
-    then, not at the first request), torch's intra-op threads, and loading (safetensors only).
-
-        class MyEngine(PretrainedEngine):
-            task = "embed"
-            def load(self): self._loaded = self._load_pretrained()
-    """
+class DeviceEngine:
+    """What every engine shares: its folder, the device and dtype (resolved when the engine is
+    built, so a machine that cannot honour the config fails then, not at the first request),
+    and torch's intra-op threads (set on ``load``)."""
 
     task: str
 
@@ -61,12 +56,34 @@ class PretrainedEngine:
         if num_threads is not None and num_threads < 1:
             raise ValueError(f"num_threads must be at least 1, not {num_threads}")
         self._num_threads = num_threads
+
+    def _set_threads(self) -> None:
+        if self._num_threads is not None:
+            torch.set_num_threads(self._num_threads)
+
+
+class PretrainedEngine(DeviceEngine):
+    """An engine over a transformers folder: ``DeviceEngine`` plus loading (safetensors only).
+
+    class MyEngine(PretrainedEngine):
+        task = "embed"
+        def load(self): self._loaded = self._load_pretrained()
+    """
+
+    def __init__(
+        self,
+        model_dir: Path,
+        *,
+        device: str = "auto",
+        dtype: str = "auto",
+        num_threads: int | None = None,
+    ) -> None:
+        super().__init__(model_dir, device=device, dtype=dtype, num_threads=num_threads)
         self._loaded: LoadedModel | None = None
 
     def _load_pretrained(self) -> LoadedModel:
         """Set torch's threads, then load the folder's model and tokenizer for ``task``."""
-        if self._num_threads is not None:
-            torch.set_num_threads(self._num_threads)
+        self._set_threads()
         return load_pretrained(self.model_dir, task=self.task, device=self.device, dtype=self.dtype)
 
     def _require_loaded(self) -> LoadedModel:

@@ -25,8 +25,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 
-from models.device import resolve_device, resolve_dtype
-from models.engines.base import PretrainedEngine
+from models.engines.base import DeviceEngine, PretrainedEngine
 from models.families import digits
 from models.loading import pick_max_length
 from models.weights import require_safe_weights
@@ -62,7 +61,7 @@ def is_family_folder(model_dir: Path) -> bool:
     return isinstance(config, dict) and FAMILY_KEY in config
 
 
-class TensorClassifierEngine:
+class TensorClassifierEngine(DeviceEngine):
     """Classifies FP32 feature rows with a Loom family model (today: ``digits``)."""
 
     task = "classify"
@@ -76,18 +75,14 @@ class TensorClassifierEngine:
         dtype: str = "auto",
         num_threads: int | None = None,
     ) -> None:
-        self.model_dir = Path(model_dir)
-        self.device = resolve_device(device)
-        self.dtype = resolve_dtype(dtype, self.device)
-        self._num_threads = num_threads
+        super().__init__(model_dir, device=device, dtype=dtype, num_threads=num_threads)
         self._model: torch.nn.Module | None = None
         self.input_features = digits.INPUT_FEATURES
         self.num_classes = digits.NUM_CLASSES
         self.labels: tuple[str, ...] = tuple(str(digit) for digit in range(digits.NUM_CLASSES))
 
     def load(self) -> None:
-        if self._num_threads is not None:
-            torch.set_num_threads(self._num_threads)
+        self._set_threads()
         require_safe_weights(self.model_dir)
         config = digits.DigitsConfig.from_dict(
             json.loads((self.model_dir / CONFIG_FILE).read_text())
