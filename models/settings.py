@@ -40,6 +40,21 @@ class LoomEnv:
         return self.extra.get("LOOM_DB_URL") or f"sqlite:///{self.home / 'loom.db'}"
 
     @property
+    def jobs_dir(self) -> Path:
+        """Each training job's working files (shards, checkpoints, members), one folder per
+        job, removed when the job is cancelled; on a shared volume in a cluster."""
+        return self.home / "jobs"
+
+    @property
+    def dataset_roots(self) -> tuple[Path, ...]:
+        """Folders a job's dataset may lie under: ``LOOM_DATASET_ROOTS`` (``:``-separated),
+        default ``$LOOM_HOME/datasets``. A path outside them is refused."""
+        raw = self.extra.get("LOOM_DATASET_ROOTS")
+        if raw:
+            return tuple(Path(p).expanduser().resolve() for p in raw.split(":") if p)
+        return (self.home / "datasets",)
+
+    @property
     def run_dir(self) -> Path:
         """Runtime files of a running server (metrics shards, pid files)."""
         return self.home / "run"

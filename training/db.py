@@ -84,6 +84,11 @@ jobs = Table(
     Column("error", Text),
     # the seq of the job's latest event; the next event takes last_event_seq + 1
     Column("last_event_seq", Integer, nullable=False, default=0),
+    Column("webhook_url", Text),  # the spec's, copied so the deliverer can select on it
+    # the seq of the latest event the webhook has taken (or given up on); 0: none yet
+    Column("webhook_seq", Integer, nullable=False, default=0),
+    # the seq of the job's latest log line
+    Column("last_log_seq", Integer, nullable=False, default=0),
     Column("created_at", Float, nullable=False),
     Column("updated_at", Float, nullable=False),
     Column("started_at", Float),
@@ -101,6 +106,18 @@ job_events = Table(
     Column("type", String(64), nullable=False),
     Column("time", Float, nullable=False),
     Column("data", JSON, nullable=False),
+)
+
+# The job's log: lines its stages and workers write, numbered 1, 2, 3, ... within the job
+# (``GET /v1/jobs/{id}/logs?after=seq``).
+job_logs = Table(
+    "job_logs",
+    metadata,
+    Column("job_id", String(64), ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True),
+    Column("seq", Integer, primary_key=True, autoincrement=False),
+    Column("time", Float, nullable=False),
+    Column("stage", String(64)),
+    Column("message", Text, nullable=False),
 )
 
 _SQLITE_BEGIN_OPTION = "loom_sqlite_begin"

@@ -28,7 +28,7 @@ from typing import Any
 from sqlalchemy import Connection, Engine, Row, select, update
 from sqlalchemy.exc import IntegrityError
 
-from training.db import job_events, jobs, transaction
+from training.db import job_events, job_logs, jobs, transaction
 from training.spec import DigitsJobSpec, LmJobSpec, parse_job_spec
 
 
@@ -103,6 +103,17 @@ class Job:
 
 
 @dataclass(frozen=True, kw_only=True)
+class LogLine:
+    """One line of a job's log."""
+
+    seq: int
+    """1 for the job's first line, then 2, 3, ...: ``after=`` in reads."""
+    time: float
+    stage: str | None
+    message: str
+
+
+@dataclass(frozen=True, kw_only=True)
 class JobEvent:
     """One state change of a job, as ``job_events`` holds it (the body of a CloudEvent)."""
 
@@ -157,6 +168,9 @@ class JobStore:
                         progress=0.0,
                         metrics={},
                         last_event_seq=0,
+                        webhook_url=str(spec.webhook_url) if spec.webhook_url else None,
+                        webhook_seq=0,
+                        last_log_seq=0,
                         created_at=now,
                         updated_at=now,
                     )
@@ -321,6 +335,79 @@ class JobStore:
             JobEvent(job_id=job_id, seq=row.seq, type=row.type, time=row.time, data=row.data)
             for row in rows
         ]
+
+    # --- the job's log ----------------------------------------------------------------------
+
+    def log(self, job_id: JobId, message: str, *, stage: str | None = None) -> int:
+        """Append one line to the job's log; its seq. ``JobNotFound`` for an unknown job."""
+        now = self._clock()
+        with transaction(self._engine) as conn:
+            seq = conn.execute(
+                update(jobs)
+                .where(jobs.c.id == job_id.value)
+                .values(last_log_seq=jobs.c.last_log_seq + 1)
+                .returning(jobs.c.last_log_seq)
+            ).scalar_one_or_none()
+            if seq is None:
+                raise JobNotFound(job_id.value)
+            conn.execute(
+                job_logs.insert().values(
+                    job_id=job_id.value, seq=seq, time=now, stage=stage, message=message
+                )
+            )
+        return seq
+
+    def logs(
+        self, job_id: JobId, *, after: int = 0, limit: int = 1000
+    ) -> builtins.list[LogLine]:
+        """Up to ``limit`` log lines with ``seq > after``, in order; ``JobNotFound`` if unknown."""
+        with transaction(self._engine, write=False) as conn:
+            if conn.execute(select(jobs.c.id).where(jobs.c.id == job_id.value)).first() is None:
+                raise JobNotFound(job_id.value)
+            rows = conn.execute(
+                select(job_logs)
+                .where(job_logs.c.job_id == job_id.value, job_logs.c.seq > after)
+                .order_by(job_logs.c.seq)
+                .limit(limit)
+            ).all()
+        return [
+            LogLine(seq=row.seq, time=row.time, stage=row.stage, message=row.message)
+            for row in rows
+        ]
+
+    # --- webhook delivery: the deliverer's cursor per job ----------------------------------
+
+    def webhook_backlog(self, limit: int = 100) -> builtins.list[tuple[Job, JobEvent]]:
+        """For each job with a webhook and undelivered events, its next event to deliver."""
+        with transaction(self._engine, write=False) as conn:
+            rows = conn.execute(
+                select(jobs, job_events)
+                .join(
+                    job_events,
+                    (job_events.c.job_id == jobs.c.id) & (job_events.c.seq == jobs.c.webhook_seq + 1),
+                )
+                .where(jobs.c.webhook_url.is_not(None))
+                .order_by(job_events.c.time)
+                .limit(limit)
+            ).all()
+        backlog = []
+        for row in rows:
+            job = _job_from_row(row)
+            event = JobEvent(job_id=job.id, seq=row.seq, type=row.type, time=row.time, data=row.data)
+            backlog.append((job, event))
+        return backlog
+
+    def webhook_done(self, job_id: JobId, seq: int) -> bool:
+        """Move the job's webhook cursor past event ``seq`` (delivered, or given up on).
+
+        Only from ``seq - 1``: a second deliverer that raced us changes nothing (False)."""
+        with transaction(self._engine) as conn:
+            moved = conn.execute(
+                update(jobs)
+                .where(jobs.c.id == job_id.value, jobs.c.webhook_seq == seq - 1)
+                .values(webhook_seq=seq)
+            ).rowcount
+        return moved == 1
 
     @staticmethod
     def _append_event(

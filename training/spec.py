@@ -51,6 +51,19 @@ class LmHyperparameters(_Strict):
     )
     max_steps: int = Field(200, ge=1, description="Optimiser steps to train for.")
     seq_len: int = Field(128, ge=8, le=4096, description="Tokens per training sequence.")
+    checkpoint_every_steps: int = Field(
+        50, ge=1, description="Steps between checkpoints; a lost worker restarts from the last."
+    )
+    max_corpus_mb: float = Field(
+        8.0, gt=0, le=100_000, description="Read at most this much of the corpus, in MB."
+    )
+    shards: int = Field(
+        8, ge=1, le=4096, description="Corpus shards, tokenised in parallel through the queue."
+    )
+    vocab_size: int | None = Field(
+        None, ge=300, le=65_536, description="Tokeniser vocabulary; None: the preset's."
+    )
+    seed: int = Field(0, ge=0, description="Seeds the split, the weights and the batch order.")
 
 
 class LmEval(_Strict):
@@ -87,6 +100,8 @@ class DigitsHyperparameters(_Strict):
     learning_rate: float = Field(1e-3, gt=0, description="Adam learning rate.")
     epochs: int = Field(20, ge=1, le=1000, description="Passes over the training split.")
     batch_size: int = Field(64, ge=1, description="Samples per optimiser step.")
+    hidden: int = Field(64, ge=4, le=4096, description="Width of each member's hidden layers.")
+    seed: int = Field(0, ge=0, description="Seeds the train/validation split and the weights.")
 
     def members(self) -> list[DigitsArch]:
         """The architectures to train, one member each: ``"mlp"`` -> ``["mlp"]``."""
@@ -129,6 +144,16 @@ class _CommonFields(_Strict):
     )
     max_retries: int = Field(
         0, ge=0, le=10, description="Times a failed run is retried before the job fails."
+    )
+    stage_workers: int = Field(
+        2, ge=1, le=256, description="Queue workers for each parallel stage (shards, members)."
+    )
+    on_restart: Literal["resume", "fail"] = Field(
+        "resume",
+        description=(
+            "When a restart of the scheduler loses a running job: 'resume' queues it again to "
+            "go on from its last checkpoint, 'fail' fails it with the reason."
+        ),
     )
     promote: bool = Field(
         False, description="On success, move the model's 'serving' alias to the new version."

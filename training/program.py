@@ -1,0 +1,80 @@
+"""What the coordinated train stage runs: a ``TrainProgram``, built in each worker by name.
+
+A trainer describes its training as a program; ``training.coordinated`` runs any program on
+W data-parallel workers. The program never sees ranks or process groups, only which part of
+each global batch is its own:
+
+    program = build_program(ProgramSpec(kind="lm", params={...}))
+    model = program.build_model()                       # same seed on every rank
+    batch = program.batch(step, rank=0, world_size=2)   # rank 0's half of global batch `step`
+    loss = program.loss(model, batch)                   # mean over this rank's samples
+
+The contract that makes W workers equal one: ``batch(step, r, W)`` for r in 0..W-1 are equal
+slices of one global batch that depends on ``step`` alone, and ``loss`` is a mean over the
+slice; averaging the W gradients (what DDP's all-reduce does) is then the gradient of the
+global batch's mean loss.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True, kw_only=True)
+class ProgramSpec:
+    """A program by name and plain parameters: what travels to each worker."""
+
+    kind: str
+    """A key of ``PROGRAMS`` (``lm``, or a test's own)."""
+    params: Mapping[str, Any] = field(default_factory=dict)
+
+
+class TrainProgram(Protocol):
+    max_steps: int
+    global_batch_size: int
+
+    def build_model(self) -> nn.Module:
+        """The initial model, the same on every rank (seeded)."""
+
+    def build_optimizer(self, model: nn.Module) -> torch.optim.Optimizer: ...
+
+    def learning_rate(self, step: int) -> float:
+        """The rate for optimiser step ``step`` (0-based): warm-up and decay live here."""
+
+    def batch(self, step: int, *, rank: int, world_size: int) -> Any:
+        """Rank ``rank``'s equal slice of global batch ``step``."""
+
+    def loss(self, model: nn.Module, batch: Any) -> torch.Tensor:
+        """Mean loss over ``batch``'s samples (a scalar)."""
+
+    def evaluate(self, model: nn.Module) -> dict[str, float]:
+        """Validation metrics of the trained model (rank 0 runs it once, at the end)."""
+
+
+PROGRAMS: dict[str, Callable[[Mapping[str, Any]], TrainProgram]] = {}
+"""Program builders by kind. The trainer module ``training.trainers.<kind>`` adds its own on
+import (``register_program``); ``build_program`` imports it when a worker first needs it."""
+
+
+def register_program(kind: str, builder: Callable[[Mapping[str, Any]], TrainProgram]) -> None:
+    PROGRAMS[kind] = builder
+
+
+def build_program(spec: ProgramSpec) -> TrainProgram:
+    if spec.kind not in PROGRAMS and spec.kind.isidentifier():
+        # a trainer registers its program on import; a fresh worker process has not imported it
+        with contextlib.suppress(ModuleNotFoundError):
+            importlib.import_module(f"training.trainers.{spec.kind}")
+    try:
+        builder = PROGRAMS[spec.kind]
+    except KeyError:
+        raise ValueError(f"unknown train program {spec.kind!r}; known: {sorted(PROGRAMS)}") from None
+    return builder(spec.params)

@@ -1,0 +1,1 @@
+"""Trainers: one module per registered trainer (``lm``, ``digits``)."""
