@@ -357,9 +357,7 @@ class JobStore:
             )
         return seq
 
-    def logs(
-        self, job_id: JobId, *, after: int = 0, limit: int = 1000
-    ) -> builtins.list[LogLine]:
+    def logs(self, job_id: JobId, *, after: int = 0, limit: int = 1000) -> builtins.list[LogLine]:
         """Up to ``limit`` log lines with ``seq > after``, in order; ``JobNotFound`` if unknown."""
         with transaction(self._engine, write=False) as conn:
             if conn.execute(select(jobs.c.id).where(jobs.c.id == job_id.value)).first() is None:
@@ -384,7 +382,8 @@ class JobStore:
                 select(jobs, job_events)
                 .join(
                     job_events,
-                    (job_events.c.job_id == jobs.c.id) & (job_events.c.seq == jobs.c.webhook_seq + 1),
+                    (job_events.c.job_id == jobs.c.id)
+                    & (job_events.c.seq == jobs.c.webhook_seq + 1),
                 )
                 .where(jobs.c.webhook_url.is_not(None))
                 .order_by(job_events.c.time)
@@ -393,7 +392,9 @@ class JobStore:
         backlog = []
         for row in rows:
             job = _job_from_row(row)
-            event = JobEvent(job_id=job.id, seq=row.seq, type=row.type, time=row.time, data=row.data)
+            event = JobEvent(
+                job_id=job.id, seq=row.seq, type=row.type, time=row.time, data=row.data
+            )
             backlog.append((job, event))
         return backlog
 

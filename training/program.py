@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import importlib
-
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -76,5 +75,7 @@ def build_program(spec: ProgramSpec) -> TrainProgram:
     try:
         builder = PROGRAMS[spec.kind]
     except KeyError:
-        raise ValueError(f"unknown train program {spec.kind!r}; known: {sorted(PROGRAMS)}") from None
+        raise ValueError(
+            f"unknown train program {spec.kind!r}; known: {sorted(PROGRAMS)}"
+        ) from None
     return builder(spec.params)
