@@ -132,8 +132,11 @@ class DigitsJobSpecFields(_Strict):
 
 class _CommonFields(_Strict):
     name: str = Field(
-        pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$",
-        description="A label for people: letters, digits, '.', '_', '-'; not unique.",
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$",
+        description=(
+            "The job's label and the store name its model versions are registered under: "
+            "letters, digits, '.', '_', '-', at most 64; not unique among jobs."
+        ),
     )
     workers: int = Field(1, ge=1, le=256, description="Data-parallel workers for the train stage.")
     resources: WorkerResources = Field(
@@ -227,6 +230,7 @@ def validate_job_spec(
     errors = [
         *placement_errors(spec.workers, spec.resources, capacity),
         *dataset_errors(spec, allowed_dataset_roots),
+        *batch_errors(spec),
     ]
     if errors:
         raise JobSpecInvalid(errors)
@@ -253,6 +257,24 @@ def placement_errors(
                 )
             )
     return errors
+
+
+def batch_errors(spec: LmJobSpec | DigitsJobSpec) -> list[FieldError]:
+    """Why the lm trainer's global batch cannot be shared by its workers; empty when it can.
+
+    Each of W workers takes an equal slice of every global batch (so W workers train the same
+    model as one): 16 sequences over 3 workers -> refused; over 4 -> 4 each."""
+    if not isinstance(spec, LmJobSpec):
+        return []
+    batch = spec.hyperparameters.batch_size
+    if batch % spec.workers:
+        return [
+            FieldError(
+                "hyperparameters.batch_size",
+                f"the global batch of {batch} does not divide evenly among {spec.workers} workers",
+            )
+        ]
+    return []
 
 
 def dataset_errors(

@@ -63,11 +63,11 @@ def test_a_hyperparameter_of_another_trainer_is_refused_as_an_extra_field() -> N
 
 
 def test_more_workers_than_the_cluster_can_place_are_refused_on_workers() -> None:
-    # 3 workers x 4 CPUs = 12 CPUs > 8; 3 x 1 GPU = 3 GPUs > 1: both said
-    errors = refusal(lm_raw(workers=3, resources={"cpu": 4, "gpu": 1}))
+    # 4 workers x 4 CPUs = 16 CPUs > 8; 4 x 1 GPU = 4 GPUs > 1: both said
+    errors = refusal(lm_raw(workers=4, resources={"cpu": 4, "gpu": 1}))
     assert [e.field for e in errors] == ["workers", "workers"]
-    assert "= 12 CPUs, more than the cluster's 8" in errors[0].message
-    assert "= 3 GPUs, more than the cluster's 1" in errors[1].message
+    assert "= 16 CPUs, more than the cluster's 8" in errors[0].message
+    assert "= 4 GPUs, more than the cluster's 1" in errors[1].message
 
 
 def test_workers_that_exactly_fill_the_cluster_are_accepted() -> None:
@@ -133,3 +133,10 @@ def test_a_yaml_spec_validates_like_json() -> None:
 def test_a_yaml_document_that_is_not_a_mapping_is_refused() -> None:
     with pytest.raises(JobSpecInvalid, match="mapping"):
         load_job_spec_yaml("- just\n- a list\n")
+
+
+def test_a_global_batch_that_workers_cannot_share_evenly_is_refused() -> None:
+    # 16 sequences over 3 workers: 5.33 each -> refused; over 4: 4 each -> fine
+    errors = refusal(lm_raw(workers=3, hyperparameters={"batch_size": 16}))
+    assert [e.field for e in errors] == ["hyperparameters.batch_size"]
+    assert "3 workers" in errors[0].message
