@@ -52,7 +52,8 @@ def build_application(config: LoomConfig, env: LoomEnv, metrics_dir: Path) -> se
             "runtime_env": {"env_vars": serve_env_vars(metrics_dir)},
         },
     )
-    return gateway.bind(config.model_dump(), str(env.models_dir), BOARD_NAME)
+    jobs = {"db_url": env.db_url, "dataset_roots": [str(p) for p in env.dataset_roots]}
+    return gateway.bind(config.model_dump(), str(env.models_dir), BOARD_NAME, jobs=jobs)
 
 
 def ray_serve_env() -> dict[str, str]:

@@ -28,7 +28,9 @@ _OPENAI_TYPES = {
 }
 
 
-@dataclass(frozen=True)
+# not frozen: Starlette's handler sets ``exc.__traceback__ = None`` after rendering one, which a
+# frozen dataclass refuses (FrozenInstanceError, a 500); eq=False keeps identity hashing
+@dataclass(eq=False)
 class ApiError(Exception):
     status: int
     message: str

@@ -45,6 +45,7 @@ from serving.errors import (
 )
 from serving.generation_routes import add_generation_routes
 from serving.http_server import HttpServer
+from serving.jobs_service import JobsSettings, build_jobs_service
 from serving.protocols import openai as oai
 from serving.protocols import v2
 from serving.readiness import ReadinessCache
@@ -62,6 +63,7 @@ from serving.route_table import (
     VersionRoute,
     board_poller,
 )
+from training.api import JobsService, build_jobs_router
 
 JSON = "application/json"
 SERVER_VERSION = "0.1.0"
@@ -109,10 +111,18 @@ class GatewayCore:
     """What every route shares: auth, the model table, the route table (which version serves
     each request), deadlines, one coalescer per model version."""
 
-    def __init__(self, config: LoomConfig, routes: RouteFollower, store: ModelStore) -> None:
+    def __init__(
+        self,
+        config: LoomConfig,
+        routes: RouteFollower,
+        store: ModelStore,
+        jobs: JobsService | None = None,
+    ) -> None:
         """``routes`` picks each request's model version (``serving.route_table``); ``store``
-        is the model store the admin routes move aliases in."""
+        is the model store the admin routes move aliases in; ``jobs``, when given, serves the
+        ``/v1/jobs`` routes (``training.api``)."""
         self.config = config
+        self.jobs = jobs
         server = config.server
         self._keys = tuple(k.encode() for k in (*server.api_keys, *server.admin_api_keys))
         self.max_body_bytes = config.server.max_body_bytes
@@ -427,6 +437,9 @@ def build_http_app(gw: GatewayCore) -> FastAPI:
         return await gw.measured(request, "v2_infer", handle)
 
     add_admin_routes(app, gw)
+    if gw.jobs is not None:
+        # the router answers its own errors; authorize's ApiError reaches _add_error_handlers
+        app.include_router(build_jobs_router(gw.jobs, authorize=gw.authorize))
 
     # ---- monitoring -----------------------------------------------------------------
 
@@ -465,13 +478,23 @@ def _add_error_handlers(app: FastAPI) -> None:
 @serve.ingress()
 class Gateway:
     """The gateway deployment: ``serve.deployment(Gateway).bind(config_dict, models_dir,
-    board_name)``; it follows the route table the reconciler publishes on the named board."""
+    board_name, jobs=...)``; it follows the route table the reconciler publishes on the named
+    board. ``jobs`` (``JobsSettings`` as a dict) adds the ``/v1/jobs`` routes."""
 
-    async def __init__(self, config: dict, models_dir: str, board_name: str) -> None:
+    async def __init__(
+        self, config: dict, models_dir: str, board_name: str, jobs: dict | None = None
+    ) -> None:
         loom_config = LoomConfig.model_validate(config)
         board = await asyncio.to_thread(ray.get_actor, board_name, namespace=BOARD_NAMESPACE)
         self._routes = RouteFollower(board_poller(board))
-        core = GatewayCore(loom_config, self._routes, ModelStore(Path(models_dir)))
+        jobs_service = None
+        if jobs is not None:
+            jobs_service = await asyncio.to_thread(
+                build_jobs_service,
+                JobsSettings.model_validate(jobs),
+                max_body_bytes=loom_config.server.max_body_bytes,
+            )
+        core = GatewayCore(loom_config, self._routes, ModelStore(Path(models_dir)), jobs_service)
         self._routes.warm_up = core.warm
         self._routes.start()
         self._app = build_http_app(core)

@@ -1,0 +1,355 @@
+"""The jobs API: the HTTP routes of training jobs, as a router the gateway mounts.
+
+``training`` provides the router and knows nothing of ``serving``: the gateway passes its own
+``authorize`` (which raises the gateway's error type, rendered by the gateway's app) and a
+``JobsService`` with the store and what the cluster offers.
+
+    app.include_router(build_jobs_router(service, authorize=gw.authorize))
+
+Routes (errors in OpenAI's shape, ``{"error": {"message", "type", "param", "code"}}``):
+
+    POST /v1/jobs                  201 new job | 200 idempotent repeat | 400 bad JSON
+                                   | 409 job_conflict | 413 too large | 422 invalid_job_spec
+    GET  /v1/jobs?state=queued     200 {"object": "list", "data": [job, ...]} | 400 bad state
+    GET  /v1/jobs/{id}             200 job | 404 job_not_found
+    POST /v1/jobs/{id}/cancel      200 job | 404 | 409 job_conflict (already final)
+    GET  /v1/jobs/{id}/logs?after=N&limit=M   200 {"object": "list", "data": [line, ...]}
+    GET  /v1/jobs/{id}/events      200 text/event-stream of CloudEvents | 404
+
+A 422 adds ``"fields": [{"field": "hyperparameters.learning_rate", "message": ...}, ...]``.
+Every store call runs in a worker thread (``asyncio.to_thread``): the store blocks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import re
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from fastapi import APIRouter, Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+
+from training.events import SSE_KEEP_ALIVE, cloud_event, sse_message
+from training.jobs import (
+    FINAL_STATES,
+    Job,
+    JobConflict,
+    JobId,
+    JobNotFound,
+    JobState,
+    JobStore,
+    LogLine,
+)
+from training.spec import ClusterCapacity, FieldError, JobSpecInvalid, validate_job_spec
+
+JOB_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+"""A client-chosen job id: it is a URL path segment and the store's 64-character key."""
+MAX_IDEMPOTENCY_KEY_CHARS = 200
+MAX_LOG_LINES = 10_000
+
+
+@dataclass(frozen=True, kw_only=True)
+class JobsService:
+    """What the jobs routes need from the process that mounts them."""
+
+    store: JobStore
+    """The job store (SQLite or Postgres)."""
+    capacity: Callable[[], ClusterCapacity]
+    """The cluster's CPUs and GPUs now; called once per submit (may block: run in a thread)."""
+    dataset_roots: tuple[Path, ...]
+    """Folders a job's dataset may lie under."""
+    wake: Callable[[], None] = lambda: None
+    """Nudges the scheduler after a submit or cancel; best-effort (it polls the store anyway)."""
+    max_body_bytes: int = 1 << 20
+    """A submit body larger than this is refused with 413."""
+    events_poll_interval_s: float = 0.5
+    """How often the SSE stream reads the store for new events."""
+    keep_alive_interval_s: float = 15.0
+    """Idle seconds before the SSE stream sends a comment, so proxies keep it open."""
+
+
+class JobsApiError(Exception):
+    """An answer other than success; rendered by ``error_response``."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        code: str,
+        *,
+        param: str | None = None,
+        fields: list[FieldError] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.code = code
+        self.param = param
+        self.fields = fields
+
+
+_ERROR_TYPES = {
+    400: "invalid_request_error",
+    404: "not_found_error",
+    409: "conflict_error",
+    413: "invalid_request_error",
+    422: "invalid_request_error",
+}
+
+
+def error_response(error: JobsApiError) -> JSONResponse:
+    """The OpenAI error shape, plus ``fields`` for a 422."""
+    body: dict[str, Any] = {
+        "message": error.message,
+        "type": _ERROR_TYPES.get(error.status, "api_error"),
+        "param": error.param,
+        "code": error.code,
+    }
+    if error.fields is not None:
+        body["fields"] = [{"field": f.field, "message": f.message} for f in error.fields]
+    return JSONResponse({"error": body}, status_code=error.status)
+
+
+def job_json(job: Job) -> dict[str, Any]:
+    """A job as the API shows it; times are float seconds since the epoch."""
+    return {
+        "id": job.id.value,
+        "name": job.name,
+        "trainer": job.spec.trainer,
+        "state": job.state.value,
+        "stage": job.stage,
+        "progress": job.progress,
+        "metrics": job.metrics,
+        "error": job.error,
+        "priority": job.priority,
+        "created_at": job.created_at,
+        "started_at": job.started_at,
+        "finished_at": job.finished_at,
+        "spec": job.spec.model_dump(mode="json"),
+    }
+
+
+def log_line_json(line: LogLine) -> dict[str, Any]:
+    return {"seq": line.seq, "time": line.time, "stage": line.stage, "message": line.message}
+
+
+# --- reading a request --------------------------------------------------------------------
+
+
+async def read_json_object(request: Request, max_bytes: int) -> dict[str, Any]:
+    """The body as a JSON object: 413 past ``max_bytes`` (stopping reading there), 400 when
+    it is not UTF-8 JSON or not an object."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > max_bytes:
+        raise _too_large(int(declared), max_bytes)
+    chunks, received = [], 0
+    async for chunk in request.stream():
+        received += len(chunk)
+        if received > max_bytes:
+            raise _too_large(received, max_bytes)
+        chunks.append(chunk)
+    try:
+        data = json.loads(b"".join(chunks).decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise JobsApiError(400, f"malformed JSON body: {exc}", "invalid_json") from None
+    if not isinstance(data, dict):
+        raise JobsApiError(400, "the body must be a JSON object (a job spec)", "invalid_json")
+    return data
+
+
+def _too_large(size: int, max_bytes: int) -> JobsApiError:
+    message = f"request body of {size} bytes exceeds the limit of {max_bytes} bytes"
+    return JobsApiError(413, message, "body_too_large")
+
+
+def int_query(request: Request, name: str, default: int, *, low: int, high: int) -> int:
+    """Query parameter ``name`` as an int in [low, high]; 400 otherwise."""
+    raw = request.query_params.get(name)
+    if raw is None:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        value = low - 1
+    if not low <= value <= high:
+        message = f"{name} must be an integer from {low} to {high}, got {raw!r}"
+        raise JobsApiError(400, message, "invalid_query", param=name)
+    return value
+
+
+def submit_names(body: dict[str, Any], request: Request) -> tuple[str | None, str | None]:
+    """(client job id, idempotency key) from the body's ``job_id`` and the ``Idempotency-Key``
+    header; ``job_id`` is removed from ``body`` (it is not a spec field)."""
+    job_id = body.pop("job_id", None)
+    if job_id is not None and not (isinstance(job_id, str) and JOB_ID_PATTERN.match(job_id)):
+        message = "job_id must be 1-64 letters, digits, '.', '_' or '-', starting alphanumeric"
+        raise JobsApiError(422, message, "invalid_job_spec", fields=[FieldError("job_id", message)])
+    key = request.headers.get("idempotency-key")
+    if key is not None and not 1 <= len(key) <= MAX_IDEMPOTENCY_KEY_CHARS:
+        message = f"Idempotency-Key must be 1-{MAX_IDEMPOTENCY_KEY_CHARS} characters"
+        raise JobsApiError(400, message, "invalid_idempotency_key", param="Idempotency-Key")
+    return job_id, key
+
+
+# --- the router ---------------------------------------------------------------------------
+
+
+def build_jobs_router(service: JobsService, *, authorize: Callable[[Request], None]) -> APIRouter:
+    """The ``/v1/jobs`` routes over ``service`` (module docstring). ``authorize(request)`` runs
+    first in every route; whatever it raises propagates to the app's own handlers."""
+    router = APIRouter()
+    store = service.store
+
+    async def answer(request: Request, handle: Callable[[], Awaitable[Response]]) -> Response:
+        # an APIRouter cannot register exception handlers, so each route answers its own
+        authorize(request)
+        try:
+            return await handle()
+        except JobsApiError as exc:
+            return error_response(exc)
+        except JobNotFound as exc:
+            return error_response(
+                JobsApiError(404, f"job '{exc}' does not exist", "job_not_found", param="id")
+            )
+        except JobConflict as exc:
+            return error_response(JobsApiError(409, str(exc), "job_conflict"))
+
+    async def wake() -> None:
+        with contextlib.suppress(Exception):  # the scheduler polls the store anyway
+            await asyncio.to_thread(service.wake)
+
+    @router.post("/v1/jobs")
+    async def submit_job(request: Request) -> Response:
+        async def handle() -> Response:
+            body = await read_json_object(request, service.max_body_bytes)
+            job_id, key = submit_names(body, request)
+            capacity = await asyncio.to_thread(service.capacity)
+            try:
+                spec = await asyncio.to_thread(
+                    validate_job_spec,
+                    body,
+                    capacity=capacity,
+                    allowed_dataset_roots=service.dataset_roots,
+                )
+            except JobSpecInvalid as exc:
+                raise JobsApiError(
+                    422, f"invalid job spec: {exc}", "invalid_job_spec", fields=exc.errors
+                ) from None
+            if job_id is None:
+                # our own id, so a repeat under the key shows as a job with another id
+                job_id, repeat_possible = f"job-{uuid.uuid4().hex}", False
+            else:
+                repeat_possible = True
+            existed = repeat_possible and await asyncio.to_thread(_exists, store, job_id)
+            job = await asyncio.to_thread(store.submit, spec, job_id=job_id, idempotency_key=key)
+            created = job.id.value == job_id and not existed
+            if created:
+                await wake()
+            return JSONResponse(job_json(job), status_code=201 if created else 200)
+
+        return await answer(request, handle)
+
+    @router.get("/v1/jobs")
+    async def list_jobs(request: Request) -> Response:
+        async def handle() -> Response:
+            raw = request.query_params.get("state")
+            try:
+                state = JobState(raw) if raw is not None else None
+            except ValueError:
+                known = ", ".join(s.value for s in JobState)
+                message = f"unknown state {raw!r}; one of {known}"
+                raise JobsApiError(400, message, "invalid_query", param="state") from None
+            jobs = await asyncio.to_thread(store.list, state)
+            return JSONResponse({"object": "list", "data": [job_json(j) for j in jobs]})
+
+        return await answer(request, handle)
+
+    @router.get("/v1/jobs/{job_id}")
+    async def get_job(job_id: str, request: Request) -> Response:
+        async def handle() -> Response:
+            job = await asyncio.to_thread(store.get, JobId(job_id))
+            return JSONResponse(job_json(job))
+
+        return await answer(request, handle)
+
+    @router.post("/v1/jobs/{job_id}/cancel")
+    async def cancel_job(job_id: str, request: Request) -> Response:
+        async def handle() -> Response:
+            job = await asyncio.to_thread(store.cancel, JobId(job_id))
+            await wake()  # the scheduler stops the job's run
+            return JSONResponse(job_json(job))
+
+        return await answer(request, handle)
+
+    @router.get("/v1/jobs/{job_id}/logs")
+    async def job_logs(job_id: str, request: Request) -> Response:
+        async def handle() -> Response:
+            after = int_query(request, "after", 0, low=0, high=2**62)
+            limit = int_query(request, "limit", 1000, low=1, high=MAX_LOG_LINES)
+            lines = await asyncio.to_thread(store.logs, JobId(job_id), after=after, limit=limit)
+            return JSONResponse({"object": "list", "data": [log_line_json(x) for x in lines]})
+
+        return await answer(request, handle)
+
+    @router.get("/v1/jobs/{job_id}/events")
+    async def job_events(job_id: str, request: Request) -> Response:
+        async def handle() -> Response:
+            # Last-Event-ID (a reconnecting EventSource) wins over ?after= (the first request)
+            resume = request.headers.get("last-event-id")
+            if resume is not None and resume.strip().isdigit():
+                after = int(resume.strip())
+            else:
+                after = int_query(request, "after", 0, low=0, high=2**62)
+            await asyncio.to_thread(store.get, JobId(job_id))  # 404 before the stream starts
+            stream = event_stream(service, JobId(job_id), after, request.is_disconnected)
+            headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+            return StreamingResponse(stream, media_type="text/event-stream", headers=headers)
+
+        return await answer(request, handle)
+
+    return router
+
+
+def _exists(store: JobStore, job_id: str) -> bool:
+    try:
+        store.get(JobId(job_id))
+    except JobNotFound:
+        return False
+    return True
+
+
+async def event_stream(
+    service: JobsService,
+    job_id: JobId,
+    after: int,
+    is_disconnected: Callable[[], Awaitable[bool]],
+) -> AsyncIterator[bytes]:
+    """SSE frames of the job's events with ``seq > after``, polling the store; ends once the
+    job is final and its last event was sent, or when the client has gone."""
+    last_sent_s = time.monotonic()
+    while not await is_disconnected():
+        # the job before its events: a final state read here has its event written already
+        # (one transaction), so the events read next include the last one
+        job, events = await asyncio.to_thread(_job_and_events, service.store, job_id, after)
+        for event in events:
+            yield sse_message(cloud_event(job, event))
+            after = event.seq
+            last_sent_s = time.monotonic()
+        if job.state in FINAL_STATES:
+            return
+        if time.monotonic() - last_sent_s >= service.keep_alive_interval_s:
+            yield SSE_KEEP_ALIVE
+            last_sent_s = time.monotonic()
+        await asyncio.sleep(service.events_poll_interval_s)
+
+
+def _job_and_events(store: JobStore, job_id: JobId, after: int) -> tuple[Job, list]:
+    job = store.get(job_id)
+    return job, store.events(job_id, after=after)
