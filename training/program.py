@@ -79,3 +79,7 @@ def build_program(spec: ProgramSpec) -> TrainProgram:
             f"unknown train program {spec.kind!r}; known: {sorted(PROGRAMS)}"
         ) from None
     return builder(spec.params)
+
+
+GRAD_CLIP_NORM: float = 1.0
+"""Gradients are clipped to this total L2 norm before each optimiser step (every program)."""
