@@ -344,22 +344,24 @@ class WorkQueue:
             row = conn.execute(
                 select(work_items).where(work_items.c.id == item_id.value)
             ).one_or_none()
-        if row is None:
-            return None
-        return WorkItem(
-            id=ItemId(row.id),
-            queue=row.queue,
-            state=ItemState(row.state),
-            payload=row.payload,
-            attempts=row.attempts,
-            max_attempts=row.max_attempts,
-            available_at=row.available_at,
-            lease_owner=row.lease_owner,
-            lease_epoch=row.lease_epoch,
-            lease_expires_at=row.lease_expires_at,
-            result=row.result,
-            last_error=row.last_error,
-        )
+        return None if row is None else _item_from_row(row)
+
+    def items(self, queue: str) -> list[WorkItem]:
+        """Every item of ``queue``, oldest first (a stage reads its results back in order)."""
+        with transaction(self._engine, write=False) as conn:
+            rows = conn.execute(
+                select(work_items).where(work_items.c.queue == queue).order_by(work_items.c.id)
+            ).all()
+        return [_item_from_row(row) for row in rows]
+
+    def purge(self, queue_prefix: str) -> int:
+        """Delete every item, in any state, of the queues whose names start with
+        ``queue_prefix`` (a cancelled job's queues); how many went."""
+        escaped = queue_prefix.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+        with transaction(self._engine) as conn:
+            return conn.execute(
+                work_items.delete().where(work_items.c.queue.like(escaped + "%", escape="\\"))
+            ).rowcount
 
     def counts(self, queue: str) -> QueueCounts:
         """How many items of ``queue`` are in each state."""
@@ -379,3 +381,20 @@ class WorkQueue:
             work_items.c.lease_epoch == lease.epoch,
             work_items.c.state == ItemState.LEASED.value,
         )
+
+
+def _item_from_row(row: Any) -> WorkItem:
+    return WorkItem(
+        id=ItemId(row.id),
+        queue=row.queue,
+        state=ItemState(row.state),
+        payload=row.payload,
+        attempts=row.attempts,
+        max_attempts=row.max_attempts,
+        available_at=row.available_at,
+        lease_owner=row.lease_owner,
+        lease_epoch=row.lease_epoch,
+        lease_expires_at=row.lease_expires_at,
+        result=row.result,
+        last_error=row.last_error,
+    )

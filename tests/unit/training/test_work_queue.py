@@ -281,3 +281,26 @@ def test_two_concurrent_workers_never_hold_the_same_item_and_ack_each_exactly_on
     assert sorted(acked) == sorted(i.value for i in ids)  # 40 acks, one per item
     assert sorted(applied) == sorted(acked)  # and each ack's hook ran once
     assert queue.counts("shards") == QueueCounts(done=n_items)
+
+
+def test_items_lists_a_queue_in_put_order_with_results(queue: WorkQueue) -> None:
+    first = queue.put("stage", {"n": 1}, max_attempts=3)
+    queue.put("stage", {"n": 2}, max_attempts=3)
+    queue.put("other", {"n": 3}, max_attempts=3)
+    lease = queue.lease("stage", worker="w", lease_s=30)
+    assert lease is not None and lease.item_id == first
+    queue.ack(lease, {"done": 1})
+    items = queue.items("stage")
+    assert [i.payload for i in items] == [{"n": 1}, {"n": 2}]
+    assert [i.result for i in items] == [{"done": 1}, None]
+
+
+def test_purge_deletes_only_the_queues_under_a_prefix(queue: WorkQueue) -> None:
+    queue.put("job_1/tokenise", {"n": 1}, max_attempts=3)
+    queue.put("job_1/train", {"n": 2}, max_attempts=3)
+    queue.put("jobX1/tokenise", {"n": 3}, max_attempts=3)  # '_' is literal, not a wildcard
+    queue.put("job_10/tokenise", {"n": 4}, max_attempts=3)
+    assert queue.purge("job_1/") == 2
+    assert queue.items("job_1/tokenise") == []
+    assert len(queue.items("jobX1/tokenise")) == 1
+    assert len(queue.items("job_10/tokenise")) == 1

@@ -1,0 +1,400 @@
+"""The scheduler: exactly one, a named Ray actor, that runs queued jobs as the cluster allows.
+
+Order is priority, then submit order (``queue_order``, a pure function). Only the head of the
+queue is considered: it gets a reservation (a Ray placement group of ``workers`` bundles of
+``resources``), and when Ray can place all of it, the job starts; a smaller job behind it does
+not overtake it, so a big job is never starved. A job's runner (``training.runner``) runs its
+pipeline in the reservation; the scheduler writes the final state from the runner's outcome:
+
+    scheduler = Scheduler(store, queue, launcher, jobs_dir=env.jobs_dir)
+    scheduler.recover()     # once, at start: RUNNING jobs of a previous scheduler
+    while True:
+        scheduler.tick()    # reap leases, finish/cancel runs, start what fits
+
+Cancelling (the API marks the job CANCELLED) is noticed at the next tick: the runner is
+killed (its workers die with it), the reservation released, and the job's partial outputs
+(workspace files, queue items) removed. A failed run is queued again while the spec's
+``max_retries`` lasts; a filter's rejection is final.
+
+After a restart, RUNNING jobs have lost their runner (it died with the old scheduler, its
+owner). By the spec's ``on_restart``: ``resume`` queues the job again, and its pipeline skips
+the stages already done and training resumes from the last checkpoint; ``fail`` fails it with
+the reason.
+
+The actor (``SchedulerService``, named ``loom-scheduler``) owns the loop thread and the
+webhook deliverer's thread. The monitoring issue replaces "one named actor" with lease-based
+ownership election.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+from training.jobs import Job, JobConflict, JobId, JobNotFound, JobState, JobStore
+from training.runner import RunOutcome
+from training.work_queue import WorkQueue
+from training.workspace import JobWorkspace
+
+SCHEDULER_NAME = "loom-scheduler"
+NAMESPACE = "loom"
+
+
+def queue_order(jobs: Iterable[Job]) -> list[Job]:
+    """Higher priority first; equal priorities in submit order (then id, to be total)."""
+    return sorted(jobs, key=lambda job: (-job.priority, job.created_at, job.id.value))
+
+
+@dataclass(frozen=True, kw_only=True)
+class AfterFailure:
+    requeue: bool
+    failed_runs: int
+    reason: str
+
+
+def after_failure(job: Job, error: str) -> AfterFailure:
+    """What a failed run leads to: queued again while ``max_retries`` lasts, else failed.
+
+    max_retries 2: the 1st and 2nd failures requeue, the 3rd fails the job."""
+    failed_runs = int(job.metrics.get("failed_runs", 0)) + 1
+    if failed_runs <= job.spec.max_retries:
+        reason = f"run {failed_runs} failed ({error}); retrying"
+        return AfterFailure(requeue=True, failed_runs=failed_runs, reason=reason)
+    return AfterFailure(requeue=False, failed_runs=failed_runs, reason=error)
+
+
+class Launcher(Protocol):
+    """What the scheduler asks of the cluster (Ray in ``RayLauncher``; a fake in tests)."""
+
+    def reserve(self, job: Job) -> Any: ...
+
+    def is_ready(self, reservation: Any) -> bool: ...
+
+    def release(self, reservation: Any) -> None: ...
+
+    def launch(self, job: Job, reservation: Any) -> Any: ...
+
+    def outcome(self, run: Any) -> RunOutcome | None:
+        """The run's outcome once it has ended; None while it runs."""
+
+    def stop(self, run: Any) -> None: ...
+
+
+@dataclass
+class _Running:
+    reservation: Any
+    run: Any
+
+
+class Scheduler:
+    """The scheduling loop's state and decisions; no threads of its own (see the module)."""
+
+    def __init__(
+        self,
+        store: JobStore,
+        queue: WorkQueue,
+        launcher: Launcher,
+        *,
+        jobs_dir: Path,
+        log: Callable[[str], None] = lambda message: None,
+        sweep_interval_s: float = 10.0,
+    ) -> None:
+        self.store = store
+        self.queue = queue
+        self.launcher = launcher
+        self.jobs_dir = Path(jobs_dir)
+        self._log = log
+        self.running: dict[str, _Running] = {}
+        self.pending: tuple[str, Any] | None = None  # (job id, reservation) of the head
+        self._sweep_interval_s = sweep_interval_s
+        self._last_sweep_s = 0.0
+        self._swept: set[str] = set()
+
+    def recover(self) -> list[str]:
+        """Settle the RUNNING jobs a previous scheduler left, by each one's ``on_restart``."""
+        settled = []
+        for job in self.store.list(JobState.RUNNING):
+            if job.id.value in self.running:
+                continue
+            try:
+                if job.spec.on_restart == "resume":
+                    self.store.requeue(
+                        job.id,
+                        "the scheduler restarted while the job ran; it resumes from its last "
+                        "checkpoint",
+                    )
+                else:
+                    self.store.fail(job.id, "lost when the scheduler restarted (on_restart: fail)")
+            except (JobConflict, JobNotFound):
+                continue  # cancelled meanwhile
+            self._log(f"recovered job {job.id.value} ({job.spec.on_restart})")
+            settled.append(job.id.value)
+        return settled
+
+    def tick(self) -> None:
+        self.queue.reap()
+        self._finish_runs()
+        self._start_what_fits()
+        now = time.monotonic()
+        if now - self._last_sweep_s >= self._sweep_interval_s:
+            self._last_sweep_s = now
+            self.sweep_cancelled()
+
+    # --- running jobs -------------------------------------------------------------------
+
+    def _finish_runs(self) -> None:
+        for job_id, running in list(self.running.items()):
+            try:
+                job = self.store.get(JobId(job_id))
+            except JobNotFound:
+                job = None
+            if job is None or job.state != JobState.RUNNING:
+                # cancelled through the API (or gone): stop everything, remove what it made
+                self.launcher.stop(running.run)
+                self.launcher.release(running.reservation)
+                del self.running[job_id]
+                self.clean_up(job_id)
+                self._log(f"stopped job {job_id}: it is {job.state if job else 'gone'}")
+                continue
+            outcome = self.launcher.outcome(running.run)
+            if outcome is None:
+                continue
+            self.launcher.release(running.reservation)
+            del self.running[job_id]
+            self._apply(job, outcome)
+
+    def _apply(self, job: Job, outcome: RunOutcome) -> None:
+        try:
+            if outcome.status == "succeeded":
+                self.store.succeed(job.id, metrics=outcome.metrics)
+            elif outcome.status == "rejected":
+                self.store.fail(job.id, outcome.error or "rejected")
+            else:  # an error; or "stopped" while the job is still RUNNING, which is one too
+                decision = after_failure(job, outcome.error or "the run failed")
+                new_state = JobState.QUEUED if decision.requeue else JobState.FAILED
+                self.store.transition(
+                    job.id,
+                    new_state,
+                    error=decision.reason,
+                    metrics={"failed_runs": decision.failed_runs},
+                )
+        except JobConflict:
+            pass  # cancelled between the outcome and now
+        self._log(f"job {job.id.value}: run ended {outcome.status}")
+
+    def clean_up(self, job_id: str) -> None:
+        """A cancelled job's partial outputs: its workspace and its queue items."""
+        JobWorkspace(self.jobs_dir, job_id).remove()
+        self.queue.purge(f"{job_id}/")
+        self._swept.add(job_id)
+
+    def sweep_cancelled(self) -> None:
+        """Clean up jobs cancelled while queued (after an earlier run left files)."""
+        for job in self.store.list(JobState.CANCELLED):
+            if job.id.value not in self._swept and job.id.value not in self.running:
+                self.clean_up(job.id.value)
+
+    # --- starting jobs ------------------------------------------------------------------
+
+    def _start_what_fits(self) -> None:
+        while True:
+            queued = queue_order(self.store.list(JobState.QUEUED))
+            head = queued[0] if queued else None
+            if self.pending is not None and (head is None or self.pending[0] != head.id.value):
+                # the head changed (a higher priority came, or it was cancelled)
+                self.launcher.release(self.pending[1])
+                self.pending = None
+            if head is None:
+                return
+            if self.pending is None:
+                self.pending = (head.id.value, self.launcher.reserve(head))
+            reservation = self.pending[1]
+            if not self.launcher.is_ready(reservation):
+                return  # the cluster cannot place it yet; nothing behind it may overtake
+            self.pending = None
+            try:
+                job = self.store.start(head.id, stage="starting")
+            except JobConflict:  # cancelled between the list and now
+                self.launcher.release(reservation)
+                continue
+            self.running[job.id.value] = _Running(
+                reservation, self.launcher.launch(job, reservation)
+            )
+            self._log(f"started job {job.id.value} (priority {job.priority})")
+
+    def status(self) -> dict[str, Any]:
+        return {"running": sorted(self.running), "pending": self.pending and self.pending[0]}
+
+    def stop_all(self) -> None:
+        """Stop every run and release every reservation (the service is shutting down). The
+        jobs stay RUNNING in the store, for ``recover`` at the next start."""
+        for running in self.running.values():
+            self.launcher.stop(running.run)
+            self.launcher.release(running.reservation)
+        self.running.clear()
+        if self.pending is not None:
+            self.launcher.release(self.pending[1])
+            self.pending = None
+
+
+def bundles_for(job: Job) -> list[dict[str, float]]:
+    """The placement group of a job: one bundle per worker, ``resources`` each.
+
+    2 workers x {cpu: 1, gpu: 0} -> [{"CPU": 1.0}, {"CPU": 1.0}]."""
+    bundle = {"CPU": float(job.spec.resources.cpu)}
+    if job.spec.resources.gpu:
+        bundle["GPU"] = float(job.spec.resources.gpu)
+    return [dict(bundle) for _ in range(job.spec.workers)]
+
+
+# --- the Ray side ---------------------------------------------------------------------------
+
+
+class RayLauncher:
+    """Reservations as Ray placement groups; runs as ``JobRunner`` actors."""
+
+    def __init__(self, settings: Any) -> None:
+        self.settings = settings
+
+    def reserve(self, job: Job) -> Any:
+        from ray.util.placement_group import placement_group
+
+        group = placement_group(bundles_for(job), strategy="PACK")
+        return {"group": group, "ready": group.ready()}
+
+    def is_ready(self, reservation: Any) -> bool:
+        import ray
+
+        ready, _ = ray.wait([reservation["ready"]], timeout=0)
+        return bool(ready)
+
+    def release(self, reservation: Any) -> None:
+        from ray.util.placement_group import remove_placement_group
+
+        remove_placement_group(reservation["group"])
+
+    def launch(self, job: Job, reservation: Any) -> Any:
+        import ray
+
+        from training.runner import JobRunner
+
+        # the runner only coordinates: it takes no CPU of the job's reservation
+        runner = ray.remote(JobRunner).options(num_cpus=0, max_restarts=0).remote(self.settings)
+        return {"actor": runner, "ref": runner.run.remote(job.id.value, reservation["group"])}
+
+    def outcome(self, run: Any) -> RunOutcome | None:
+        import ray
+
+        ready, _ = ray.wait([run["ref"]], timeout=0)
+        if not ready:
+            return None
+        try:
+            return ray.get(run["ref"])
+        except ray.exceptions.RayActorError as exc:
+            return RunOutcome(status="error", error=f"the job's runner was lost: {exc}")
+        except ray.exceptions.RayError as exc:
+            return RunOutcome(status="error", error=f"the job's runner failed: {exc}")
+
+    def stop(self, run: Any) -> None:
+        import ray
+
+        ray.kill(run["actor"])
+
+
+class SchedulerService:
+    """The scheduler actor's body: ``start_scheduler`` makes it the named actor
+    ``loom-scheduler``. A loop thread ticks every ``tick_s`` or when woken (a submit or a
+    cancel calls ``wake``); a second thread delivers webhooks."""
+
+    def __init__(self, settings: Any, *, tick_s: float = 0.5) -> None:
+        from training.db import create_db_engine, create_tables
+        from training.webhooks import WebhookDeliverer
+
+        engine = create_db_engine(settings.db_url, schema=settings.db_schema)
+        create_tables(engine)
+        self.store = JobStore(engine)
+        self.scheduler = Scheduler(
+            self.store,
+            WorkQueue(engine),
+            RayLauncher(settings),
+            jobs_dir=Path(settings.jobs_dir),
+            log=lambda message: print(f"loom scheduler: {message}", flush=True),
+        )
+        self.scheduler.recover()
+        self._tick_s = tick_s
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._loop = threading.Thread(target=self._run, name="loom-scheduler", daemon=True)
+        self._loop.start()
+        self._webhooks = WebhookDeliverer(self.store)
+        self._webhook_thread = threading.Thread(
+            target=self._webhooks.run_forever,
+            args=(self._stop, 1.0),
+            name="loom-webhooks",
+            daemon=True,
+        )
+        self._webhook_thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                with self._lock:
+                    self.scheduler.tick()
+            except Exception as exc:  # a database hiccup must not end the loop
+                print(f"loom scheduler: tick failed: {type(exc).__name__}: {exc}", flush=True)
+            self._wake.wait(self._tick_s)
+            self._wake.clear()
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def status(self) -> dict[str, Any]:
+        with self._lock:
+            return self.scheduler.status()
+
+    def ping(self) -> bool:
+        return True
+
+    def shutdown(self) -> None:
+        self._stop.set()
+        self._wake.set()
+        self._loop.join(timeout=10)
+        with self._lock:
+            self.scheduler.stop_all()
+
+
+def start_scheduler(settings: Any, *, tick_s: float = 0.5) -> Any:
+    """The scheduler actor, started unless one is alive (``get_if_exists``: exactly one).
+
+    ``max_restarts=-1``: if its process dies Ray starts it again, and ``recover`` settles the
+    jobs it was running."""
+    import ray
+
+    actor = (
+        ray.remote(SchedulerService)
+        .options(
+            name=SCHEDULER_NAME,
+            namespace=NAMESPACE,
+            get_if_exists=True,
+            num_cpus=0,
+            max_restarts=-1,
+            max_concurrency=8,
+        )
+        .remote(settings, tick_s=tick_s)
+    )
+    ray.get(actor.ping.remote())
+    return actor
+
+
+def stop_scheduler(actor: Any) -> None:
+    import ray
+
+    with contextlib.suppress(Exception):  # already gone, or stuck: killed either way
+        ray.get(actor.shutdown.remote(), timeout=30)
+    ray.kill(actor, no_restart=True)
