@@ -11,6 +11,7 @@ from collections.abc import Sequence
 
 from models import cli as models_cli
 from serving import cli as serving_cli
+from training import cli as training_cli
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -18,6 +19,7 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     serving_cli.add_commands(subparsers)
     models_cli.add_commands(subparsers)
+    training_cli.add_commands(subparsers)
     return parser
 
 
