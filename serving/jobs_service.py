@@ -20,10 +20,8 @@ from sqlalchemy.engine import make_url
 from training.api import JobsService
 from training.db import create_db_engine, create_tables
 from training.jobs import JobStore
+from training.scheduler import NAMESPACE, SCHEDULER_NAME
 from training.spec import ClusterCapacity
-
-SCHEDULER_ACTOR = "loom-scheduler"
-SCHEDULER_NAMESPACE = "loom"
 
 
 class JobsSettings(BaseModel):
@@ -51,7 +49,7 @@ def wake_scheduler() -> None:
     Looked up on every call: the scheduler may start after the gateway, or be restarted.
     """
     try:
-        scheduler = ray.get_actor(SCHEDULER_ACTOR, namespace=SCHEDULER_NAMESPACE)
+        scheduler = ray.get_actor(SCHEDULER_NAME, namespace=NAMESPACE)
     except ValueError:  # not started (yet): nothing to wake
         return
     scheduler.wake.remote()
