@@ -52,7 +52,9 @@ def build_application(config: LoomConfig, env: LoomEnv, metrics_dir: Path) -> se
             "runtime_env": {"env_vars": serve_env_vars(metrics_dir)},
         },
     )
-    jobs = {"db_url": env.db_url, "dataset_roots": [str(p) for p in env.dataset_roots]}
+    jobs = None
+    if config.training.enabled:
+        jobs = {"db_url": env.db_url, "dataset_roots": [str(p) for p in env.dataset_roots]}
     return gateway.bind(config.model_dump(), str(env.models_dir), BOARD_NAME, jobs=jobs)
 
 
@@ -90,13 +92,28 @@ def check_sources(config: LoomConfig, store: ModelStore) -> None:
 def required_cpus(config: LoomConfig) -> int:
     """Logical CPUs a local Ray needs so every replica can be placed: 2 x 1.0 -> 2, and as
     many again for a model that follows an alias (a new version starts beside the old one),
-    once per version of a traffic split: 2 replicas x 1.0, following an alias -> 4."""
+    once per version of a traffic split: 2 replicas x 1.0, following an alias -> 4. Training
+    jobs get ``training.cpus`` more (default: the machine's count), so a job never waits on
+    a serving replica's reservation: 2 for serving + 2 for training on a 2-core machine -> 4."""
     total = 0.0
     for m in config.models:
         replicas = m.autoscaling.max_replicas if m.autoscaling else (m.replicas or 1)
         copies = len(m.traffic) if m.traffic else (2 if follows_alias(m) else 1)
         total += m.num_cpus * replicas * copies
-    return max(int(total + 0.999), os.cpu_count() or 1)
+    serving = max(int(total + 0.999), os.cpu_count() or 1)
+    training = config.training
+    if not training.enabled:
+        return serving
+    extra = training.cpus if training.cpus is not None else (os.cpu_count() or 1)
+    return serving + int(extra + 0.999)
+
+
+def runner_settings(env: LoomEnv):  # -> training.runner.RunnerSettings
+    from training.runner import RunnerSettings
+
+    return RunnerSettings(
+        db_url=env.db_url, models_dir=str(env.models_dir), jobs_dir=str(env.jobs_dir)
+    )
 
 
 class LoomServer:
@@ -105,6 +122,7 @@ class LoomServer:
         self.env = env
         self._started_ray = False
         self._board = None
+        self._scheduler = None
         self.reconciler: Reconciler | None = None
 
     def prepare(self) -> None:
@@ -123,8 +141,10 @@ class LoomServer:
         if not ray.is_initialized():
             for key, value in ray_serve_env().items():
                 os.environ.setdefault(key, value)
+            gpus = self.config.training.gpus
             ray.init(
                 num_cpus=required_cpus(self.config),
+                **({"num_gpus": gpus} if gpus is not None else {}),
                 include_dashboard=False,
                 log_to_driver=False,
                 configure_logging=False,
@@ -159,11 +179,23 @@ class LoomServer:
         serve.run(app, name=APP_NAME, route_prefix="/", blocking=False)  # waits for RUNNING
         self.reconciler.wait_until_serving(ready_timeout_s - (time.monotonic() - started))
         self.reconciler.start()
+        if self.config.training.enabled:
+            from training.scheduler import start_scheduler
+
+            self.env.jobs_dir.mkdir(parents=True, exist_ok=True)
+            self._scheduler = start_scheduler(
+                runner_settings(self.env), tick_s=self.config.training.tick_s
+            )
 
     def stop(self) -> None:
         try:
             if self.reconciler is not None:
                 self.reconciler.stop()
+            if self._scheduler is not None and ray.is_initialized():
+                from training.scheduler import stop_scheduler
+
+                stop_scheduler(self._scheduler)
+                self._scheduler = None
             if ray.is_initialized():
                 serve.shutdown()
                 if self._board is not None:

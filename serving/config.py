@@ -315,10 +315,30 @@ class RolloutConfig(_Strict):
     )
 
 
+class TrainingConfig(_Strict):
+    enabled: bool = Field(
+        True, description="Run the job scheduler beside the server and mount /v1/jobs."
+    )
+    cpus: float | None = Field(
+        None,
+        ge=0,
+        description="Logical CPUs a local Ray started by `loom serve` adds for training jobs, "
+        "beside the serving replicas' own; None: as many as the machine has. Ignored on a "
+        "cluster, whose nodes say what they hold.",
+    )
+    gpus: float | None = Field(
+        None, ge=0, description="GPUs a local Ray offers to training jobs; None: Ray's count."
+    )
+    tick_s: float = Field(
+        0.5, gt=0, le=60, description="How often the scheduler looks at the queue unprompted."
+    )
+
+
 class LoomConfig(_Strict):
     server: ServerConfig = Field(default_factory=ServerConfig)
     models: tuple[ModelConfig, ...] = Field(min_length=1)
     rollout: RolloutConfig = Field(default_factory=RolloutConfig)
+    training: TrainingConfig = Field(default_factory=TrainingConfig)
 
     @model_validator(mode="after")
     def _names_unique(self) -> LoomConfig:

@@ -58,8 +58,9 @@ def split_corpus(context: StageContext) -> dict[str, Any]:
         f"{len(plan.val_files)} held out; training the tokeniser"
     )
     context.check_stop()
-    vocab = _vocab_size(context)
-    lm.train_tokenizer(train_files, vocab_size=vocab, out_dir=ws.tokenizer_dir)
+    lm.train_tokenizer(train_files, vocab_size=_vocab_size(context), out_dir=ws.tokenizer_dir)
+    # what the tokeniser reached: a small corpus stops short of the asked-for size
+    vocab = lm.tokenizer_vocab_size(ws.tokenizer_dir)
     return {
         "files": len(files),
         "bytes": sum(f.stat().st_size for f in files),

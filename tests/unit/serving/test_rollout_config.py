@@ -8,7 +8,7 @@ import pytest
 
 from models.settings import LoomEnv
 from serving.app import required_cpus
-from serving.config import ConfigError, parse_config, with_overrides
+from serving.config import ConfigError, TrainingConfig, parse_config, with_overrides
 
 
 def config(**model: object):
@@ -62,5 +62,13 @@ def test_admin_keys_alone_turn_keys_on_so_a_public_bind_is_allowed():
     ],
 )
 def test_a_local_ray_has_room_for_every_version_that_runs_at_once(model, cpus):
-    # a local Ray never has fewer logical CPUs than the machine has cores
-    assert required_cpus(config(**model)) == max(cpus, os.cpu_count() or 1)
+    # a local Ray never has fewer logical CPUs than the machine has cores; training off here
+    off = config(**model).model_copy(update={"training": TrainingConfig(enabled=False)})
+    assert required_cpus(off) == max(cpus, os.cpu_count() or 1)
+
+
+def test_training_jobs_get_their_own_logical_cpus_beside_serving():
+    # 16 for serving (2 x 4 x 2 copies) + 3 for training jobs
+    data = {"models": [{"name": "m", "source": "m", "replicas": 2, "num_cpus": 4}]}
+    with_training = parse_config({**data, "training": {"cpus": 3}})
+    assert required_cpus(with_training) == max(16, os.cpu_count() or 1) + 3
