@@ -83,3 +83,7 @@ def build_program(spec: ProgramSpec) -> TrainProgram:
 
 GRAD_CLIP_NORM: float = 1.0
 """Gradients are clipped to this total L2 norm before each optimiser step (every program)."""
+
+
+class TrainingStopped(Exception):
+    """Training was asked to stop (a cancel) and did, before its last step or epoch."""
