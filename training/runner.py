@@ -219,7 +219,10 @@ class RayWorkers:
         elapsed_s = time.perf_counter() - started
         steps = result.metrics.get("steps", 0) - result.metrics.get("resumed_from_step", 0)
         batch = program.params.get("batch_size", 0)
-        context.log(f"train: {steps} steps in {elapsed_s:.1f} s, {result.restarts} restarts")
+        resumed = int(result.metrics.get("resumed_from_step", 0))
+        if resumed:
+            context.log(f"train: resumed from step {resumed}, the last checkpoint")
+        context.log(f"train: {steps:g} steps in {elapsed_s:.1f} s, {result.restarts} restarts")
         result.metrics["train_seconds"] = elapsed_s
         if steps and elapsed_s > 0:
             result.metrics["samples_per_s"] = steps * batch / elapsed_s

@@ -16,7 +16,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from safetensors.torch import load_model
+from safetensors.torch import load_file
 
 from training.program import ProgramSpec
 from training.queue_workers import QueueItem, register_handler, run_queue_stage
@@ -187,9 +187,8 @@ def register(context: StageContext) -> dict[str, Any]:
     model = lm.build_lm(
         lm.lm_preset(hp.preset), vocab_size=params["vocab_size"], seq_len=hp.seq_len, seed=hp.seed
     )
-    # load_model, not load_state_dict(load_file(...)): GPT-2 ties lm_head to the embedding,
-    # and safetensors stores a tied tensor once
-    load_model(model, context.outputs["train"]["final_weights"])
+    # the final weights hold both tied tensors (lm_head and the embedding), as copies
+    model.load_state_dict(load_file(context.outputs["train"]["final_weights"]))
     lm.export_lm(model, tokenizer_dir=ws.tokenizer_dir, out_dir=ws.export_dir)
     version = register_once(
         context.services["models"],

@@ -288,7 +288,8 @@ def test_items_lists_a_queue_in_put_order_with_results(queue: WorkQueue) -> None
     queue.put("stage", {"n": 2}, max_attempts=3)
     queue.put("other", {"n": 3}, max_attempts=3)
     lease = queue.lease("stage", worker="w", lease_s=30)
-    assert lease is not None and lease.item_id == first
+    assert lease is not None
+    assert lease.item_id == first
     queue.ack(lease, {"done": 1})
     items = queue.items("stage")
     assert [i.payload for i in items] == [{"n": 1}, {"n": 2}]
