@@ -1,0 +1,124 @@
+"""Training jobs through `loom serve` as users run them: `loom train submit --follow`, the
+/v1/jobs routes, and the served model moving to the job's result.
+
+The server serves ``digits`` (version 1: untrained weights, ~10% right). A digits job named
+``digits`` with ``promote: true`` registers its members as versions 2 and 3 and moves the
+``serving`` alias; the rollout reconciler follows, and v2 ``infer`` answers with the trained
+model."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+import yaml
+from loom_process import LoomProcess, run_loom, start_loom, stop_loom
+from model_folders import make_digits_folder
+
+from models.settings import LoomEnv
+from models.store import ModelStore
+from training.trainers.digits import load_digits_split
+
+
+@pytest.fixture(scope="module")
+def train_server(
+    tmp_path_factory: pytest.TempPathFactory, free_port: Callable[[], int]
+) -> Iterator[LoomProcess]:
+    home = tmp_path_factory.mktemp("e2e-train")
+    store = ModelStore(LoomEnv.from_environ({"LOOM_HOME": str(home)}).models_dir)
+    store.register("digits", make_digits_folder(tmp_path_factory.mktemp("d")), task="classify")
+    store.set_alias("digits", "serving", "1")
+    config = {
+        "models": [
+            {"name": "digits", "source": "digits", "task": "classify",
+             "replicas": 1, "num_cpus": 0.5, "torch_threads": 1},
+        ],
+        "rollout": {"poll_interval_s": 0.2, "drain_timeout_s": 5},
+        "training": {"tick_s": 0.2},
+    }  # fmt: skip
+    loom = start_loom(home, free_port(), config=config)
+    try:
+        yield loom
+    finally:
+        code, leftovers = stop_loom(loom)
+        assert not leftovers, "a process of the server outlived it"
+
+
+def served_accuracy(url: str) -> float:
+    """Accuracy of the served model on the first 256 validation images (a request's limit)."""
+    split = load_digits_split(seed=0)
+    x_val, y_val = split.x_val[:256], split.y_val[:256]
+    body = {
+        "inputs": [
+            {
+                "name": "input",
+                "datatype": "FP32",
+                "shape": list(x_val.shape),
+                "data": x_val.astype(np.float32).ravel().tolist(),
+            }
+        ]
+    }
+    answer = httpx.post(f"{url}/v2/models/digits/infer", json=body, timeout=30)
+    assert answer.status_code == 200, answer.text
+    output = answer.json()["outputs"][0]
+    probabilities = np.asarray(output["data"], dtype=np.float32).reshape(output["shape"])
+    return float((probabilities.argmax(axis=1) == y_val).mean())
+
+
+def test_a_submitted_digits_job_trains_and_the_served_model_follows_it(
+    train_server: LoomProcess, tmp_path: Path
+) -> None:
+    url = train_server.url
+    assert served_accuracy(url) < 0.5  # version 1: untrained
+    spec = {
+        "name": "digits",
+        "trainer": "digits",
+        "hyperparameters": {"arch": ["mlp", "cnn"], "epochs": 20},
+        "eval": {"min_accuracy": 0.95},
+        "promote": True,
+    }
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    done = run_loom(
+        train_server.home, "train", "submit", str(path), "--follow", "--url", url, timeout_s=300
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    [job] = httpx.get(f"{url}/v1/jobs", params={"state": "succeeded"}).json()["data"]
+    assert job["metrics"]["val_accuracy"] >= 0.95
+    # the reconciler rolls the promoted version out; then infer answers with it
+    deadline = time.monotonic() + 90
+    accuracy = served_accuracy(url)
+    while accuracy < 0.95 and time.monotonic() < deadline:
+        time.sleep(1)
+        accuracy = served_accuracy(url)
+    assert accuracy >= 0.95
+
+    # the job's events, as CloudEvents over SSE, end with its success
+    with httpx.stream("GET", f"{url}/v1/jobs/{job['id']}/events", timeout=30) as stream:
+        frames = [json.loads(line[5:]) for line in stream.iter_lines() if line.startswith("data:")]
+    assert frames[0]["type"] == "loom.job.queued"
+    assert frames[-1]["type"] == "loom.job.succeeded"
+    assert {f["specversion"] for f in frames} == {"1.0"}
+    # a finished job cannot be cancelled; its logs name every member
+    assert httpx.post(f"{url}/v1/jobs/{job['id']}/cancel").status_code == 409
+    logs = run_loom(train_server.home, "train", "logs", job["id"], "--url", url)
+    assert "member mlp: validation accuracy" in logs.stdout
+
+
+def test_a_bad_spec_is_refused_with_field_errors_before_anything_is_queued(
+    train_server: LoomProcess,
+) -> None:
+    url = train_server.url
+    before = len(httpx.get(f"{url}/v1/jobs").json()["data"])
+    bad = {"name": "x", "trainer": "lm", "hyperparameters": {"learning_rate": -1}, "workers": 999}
+    answer = httpx.post(f"{url}/v1/jobs", json=bad)
+    assert answer.status_code == 422
+    fields = {f["field"] for f in answer.json()["error"]["fields"]}
+    assert "hyperparameters.learning_rate" in fields
+    assert len(httpx.get(f"{url}/v1/jobs").json()["data"]) == before
+    assert httpx.get(f"{url}/v1/jobs/job-nope").status_code == 404
