@@ -32,6 +32,7 @@ import dataclasses
 import math
 import os
 import socket
+import time
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -166,6 +167,7 @@ def run_rank(
             trained = DistributedDataParallel(model, device_ids=device_ids)
 
         model.train()
+        loop_started = time.perf_counter()
         for step in range(start_step, program.max_steps):
             rate = program.learning_rate(step)
             for group in optimizer.param_groups:
@@ -196,12 +198,16 @@ def run_rank(
             if rank == 0 and progress is not None:
                 progress(done, program.max_steps, loss_value)
 
+        loop_s = time.perf_counter() - loop_started
         # the reduce: one training loss for the run, the same on every rank
         window = _mean_over_ranks(recent, world_size=world_size, device=device)
         metrics: dict[str, float] = {
             "train_loss": sum(window) / len(window) if window else math.nan,
             "steps": float(program.max_steps),
             "resumed_from_step": float(start_step),
+            # the steps alone (checkpoints and progress reports included), without joining,
+            # loading or the final evaluation: the steady-state rate is steps x batch / this
+            "loop_seconds": loop_s,
         }
         if rank == 0:
             metrics.update(program.evaluate(model))  # the plain module: no collectives inside

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import (
@@ -137,6 +138,9 @@ def create_db_engine(
     """
     if url.startswith("sqlite"):
         engine = create_engine(url, connect_args={"check_same_thread": False})
+        database = engine.url.database
+        if database and database != ":memory:":
+            Path(database).parent.mkdir(parents=True, exist_ok=True)  # first start: no folder
         _configure_sqlite(engine, busy_timeout_ms=sqlite_busy_timeout_ms)
     else:
         engine = create_engine(url, pool_pre_ping=True)

@@ -225,7 +225,11 @@ class RayWorkers:
         context.log(f"train: {steps:g} steps in {elapsed_s:.1f} s, {result.restarts} restarts")
         result.metrics["train_seconds"] = elapsed_s
         if steps and elapsed_s > 0:
+            # the whole stage: worker start, joining, resuming, the steps, evaluation, saving
             result.metrics["samples_per_s"] = steps * batch / elapsed_s
+        loop_s = result.metrics.get("loop_seconds", 0.0)
+        if steps and loop_s > 0 and not result.restarts:
+            result.metrics["loop_samples_per_s"] = steps * batch / loop_s
         return result
 
 
@@ -312,6 +316,8 @@ def job_metrics(trainer: str, outputs: dict[str, dict[str, Any]]) -> dict[str, A
             "val_loss": outputs["evaluate"]["val_loss"],
             "train_loss": train.get("train_loss"),
             "samples_per_s": train.get("samples_per_s"),
+            "loop_samples_per_s": train.get("loop_samples_per_s"),
+            "train_seconds": train.get("train_seconds"),
             "restarts": outputs["train"]["restarts"],
             "model": outputs["register"]["model"],
             "version": outputs["register"]["version"],

@@ -4,11 +4,14 @@ itself restarted. Small data throughout (a ~0.3 MB slice of the stdlib, a 2-laye
 
 from __future__ import annotations
 
+import json
 import os
 import signal
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -135,9 +138,37 @@ def test_a_perplexity_above_the_threshold_fails_the_job_with_the_reason(jobs: Jo
     assert not jobs.models.has("lm-strict")  # the filter ran before registration
 
 
-def test_the_digits_pipeline_trains_members_in_parallel_and_promotes_the_best(jobs: Jobs) -> None:
+class Receiver(BaseHTTPRequestHandler):
+    received: list[dict[str, Any]] = []
+
+    def do_POST(self) -> None:  # noqa: N802 - http.server's naming
+        body = self.rfile.read(int(self.headers["Content-Length"]))
+        Receiver.received.append(json.loads(body))
+        self.send_response(204)
+        self.end_headers()
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+@pytest.fixture
+def webhook() -> Iterator[str]:
+    Receiver.received = []
+    server = HTTPServer(("127.0.0.1", 0), Receiver)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/hook"
+    finally:
+        server.shutdown()
+
+
+def test_the_digits_pipeline_trains_members_in_parallel_and_promotes_the_best(
+    jobs: Jobs, webhook: str
+) -> None:
     job = jobs.submit(
         {
+            "webhook_url": webhook,
             "name": "digits-e2e",
             "trainer": "digits",
             "hyperparameters": {"arch": ["mlp", "cnn"], "epochs": 20},
@@ -161,6 +192,14 @@ def test_the_digits_pipeline_trains_members_in_parallel_and_promotes_the_best(jo
     split = load_digits_split(seed=0)
     predicted = engine.run(split.x_val.astype(np.float32)).argmax(axis=1)
     assert (predicted == split.y_val).mean() >= 0.95
+    # every state change reached the webhook as a CloudEvent, in order
+    deadline = time.monotonic() + 15
+    while len(Receiver.received) < len(jobs.store.events(done.id)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    types = [event["type"] for event in Receiver.received]
+    assert types[0] == "loom.job.queued"
+    assert types[-1] == "loom.job.succeeded"
+    assert [event["data"]["seq"] for event in Receiver.received] == list(range(1, len(types) + 1))
 
 
 def test_cancelling_a_training_job_stops_its_workers_and_removes_its_files(jobs: Jobs) -> None:
