@@ -15,7 +15,6 @@ from pathlib import Path
 
 import ray
 from pydantic import BaseModel, ConfigDict, Field
-from sqlalchemy.engine import make_url
 
 from training.api import JobsService
 from training.db import create_db_engine, create_tables
@@ -57,10 +56,7 @@ def wake_scheduler() -> None:
 
 def build_jobs_service(settings: JobsSettings, *, max_body_bytes: int) -> JobsService:
     """Open the store (creating its tables if new) and wire Ray's capacity and wake. Blocks."""
-    url = make_url(settings.db_url)
-    if url.get_backend_name() == "sqlite" and url.database not in (None, "", ":memory:"):
-        Path(url.database).parent.mkdir(parents=True, exist_ok=True)  # a fresh $LOOM_HOME
-    engine = create_db_engine(settings.db_url)
+    engine = create_db_engine(settings.db_url)  # a SQLite file's folder is made if missing
     create_tables(engine)
     return JobsService(
         store=JobStore(engine),

@@ -25,6 +25,7 @@ def gen_server(
     store = ModelStore(LoomEnv.from_environ({"LOOM_HOME": str(home)}).models_dir)
     store.register("tinygpt", folder, task="generate")
     config = {
+        "training": {"enabled": False},  # serving alone: no job scheduler
         "models": [
             {"name": "tinygpt", "source": "tinygpt", "task": "generate",
              "generation": {"max_sequences": 2, "stream_interval_ms": 0}},

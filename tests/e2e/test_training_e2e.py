@@ -9,9 +9,12 @@ model."""
 from __future__ import annotations
 
 import json
+import threading
 import time
 from collections.abc import Callable, Iterator
+from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
+from typing import Any
 
 import httpx
 import numpy as np
@@ -49,6 +52,33 @@ def train_server(
         assert not leftovers, "a process of the server outlived it"
 
 
+class Receiver(BaseHTTPRequestHandler):
+    """A client's webhook endpoint: keeps each CloudEvent POSTed to it."""
+
+    received: list[dict[str, Any]] = []
+
+    def do_POST(self) -> None:  # noqa: N802 - http.server's naming
+        body = self.rfile.read(int(self.headers["Content-Length"]))
+        Receiver.received.append(json.loads(body))
+        self.send_response(204)
+        self.end_headers()
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+@pytest.fixture
+def webhook() -> Iterator[str]:
+    Receiver.received = []
+    server = HTTPServer(("127.0.0.1", 0), Receiver)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/hook"
+    finally:
+        server.shutdown()
+
+
 def served_accuracy(url: str) -> float:
     """Accuracy of the served model on the first 256 validation images (a request's limit)."""
     split = load_digits_split(seed=0)
@@ -71,7 +101,7 @@ def served_accuracy(url: str) -> float:
 
 
 def test_a_submitted_digits_job_trains_and_the_served_model_follows_it(
-    train_server: LoomProcess, tmp_path: Path
+    train_server: LoomProcess, tmp_path: Path, webhook: str
 ) -> None:
     url = train_server.url
     assert served_accuracy(url) < 0.5  # version 1: untrained
@@ -80,7 +110,9 @@ def test_a_submitted_digits_job_trains_and_the_served_model_follows_it(
         "trainer": "digits",
         "hyperparameters": {"arch": ["mlp", "cnn"], "epochs": 20},
         "eval": {"min_accuracy": 0.95},
+        "stage_workers": 2,  # the two members train in parallel through the work queue
         "promote": True,
+        "webhook_url": webhook,
     }
     path = tmp_path / "job.yaml"
     path.write_text(yaml.safe_dump(spec))
@@ -89,7 +121,12 @@ def test_a_submitted_digits_job_trains_and_the_served_model_follows_it(
     )
     assert done.returncode == 0, done.stdout + done.stderr
     [job] = httpx.get(f"{url}/v1/jobs", params={"state": "succeeded"}).json()["data"]
-    assert job["metrics"]["val_accuracy"] >= 0.95
+    metrics = job["metrics"]
+    # one version per member (1 was there before), the best by validation accuracy promoted
+    assert set(metrics["accuracies"]) == {"mlp", "cnn"}
+    assert metrics["val_accuracy"] == max(metrics["accuracies"].values()) >= 0.95
+    assert sorted(metrics["versions"].values()) == ["2", "3"]
+    assert metrics["version"] == metrics["versions"][metrics["best_member"]]
     # the reconciler rolls the promoted version out; then infer answers with it
     deadline = time.monotonic() + 90
     accuracy = served_accuracy(url)
@@ -108,6 +145,11 @@ def test_a_submitted_digits_job_trains_and_the_served_model_follows_it(
     assert httpx.post(f"{url}/v1/jobs/{job['id']}/cancel").status_code == 409
     logs = run_loom(train_server.home, "train", "logs", job["id"], "--url", url)
     assert "member mlp: validation accuracy" in logs.stdout
+    # the webhook got every state change as a CloudEvent, in order
+    deadline = time.monotonic() + 15
+    while len(Receiver.received) < len(frames) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert [event["id"] for event in Receiver.received] == [frame["id"] for frame in frames]
 
 
 def test_a_bad_spec_is_refused_with_field_errors_before_anything_is_queued(

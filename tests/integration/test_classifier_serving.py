@@ -52,6 +52,7 @@ def served(
     small = {"task": "classify", "replicas": 1, "num_cpus": 0.5, "torch_threads": 1}
     config = parse_config(
         {
+            "training": {"enabled": False},  # serving alone: no job scheduler
             "server": {"port": port},
             "models": [
                 {

@@ -47,6 +47,7 @@ def server(
     port = free_port()
     config = parse_config(
         {
+            "training": {"enabled": False},  # serving alone: no job scheduler
             "server": {"port": port, "ingress": "proxy"},
             "rollout": {"poll_interval_s": 0.2},
             "models": [

@@ -55,6 +55,7 @@ def served(
     port = free_port()
     config = parse_config(
         {
+            "training": {"enabled": False},  # serving alone: no job scheduler
             "server": {"port": port},
             "models": [
                 {

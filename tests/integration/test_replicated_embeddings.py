@@ -23,6 +23,7 @@ def server(
     port = free_port()
     config = parse_config(
         {
+            "training": {"enabled": False},  # serving alone: no job scheduler
             # the session's Ray is already running: the proxy path (e2e covers direct)
             "server": {"port": port, "ingress": "proxy"},
             "models": [

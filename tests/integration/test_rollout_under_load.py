@@ -46,6 +46,7 @@ def running(
     small = {"replicas": 1, "num_cpus": 0.5, "torch_threads": 1}
     config = parse_config(
         {
+            "training": {"enabled": False},  # serving alone: no job scheduler
             "server": {"port": port},
             "rollout": {"poll_interval_s": 0.2},
             "models": [
