@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
-from sqlalchemy import Connection, Engine, Row, select, update
+from sqlalchemy import Connection, Engine, Row, Table, select, update
 from sqlalchemy.exc import IntegrityError
 
 from training.db import job_events, job_logs, jobs, transaction
@@ -323,18 +323,25 @@ class JobStore:
 
     def events(self, job_id: JobId, *, after: int = 0) -> builtins.list[JobEvent]:
         """The job's events with ``seq > after``, in order; ``JobNotFound`` for an unknown job."""
-        with transaction(self._engine, write=False) as conn:
-            if conn.execute(select(jobs.c.id).where(jobs.c.id == job_id.value)).first() is None:
-                raise JobNotFound(job_id.value)
-            rows = conn.execute(
-                select(job_events)
-                .where(job_events.c.job_id == job_id.value, job_events.c.seq > after)
-                .order_by(job_events.c.seq)
-            ).all()
+        rows = self._rows_after(job_events, job_id, after)
         return [
             JobEvent(job_id=job_id, seq=row.seq, type=row.type, time=row.time, data=row.data)
             for row in rows
         ]
+
+    def _rows_after(
+        self, table: Table, job_id: JobId, after: int, *, limit: int | None = None
+    ) -> builtins.list[Row[Any]]:
+        """A job's rows of ``table`` (events or log lines) with ``seq > after``, in order."""
+        with transaction(self._engine, write=False) as conn:
+            if conn.execute(select(jobs.c.id).where(jobs.c.id == job_id.value)).first() is None:
+                raise JobNotFound(job_id.value)
+            query = (
+                select(table)
+                .where(table.c.job_id == job_id.value, table.c.seq > after)
+                .order_by(table.c.seq)
+            )
+            return conn.execute(query if limit is None else query.limit(limit)).all()
 
     # --- the job's log ----------------------------------------------------------------------
 
@@ -359,15 +366,7 @@ class JobStore:
 
     def logs(self, job_id: JobId, *, after: int = 0, limit: int = 1000) -> builtins.list[LogLine]:
         """Up to ``limit`` log lines with ``seq > after``, in order; ``JobNotFound`` if unknown."""
-        with transaction(self._engine, write=False) as conn:
-            if conn.execute(select(jobs.c.id).where(jobs.c.id == job_id.value)).first() is None:
-                raise JobNotFound(job_id.value)
-            rows = conn.execute(
-                select(job_logs)
-                .where(job_logs.c.job_id == job_id.value, job_logs.c.seq > after)
-                .order_by(job_logs.c.seq)
-                .limit(limit)
-            ).all()
+        rows = self._rows_after(job_logs, job_id, after, limit=limit)
         return [
             LogLine(seq=row.seq, time=row.time, stage=row.stage, message=row.message)
             for row in rows

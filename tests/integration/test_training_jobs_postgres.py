@@ -5,13 +5,11 @@ of its own for this run). Skips, saying why, when no Postgres is reachable."""
 from __future__ import annotations
 
 import time
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from sqlalchemy import text
-from sqlalchemy.exc import OperationalError
+from postgres_schema import POSTGRES_URL, fresh_schema
 
 from training.db import create_db_engine, create_tables
 from training.jobs import JobState, JobStore
@@ -20,21 +18,18 @@ from training.scheduler import start_scheduler, stop_scheduler
 from training.spec import parse_job_spec
 from training.work_queue import WorkQueue
 
-POSTGRES_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
-
 
 @pytest.fixture(scope="module")
 def postgres_jobs(
     ray_session: None, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[tuple[JobStore, WorkQueue, object]]:
-    admin = create_db_engine(POSTGRES_URL)
-    schema = f"loom_it_{uuid.uuid4().hex[:12]}"
-    try:
-        with admin.begin() as conn:
-            conn.execute(text(f'CREATE SCHEMA "{schema}"'))
-    except OperationalError as exc:
-        admin.dispose()
-        pytest.skip(f"PostgreSQL not reachable at {POSTGRES_URL}: {exc.orig}")
+    with fresh_schema("loom_it") as schema:
+        yield from _jobs_on(schema, tmp_path_factory)
+
+
+def _jobs_on(
+    schema: str, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[JobStore, WorkQueue, object]]:
     home: Path = tmp_path_factory.mktemp("loom-training-pg")
     settings = RunnerSettings(
         db_url=POSTGRES_URL,
@@ -50,9 +45,6 @@ def postgres_jobs(
     finally:
         stop_scheduler(scheduler)
         engine.dispose()
-        with admin.begin() as conn:
-            conn.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
-        admin.dispose()
 
 
 def test_an_lm_job_runs_end_to_end_on_a_postgres_store(postgres_jobs) -> None:

@@ -8,17 +8,14 @@ schema, dropped afterwards; without a reachable server the Postgres cases skip a
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from sqlalchemy import Engine, text
-from sqlalchemy.exc import OperationalError
+from postgres_schema import POSTGRES_URL, fresh_schema
+from sqlalchemy import Engine
 
 from training.db import create_db_engine, create_tables
-
-POSTGRES_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 
 
 @pytest.fixture(params=["sqlite", "postgres"])
@@ -31,20 +28,10 @@ def db_engine(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Engine
         engine.dispose()
         return
 
-    admin = create_db_engine(POSTGRES_URL)
-    schema = f"loom_test_{uuid.uuid4().hex[:12]}"
-    try:
-        with admin.begin() as conn:
-            conn.execute(text(f'CREATE SCHEMA "{schema}"'))
-    except OperationalError as exc:
-        admin.dispose()
-        pytest.skip(f"PostgreSQL not reachable at {POSTGRES_URL}: {exc.orig}")
-    engine = create_db_engine(POSTGRES_URL, schema=schema)
-    try:
-        create_tables(engine)
-        yield engine
-    finally:
-        engine.dispose()
-        with admin.begin() as conn:
-            conn.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
-        admin.dispose()
+    with fresh_schema() as schema:
+        engine = create_db_engine(POSTGRES_URL, schema=schema)
+        try:
+            create_tables(engine)
+            yield engine
+        finally:
+            engine.dispose()
