@@ -92,9 +92,3 @@ def test_a_port_in_use_is_refused_before_anything_starts(tmp_path, free_port) ->
     assert "Traceback" not in result.stderr
 
 
-def test_ctrl_c_stops_the_server_and_ray_with_it(tmp_path, free_port) -> None:
-    loom = start_loom(tmp_path / "home", free_port())
-    code, leftovers = stop_loom(loom)
-    assert code == 0, loom.log_tail()
-    assert "shutting down" in loom.log_tail()
-    assert not leftovers, "processes of the server's group outlived it"

@@ -1,6 +1,6 @@
-"""The job system on PostgreSQL, as a cluster runs it: the scheduler, the runner, the queue
-workers and the train workers each in their own process, all on one Postgres store (a schema
-of its own for this run). Skips, saying why, when no Postgres is reachable."""
+"""The job system on PostgreSQL, as a cluster runs it: the scheduler, the runner and the queue
+workers each in their own process, all on one Postgres store (a schema of its own for this
+run). Skips, saying why, when no Postgres is reachable."""
 
 from __future__ import annotations
 
@@ -47,18 +47,15 @@ def _jobs_on(
         engine.dispose()
 
 
-def test_an_lm_job_runs_end_to_end_on_a_postgres_store(postgres_jobs) -> None:
+def test_a_digits_job_runs_end_to_end_on_a_postgres_store(postgres_jobs) -> None:
     store, queue, scheduler = postgres_jobs
     spec = {
-        "name": "lm-pg",
-        "trainer": "lm",
-        "workers": 2,
+        "name": "digits-pg",
+        "trainer": "digits",
         "stage_workers": 2,
-        "hyperparameters": {
-            "max_corpus_mb": 0.2, "shards": 4, "vocab_size": 400, "seq_len": 32,
-            "batch_size": 8, "max_steps": 8, "checkpoint_every_steps": 4,
-        },
-    }  # fmt: skip
+        "hyperparameters": {"arch": ["mlp", "mlp", "mlp"], "epochs": 3},
+        "promote": True,
+    }
     job = store.submit(parse_job_spec(spec))
     scheduler.wake.remote()
     deadline = time.monotonic() + 180
@@ -67,12 +64,11 @@ def test_an_lm_job_runs_end_to_end_on_a_postgres_store(postgres_jobs) -> None:
         time.sleep(0.25)
     done = store.get(job.id)
     assert done.state == JobState.SUCCEEDED, done.error
-    # 4 shards + the validation shard, each done exactly once by the two queue workers
-    items = queue.items(f"{job.id.value}/tokenise")
-    assert len(items) == 5
+    # three members, each trained exactly once by the two queue workers (SKIP LOCKED leases)
+    items = queue.items(f"{job.id.value}/train_members")
+    assert [item.payload["name"] for item in items] == ["mlp-1", "mlp-2", "mlp-3"]
     assert {item.state.value for item in items} == {"done"}
-    assert {item.lease_owner for item in items} <= {
-        f"{job.id.value}/tokenise#0",
-        f"{job.id.value}/tokenise#1",
-    }
-    assert done.metrics["version"] == "1"
+    assert {item.attempts for item in items} == {1}
+    workers = {f"{job.id.value}/train_members#{i}" for i in range(2)}
+    assert {item.lease_owner for item in items} <= workers
+    assert sorted(done.metrics["versions"].values()) == ["1", "2", "3"]

@@ -1,13 +1,15 @@
-"""The coordinated batch on real Ray actors: DDP equivalence, a lost worker, stop, errors.
+"""The coordinated batch on real Ray actors: DDP equivalence, and a program error that is not
+retried. A lost worker and a stop are tested at the job level (tests/integration/
+test_training_jobs.py: a killed train worker, a cancel), and a resume's equality with an
+uninterrupted run in-process (tests/unit/training/test_coordinated_unit.py).
 
 Each group is W fresh worker processes (measured on 2 cores: ~3 s until the actors answer,
 ~3-5 s more importing torch and sklearn and joining the group), so the program is small: a
-32-wide MLP, global batch 32, 24 steps, a checkpoint every 4. The file runs in ~50 s.
+32-wide MLP, global batch 32, 24 steps, a checkpoint every 4.
 """
 
 from __future__ import annotations
 
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,14 +20,13 @@ import pytest
 import ray
 from safetensors.torch import load_file
 
-from training.checkpoint import latest_checkpoint
 from training.coordinated import (
     CoordinatedResult,
     CoordinatedTrainingFailed,
     run_coordinated,
     run_rank,
 )
-from training.program import ProgramSpec, TrainingStopped
+from training.program import ProgramSpec
 
 pytestmark = pytest.mark.usefixtures("ray_session")
 
@@ -43,15 +44,6 @@ def _spec(**overrides: Any) -> ProgramSpec:
         "seed": 0,
     }
     return ProgramSpec(kind="digits", params={**params, **overrides})
-
-
-def _slow_progress(seconds_per_step: float) -> Any:
-    # runs in rank 0's process (pickled by value: a closure); rank 1 waits for it at the next
-    # all-reduce, so the whole group slows to ~seconds_per_step a step and a test can act
-    def progress(done: int, total: int, loss: float) -> None:
-        time.sleep(seconds_per_step)
-
-    return progress
 
 
 def _max_abs_diff(a: Path, b: Path) -> float:
@@ -129,78 +121,6 @@ def test_two_workers_end_with_the_weights_of_one(uninterrupted: _Reference) -> N
     assert two.metrics["train_loss"] == pytest.approx(one["train_loss"], abs=1e-5)
     assert two.metrics["val_accuracy"] == pytest.approx(one["val_accuracy"], abs=0.01)
     assert two.metrics["steps"] == STEPS
-
-
-def test_a_killed_worker_restarts_the_group_from_the_last_checkpoint(
-    uninterrupted: _Reference, tmp_path: Path
-) -> None:
-    ckpt = tmp_path / "checkpoints"
-    groups = _Groups()
-    killer: list[threading.Thread] = []
-    logged: list[str] = []
-
-    def kill_rank_1_after_the_first_checkpoint(actors: list[Any]) -> None:
-        groups(actors)
-        if len(groups.actors) > 1:
-            return  # only the first group is attacked
-
-        def kill() -> None:
-            deadline = time.monotonic() + 60
-            while latest_checkpoint(ckpt) is None and time.monotonic() < deadline:
-                time.sleep(0.02)
-            ray.kill(actors[1], no_restart=True)
-
-        killer.append(threading.Thread(target=kill, daemon=True))
-        killer[0].start()
-
-    started = time.monotonic()
-    result = run_coordinated(
-        _spec(),
-        world_size=2,
-        checkpoint_dir=str(ckpt),
-        checkpoint_every_steps=EVERY,
-        progress=_slow_progress(0.1),  # 20 steps x 0.1 s = 2 s left after the first save
-        log=logged.append,
-        poll_interval_s=0.1,
-        on_group_started=kill_rank_1_after_the_first_checkpoint,
-    )
-    elapsed_s = time.monotonic() - started
-    killer[0].join(timeout=5)
-    groups.assert_all_gone()
-
-    assert result.restarts == 1
-    assert len(groups.actors) == 2
-    assert result.metrics["resumed_from_step"] > 0  # 4 or 8: the kill lands after a save
-    assert result.metrics["resumed_from_step"] % EVERY == 0
-    assert len(logged) == 1
-    assert logged[0].startswith("rank 1 lost: ActorDiedError"), logged
-    # the same batches by step and Adam's moments restored: the interrupted run ends where
-    # the uninterrupted one did (measured: identical, max diff 0.0)
-    diff = _max_abs_diff(result.final_weights, uninterrupted.two_ranks.final_weights)
-    print(f"\nkilled vs uninterrupted: max abs weight diff {diff:.3g}")
-    assert diff <= 1e-5
-    print(f"\nlost-worker run: {elapsed_s:.1f} s, resumed at {result.metrics['resumed_from_step']}")
-
-
-def test_should_stop_kills_the_group_and_raises_training_stopped(tmp_path: Path) -> None:
-    ckpt = tmp_path / "checkpoints"
-    groups = _Groups()
-    with pytest.raises(TrainingStopped):
-        run_coordinated(
-            _spec(),
-            world_size=2,
-            checkpoint_dir=str(ckpt),
-            checkpoint_every_steps=EVERY,
-            progress=_slow_progress(0.2),  # 24 x 0.2 s = 4.8 s, far longer than the stop
-            should_stop=lambda: latest_checkpoint(ckpt) is not None,
-            poll_interval_s=0.05,
-            on_group_started=groups,
-        )
-    assert len(groups.actors) == 1
-    assert not (ckpt / "final.safetensors").exists()  # stopped before the end
-    groups.assert_all_gone()
-    with pytest.raises(ray.exceptions.RayActorError):
-        ray.get(groups.actors[0][0].pid.remote(), timeout=10)
 
 
 def test_a_program_error_fails_at_once_without_restarts(tmp_path: Path) -> None:
