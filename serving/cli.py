@@ -58,14 +58,21 @@ def resolve_config(args: argparse.Namespace, env: LoomEnv) -> LoomConfig:
 
 
 def run_serve(args: argparse.Namespace) -> int:
-    from serving.app import LoomServer  # imports Ray: only when serving
-
     env = LoomEnv.from_environ()
     try:
         config = resolve_config(args, env)
-    except ConfigError as exc:
+    except ConfigError as exc:  # refused before anything heavy is imported: at once
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    from serving.http_server import PortUnavailable, bind_socket
+
+    try:  # a taken port, too, is said before the heavy imports (LoomServer checks it again)
+        bind_socket(config.server.host, config.server.port).close()
+    except PortUnavailable as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    from serving.app import LoomServer  # imports Ray and torch (seconds): only when serving
+
     server = LoomServer(config, env)
     stop = StopRequest()
     for sig in (signal.SIGINT, signal.SIGTERM):

@@ -5,7 +5,11 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 
 import pytest
-from loom_process import LoomProcess, start_loom, stop_loom
+from loom_process import API_KEY, LoomProcess, start_loom, stop_loom
+from model_folders import make_digits_folder
+
+from models.settings import LoomEnv
+from models.store import ModelStore
 
 
 @pytest.fixture(scope="session")
@@ -22,3 +26,32 @@ def loom_server(
         assert code == 0, loom.log_tail()
         assert "shutting down" in loom.log_tail()
         assert not leftovers, "processes of the server's group outlived it"
+
+
+@pytest.fixture(scope="session")
+def keyed_server(
+    tmp_path_factory: pytest.TempPathFactory, free_port: Callable[[], int]
+) -> Iterator[LoomProcess]:
+    """API keys on (``API_KEY`` from the environment, ``config-key`` from the file), serving
+    ``minilm`` and ``digits`` (version 1: untrained weights, ~10% right) with the job
+    scheduler: the auth tests and the training tests share it (one server start, not two)."""
+    home = tmp_path_factory.mktemp("e2e-keys")
+    store = ModelStore(LoomEnv.from_environ({"LOOM_HOME": str(home)}).models_dir)
+    store.register("digits", make_digits_folder(tmp_path_factory.mktemp("d")), task="classify")
+    store.set_alias("digits", "serving", "1")
+    config = {
+        "server": {"api_keys": ["config-key"]},
+        "models": [
+            {"name": "minilm", "source": "minilm", "task": "embed"},
+            {"name": "digits", "source": "digits", "task": "classify",
+             "replicas": 1, "num_cpus": 0.5, "torch_threads": 1},
+        ],
+        "rollout": {"poll_interval_s": 0.2, "drain_timeout_s": 5},
+        "training": {"tick_s": 0.2},
+    }  # fmt: skip
+    loom = start_loom(home, free_port(), config, env={"LOOM_API_KEYS": API_KEY})
+    try:
+        yield loom
+    finally:
+        code, leftovers = stop_loom(loom)
+        assert not leftovers, "a process of the server outlived it"

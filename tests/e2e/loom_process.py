@@ -14,6 +14,8 @@ import httpx
 import yaml
 
 REPO = Path(__file__).resolve().parents[2]
+API_KEY = "test-key-123"
+"""The key the keyed server takes from ``LOOM_API_KEYS`` (``keyed_server`` in conftest)."""
 
 
 @dataclass

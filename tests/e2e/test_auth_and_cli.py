@@ -4,30 +4,11 @@ from __future__ import annotations
 
 import json
 import socket
-from collections.abc import Callable, Iterator
 
 import httpx
-import pytest
-from loom_process import LoomProcess, run_loom, start_loom, stop_loom
+from loom_process import API_KEY, LoomProcess, run_loom
 
-KEY = "test-key-123"
-
-
-@pytest.fixture(scope="module")
-def keyed_server(
-    tmp_path_factory: pytest.TempPathFactory, free_port: Callable[[], int]
-) -> Iterator[LoomProcess]:
-    config = {
-        "server": {"api_keys": ["config-key"]},
-        "models": [{"name": "minilm", "source": "minilm", "task": "embed"}],
-    }
-    loom = start_loom(
-        tmp_path_factory.mktemp("e2e-keys"), free_port(), config, env={"LOOM_API_KEYS": KEY}
-    )
-    try:
-        yield loom
-    finally:
-        stop_loom(loom)
+KEY = API_KEY
 
 
 def test_with_keys_every_model_route_needs_a_bearer_key(keyed_server: LoomProcess) -> None:

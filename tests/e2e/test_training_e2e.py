@@ -1,17 +1,17 @@
 """Training jobs through `loom serve` as users run them: `loom train submit --follow`, the
-/v1/jobs routes, and the served model moving to the job's result.
+/v1/jobs routes behind API keys, and the served model moving to the job's result.
 
-The server serves ``digits`` (version 1: untrained weights, ~10% right). A digits job named
-``digits`` with ``promote: true`` registers its members as versions 2 and 3 and moves the
-``serving`` alias; the rollout reconciler follows, and v2 ``infer`` answers with the trained
-model."""
+The keyed server (conftest) serves ``digits`` (version 1: untrained weights, ~10% right). A
+digits job named ``digits`` with ``promote: true`` registers its members as versions 2 and 3
+and moves the ``serving`` alias; the rollout reconciler follows, and v2 ``infer`` answers
+with the trained model."""
 
 from __future__ import annotations
 
 import json
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
 from typing import Any
@@ -20,36 +20,12 @@ import httpx
 import numpy as np
 import pytest
 import yaml
-from loom_process import LoomProcess, run_loom, start_loom, stop_loom
-from model_folders import make_digits_folder
+from loom_process import API_KEY, LoomProcess, run_loom
 
-from models.settings import LoomEnv
-from models.store import ModelStore
 from training.trainers.digits import load_digits_split
 
-
-@pytest.fixture(scope="module")
-def train_server(
-    tmp_path_factory: pytest.TempPathFactory, free_port: Callable[[], int]
-) -> Iterator[LoomProcess]:
-    home = tmp_path_factory.mktemp("e2e-train")
-    store = ModelStore(LoomEnv.from_environ({"LOOM_HOME": str(home)}).models_dir)
-    store.register("digits", make_digits_folder(tmp_path_factory.mktemp("d")), task="classify")
-    store.set_alias("digits", "serving", "1")
-    config = {
-        "models": [
-            {"name": "digits", "source": "digits", "task": "classify",
-             "replicas": 1, "num_cpus": 0.5, "torch_threads": 1},
-        ],
-        "rollout": {"poll_interval_s": 0.2, "drain_timeout_s": 5},
-        "training": {"tick_s": 0.2},
-    }  # fmt: skip
-    loom = start_loom(home, free_port(), config=config)
-    try:
-        yield loom
-    finally:
-        code, leftovers = stop_loom(loom)
-        assert not leftovers, "a process of the server outlived it"
+AUTH = {"Authorization": f"Bearer {API_KEY}"}
+KEY_ENV = {"LOOM_API_KEYS": API_KEY}
 
 
 class Receiver(BaseHTTPRequestHandler):
@@ -93,7 +69,7 @@ def served_accuracy(url: str) -> float:
             }
         ]
     }
-    answer = httpx.post(f"{url}/v2/models/digits/infer", json=body, timeout=30)
+    answer = httpx.post(f"{url}/v2/models/digits/infer", json=body, headers=AUTH, timeout=30)
     assert answer.status_code == 200, answer.text
     output = answer.json()["outputs"][0]
     probabilities = np.asarray(output["data"], dtype=np.float32).reshape(output["shape"])
@@ -101,9 +77,9 @@ def served_accuracy(url: str) -> float:
 
 
 def test_a_submitted_digits_job_trains_and_the_served_model_follows_it(
-    train_server: LoomProcess, tmp_path: Path, webhook: str
+    keyed_server: LoomProcess, tmp_path: Path, webhook: str
 ) -> None:
-    url = train_server.url
+    url = keyed_server.url
     assert served_accuracy(url) < 0.5  # version 1: untrained
     spec = {
         "name": "digits",
@@ -117,10 +93,11 @@ def test_a_submitted_digits_job_trains_and_the_served_model_follows_it(
     path = tmp_path / "job.yaml"
     path.write_text(yaml.safe_dump(spec))
     done = run_loom(
-        train_server.home, "train", "submit", str(path), "--follow", "--url", url, timeout_s=300
-    )
+        keyed_server.home, "train", "submit", str(path), "--follow", "--url", url,
+        env=KEY_ENV, timeout_s=300,
+    )  # fmt: skip
     assert done.returncode == 0, done.stdout + done.stderr
-    [job] = httpx.get(f"{url}/v1/jobs", params={"state": "succeeded"}).json()["data"]
+    [job] = httpx.get(f"{url}/v1/jobs", params={"state": "succeeded"}, headers=AUTH).json()["data"]
     metrics = job["metrics"]
     # one version per member (1 was there before), the best by validation accuracy promoted
     assert set(metrics["accuracies"]) == {"mlp", "cnn"}
@@ -136,14 +113,16 @@ def test_a_submitted_digits_job_trains_and_the_served_model_follows_it(
     assert accuracy >= 0.95
 
     # the job's events, as CloudEvents over SSE, end with its success
-    with httpx.stream("GET", f"{url}/v1/jobs/{job['id']}/events", timeout=30) as stream:
+    with httpx.stream(
+        "GET", f"{url}/v1/jobs/{job['id']}/events", headers=AUTH, timeout=30
+    ) as stream:
         frames = [json.loads(line[5:]) for line in stream.iter_lines() if line.startswith("data:")]
     assert frames[0]["type"] == "loom.job.queued"
     assert frames[-1]["type"] == "loom.job.succeeded"
     assert {f["specversion"] for f in frames} == {"1.0"}
     # a finished job cannot be cancelled; its logs name every member
-    assert httpx.post(f"{url}/v1/jobs/{job['id']}/cancel").status_code == 409
-    logs = run_loom(train_server.home, "train", "logs", job["id"], "--url", url)
+    assert httpx.post(f"{url}/v1/jobs/{job['id']}/cancel", headers=AUTH).status_code == 409
+    logs = run_loom(keyed_server.home, "train", "logs", job["id"], "--url", url, env=KEY_ENV)
     assert "member mlp: validation accuracy" in logs.stdout
     # the webhook got every state change as a CloudEvent, in order
     deadline = time.monotonic() + 15
@@ -153,14 +132,15 @@ def test_a_submitted_digits_job_trains_and_the_served_model_follows_it(
 
 
 def test_a_bad_spec_is_refused_with_field_errors_before_anything_is_queued(
-    train_server: LoomProcess,
+    keyed_server: LoomProcess,
 ) -> None:
-    url = train_server.url
-    before = len(httpx.get(f"{url}/v1/jobs").json()["data"])
+    url = keyed_server.url
+    assert httpx.get(f"{url}/v1/jobs").status_code == 401  # the jobs API is behind the keys
+    before = len(httpx.get(f"{url}/v1/jobs", headers=AUTH).json()["data"])
     bad = {"name": "x", "trainer": "lm", "hyperparameters": {"learning_rate": -1}, "workers": 999}
-    answer = httpx.post(f"{url}/v1/jobs", json=bad)
+    answer = httpx.post(f"{url}/v1/jobs", json=bad, headers=AUTH)
     assert answer.status_code == 422
     fields = {f["field"] for f in answer.json()["error"]["fields"]}
     assert "hyperparameters.learning_rate" in fields
-    assert len(httpx.get(f"{url}/v1/jobs").json()["data"]) == before
-    assert httpx.get(f"{url}/v1/jobs/job-nope").status_code == 404
+    assert len(httpx.get(f"{url}/v1/jobs", headers=AUTH).json()["data"]) == before
+    assert httpx.get(f"{url}/v1/jobs/job-nope", headers=AUTH).status_code == 404

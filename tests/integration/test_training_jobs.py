@@ -150,8 +150,8 @@ def test_cancelling_a_training_job_stops_its_workers_and_removes_its_files(jobs:
 
 
 def test_a_restarted_scheduler_resumes_its_running_job_from_the_checkpoint(jobs: Jobs) -> None:
-    job = jobs.submit(lm_job("lm-restart", hyperparameters={"max_steps": 40}))
-    jobs.wait(job, lambda j: j.stage == "train" and j.metrics.get("step", 0) >= 15)
+    job = jobs.submit(lm_job("lm-restart", hyperparameters={"max_steps": 25}))
+    jobs.wait(job, lambda j: j.stage == "train" and j.metrics.get("step", 0) >= 12)
     ray.kill(jobs.scheduler, no_restart=False)  # Ray starts it again: max_restarts=-1
     done = jobs.finish(job)
     assert done.state == JobState.SUCCEEDED, done.error
