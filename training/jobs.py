@@ -270,6 +270,8 @@ class JobStore:
                 values["stage"] = stage
             if error is not None:
                 values["error"] = error
+            elif current == JobState.QUEUED and new == JobState.RUNNING:
+                values["error"] = None  # a retry starts clean; the reason stays in its event
             if metrics:
                 values["metrics"] = {**row.metrics, **metrics}
             if new == JobState.RUNNING and row.started_at is None:

@@ -204,3 +204,16 @@ def test_list_filters_by_state_in_submit_order(store: JobStore) -> None:
     assert [j.id for j in store.list(Q)] == [first.id, third.id]
     assert [j.id for j in store.list(R)] == [second.id]
     assert store.list(S) == []
+
+
+def test_a_requeued_job_keeps_the_reason_in_its_event_and_starts_again_clean(
+    store: JobStore,
+) -> None:
+    job = store.submit(lm_spec())
+    store.start(job.id, stage="train")
+    store.requeue(job.id, "the scheduler restarted")
+    assert store.get(job.id).error == "the scheduler restarted"
+    store.start(job.id, stage="train")
+    assert store.get(job.id).error is None
+    queued = [e for e in store.events(job.id) if e.type == "loom.job.queued"]
+    assert queued[-1].data["error"] == "the scheduler restarted"
