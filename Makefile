@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PIP := $(BIN)/python -m pip
 
-.PHONY: install run test lint bench bench-generation clean
+.PHONY: install run test lint bench bench-generation bench-training clean
 
 install: $(STAMP)
 
@@ -31,6 +31,9 @@ bench: $(STAMP)
 
 bench-generation: $(STAMP)
 	$(BIN)/python -m benchmarks.generation
+
+bench-training: $(STAMP)
+	$(BIN)/python -m benchmarks.training
 
 clean:
 	rm -rf $(VENV) build *.egg-info
