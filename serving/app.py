@@ -73,8 +73,8 @@ def ray_serve_env() -> dict[str, str]:
 
 def check_sources(config: LoomConfig, store: ModelStore) -> None:
     """Every configured source resolves in the store, and every version a traffic split names
-    exists (fail before starting anything)."""
-    for model in config.models:
+    exists (fail before starting anything). An ensemble has none: its members are checked."""
+    for model in config.deployed():
         if model.multiplex is not None:  # a pool: each member's pinned ref
             for ref in model.multiplex.models:
                 resolved = store.resolve(ref)
@@ -96,7 +96,7 @@ def required_cpus(config: LoomConfig) -> int:
     jobs get ``training.cpus`` more (default: the machine's count), so a job never waits on
     a serving replica's reservation: 2 for serving + 2 for training on a 2-core machine -> 4."""
     total = 0.0
-    for m in config.models:
+    for m in config.deployed():  # an ensemble reserves nothing: its members do
         replicas = m.autoscaling.max_replicas if m.autoscaling else (m.replicas or 1)
         copies = len(m.traffic) if m.traffic else (2 if follows_alias(m) else 1)
         total += m.num_cpus * replicas * copies
@@ -161,10 +161,10 @@ class LoomServer:
         self._board = create_board(BOARD_NAME)
         rollout = self.config.rollout
         self.reconciler = Reconciler(
-            self.config.models,
+            self.config.deployed(),  # an ensemble is not deployed: the gateway calls its members
             resolve=lambda source: store.resolve(source).version,
             apps=ServeVersionApps(
-                self.config.models,
+                self.config.deployed(),
                 env_vars=serve_env_vars(metrics_dir),
                 models_dir=str(self.env.models_dir),
                 drain_timeout_s=rollout.drain_timeout_s,

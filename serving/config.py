@@ -22,6 +22,8 @@ from models.bundled import BUNDLED_EMBEDDING_MODEL
 from models.errors import InvalidModelRef
 from models.refs import ModelRef, validate_name
 from models.settings import LoomEnv
+from serving.ensemble_config import EnsembleConfig, ensemble_problems, entry_problem
+from serving.faults import FaultsConfig
 
 Task = Literal["embed", "generate", "classify"]
 POOL_TASKS = ("classify", "embed")
@@ -237,6 +239,16 @@ class ModelConfig(_Strict):
         description="Make this entry a pool: one deployment (replicas/autoscaling apply to it) "
         "whose replicas load the members on demand; task classify or embed.",
     )
+    ensemble: EnsembleConfig | None = Field(
+        None,
+        description="Make this entry a scatter/gather ensemble over other served models (no "
+        "source, no deployment of its own); task classify or embed.",
+    )
+    faults: FaultsConfig | None = Field(
+        None,
+        description="Inject delays or errors into this model's replicas, per call (testing, "
+        "incident drills, tail-latency benchmarks); none by default.",
+    )
 
     @field_validator("name")
     @classmethod
@@ -271,6 +283,11 @@ class ModelConfig(_Strict):
 
     @model_validator(mode="after")
     def _pool_or_source(self) -> ModelConfig:
+        problem = entry_problem(self)
+        if problem is not None:
+            raise ValueError(problem)
+        if self.ensemble is not None:
+            return self
         if self.multiplex is None:
             if self.source is None:
                 raise ValueError("source is required (a store reference)")
@@ -350,6 +367,17 @@ class LoomConfig(_Strict):
                 f"model and pool member names must be unique; repeated: {', '.join(dupes)}"
             )
         return self
+
+    @model_validator(mode="after")
+    def _ensemble_members_served(self) -> LoomConfig:
+        problems = ensemble_problems(self.models)
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+    def deployed(self) -> tuple[ModelConfig, ...]:
+        """The entries with a deployment (an ensemble has none: it calls its members)."""
+        return tuple(m for m in self.models if m.ensemble is None)
 
     def model(self, name: str) -> ModelConfig | None:
         """The config entry ``name`` (a pool too): what is deployed and routed."""

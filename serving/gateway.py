@@ -32,6 +32,8 @@ from serving.admin import add_admin_routes
 from serving.body import parse_json, read_body, validate
 from serving.coalescer import Coalescer
 from serving.config import LoomConfig, ModelConfig
+from serving.ensemble_router import ensemble_routers
+from serving.ensemble_routes import add_ensemble_routes, ensemble_embeddings
 from serving.errors import (
     ApiError,
     InputRefused,
@@ -43,6 +45,7 @@ from serving.errors import (
     overloaded,
     protocol_for_path,
 )
+from serving.faults import InjectedFault
 from serving.generation_routes import add_generation_routes
 from serving.http_server import HttpServer
 from serving.jobs_service import JobsSettings, build_jobs_service
@@ -135,8 +138,9 @@ class GatewayCore:
         self._info: dict[tuple[str, str], dict] = {}  # (app, model) -> its replica's info()
         self.members = config.pool_members()  # member -> its pool: the routed entry
         self._member_handles: dict[tuple[str, str], DeploymentHandle] = {}
-        self.readiness = ReadinessCache([m.name for m in config.models], routes.weights)
+        self.readiness = ReadinessCache([m.name for m in config.deployed()], routes.weights)
         self.created_s = int(time.time())
+        self.ensembles = ensemble_routers(self)  # name -> its scatter/gather router
 
     @staticmethod
     def _coalescer(model: ModelConfig, handle: DeploymentHandle) -> Coalescer:
@@ -237,6 +241,8 @@ class GatewayCore:
             raise overloaded(exc) from None
         except InputRefused as exc:
             raise bad_request(exc.message, param="inputs") from None
+        except InjectedFault as exc:  # config ``faults``: on purpose, so retry-able
+            raise ApiError(503, str(exc), code="injected_fault") from None
         except TimeoutError:
             raise ApiError(
                 504, f"model {request.model} did not answer within the deadline", code="timeout"
@@ -296,6 +302,7 @@ def build_http_app(gw: GatewayCore) -> FastAPI:
     )
     _add_error_handlers(app)
     add_generation_routes(app, gw)
+    add_ensemble_routes(app, gw)  # literal /v2/models/<ensemble>/... before the generic ones
     limits = {name: gw.model(name).limits for name in gw.config.served_names()}
 
     def checked(name: str, texts: tuple[str, ...]) -> None:
@@ -325,6 +332,8 @@ def build_http_app(gw: GatewayCore) -> FastAPI:
             labels["model"] = model.name
             if model.task != "embed":
                 raise wrong_route(model, "/v1/embeddings")
+            if model.name in gw.ensembles:
+                return await ensemble_embeddings(gw, gw.ensembles[model.name], body, request)
             texts = body.texts()
             checked(model.name, texts)
             reply = await gw.infer(gw.inference_request(model.name, texts, request))

@@ -68,6 +68,23 @@ MODEL_LOADS = Counter(
     ["model"],
 )
 
+# ---- ensembles -------------------------------------------------------------------------
+ENSEMBLE_MEMBER_OUTCOMES = Counter(
+    "loom_ensemble_member_outcomes",
+    "Ensemble member calls by outcome (answered, failed, timed_out).",
+    ["ensemble", "member", "outcome"],
+)
+ENSEMBLE_HEDGES = Counter(
+    "loom_ensemble_hedges",
+    "Duplicate (hedged) requests sent to a straggling ensemble member.",
+    ["ensemble", "member"],
+)
+ENSEMBLE_HEDGE_WINS = Counter(
+    "loom_ensemble_hedge_wins",
+    "Hedged requests that answered before the member's first request.",
+    ["ensemble", "member"],
+)
+
 # ---- generation ------------------------------------------------------------------------
 TIME_TO_FIRST_TOKEN = Histogram(
     "loom_time_to_first_token_seconds",

@@ -9,6 +9,8 @@ gateway answers 503 with Retry-After). Each task has its replica class (``SERVER
 
 from __future__ import annotations
 
+import asyncio
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -23,6 +25,7 @@ from serving import metrics
 from serving.batcher import Batcher, BatchPolicy, QueueFull, engine_thread
 from serving.config import ModelConfig
 from serving.errors import InputRefused, Overloaded
+from serving.faults import InjectedFault, fault_for
 from serving.generation_server import GenerationServer
 from serving.readiness import model_deployment_name
 from serving.request import ClassifyReply, EmbedReply
@@ -60,6 +63,10 @@ class ModelReplica:
             num_threads=self._config.threads,
         )
         runner = engine_thread()
+        self._runner = runner
+        # faults (config ``faults``): each replica draws its own, so replicas straggle apart
+        faults_seed = self._config.faults.seed if self._config.faults else 0
+        self._fault_rng = np.random.default_rng([faults_seed, os.getpid()])
         # load, warm up and run on the same thread (see Batcher)
         runner.submit(self._load_and_warm_up).result()
         metrics.MODEL_LOAD.labels(name, resolved.version).set(time.perf_counter() - started)
@@ -105,6 +112,7 @@ class ModelReplica:
 
     async def _submit(self, inputs: Any) -> Any:
         """Admit ``inputs`` and wait for their rows; a full queue raises ``Overloaded``."""
+        await self._inject_fault()
         self._queue_depth.inc(len(inputs))
         try:
             return await self._batcher.submit(inputs)
@@ -113,6 +121,19 @@ class ModelReplica:
             raise Overloaded(self._config.name, exc.retry_after_s) from None
         finally:
             self._queue_depth.dec(len(inputs))
+
+    async def _inject_fault(self) -> None:
+        """Apply ``faults`` to this call (``serving.faults``): an error raises at once; a
+        delay holds the engine thread, so what queues behind it on this replica waits too."""
+        if self._config.faults is None:
+            return
+        delay_draw, error_draw = self._fault_rng.random(2)
+        fault = fault_for(self._config.faults, delay_draw=delay_draw, error_draw=error_draw)
+        if fault.error:
+            raise InjectedFault(self._config.name)
+        if fault.delay_s > 0:
+            loop = asyncio.get_running_loop()
+            await loop.run_in_executor(self._runner, time.sleep, fault.delay_s)
 
     def info(self) -> dict:
         """What the gateway shows in model metadata."""

@@ -1,0 +1,139 @@
+"""The ensemble router over fake member handles: a member past the deadline is left out
+(and its call cancelled), a failing one breaks or keeps the quorum, a hedge's answer wins
+over a straggling first call, which is cancelled."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import numpy as np
+import pytest
+
+from serving.config import parse_config
+from serving.errors import ApiError
+from serving.faults import InjectedFault
+from serving.gateway import GatewayCore
+from serving.request import ClassifyReply, InferenceRequest
+from serving.route_table import RouteFollower, RouteTable, VersionRoute
+
+MEMBERS = ("d-a", "d-b", "d-c")
+ROW = np.full((1, 64), 3.0, dtype=np.float32)
+
+
+class FakeResponse:
+    """What ``handle.classify.remote`` gives: awaitable once, cancellable."""
+
+    def __init__(self, delay_s: float, reply: ClassifyReply | None) -> None:
+        self.delay_s, self.reply, self.cancelled = delay_s, reply, False
+
+    async def _run(self) -> ClassifyReply:
+        await asyncio.sleep(self.delay_s)
+        if self.reply is None:
+            raise InjectedFault("member")
+        return self.reply
+
+    def __await__(self):
+        return self._run().__await__()
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+class FakeMember:
+    """A member's handle: its n-th call waits ``delays_s[n]`` (the last one repeats)."""
+
+    def __init__(self, probabilities: list[float], delays_s: list[float], fails: bool = False):
+        self.probabilities, self.delays_s, self.fails = probabilities, delays_s, fails
+        self.calls: list[FakeResponse] = []
+        self.classify = self  # handle.classify.remote(rows)
+
+    def remote(self, rows: np.ndarray) -> FakeResponse:
+        delay = self.delays_s[min(len(self.calls), len(self.delays_s) - 1)]
+        reply = ClassifyReply(np.array([self.probabilities] * len(rows)), "1")
+        self.calls.append(FakeResponse(delay, None if self.fails else reply))
+        return self.calls[-1]
+
+
+def gateway(members: dict[str, FakeMember], **section: object) -> GatewayCore:
+    loom = parse_config(
+        {
+            "models": [
+                *({"name": m, "source": m, "task": "classify"} for m in MEMBERS),
+                {
+                    "name": "digits",
+                    "task": "classify",
+                    "ensemble": {"members": list(MEMBERS), "combine": "mean", **section},
+                },
+            ]
+        }
+    )
+    follower = RouteFollower(lambda *_: None)
+    follower.table = RouteTable(
+        1, {m: (VersionRoute(m, "1", 1.0, f"loom.{m}@1", h),) for m, h in members.items()}
+    )
+    return GatewayCore(loom, follower, store=None)
+
+
+def request() -> InferenceRequest:
+    return InferenceRequest("digits", (ROW[0],), "r-1", deadline_s=time.time() + 60)
+
+
+def test_a_member_past_the_deadline_is_left_out_flagged_and_its_call_cancelled():
+    slow = FakeMember([0.0, 0.0, 1.0], delays_s=[30.0])
+    members = {"d-a": FakeMember([1.0, 0, 0], [0]), "d-b": FakeMember([0.5, 0.5, 0], [0]),
+               "d-c": slow}  # fmt: skip
+    gw = gateway(members, deadline_ms=100, quorum=2)
+
+    answer = asyncio.run(gw.ensembles["digits"].infer(request()))
+
+    assert (answer.decision.partial, answer.decision.answered) == (True, ("d-a", "d-b"))
+    assert answer.decision.timed_out == ("d-c",)
+    assert np.allclose(answer.output, [[0.75, 0.25, 0.0]])  # mean of the two that answered
+    assert slow.calls[0].cancelled
+    assert answer.headers() == {"x-loom-ensemble-partial": "true"}
+    assert gw.routes.busy() == {}  # nothing left counted in flight
+
+
+def test_a_failing_member_keeps_quorum_two_but_breaks_quorum_three_with_a_504_naming_it():
+    def members() -> dict[str, FakeMember]:
+        return {"d-a": FakeMember([1.0, 0, 0], [0]), "d-b": FakeMember([1.0, 0, 0], [0]),
+                "d-c": FakeMember([1.0, 0, 0], [0], fails=True)}  # fmt: skip
+
+    answer = asyncio.run(gateway(members(), quorum=2).ensembles["digits"].infer(request()))
+    assert answer.decision.failed == {"d-c": "injected fault"}
+    assert answer.parameters()["partial"] is True
+
+    with pytest.raises(ApiError) as refused:
+        asyncio.run(gateway(members(), quorum=3).ensembles["digits"].infer(request()))
+    assert refused.value.status == 504
+    assert "needs 3 of 3" in refused.value.message
+    assert "d-c failed (injected fault)" in refused.value.message
+
+
+def test_a_hedge_answers_for_a_straggler_and_the_straggling_call_is_cancelled():
+    straggler = FakeMember([0, 1.0, 0], delays_s=[30.0, 0.0])  # first call slow, hedge fast
+    members = {"d-a": FakeMember([0, 1.0, 0], [0]), "d-b": straggler,
+               "d-c": FakeMember([0, 1.0, 0], [0])}  # fmt: skip
+    gw = gateway(members, deadline_ms=5000, hedge_after_ms=20)
+
+    answer = asyncio.run(gw.ensembles["digits"].infer(request()))
+
+    assert answer.decision.partial is False  # everyone answered, within the deadline
+    assert (answer.hedged, answer.hedge_won) == (("d-b",), ("d-b",))
+    assert len(straggler.calls) == 2
+    assert straggler.calls[0].cancelled
+    assert not straggler.calls[1].cancelled
+    assert len(members["d-a"].calls) == 1  # answered inside 20 ms: never hedged
+
+
+def test_without_hedging_the_same_straggler_times_out():
+    straggler = FakeMember([0, 1.0, 0], delays_s=[30.0, 0.0])
+    members = {"d-a": FakeMember([0, 1.0, 0], [0]), "d-b": straggler,
+               "d-c": FakeMember([0, 1.0, 0], [0])}  # fmt: skip
+    gw = gateway(members, deadline_ms=200, quorum=2)
+
+    answer = asyncio.run(gw.ensembles["digits"].infer(request()))
+
+    assert answer.decision.timed_out == ("d-b",)
+    assert len(straggler.calls) == 1
