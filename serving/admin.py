@@ -11,6 +11,13 @@ version 404, malformed version 400, a model pinned to a version or split by traf
          -d '{"version": "2"}'
     # -> {"model": "minilm", "store_model": "minilm", "alias": "serving",
     #     "version": "2", "previous": "1"}
+
+``GET /v1/admin/shards`` is the shard map of every sharded model: its routed shards, each
+shard's version app, and for a pool keyed by model name which members each shard serves
+(``?key=K`` adds the shard K goes to). ``POST /v1/admin/shards/{name}`` with
+``{"shards": 5}`` reshards a running model (202): the reconciler starts the new shards and
+moves the ring once they run (it stops removed ones after they drain). It lasts until the
+server restarts: put the count in the config to keep it.
 """
 
 from __future__ import annotations
@@ -28,10 +35,18 @@ from models.refs import ModelRef
 from models.store import SERVING_ALIAS, ModelStore
 from serving.body import parse_json, read_body, validate
 from serving.config import ModelConfig
-from serving.errors import ApiError, bad_request
+from serving.errors import ApiError, bad_request, model_not_found
+from serving.ring import place
+from serving.sharding import MAX_SHARDS
 
 if TYPE_CHECKING:  # the gateway imports this module
     from serving.gateway import GatewayCore
+
+
+class ReshardRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    shards: int = Field(ge=1, le=MAX_SHARDS, description="The shard count to serve.")
 
 
 class PromoteRequest(BaseModel):
@@ -110,3 +125,47 @@ def add_admin_routes(app: FastAPI, gw: GatewayCore) -> None:
             )
 
         return await gw.measured(request, "admin_promote", handle)
+
+    @app.get("/v1/admin/shards")
+    async def shard_map(request: Request) -> Response:
+        async def handle(labels: dict[str, str]) -> Response:
+            require_admin(request, admin_keys, server.keys_on)
+            requested = await gw.shard_board.requested() if gw.shard_board else {}
+            key = request.query_params.get("key")
+            data = []
+            for name, sharding in sorted(gw.shards.sharded.items()):
+                members = [m for m, pool in gw.members.items() if pool.pool == name]
+                entry = gw.shards.shard_map(name, members if sharding.key == "model" else ())
+                entry["requested_shards"] = requested.get(
+                    name, gw.config.model(name).sharding.shards
+                )
+                ring = gw.shards.ring(name)
+                if key is not None and ring is not None:
+                    entry["placed"] = {"key": key, "shard": place(ring, key)}
+                data.append(entry)
+            return JSONResponse({"object": "list", "data": data})
+
+        return await gw.measured(request, "admin_shards", handle)
+
+    @app.post("/v1/admin/shards/{name}")
+    async def reshard(name: str, request: Request) -> Response:
+        async def handle(labels: dict[str, str]) -> Response:
+            require_admin(request, admin_keys, server.keys_on)
+            model = gw.config.model(name)
+            if model is None:
+                raise model_not_found(name)
+            labels["model"] = name
+            if model.sharding is None or gw.shard_board is None:
+                raise ApiError(
+                    409,
+                    f"model '{name}' is not sharded; give it a sharding section in the config",
+                    code="not_sharded",
+                )
+            body = validate(ReshardRequest, parse_json(await read_body(request, gw.max_body_bytes)))
+            before = await gw.shard_board.request(name, body.shards)
+            previous = before if before is not None else model.sharding.shards
+            return JSONResponse(
+                {"model": name, "shards": body.shards, "previous": previous}, status_code=202
+            )
+
+        return await gw.measured(request, "admin_reshard", handle)

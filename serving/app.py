@@ -99,7 +99,10 @@ def required_cpus(config: LoomConfig) -> int:
     for m in config.deployed():  # an ensemble reserves nothing: its members do
         replicas = m.autoscaling.max_replicas if m.autoscaling else (m.replicas or 1)
         copies = len(m.traffic) if m.traffic else (2 if follows_alias(m) else 1)
-        total += m.num_cpus * replicas * copies
+        # a sharded entry: each shard holds its replicas, and one shard more fits so a local
+        # Ray can reshard S -> S+1 (4 shards x 1 replica x 0.5 CPU -> 2.5)
+        shards = m.sharding.shards + 1 if m.sharding else 1
+        total += m.num_cpus * replicas * copies * shards
     serving = max(int(total + 0.999), os.cpu_count() or 1)
     training = config.training
     if not training.enabled:

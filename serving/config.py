@@ -24,6 +24,7 @@ from models.refs import ModelRef, validate_name
 from models.settings import LoomEnv
 from serving.ensemble_config import EnsembleConfig, ensemble_problems, entry_problem
 from serving.faults import FaultsConfig
+from serving.sharding import ShardingConfig
 
 Task = Literal["embed", "generate", "classify"]
 POOL_TASKS = ("classify", "embed")
@@ -249,6 +250,11 @@ class ModelConfig(_Strict):
         description="Inject delays or errors into this model's replicas, per call (testing, "
         "incident drills, tail-latency benchmarks); none by default.",
     )
+    sharding: ShardingConfig | None = Field(
+        None,
+        description="Serve this entry as shards, each its own replicated deployment, placed by "
+        "a consistent-hash ring over the model name (pools) or the X-Loom-Shard-Key header.",
+    )
 
     @field_validator("name")
     @classmethod
@@ -280,6 +286,21 @@ class ModelConfig(_Strict):
             if not 0 < weight < math.inf:
                 raise ValueError(f"traffic weight of version {version} must be > 0, not {weight}")
         return value
+
+    @model_validator(mode="after")
+    def _sharding_fits(self) -> ModelConfig:
+        if self.sharding is None:
+            return self
+        if self.ensemble is not None:
+            raise ValueError("an ensemble has no deployment to shard; shard its members")
+        if self.traffic is not None:
+            raise ValueError("sharding and a traffic split cannot be combined")
+        if self.sharding.key == "model" and self.multiplex is None:
+            raise ValueError(
+                "sharding.key model places each called model on a shard, so it needs a pool "
+                "(multiplex) of many; one model would all go to one shard: use key header"
+            )
+        return self
 
     @model_validator(mode="after")
     def _pool_or_source(self) -> ModelConfig:

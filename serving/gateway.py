@@ -17,6 +17,7 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 import ray
 from fastapi import FastAPI, Request
@@ -66,6 +67,8 @@ from serving.route_table import (
     VersionRoute,
     board_poller,
 )
+from serving.shard_router import BoardShardRequests, ShardRouter
+from serving.sharding import SHARD_KEY_HEADER
 from training.api import JobsService, build_jobs_router
 
 JSON = "application/json"
@@ -120,10 +123,12 @@ class GatewayCore:
         routes: RouteFollower,
         store: ModelStore,
         jobs: JobsService | None = None,
+        shard_board: Any = None,
     ) -> None:
         """``routes`` picks each request's model version (``serving.route_table``); ``store``
         is the model store the admin routes move aliases in; ``jobs``, when given, serves the
-        ``/v1/jobs`` routes (``training.api``)."""
+        ``/v1/jobs`` routes (``training.api``); ``shard_board`` (the route board actor's
+        ``request_shards``/``shard_requests``) takes resharding requests to the reconciler."""
         self.config = config
         self.jobs = jobs
         server = config.server
@@ -138,6 +143,9 @@ class GatewayCore:
         self._info: dict[tuple[str, str], dict] = {}  # (app, model) -> its replica's info()
         self.members = config.pool_members()  # member -> its pool: the routed entry
         self._member_handles: dict[tuple[str, str], DeploymentHandle] = {}
+        sharded = {m.name: m.sharding for m in config.models if m.sharding is not None}
+        self.shards = ShardRouter(sharded, lambda: self.routes.table)
+        self.shard_board = shard_board
         self.readiness = ReadinessCache([m.name for m in config.deployed()], routes.weights)
         self.created_s = int(time.time())
         self.ensembles = ensemble_routers(self)  # name -> its scatter/gather router
@@ -184,18 +192,30 @@ class GatewayCore:
         the table; Serve then lets its replicas finish what they hold (streams too)."""
         return self.route(name).handle
 
-    def route(self, name: str) -> VersionRoute:
+    def route(self, name: str, shard_key: str = "") -> VersionRoute:
         """The version one request of model ``name`` goes to; 503 while none is routed. A pool
-        member goes to its pool's app, the handle naming the member (``multiplexed_model_id``)."""
-        return self._for_member(name, self.routes.pick)
+        member goes to its pool's app, the handle naming the member (``multiplexed_model_id``).
+        A sharded entry goes to the shard its ring gives the key: the member's or model's
+        name (``sharding.key: model``) or ``shard_key`` (``header``)."""
+        return self._for_member(name, self.routes.pick, shard_key)
 
-    def _for_member(self, name: str, pick: Callable[[str], VersionRoute]) -> VersionRoute:
+    def _for_member(
+        self, name: str, pick: Callable[[str], VersionRoute], shard_key: str = ""
+    ) -> VersionRoute:
         member = self.members.get(name)
+        routed = member.pool if member else name
         try:
-            route = pick(member.pool if member else name)
+            sharding = self.shards.sharded.get(routed)
+            if sharding is not None:
+                key = name if sharding.key == "model" else shard_key
+                route = pick(self.shards.entry(routed, key))
+            else:
+                route = pick(routed)
         except NotRouted:
             raise model_not_ready(name) from None
         if member is None:
+            if sharding is not None:  # the shard's route, under the name clients call
+                return VersionRoute(name, route.version, route.weight, route.app_name, route.handle)
             return route
         key = (route.app_name, name)
         handle = self._member_handles.get(key)
@@ -221,16 +241,19 @@ class GatewayCore:
     def inference_request(
         self, model: str, inputs: tuple[object, ...], request: Request
     ) -> InferenceRequest:
+        request_id = request.headers.get("x-request-id") or uuid.uuid4().hex
         return InferenceRequest(
             model=model,
             inputs=inputs,
-            request_id=request.headers.get("x-request-id") or uuid.uuid4().hex,
+            request_id=request_id,
             deadline_s=time.time() + self._timeout_s,
+            # a sharded model keyed by header: the client's key, else spread by request id
+            shard_key=request.headers.get(SHARD_KEY_HEADER) or request_id,
         )
 
     async def infer(self, request: InferenceRequest) -> EmbedReply | ClassifyReply:
         remaining_s = request.deadline_s - time.time()
-        route = self.route(request.model)
+        route = self.route(request.model, request.shard_key)
         coalescer = self._coalescer_for(route)
         try:
             # counted in flight until answered: the reconciler deletes an old version only
@@ -503,7 +526,13 @@ class Gateway:
                 JobsSettings.model_validate(jobs),
                 max_body_bytes=loom_config.server.max_body_bytes,
             )
-        core = GatewayCore(loom_config, self._routes, ModelStore(Path(models_dir)), jobs_service)
+        core = GatewayCore(
+            loom_config,
+            self._routes,
+            ModelStore(Path(models_dir)),
+            jobs_service,
+            shard_board=BoardShardRequests(board),
+        )
         self._routes.warm_up = core.warm
         self._routes.start()
         self._app = build_http_app(core)

@@ -26,6 +26,7 @@ from serving.config import ModelConfig
 from serving.errors import ApiError, Overloaded, bad_request, overloaded
 from serving.generation import GenerateCall, GenerateChunk, GenerationRefused
 from serving.protocols import openai_generation as gen_api
+from serving.sharding import SHARD_KEY_HEADER
 
 if TYPE_CHECKING:
     from serving.gateway import GatewayCore
@@ -51,7 +52,8 @@ def add_generation_routes(app: FastAPI, gw: GatewayCore) -> None:
             labels["model"] = model.name
             _check_prompts(body.prompts(), model)
             call = body.call(_request_id(request, "cmpl-"))
-            return await _answer(gw, model, call, body, chat=False)
+            key = request.headers.get(SHARD_KEY_HEADER) or call.request_id
+            return await _answer(gw, model, call, body, chat=False, shard_key=key)
 
         return await gw.measured(request, "completions", handle)
 
@@ -72,7 +74,8 @@ def add_generation_routes(app: FastAPI, gw: GatewayCore) -> None:
                     param="messages",
                 )
             call = body.call(_request_id(request, "chatcmpl-"))
-            return await _answer(gw, model, call, body, chat=True)
+            key = request.headers.get(SHARD_KEY_HEADER) or call.request_id
+            return await _answer(gw, model, call, body, chat=True, shard_key=key)
 
         return await gw.measured(request, "chat_completions", handle)
 
@@ -115,10 +118,18 @@ def _request_id(request: Request, prefix: str) -> str:
 
 
 async def _answer(
-    gw: GatewayCore, model: ModelConfig, call: GenerateCall, body, *, chat: bool
+    gw: GatewayCore,
+    model: ModelConfig,
+    call: GenerateCall,
+    body,
+    *,
+    chat: bool,
+    shard_key: str = "",
 ) -> Response:
+    """``shard_key``: what a model sharded by header is placed by (a session's key keeps its
+    requests on one shard)."""
     timeout_s = gw.config.server.request_timeout_s
-    route = gw.route(model.name)
+    route = gw.route(model.name, shard_key=shard_key)
     # counted in flight until the answer ends: the rollout reconciler deletes an old version
     # only once no gateway has a request left on it
     in_flight = contextlib.ExitStack()

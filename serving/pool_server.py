@@ -204,6 +204,8 @@ class PoolReplica:
             "version": POOL_VERSION,
             "task": self._config.task,
             "members": dict(self._members),
+            # what this replica holds now: a shard of a pool keyed by model holds its own
+            "loaded": sorted(n for n, m in self._loaded.items() if not m.closed),
         }
 
     def check_health(self) -> None:

@@ -19,6 +19,7 @@ from collections.abc import Callable, Mapping
 from ray import serve
 
 from serving.rollout import VersionKey
+from serving.sharding import SHARD_SEPARATOR, parse_shard_entry
 
 APP_NAME = "loom"
 
@@ -75,6 +76,24 @@ def _model_entry(versions: dict[str, dict], routed: Mapping[str, float]) -> dict
     }
 
 
+def version_label(entry: str, version: str) -> tuple[str, str]:
+    """(model, label) of one version app: a shard's app ``loom.m~2@1`` is model ``m``'s
+    ``1~2`` (version 1 of shard 2), so a sharded model is ready when every shard is."""
+    parsed = parse_shard_entry(entry)
+    return (parsed[0], f"{version}{SHARD_SEPARATOR}{parsed[1]}") if parsed else (entry, version)
+
+
+def fold_shards(routed: RoutedWeights) -> RoutedWeights:
+    """Route weights with each shard entry folded into its model: ``{"m~0": {"1": 1.0}}`` ->
+    ``{"m": {"1~0": 1.0}}``."""
+    folded: dict[str, dict[str, float]] = {}
+    for entry, weights in routed.items():
+        for version, weight in weights.items():
+            model, label = version_label(entry, version)
+            folded.setdefault(model, {})[label] = weight
+    return folded
+
+
 def _snapshot(models: list[str], routed: RoutedWeights) -> dict:
     status = serve.status()
     gateway_app = status.applications.get(APP_NAME)
@@ -88,11 +107,15 @@ def _snapshot(models: list[str], routed: RoutedWeights) -> dict:
                 "message": dep.message,
             }
     versions: dict[str, dict[str, dict]] = {model: {} for model in models}
+    routed = fold_shards(routed)
     for app_name, app in status.applications.items():
         key = VersionKey.from_app_name(app_name)
-        if key is not None and key.model in versions:
-            weight = float(routed.get(key.model, {}).get(key.version, 0.0))
-            versions[key.model][key.version] = _app_entry(app, weight)
+        if key is None:
+            continue
+        model, label = version_label(key.model, key.version)
+        if model in versions:
+            weight = float(routed.get(model, {}).get(label, 0.0))
+            versions[model][label] = _app_entry(app, weight)
     for model in models:
         deployments[model_deployment_name(model)] = _model_entry(
             versions[model], routed.get(model, {})

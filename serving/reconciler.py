@@ -40,6 +40,7 @@ from models.refs import ModelRef
 from serving.config import ModelConfig
 from serving.model_server import model_server_deployment
 from serving.pool_server import pool_server_deployment
+from serving.ring import shard_ids
 from serving.rollout import (
     POOL_VERSION,
     AppState,
@@ -54,6 +55,7 @@ from serving.rollout import (
     plan_rollout,
 )
 from serving.route_table import VersionRoute
+from serving.sharding import base_model, shard_entry
 
 logger = logging.getLogger(__name__)
 
@@ -87,6 +89,8 @@ class Board(Protocol):
 
     def reports(self) -> Mapping[str, GatewayReport]: ...
 
+    def shard_requests(self) -> Mapping[str, int]: ...
+
 
 class Reconciler:
     def __init__(
@@ -104,6 +108,8 @@ class Reconciler:
     ) -> None:
         """``resolve(source) -> version`` reads the store; ``on_event`` hears each rollout step."""
         self._models = {m.name: m for m in models}
+        self.shards = {m.name: m.sharding.shards for m in models if m.sharding is not None}
+        """Sharded model -> its shard count now (config, then resharding requests)."""
         self._resolve = resolve
         self._apps = apps
         self._board = board
@@ -130,26 +136,43 @@ class Reconciler:
         desired: dict[str, Weights] = {}
         for model in self._models.values():
             if model.traffic is not None:
-                desired[model.name] = desired_weights(model, "")
-                continue
-            if model.multiplex is not None:  # one routed entry for all its members
-                desired[model.name] = {POOL_VERSION: 1.0}
-                continue
-            try:
-                version = self._resolve(model.source)
-            except StoreError as exc:
-                self._tell_once(f"{model.name}: source {model.source} does not resolve ({exc})")
-                if model.name in self.routed:
-                    desired[model.name] = self.routed[model.name]
-                continue
-            desired[model.name] = desired_weights(model, version)
+                weights = desired_weights(model, "")
+            elif model.multiplex is not None:  # one routed entry for all its members
+                weights = {POOL_VERSION: 1.0}
+            else:
+                try:
+                    weights = desired_weights(model, self._resolve(model.source))
+                except StoreError as exc:
+                    self._tell_once(f"{model.name}: source {model.source} does not resolve ({exc})")
+                    for entry in self.entries(model.name):  # keep what it serves
+                        if entry in self.routed:
+                            desired[entry] = self.routed[entry]
+                    continue
+            for entry in self.entries(model.name):  # a sharded model: every shard
+                desired[entry] = weights
         return desired
+
+    def entries(self, model: str) -> tuple[str, ...]:
+        """The route-table entries of ``model``: itself, or one per shard (``m~0``, ``m~1``)."""
+        count = self.shards.get(model)
+        if count is None:
+            return (model,)
+        return tuple(shard_entry(model, shard) for shard in shard_ids(count))
+
+    def _follow_shard_requests(self) -> None:
+        """Apply resharding asked for on the board (``POST /v1/admin/shards/{model}``)."""
+        for model, count in self._board.shard_requests().items():
+            if model in self.shards and self.shards[model] != count:
+                self._on_event(f"{model}: resharding {self.shards[model]} -> {count} shards")
+                self.shards[model] = count
 
     def step(self) -> RolloutPlan:
         """Observe, plan, apply once. Returns the plan it applied.
 
         Once settled (every app RUNNING, nothing to do) it asks Serve nothing until the store
         says something else: a tick is then two small file reads, not a controller call."""
+        if self.shards:
+            self._follow_shard_requests()
         desired = self.desired()
         if self._settled_for == desired:
             return RolloutPlan()
@@ -235,7 +258,7 @@ class Reconciler:
         desired = self.desired()
         if any(self.routed.get(m) != dict(w) for m, w in desired.items()):
             return False
-        if len(desired) < len(self._models):
+        if any(e not in desired for m in self._models for e in self.entries(m)):
             return False
         return any(
             r.epoch >= self.epoch and r.age_s <= self._stale_after_s
@@ -250,11 +273,11 @@ class Reconciler:
             self.step()
             if self.serving():
                 return
-            for model in self._models:
-                if model in self.routed:
+            for entry in (e for m in self._models for e in self.entries(m)):
+                if entry in self.routed:
                     continue
                 for key, status in self.states.items():
-                    if key.model == model and status.state == AppState.FAILED:
+                    if key.model == entry and status.state == AppState.FAILED:
                         raise RuntimeError(f"deployment failed: {key.app_name}: {status.message}")
             if self._clock() > deadline:
                 raise TimeoutError(f"the models were not serving within {timeout_s:.0f} s")
@@ -308,7 +331,7 @@ class ServeVersionApps:
         self._drain_timeout_s = drain_timeout_s
 
     def pinned(self, key: VersionKey) -> ModelConfig:
-        model = self._models[key.model]
+        model = self._models[base_model(key.model)]  # a shard runs its model's config
         if model.multiplex is not None:
             return model  # members are pinned refs already
         store_name = ModelRef.parse(model.source).name
@@ -331,7 +354,7 @@ class ServeVersionApps:
         states = {}
         for name, app in serve.status().applications.items():
             key = VersionKey.from_app_name(name)
-            if key is None or key.model not in self._models:
+            if key is None or base_model(key.model) not in self._models:
                 continue
             messages = [d.message for d in app.deployments.values() if d.message]
             states[key] = AppStatus(
@@ -358,3 +381,6 @@ class ActorBoard:
 
     def reports(self) -> Mapping[str, GatewayReport]:
         return ray.get(self._actor.reports.remote())
+
+    def shard_requests(self) -> Mapping[str, int]:
+        return ray.get(self._actor.shard_requests.remote())

@@ -25,6 +25,8 @@ class InferenceRequest:
     deadline_s: float
     """Wall-clock time (``time.time()``) after which the answer is no use to the client."""
     parameters: Mapping[str, Any] = field(default_factory=dict)
+    shard_key: str = ""
+    """What a model sharded by header is placed by: ``X-Loom-Shard-Key``, else the request id."""
 
 
 @dataclass(frozen=True, slots=True)

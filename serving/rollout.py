@@ -128,6 +128,7 @@ def plan_rollout(
     - deploy every desired version with no app (one being deleted is redeployed once gone);
     - move a model's route to its desired weights once every desired version is RUNNING
       (a version that is deploying, unhealthy or failed leaves the old route serving);
+    - drop from the route an entry no longer desired (a shard that resharding removed);
     - delete every app that is neither desired, routed now, nor in the new route. An app the
       new route drops stays until the next plan, when ``routed`` is that new route: the
       reconciler publishes, waits for every gateway to acknowledge, and only then plans again.
@@ -141,7 +142,9 @@ def plan_rollout(
         for key in (VersionKey(model, v) for v in sorted(weights))
         if key not in apps
     )
-    new_routes = {model: dict(weights) for model, weights in routed.items()}
+    # an entry no longer desired (a shard removed by resharding) leaves the table; its app is
+    # deleted by the plan after the gateways acknowledge that
+    new_routes = {model: dict(weights) for model, weights in routed.items() if model in desired}
     waiting: dict[str, tuple[VersionKey, ...]] = {}
     for model, weights in desired.items():
         not_running = tuple(

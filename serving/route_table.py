@@ -65,6 +65,7 @@ class RouteBoard:
         self._table = RouteTable(epoch=0, routes={})
         self._changed = asyncio.Event()
         self._reports: dict[str, tuple[int, dict[str, int], float]] = {}
+        self._shard_requests: dict[str, int] = {}
 
     async def publish(self, routes: Mapping[str, tuple[VersionRoute, ...]]) -> int:
         """Replace the table; wake every waiting poll. Returns the new epoch."""
@@ -86,6 +87,16 @@ class RouteBoard:
 
     async def table(self) -> RouteTable:
         return self._table
+
+    async def request_shards(self, model: str, count: int) -> int | None:
+        """Ask the reconciler to serve ``model`` as ``count`` shards (a gateway's admin route);
+        returns the count asked for before, if any. The reconciler reads it on its next tick."""
+        previous = self._shard_requests.get(model)
+        self._shard_requests[model] = count
+        return previous
+
+    async def shard_requests(self) -> dict[str, int]:
+        return dict(self._shard_requests)
 
     async def reports(self) -> dict[str, GatewayReport]:
         now = time.monotonic()

@@ -47,6 +47,7 @@ class FakeBoard:
         self.tables: list[dict[str, tuple[VersionRoute, ...]]] = []
         self.gateway_busy: dict[str, int] = {}
         self.gateway_lags = False
+        self.shard_counts: dict[str, int] = {}
 
     def publish(self, routes: Mapping[str, tuple[VersionRoute, ...]]) -> int:
         self.epoch += 1
@@ -57,6 +58,9 @@ class FakeBoard:
     def reports(self) -> dict[str, GatewayReport]:
         epoch = self.epoch - 1 if self.gateway_lags else self.epoch
         return {"g1": GatewayReport(epoch=epoch, busy=dict(self.gateway_busy), age_s=0.1)}
+
+    def shard_requests(self) -> dict[str, int]:
+        return dict(self.shard_counts)
 
     @staticmethod
     def describe(routes: Mapping[str, tuple[VersionRoute, ...]]) -> str:
