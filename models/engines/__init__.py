@@ -32,6 +32,11 @@ def build_engine(task: str, model_dir: Path, **options: Any) -> Engine:
     constructor (``device``, ``dtype``, ``num_threads``; ``max_length`` for text models;
     ``max_sequences``, ``max_batch_tokens``, ``kv_cache_tokens`` for generate).
 
+    ``devices`` (a list such as ``["cuda:0", "cuda:1"]``, repeats allowed) splits a
+    transformers model's layers across them in pipeline stages when it names more than one;
+    inputs go to the first. The generation engine takes one device repeated only, a Loom
+    family classifier (``digits``) one device only: ``ValueError`` otherwise.
+
     ``classify`` picks by folder: a config naming a Loom family (``digits``) gets the tensor
     engine, anything else the transformers text engine. Raises ``ValueError`` for a task with
     no engine yet.

@@ -74,8 +74,16 @@ class TensorClassifierEngine(DeviceEngine):
         device: str = "auto",
         dtype: str = "auto",
         num_threads: int | None = None,
+        devices: Sequence[str] | None = None,
     ) -> None:
-        super().__init__(model_dir, device=device, dtype=dtype, num_threads=num_threads)
+        super().__init__(
+            model_dir, device=device, dtype=dtype, num_threads=num_threads, devices=devices
+        )
+        if self.is_split:
+            raise ValueError(
+                f"{model_dir} is a Loom family model (small, no layer stack): it runs on one "
+                f"device, not split across {[str(d) for d in self.devices]}"
+            )
         self._model: torch.nn.Module | None = None
         self.input_features = digits.INPUT_FEATURES
         self.num_classes = digits.NUM_CLASSES
@@ -137,8 +145,11 @@ class TextClassifierEngine(PretrainedEngine):
         dtype: str = "auto",
         max_length: int | None = None,
         num_threads: int | None = None,
+        devices: Sequence[str] | None = None,
     ) -> None:
-        super().__init__(model_dir, device=device, dtype=dtype, num_threads=num_threads)
+        super().__init__(
+            model_dir, device=device, dtype=dtype, num_threads=num_threads, devices=devices
+        )
         if max_length is not None and max_length < 2:
             raise ValueError(f"max_length must be at least 2 tokens, not {max_length}")
         self._requested_max_length = max_length

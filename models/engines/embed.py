@@ -46,7 +46,8 @@ class EmbeddingEngine(PretrainedEngine):
 
     Driven by one thread at a time (see ``models.engines.base``). ``device``/``dtype`` take
     the text of ``models.device``; ``max_length`` (tokens) defaults to the model's own limit;
-    ``num_threads`` sets torch's intra-op threads on ``load()``.
+    ``num_threads`` sets torch's intra-op threads on ``load()``; ``devices`` splits the encoder's
+    layers across several devices (``models.parallel``).
     """
 
     task = "embed"
@@ -59,8 +60,11 @@ class EmbeddingEngine(PretrainedEngine):
         dtype: str = "auto",
         max_length: int | None = None,
         num_threads: int | None = None,
+        devices: Sequence[str] | None = None,
     ) -> None:
-        super().__init__(model_dir, device=device, dtype=dtype, num_threads=num_threads)
+        super().__init__(
+            model_dir, device=device, dtype=dtype, num_threads=num_threads, devices=devices
+        )
         if max_length is not None and max_length < 2:
             raise ValueError(f"max_length must be at least 2 tokens ([CLS], [SEP]): {max_length}")
         self._requested_max_length = max_length

@@ -29,6 +29,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 from transformers import GenerationConfig, LogitsProcessorList
 from transformers.generation.configuration_utils import ContinuousBatchingConfig
 from transformers.generation.continuous_batching.cb_logits_processors import (
@@ -122,6 +123,18 @@ class _DirectRouter(OutputRouter):
         self._deliver_all(outputs)
 
 
+def _require_one_cache_device(devices: Sequence[torch.device]) -> None:
+    """Refuse stages on different devices: transformers' continuous batching keeps its paged
+    KV cache as one tensor on ``model.device`` (``PagedAttentionCache.cache_tensor``, 5.24), so
+    a layer on another device would write its keys and values across devices each step."""
+    if len(set(devices)) > 1:
+        raise ValueError(
+            f"the generation engine cannot split a model across different devices "
+            f"{[str(d) for d in devices]}: transformers' continuous batching keeps the whole "
+            f"KV cache on one device; use one device (repeated stages on it are allowed)"
+        )
+
+
 def _start_daemon(manager) -> None:
     """``manager.start()``, but on a daemon thread: the manager's own thread is not one, so a
     process that forgot ``close()`` would hang at exit waiting for it."""
@@ -150,11 +163,17 @@ class GenerationEngine(PretrainedEngine):
         max_sequences: int = 32,
         max_batch_tokens: int = 1024,
         kv_cache_tokens: int | None = None,
+        devices: Sequence[str] | None = None,
     ) -> None:
         """``max_sequences``: most sequences decoding together; ``max_batch_tokens``: most
         tokens in one step (prefill chunks plus one per decoding sequence);
-        ``kv_cache_tokens``: KV cache size (default: room for max_sequences full contexts)."""
-        super().__init__(model_dir, device=device, dtype=dtype, num_threads=num_threads)
+        ``kv_cache_tokens``: KV cache size (default: room for max_sequences full contexts);
+        ``devices``: pipeline stages on one device repeated (``["cpu", "cpu"]``) only, see
+        ``_require_one_cache_device``."""
+        super().__init__(
+            model_dir, device=device, dtype=dtype, num_threads=num_threads, devices=devices
+        )
+        _require_one_cache_device(self.devices)
         self.max_sequences = max_sequences
         self._max_batch_tokens = max(max_batch_tokens, max_sequences)
         self._kv_cache_tokens = kv_cache_tokens
