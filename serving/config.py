@@ -216,6 +216,14 @@ class ModelConfig(_Strict):
     task: Task = Field("embed", description="What the model does.")
     device: str = Field("auto", description="auto (CUDA when present), cpu, cuda or cuda:N.")
     dtype: str = Field("auto", description="auto, float32, float16 or bfloat16 (GPU only).")
+    devices: tuple[str, ...] | None = Field(
+        None,
+        min_length=2,
+        description="Split the model's layers across these devices inside each replica "
+        "(pipeline stages, for a model too large for one device), e.g. [cuda:0, cuda:1]; "
+        "inputs go to the first. Embed and text-classify models; a generate model takes one "
+        "device repeated only. Reserve the GPUs with num_gpus.",
+    )
     replicas: int | None = Field(1, ge=1, description="A fixed number of replicas.")
     autoscaling: AutoscalingConfig | None = Field(
         None, description="Autoscale between bounds instead of a fixed number."

@@ -110,6 +110,7 @@ class GenerationServer:
             "generate",
             resolved.path,
             device=self._config.device,
+            devices=self._config.devices,
             dtype=self._config.dtype,
             num_threads=self._config.threads,
             max_sequences=settings.max_sequences,

@@ -59,6 +59,7 @@ class ModelReplica:
             resolved.task,
             resolved.path,
             device=self._config.device,
+            devices=self._config.devices,
             dtype=self._config.dtype,
             num_threads=self._config.threads,
         )

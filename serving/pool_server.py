@@ -119,6 +119,7 @@ class PoolReplica:
             resolved.task,
             resolved.path,
             device=self._config.device,
+            devices=self._config.devices,
             dtype=self._config.dtype,
             num_threads=self._config.threads,
         )
