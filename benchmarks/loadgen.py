@@ -297,6 +297,14 @@ def run_load(config: LoadConfig, bodies: Sequence[bytes]) -> LoadResult:
     return _run(_run_level(config, requests))
 
 
+def run_requests(config: LoadConfig, requests: Sequence[bytes]) -> LoadResult:
+    """``run_load`` over complete HTTP messages built by the caller (``build_requests``), so
+    one level can mix paths (many models); ``config.path`` is then only a label."""
+    if not requests:
+        raise ValueError("requests must not be empty")
+    return _run(_run_level(config, requests))
+
+
 async def drive_window(
     users: list[asyncio.Task],
     *,
