@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PIP := $(BIN)/python -m pip
 
-.PHONY: install run test lint bench bench-generation bench-training clean
+.PHONY: install run test lint bench bench-generation bench-training bench-ensemble clean
 
 install: $(STAMP)
 
@@ -34,6 +34,9 @@ bench-generation: $(STAMP)
 
 bench-training: $(STAMP)
 	$(BIN)/python -m benchmarks.training
+
+bench-ensemble: $(STAMP)
+	$(BIN)/python -m benchmarks.ensemble
 
 clean:
 	rm -rf $(VENV) build *.egg-info

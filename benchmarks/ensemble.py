@@ -1,0 +1,290 @@
+"""The ensemble benchmark: what a scatter/gather costs over its slowest member, and what
+hedging does to the tail when one member straggles.
+
+Two ``loom serve`` runs of the same three trained digits members (2 replicas each), driven by
+the same closed-loop load generator (``benchmarks.loadgen``) at the same concurrency:
+
+1. clean: each member alone (v2 ``infer``, one row a request), then the ensemble ``digits``
+   (mean of all three) -> ensemble p50/p99 against the slowest member's;
+2. straggler: member 3 made 10 x slower than its p50 from run 1 on 5% of its calls (config
+   ``faults``: a delayed call holds its replica's engine thread), then ``digits-unhedged`` and
+   ``digits-hedged`` (hedge at the member's observed p95) -> hedged p99 against unhedged
+   (goal: <= 0.5 x).
+
+    python -m benchmarks.ensemble                 # ~4 minutes on 2 cores
+    python -m benchmarks.ensemble --duration-s 30 --concurrency 8
+
+Prints one line per figure with units; writes ``benchmarks/results/ensemble-<time>.json``.
+On a shared machine compare the ratios: every figure of one run shares the same noise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import sys
+import tempfile
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import orjson
+import yaml
+
+from benchmarks.embeddings import say, warn_if_busy
+from benchmarks.loadgen import LoadConfig, run_load
+from benchmarks.machine import machine_facts
+from benchmarks.processes import LOCALHOST, ServerProcess, ServerSpec, child_env, free_port
+from benchmarks.report import Target, latency_ms, target_record, write_json
+
+REPO = Path(__file__).resolve().parents[1]
+MEMBERS = ("digits-mlp", "digits-cnn", "digits-mlp2")
+STRAGGLER = MEMBERS[2]
+STRAGGLE_FACTOR = 10.0
+STRAGGLE_PROBABILITY = 0.05
+HEDGED_OVER_UNHEDGED_P99_GOAL = 0.5
+ENSEMBLE_DEADLINE_MS = 30_000.0
+"""Long enough that every member answers: the benchmark measures latency, not quorum."""
+
+
+# ---- configs (pure) ---------------------------------------------------------------------------
+
+
+def member_entries(faults: Mapping[str, Mapping[str, float]] | None = None) -> list[dict]:
+    """The three members, 2 single-threaded replicas each on half a logical CPU; ``faults``
+    maps a member to its ``faults`` section."""
+    faults = faults or {}
+    return [
+        {
+            "name": name,
+            "source": name,
+            "task": "classify",
+            "replicas": 2,
+            "num_cpus": 0.5,
+            "torch_threads": 1,
+            **({"faults": dict(faults[name])} if name in faults else {}),
+        }
+        for name in MEMBERS
+    ]
+
+
+def ensemble_entry(name: str, **section: Any) -> dict:
+    return {
+        "name": name,
+        "task": "classify",
+        "ensemble": {
+            "members": list(MEMBERS),
+            "combine": "mean",
+            "deadline_ms": ENSEMBLE_DEADLINE_MS,
+            **section,
+        },
+    }
+
+
+def straggler_faults(member_p50_ms: float) -> dict[str, float]:
+    """Member 3's faults: 10 x its measured p50 on 5% of calls (12 ms p50 -> 120 ms)."""
+    return {
+        "delay_ms": round(STRAGGLE_FACTOR * member_p50_ms, 1),
+        "delay_probability": STRAGGLE_PROBABILITY,
+    }
+
+
+def clean_config(port: int) -> dict:
+    return {
+        "server": {"host": LOCALHOST, "port": port},
+        "training": {"enabled": False},
+        "models": [*member_entries(), ensemble_entry("digits")],
+    }
+
+
+def straggler_config(port: int, member_p50_ms: float) -> dict:
+    """Member 3 straggling; the same ensemble without and with hedging at the member's p95
+    (before 20 answers are seen: after 2 x its clean p50)."""
+    hedge = {"hedge_at_p95": True, "hedge_after_ms": round(2 * member_p50_ms, 1)}
+    return {
+        "server": {"host": LOCALHOST, "port": port},
+        "training": {"enabled": False},
+        "models": [
+            *member_entries({STRAGGLER: straggler_faults(member_p50_ms)}),
+            ensemble_entry("digits-unhedged"),
+            ensemble_entry("digits-hedged", **hedge),
+        ],
+    }
+
+
+def infer_bodies(rows: np.ndarray) -> list[bytes]:
+    """One v2 infer body per row (1 x 64 pixels)."""
+    return [
+        orjson.dumps(
+            {
+                "inputs": [
+                    {"name": "input", "datatype": "FP32", "shape": [1, 64], "data": row.tolist()}
+                ]
+            }  # fmt: skip
+        )
+        for row in rows
+    ]
+
+
+# ---- the edges: members, servers, load ----------------------------------------------------------
+
+
+def train_members(models_dir: Path, workdir: Path) -> dict[str, float]:
+    """Three digits members in the store (seconds each); returns their validation accuracy."""
+    import torch
+
+    from models.store import ModelStore
+    from training.spec import DigitsHyperparameters
+    from training.trainers.digits import export_digits, load_digits_split, train_digits_member
+
+    split = load_digits_split(seed=0)
+    store = ModelStore(models_dir)
+    hp = DigitsHyperparameters(epochs=3, hidden=32, learning_rate=0.01)
+    torch.set_num_threads(1)  # this process only trains; one thread is fastest on 2 cores
+    accuracy = {}
+    for name, arch, seed in zip(MEMBERS, ("mlp", "cnn", "mlp"), (0, 3, 2), strict=True):
+        member = train_digits_member(arch, hp, split, seed=seed)
+        store.register(name, export_digits(member, workdir / name), task="classify")
+        accuracy[name] = member.metrics["val_accuracy"]
+    return accuracy
+
+
+def server_spec(name: str, config: dict, work_dir: Path, home: Path) -> ServerSpec:
+    config_path = work_dir / f"{name}.yaml"
+    config_path.write_text(yaml.safe_dump(config))
+    port = config["server"]["port"]
+    return ServerSpec(
+        name=name,
+        argv=(sys.executable, "-m", "loom", "serve", "--config", str(config_path)),
+        port=port,
+        log_dir=work_dir / "logs",
+        env=child_env({"LOOM_HOME": str(home), "PYTHONUNBUFFERED": "1"}),
+        ready_timeout_s=600.0,
+        stop_grace_s=60.0,
+    )
+
+
+def measure(
+    port: int, model: str, bodies: Sequence[bytes], args: argparse.Namespace
+) -> dict[str, Any]:
+    config = LoadConfig(
+        port=port,
+        path=f"/v2/models/{model}/infer",
+        concurrency=args.concurrency,
+        warmup_s=args.warmup_s,
+        duration_s=args.duration_s,
+    )
+    result = run_load(config, bodies)
+    latency = latency_ms(result.latencies_ns)
+    figures = {
+        "model": model,
+        "requests": result.requests,
+        "errors": result.errors,
+        "error_kinds": result.error_kinds,
+        "requests_per_s": result.requests / result.duration_s,
+        **asdict(latency),
+    }
+    say(
+        f"{model:<16} p50 {_ms(latency.p50_ms)}  p99 {_ms(latency.p99_ms)}  "
+        f"{figures['requests_per_s']:.0f} req/s  errors {result.errors}"
+    )
+    return figures
+
+
+def _ms(value: float | None) -> str:
+    return f"{value:7.1f} ms" if value is not None else "    n/a"
+
+
+def _ratio(numerator: float | None, denominator: float | None) -> float | None:
+    return numerator / denominator if numerator is not None and denominator else None
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--concurrency", type=int, default=4, help="closed-loop users")
+    parser.add_argument("--duration-s", type=float, default=15.0, help="measured window")
+    parser.add_argument("--warmup-s", type=float, default=3.0)
+    parser.add_argument("--out", type=Path, default=None, help="JSON path")
+    args = parser.parse_args(argv)
+    facts = machine_facts(REPO)
+    warn_if_busy(facts)
+    bodies_rows = np.random.default_rng(0).uniform(0, 16, size=(64, 64)).astype(np.float32)
+    bodies = infer_bodies(bodies_rows)
+    with tempfile.TemporaryDirectory(prefix="loom-bench-ensemble-") as tmp:
+        work = Path(tmp)
+        home = work / "loom_home"
+        accuracy = train_members(home / "models", work / "trained")
+        say(f"members trained: {', '.join(f'{m} {a:.3f}' for m, a in accuracy.items())}")
+
+        with ServerProcess(server_spec("clean", clean_config(free_port()), work, home)) as srv:
+            port = srv.spec.port
+            alone = {m: measure(port, m, bodies, args) for m in MEMBERS}
+            ensemble = measure(port, "digits", bodies, args)
+
+        slowest = max(alone.values(), key=lambda f: f["p99_ms"] or 0.0)
+        straggler_p50 = alone[STRAGGLER]["p50_ms"]
+        faults = straggler_faults(straggler_p50)
+        say(
+            f"straggler: {STRAGGLER} delayed {faults['delay_ms']:.1f} ms (10 x its p50 "
+            f"{straggler_p50:.1f} ms) on {STRAGGLE_PROBABILITY:.0%} of calls"
+        )
+        config = straggler_config(free_port(), straggler_p50)
+        with ServerProcess(server_spec("straggler", config, work, home)) as srv:
+            port = srv.spec.port
+            unhedged = measure(port, "digits-unhedged", bodies, args)
+            hedged = measure(port, "digits-hedged", bodies, args)
+
+    ratios = {
+        "ensemble_over_slowest_member_p50": _ratio(ensemble["p50_ms"], slowest["p50_ms"]),
+        "ensemble_over_slowest_member_p99": _ratio(ensemble["p99_ms"], slowest["p99_ms"]),
+        "hedged_over_unhedged_p99": _ratio(hedged["p99_ms"], unhedged["p99_ms"]),
+    }
+    target = Target(
+        name="hedged_over_unhedged_p99",
+        value=ratios["hedged_over_unhedged_p99"],
+        goal=HEDGED_OVER_UNHEDGED_P99_GOAL,
+        higher_is_better=False,
+        formula="ensemble p99 with hedging at p95 / without, member 3 straggling",
+    )
+    say(
+        f"ensemble / slowest member ({slowest['model']}): p50 "
+        f"{ratios['ensemble_over_slowest_member_p50'] or float('nan'):.2f} x, p99 "
+        f"{ratios['ensemble_over_slowest_member_p99'] or float('nan'):.2f} x"
+    )
+    say(
+        f"hedged / unhedged p99: {target.value or float('nan'):.2f} x "
+        f"(goal <= {target.goal:g}): {target.verdict}"
+    )
+    stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ")
+    out = args.out or REPO / "benchmarks" / "results" / f"ensemble-{stamp}.json"
+    write_json(
+        out,
+        {
+            "benchmark": "ensemble",
+            "settings": {
+                "concurrency": args.concurrency,
+                "duration_s": args.duration_s,
+                "warmup_s": args.warmup_s,
+                "members": list(MEMBERS),
+                "straggler": STRAGGLER,
+                "straggler_faults": faults,
+            },
+            "machine": facts,
+            "member_val_accuracy": accuracy,
+            "members_alone": alone,
+            "ensemble": ensemble,
+            "slowest_member": slowest["model"],
+            "unhedged": unhedged,
+            "hedged": hedged,
+            "ratios": ratios,
+            "targets": [target_record(target)],
+        },
+    )
+    say(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
