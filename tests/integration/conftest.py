@@ -1,10 +1,21 @@
-"""The integration tier: one local Ray for the whole session, shut down at its end."""
+"""The integration tier: one local Ray for the whole session, shut down at its end, and one
+shared Loom server on it for the serving modules (``serving_stack.py``)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING
 
 import pytest
+
+if TYPE_CHECKING:
+    from serving_stack import SharedStack
+
+RAY_CPUS = 6
+"""Logical CPUs of the session Ray: the shared server's replicas (11 x 0.25, and a rollout's
+new version beside its old one), and once it has stopped, the training tests' workers."""
+
+_STACK = pytest.StashKey["SharedStack"]()
 
 
 @pytest.fixture(scope="session")
@@ -18,7 +29,7 @@ def ray_session() -> Iterator[None]:
     for key, value in ray_serve_env().items():  # the settings `loom serve` runs with
         os.environ.setdefault(key, value)
     ray.init(
-        num_cpus=4,  # logical: room for two 1-CPU replicas beside the gateway
+        num_cpus=RAY_CPUS,
         include_dashboard=False,
         log_to_driver=False,
         configure_logging=False,
@@ -31,3 +42,33 @@ def ray_session() -> Iterator[None]:
 
         serve.shutdown()
         ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def serving_stack(
+    request: pytest.FixtureRequest,
+    ray_session: None,
+    tmp_path_factory: pytest.TempPathFactory,
+    free_port: Callable[[], int],
+) -> Iterator[SharedStack]:
+    """The shared Loom server of the serving modules; ``serving_stack.running()`` starts it on
+    first use and returns its URL and store."""
+    from serving_stack import SharedStack
+
+    stack = SharedStack(tmp_path_factory.mktemp("loom-shared"), free_port)
+    request.config.stash[_STACK] = stack
+    try:
+        yield stack
+    finally:
+        stack.stop()
+
+
+@pytest.hookimpl(trylast=True)  # after the finished module's own fixtures are torn down
+def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None) -> None:
+    """Stop the shared server once the next test does not use it: only one Loom server runs
+    on the session's Ray at a time, and the training tests want its CPUs."""
+    stack = item.config.stash.get(_STACK, None)
+    if stack is None or not stack.is_running:
+        return
+    if nextitem is None or "serving_stack" not in getattr(nextitem, "fixturenames", ()):
+        stack.stop()

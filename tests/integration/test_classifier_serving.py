@@ -4,23 +4,16 @@ text model answer Open Inference Protocol v2 requests with their engines' probab
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
 
 import httpx
 import numpy as np
 import pytest
-from model_folders import make_digits_folder, make_text_classifier_folder
+from serving_stack import CLASSIFY_MAX_ROWS as MAX_ROWS
+from serving_stack import SENTIMENT_LABELS, SharedStack
 
 from models.engines import TensorClassifierEngine, TextClassifierEngine, build_engine
-from models.settings import LoomEnv
 from models.store import ModelStore
-from serving.app import LoomServer
-from serving.config import parse_config
-
-MAX_ROWS = 16
-SENTIMENT_LABELS = ("negative", "neutral", "positive")
 
 
 @dataclass
@@ -31,49 +24,19 @@ class Served:
     sentiment: TextClassifierEngine
 
 
-def loaded(folder: Path) -> TensorClassifierEngine | TextClassifierEngine:
-    engine = build_engine("classify", folder, device="cpu")
+def loaded(store: ModelStore, ref: str) -> TensorClassifierEngine | TextClassifierEngine:
+    engine = build_engine("classify", store.resolve(ref).path, device="cpu")
     engine.load()
     return engine
 
 
 @pytest.fixture(scope="module")
-def served(
-    ray_session: None, tmp_path_factory: pytest.TempPathFactory, free_port: Callable[[], int]
-) -> Iterator[Served]:
-    home: Path = tmp_path_factory.mktemp("loom-classify")
-    env = LoomEnv.from_environ({"LOOM_HOME": str(home)})
-    store = ModelStore(env.models_dir)
-    digits_folder = make_digits_folder(home / "src-digits", arch="cnn")
-    text_folder = make_text_classifier_folder(home / "src-sentiment", labels=SENTIMENT_LABELS)
-    store.register("digits", digits_folder, task="classify")
-    store.register("sentiment", text_folder, task="classify")
-    port = free_port()
-    small = {"task": "classify", "replicas": 1, "num_cpus": 0.5, "torch_threads": 1}
-    config = parse_config(
-        {
-            "training": {"enabled": False},  # serving alone: no job scheduler
-            "server": {"port": port},
-            "models": [
-                {
-                    "name": "digits",
-                    "source": "digits",
-                    "batching": {"max_batch_size": 64, "max_wait_ms": 5},
-                    "limits": {"max_inputs": MAX_ROWS},
-                    **small,
-                },
-                # a tiny queue, to see admission refuse
-                {"name": "digits-tight", "source": "digits", "limits": {"max_queued": 2}, **small},
-                {"name": "sentiment", "source": "sentiment", **small},
-            ],
-        }
-    )
-    loom = LoomServer(config, env)
-    loom.start(ready_timeout_s=300)
-    try:
-        yield Served(f"http://127.0.0.1:{port}", loaded(digits_folder), loaded(text_folder))
-    finally:
-        loom.stop()
+def served(serving_stack: SharedStack) -> Served:
+    """The shared server (``serving_stack.classifier_models``): ``digits`` (a CNN, at most
+    ``MAX_ROWS`` rows a request), ``digits-tight`` (the same weights, a queue of 2) and
+    ``sentiment``."""
+    stack = serving_stack.running()
+    return Served(stack.url, loaded(stack.store, "digits@1"), loaded(stack.store, "sentiment@1"))
 
 
 def pixels(rows: np.ndarray) -> dict:

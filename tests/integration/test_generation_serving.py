@@ -7,7 +7,6 @@ import asyncio
 import json
 import re
 import time
-from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
@@ -15,59 +14,33 @@ import openai
 import pytest
 import torch
 from model_folders import make_tiny_gpt2_folder
+from serving_stack import GENERATION_CONTEXT as CONTEXT
+from serving_stack import SharedStack, Stack
 
-from models.settings import LoomEnv
 from models.store import ModelStore
-from serving.app import LoomServer
-from serving.config import parse_config
-
-CONTEXT = 1024  # room for long generations: 1000 tokens of the tiny model take a few seconds
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_tiny_gpt2_folder(tmp_path_factory.mktemp("tinygpt"), n_positions=CONTEXT)
+def stack(serving_stack: SharedStack) -> Stack:
+    """The shared server (``serving_stack.generation_models``): ``tinygpt`` with four slots,
+    following its serving alias (at 1), and ``minilm`` as the non-generate model."""
+    return serving_stack.running()
 
 
 @pytest.fixture(scope="module")
-def store(tmp_path_factory: pytest.TempPathFactory) -> ModelStore:
-    home = tmp_path_factory.mktemp("loom-home")
-    return ModelStore(LoomEnv.from_environ({"LOOM_HOME": str(home)}).models_dir)
+def server(stack: Stack) -> str:
+    return stack.url
 
 
 @pytest.fixture(scope="module")
-def server(
-    ray_session: None,
-    store: ModelStore,
-    free_port: Callable[[], int],
-    model_dir: Path,
-) -> Iterator[str]:
-    env = LoomEnv.from_environ({"LOOM_HOME": str(store.root.parent)})
-    store.register("tinygpt", model_dir, task="generate")
-    port = free_port()
-    config = parse_config(
-        {
-            "training": {"enabled": False},  # serving alone: no job scheduler
-            "server": {"port": port, "ingress": "proxy"},
-            "rollout": {"poll_interval_s": 0.2},
-            "models": [
-                {
-                    "name": "tinygpt",
-                    "source": "tinygpt",
-                    "task": "generate",
-                    "num_cpus": 0.5,
-                    "generation": {"max_sequences": 4},
-                },
-                {"name": "minilm", "source": "minilm", "num_cpus": 0.5},
-            ],
-        }
-    )
-    loom = LoomServer(config, env)
-    loom.start(ready_timeout_s=300)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        loom.stop()
+def store(stack: Stack) -> ModelStore:
+    return stack.store
+
+
+@pytest.fixture(scope="module")
+def model_dir(store: ModelStore) -> Path:
+    """Version 1's folder, as the store holds it."""
+    return store.resolve("tinygpt@1").path
 
 
 def reference_greedy(model_dir: Path, prompt: str, max_tokens: int) -> str:
@@ -329,6 +302,7 @@ def test_promoting_a_new_version_under_streaming_load_fails_no_request(
                 await event.wait()  # both decoding on version 1
             promoted = await client.post("/v1/admin/models/tinygpt/promote", json={"version": "2"})
             assert promoted.status_code == 200, promoted.text
+            assert promoted.json()["previous"] == "1"  # the alias moved, not a new latest
             shorts = []
             deadline = time.monotonic() + 60
             while time.monotonic() < deadline:

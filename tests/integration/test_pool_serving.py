@@ -6,22 +6,15 @@ from __future__ import annotations
 
 import asyncio
 import re
-from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
 
 import httpx
 import numpy as np
 import pytest
-from model_folders import make_digits_folder
+from serving_stack import POOL_MEMBERS as MEMBERS
+from serving_stack import SharedStack
 
 from models.engines import TensorClassifierEngine, build_engine
-from models.settings import LoomEnv
-from models.store import ModelStore
-from serving.app import LoomServer
-from serving.config import parse_config
-
-MEMBERS = {"digits-a": "digits-a@1", "digits-b": "digits-b@2", "digits-c": "digits-c@1"}
 
 
 @dataclass
@@ -29,53 +22,23 @@ class Served:
     url: str
     engines: dict[str, TensorClassifierEngine]
     """Each member's pinned weights in-process: what the pool must answer for it."""
+    served_names: set[str]
+    """Every name the shared server answers to (the other modules' models too)."""
 
 
-def loaded(folder: Path) -> TensorClassifierEngine:
+def loaded(folder) -> TensorClassifierEngine:
     engine = build_engine("classify", folder, device="cpu")
     engine.load()
     return engine
 
 
 @pytest.fixture(scope="module")
-def served(
-    ray_session: None, tmp_path_factory: pytest.TempPathFactory, free_port: Callable[[], int]
-) -> Iterator[Served]:
-    home: Path = tmp_path_factory.mktemp("loom-pool")
-    env = LoomEnv.from_environ({"LOOM_HOME": str(home)})
-    store = ModelStore(env.models_dir)
-    folders = {}
-    # digits-b has two versions: the pool pins @2, so answering with @1 would show
-    for seed, (name, version) in enumerate(
-        [("digits-a", "1"), ("digits-b", "1"), ("digits-b", "2"), ("digits-c", "1")], start=1
-    ):
-        folder = make_digits_folder(home / f"src-{name}-{version}", seed=seed)
-        assert store.register(name, folder, task="classify").version == version
-        folders[f"{name}@{version}"] = folder
-    port = free_port()
-    config = parse_config(
-        {
-            "training": {"enabled": False},  # serving alone: no job scheduler
-            "server": {"port": port},
-            "models": [
-                {
-                    "name": "digits-pool",
-                    "task": "classify",
-                    "multiplex": {"models": list(MEMBERS.values()), "max_models_per_replica": 2},
-                    "replicas": 1,
-                    "num_cpus": 0.5,
-                    "torch_threads": 1,
-                }
-            ],
-        }
-    )
-    loom = LoomServer(config, env)
-    loom.start(ready_timeout_s=300)
-    try:
-        engines = {name: loaded(folders[ref]) for name, ref in MEMBERS.items()}
-        yield Served(f"http://127.0.0.1:{port}", engines)
-    finally:
-        loom.stop()
+def served(serving_stack: SharedStack) -> Served:
+    """The shared server's ``digits-pool`` (``serving_stack.pool_models``): three members in
+    one replica that holds at most two."""
+    stack = serving_stack.running()
+    engines = {name: loaded(stack.store.resolve(ref).path) for name, ref in MEMBERS.items()}
+    return Served(stack.url, engines, stack.served_names())
 
 
 def random_pixels(n: int, seed: int) -> np.ndarray:
@@ -98,11 +61,14 @@ def probabilities_of(response: httpx.Response) -> np.ndarray:
 
 
 def loads_by_member(served: Served) -> dict[str, float]:
+    """Model loads counted under a member's name or the pool's (the shared server's other
+    models count theirs too)."""
     text = httpx.get(f"{served.url}/metrics", timeout=30).text
     found = re.findall(r'^loom_model_loads_total\{model="([^"]+)"\} (\S+)$', text, re.M)
     totals: dict[str, float] = {}
     for member, value in found:
-        totals[member] = totals.get(member, 0.0) + float(value)
+        if member in MEMBERS or member == "digits-pool":
+            totals[member] = totals.get(member, 0.0) + float(value)
     return totals
 
 
@@ -132,7 +98,11 @@ def test_members_are_listed_described_and_ready_but_the_pool_name_is_not_callabl
     served: Served,
 ) -> None:
     listed = httpx.get(f"{served.url}/v1/models", timeout=30).json()
-    assert sorted(card["id"] for card in listed["data"]) == sorted(MEMBERS)
+    ids = sorted(card["id"] for card in listed["data"])
+    assert set(MEMBERS) <= set(ids)
+    assert "digits-pool" not in ids
+    # each callable name once: the members in place of the pool, beside the other models
+    assert ids == sorted(served.served_names)
 
     meta = httpx.get(f"{served.url}/v2/models/digits-b", timeout=30).json()
     assert (meta["name"], meta["versions"], meta["platform"]) == (

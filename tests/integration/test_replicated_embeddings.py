@@ -4,51 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import re
-from collections.abc import Callable, Iterator
-from pathlib import Path
 
 import httpx
 import pytest
-
-from models.settings import LoomEnv
-from serving.app import LoomServer
-from serving.config import parse_config
+from serving_stack import SharedStack
 
 
 @pytest.fixture(scope="module")
-def server(
-    ray_session: None, tmp_path_factory: pytest.TempPathFactory, free_port: Callable[[], int]
-) -> Iterator[str]:
-    home: Path = tmp_path_factory.mktemp("loom-home")
-    port = free_port()
-    config = parse_config(
-        {
-            "training": {"enabled": False},  # serving alone: no job scheduler
-            # the session's Ray is already running: the proxy path (e2e covers direct)
-            "server": {"port": port, "ingress": "proxy"},
-            "models": [
-                {
-                    "name": "minilm",
-                    "source": "minilm",
-                    "replicas": 2,
-                    "batching": {"max_batch_size": 32, "max_wait_ms": 5},
-                },
-                {
-                    # a tiny queue, to see admission refuse
-                    "name": "tight",
-                    "source": "minilm",
-                    "num_cpus": 0.5,
-                    "limits": {"max_queued": 2},
-                },
-            ],
-        }
-    )
-    loom = LoomServer(config, LoomEnv.from_environ({"LOOM_HOME": str(home)}))
-    loom.start(ready_timeout_s=300)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        loom.stop()
+def server(serving_stack: SharedStack) -> str:
+    """The shared server (``serving_stack.embedding_models``): ``minilm`` on two replicas,
+    ``tight`` with a queue of 2; through Serve's proxy (e2e covers direct ingress)."""
+    return serving_stack.running().url
 
 
 def test_two_replicas_answer_64_concurrent_requests_and_batch_them(server: str) -> None:

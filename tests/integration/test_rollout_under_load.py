@@ -1,6 +1,6 @@
 """Rollout on one local Ray: a promotion under concurrent load fails no request and moves the
 answers to the new version without restarting the gateway; a canary split serves both
-versions by weight. Version 2 of ``minilm`` is the bundled files registered again."""
+versions by weight. Version 2 of ``rollout-minilm`` is the bundled files registered again."""
 
 from __future__ import annotations
 
@@ -8,20 +8,15 @@ import asyncio
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
 
 import httpx
 import pytest
 import ray
 from ray import serve
+from serving_stack import ROLLOUT_MODEL, SharedStack
 
-from models.bundled import bundled_model_dir, ensure_bundled
-from models.settings import LoomEnv
-from models.store import ModelStore
 from serving.app import LoomServer
-from serving.config import parse_config
 
 VERSION = "x-loom-model-version"
 
@@ -30,37 +25,15 @@ VERSION = "x-loom-model-version"
 class Running:
     url: str
     loom: LoomServer
-    store: ModelStore
 
 
 @pytest.fixture(scope="module")
-def running(
-    ray_session: None, tmp_path_factory: pytest.TempPathFactory, free_port: Callable[[], int]
-) -> Iterator[Running]:
-    home: Path = tmp_path_factory.mktemp("loom-rollout")
-    env = LoomEnv.from_environ({"LOOM_HOME": str(home)})
-    store = ModelStore(env.models_dir)
-    ensure_bundled(store)  # minilm@1, serving -> 1
-    store.register("minilm", bundled_model_dir(), task="embed")  # minilm@2, same weights
-    port = free_port()
-    small = {"replicas": 1, "num_cpus": 0.5, "torch_threads": 1}
-    config = parse_config(
-        {
-            "training": {"enabled": False},  # serving alone: no job scheduler
-            "server": {"port": port},
-            "rollout": {"poll_interval_s": 0.2},
-            "models": [
-                {"name": "minilm", "source": "minilm", **small},
-                {"name": "canary", "source": "minilm", "traffic": {"1": 50, "2": 50}, **small},
-            ],
-        }
-    )
-    loom = LoomServer(config, env)
-    loom.start(ready_timeout_s=300)
-    try:
-        yield Running(f"http://127.0.0.1:{port}", loom, store)
-    finally:
-        loom.stop()
+def running(serving_stack: SharedStack) -> Running:
+    """The shared server (``serving_stack.rollout_models``): ``rollout-minilm`` follows its
+    store model's serving alias (at 1; version 2 is the same files), ``canary`` splits 50/50
+    between the two versions. No other module serves that store model."""
+    stack = serving_stack.running()
+    return Running(stack.url, stack.loom)
 
 
 def test_a_canary_split_serves_both_versions_by_weight(running: Running) -> None:
@@ -97,7 +70,7 @@ def load(url: str, stop: threading.Event, answers: list[Answer], workers: int = 
         i = 0
         while not stop.is_set():
             started = time.monotonic()
-            body = {"model": "minilm", "input": f"client {n} request {i} during a rollout"}
+            body = {"model": ROLLOUT_MODEL, "input": f"client {n} request {i} during a rollout"}
             try:
                 response = await client.post("/v1/embeddings", json=body)
                 answers.append(Answer(started, response.status_code, response.headers.get(VERSION)))
@@ -126,7 +99,9 @@ def test_promotion_under_load_fails_no_request_and_answers_move_to_the_new_versi
     try:
         time.sleep(2)  # traffic on version 1 first
         promoted = httpx.post(
-            f"{running.url}/v1/admin/models/minilm/promote", json={"version": "2"}, timeout=10
+            f"{running.url}/v1/admin/models/{ROLLOUT_MODEL}/promote",
+            json={"version": "2"},
+            timeout=10,
         )
         assert promoted.status_code == 200, promoted.text
         assert promoted.json()["previous"] == "1"
@@ -150,10 +125,11 @@ def test_promotion_under_load_fails_no_request_and_answers_move_to_the_new_versi
     assert set(late) == {"2"}
 
     deadline = time.monotonic() + 30  # version 1's app drains, then goes
-    while "loom.minilm@1" in serve.status().applications and time.monotonic() < deadline:
+    old, new = f"loom.{ROLLOUT_MODEL}@1", f"loom.{ROLLOUT_MODEL}@2"
+    while old in serve.status().applications and time.monotonic() < deadline:
         time.sleep(0.5)
-    assert "loom.minilm@1" not in serve.status().applications
-    assert "loom.minilm@2" in serve.status().applications
+    assert old not in serve.status().applications
+    assert new in serve.status().applications
 
     reports = ray.get(board.reports.remote())  # the same gateway replica, still polling
     assert set(reports) == gateways_before
