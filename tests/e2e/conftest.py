@@ -6,7 +6,7 @@ from collections.abc import Callable, Iterator
 
 import pytest
 from loom_process import API_KEY, LoomProcess, start_loom, stop_loom
-from model_folders import make_digits_folder
+from model_folders import make_digits_folder, make_tiny_gpt2_folder
 
 from models.settings import LoomEnv
 from models.store import ModelStore
@@ -33,18 +33,24 @@ def keyed_server(
     tmp_path_factory: pytest.TempPathFactory, free_port: Callable[[], int]
 ) -> Iterator[LoomProcess]:
     """API keys on (``API_KEY`` from the environment, ``config-key`` from the file), serving
-    ``minilm`` and ``digits`` (version 1: untrained weights, ~10% right) with the job
-    scheduler: the auth tests and the training tests share it (one server start, not two)."""
+    ``minilm``, ``digits`` (version 1: untrained weights, ~10% right) and ``tinygpt`` (a tiny
+    GPT-2 with two sequence slots) with the job scheduler: the auth, training and generation
+    tests share it (one server start, not three)."""
     home = tmp_path_factory.mktemp("e2e-keys")
     store = ModelStore(LoomEnv.from_environ({"LOOM_HOME": str(home)}).models_dir)
     store.register("digits", make_digits_folder(tmp_path_factory.mktemp("d")), task="classify")
     store.set_alias("digits", "serving", "1")
+    tinygpt = make_tiny_gpt2_folder(tmp_path_factory.mktemp("tinygpt"), n_positions=1024)
+    store.register("tinygpt", tinygpt, task="generate")
     config = {
         "server": {"api_keys": ["config-key"]},
         "models": [
             {"name": "minilm", "source": "minilm", "task": "embed"},
             {"name": "digits", "source": "digits", "task": "classify",
              "replicas": 1, "num_cpus": 0.5, "torch_threads": 1},
+            {"name": "tinygpt", "source": "tinygpt", "task": "generate",
+             "replicas": 1, "num_cpus": 0.5, "torch_threads": 1,
+             "generation": {"max_sequences": 2, "stream_interval_ms": 0}},
         ],
         "rollout": {"poll_interval_s": 0.2, "drain_timeout_s": 5},
         "training": {"tick_s": 0.2},

@@ -4,38 +4,20 @@ ingress, the default) streaming SSE, the OpenAI SDK, and a client that hangs up.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
 
 import httpx
 import pytest
-from loom_process import LoomProcess, start_loom, stop_loom
-from model_folders import make_tiny_gpt2_folder
+from loom_process import API_KEY, LoomProcess
 from openai import OpenAI
 
-from models.settings import LoomEnv
-from models.store import ModelStore
+AUTH = {"Authorization": f"Bearer {API_KEY}"}
 
 
 @pytest.fixture(scope="module")
-def gen_server(
-    tmp_path_factory: pytest.TempPathFactory, free_port: Callable[[], int]
-) -> Iterator[LoomProcess]:
-    home = tmp_path_factory.mktemp("e2e-gen")
-    folder = make_tiny_gpt2_folder(tmp_path_factory.mktemp("tinygpt"), n_positions=1024)
-    store = ModelStore(LoomEnv.from_environ({"LOOM_HOME": str(home)}).models_dir)
-    store.register("tinygpt", folder, task="generate")
-    config = {
-        "training": {"enabled": False},  # serving alone: no job scheduler
-        "models": [
-            {"name": "tinygpt", "source": "tinygpt", "task": "generate",
-             "generation": {"max_sequences": 2, "stream_interval_ms": 0}},
-        ]
-    }  # fmt: skip
-    loom = start_loom(home, free_port(), config=config)
-    try:
-        yield loom
-    finally:
-        stop_loom(loom)
+def gen_server(keyed_server: LoomProcess) -> LoomProcess:
+    """The keyed session server (conftest): ``tinygpt`` with two sequence slots, no stream
+    interval; requests carry the key."""
+    return keyed_server
 
 
 def metric(url: str, name: str) -> float:
@@ -50,7 +32,7 @@ def running_sequences(url: str) -> float:
 
 
 def test_the_sdk_streams_a_chat_completion_over_the_default_ingress(gen_server) -> None:
-    client = OpenAI(base_url=f"{gen_server.url}/v1", api_key="unused", max_retries=0)
+    client = OpenAI(base_url=f"{gen_server.url}/v1", api_key=API_KEY, max_retries=0)
     messages = [{"role": "user", "content": "tell me about the fox"}]
     whole = client.chat.completions.create(
         model="tinygpt", messages=messages, max_tokens=16, temperature=0,
@@ -80,7 +62,9 @@ def test_hanging_up_mid_stream_frees_both_slots(gen_server) -> None:
     body = {"model": "tinygpt", "prompt": "the quick", "max_tokens": 1000, "stream": True,
             "ignore_eos": True}  # fmt: skip
     for _ in range(2):
-        with httpx.stream("POST", f"{gen_server.url}/v1/completions", json=body) as reply:
+        with httpx.stream(
+            "POST", f"{gen_server.url}/v1/completions", json=body, headers=AUTH
+        ) as reply:
             assert reply.status_code == 200
             next(reply.iter_lines())
     deadline = time.monotonic() + 30
@@ -90,6 +74,7 @@ def test_hanging_up_mid_stream_frees_both_slots(gen_server) -> None:
     reply = httpx.post(
         f"{gen_server.url}/v1/completions",
         json={"model": "tinygpt", "prompt": "once", "max_tokens": 4, "ignore_eos": True},
+        headers=AUTH,
         timeout=60,
     )
     assert reply.json()["usage"]["completion_tokens"] == 4
