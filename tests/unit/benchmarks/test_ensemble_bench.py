@@ -27,6 +27,8 @@ def test_the_straggler_is_ten_times_its_p50_on_five_percent_of_calls_and_only_he
     assert (unhedged.ensemble.hedge_at_p95, unhedged.ensemble.hedge_after_ms) == (False, None)
     assert (hedged.ensemble.hedge_at_p95, hedged.ensemble.hedge_after_ms) == (True, 25.0)
     assert hedged.ensemble.members == unhedged.ensemble.members
+    fixed = loom.served("digits-hedged-fixed").ensemble
+    assert (fixed.hedge_at_p95, fixed.hedge_after_ms) == (False, 25.0)  # 2 x 12.5 ms
 
 
 def test_each_body_is_one_row_of_64_pixels():
