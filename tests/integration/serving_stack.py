@@ -148,12 +148,45 @@ def generation_models(store: ModelStore, workdir: Path) -> list[dict[str, Any]]:
 
 # ---- test_sharded_serving.py ------------------------------------------------------------
 
+# ---- test_sharded_serving.py ------------------------------------------------------------
+
+SHARDED_POOL = "sharded-pool"
+MEMBERS = [f"shardy-{i}" for i in range(8)]
+SESSIONS = "digits-sessions"
+
+
+def sharded_models(store: ModelStore, workdir: Path) -> list[dict[str, Any]]:
+    """Eight digits variants in a pool of 2 shards keyed by member name, each shard's replica
+    able to hold all eight (so what it holds is exactly what was routed to it); and one digits
+    model in 2 shards keyed by header."""
+    small = {"task": "classify", **SMALL}
+    for seed, name in enumerate(MEMBERS, start=100):
+        store.register(name, make_digits_folder(workdir / name, seed=seed), task="classify")
+    store.register(SESSIONS, make_digits_folder(workdir / SESSIONS, seed=7), task="classify")
+    multiplex = {"models": [f"{n}@1" for n in MEMBERS], "max_models_per_replica": 8}
+    return [
+        {
+            "name": SHARDED_POOL,
+            "multiplex": multiplex,
+            "sharding": {"shards": 2, "key": "model"},
+            **small,
+        },
+        {
+            "name": SESSIONS,
+            "source": SESSIONS,
+            "sharding": {"shards": 2, "key": "header"},
+            **small,
+        },
+    ]
+
+
 ENTRIES: tuple[ModelEntry, ...] = (
     classifier_models,
     pool_models,
     embedding_models,
     rollout_models,
     generation_models,
+    sharded_models,
 )
 
 
