@@ -7,9 +7,10 @@ the same closed-loop load generator (``benchmarks.loadgen``) at the same concurr
 1. clean: each member alone (v2 ``infer``, one row a request), then the ensemble ``digits``
    (mean of all three) -> ensemble p50/p99 against the slowest member's;
 2. straggler: member 3 made 10 x slower than its p50 from run 1 on 5% of its calls (config
-   ``faults``: a delayed call holds its replica's engine thread), then ``digits-unhedged`` and
-   ``digits-hedged`` (hedge at the member's observed p95) -> hedged p99 against unhedged
-   (goal: <= 0.5 x).
+   ``faults``; ``--delay-scope call``, the default: the slow call alone waits;
+   ``--delay-scope replica``: it holds its replica's engine thread, so the calls queued behind
+   it wait too), then ``digits-unhedged`` and ``digits-hedged`` (hedge at the member's
+   observed p95) -> hedged p99 against unhedged (goal: <= 0.5 x).
 
     python -m benchmarks.ensemble                 # ~8 minutes on 2 busy cores
     python -m benchmarks.ensemble --duration-s 30 --concurrency 8
@@ -83,11 +84,13 @@ def ensemble_entry(name: str, **section: Any) -> dict:
     }
 
 
-def straggler_faults(member_p50_ms: float) -> dict[str, float]:
-    """Member 3's faults: 10 x its measured p50 on 5% of calls (12 ms p50 -> 120 ms)."""
+def straggler_faults(member_p50_ms: float, scope: str = "call") -> dict[str, float | str]:
+    """Member 3's faults: 10 x its measured p50 on 5% of calls (12 ms p50 -> 120 ms), the
+    call alone waiting (``call``) or its replica stalled (``replica``)."""
     return {
         "delay_ms": round(STRAGGLE_FACTOR * member_p50_ms, 1),
         "delay_probability": STRAGGLE_PROBABILITY,
+        "delay_scope": scope,
     }
 
 
@@ -99,7 +102,7 @@ def clean_config(port: int) -> dict:
     }
 
 
-def straggler_config(port: int, member_p50_ms: float) -> dict:
+def straggler_config(port: int, member_p50_ms: float, scope: str = "call") -> dict:
     """Member 3 straggling; the same ensemble without hedging, with hedging at the member's
     observed p95 (before 20 answers are seen: after 2 x its clean p50), and with a fixed
     hedge after 2 x its clean p50."""
@@ -109,7 +112,7 @@ def straggler_config(port: int, member_p50_ms: float) -> dict:
         "server": {"host": LOCALHOST, "port": port},
         "training": {"enabled": False},
         "models": [
-            *member_entries({STRAGGLER: straggler_faults(member_p50_ms)}),
+            *member_entries({STRAGGLER: straggler_faults(member_p50_ms, scope)}),
             ensemble_entry("digits-unhedged"),
             ensemble_entry("digits-hedged", **hedge),
             ensemble_entry("digits-hedged-fixed", **fixed),
@@ -228,6 +231,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--concurrency", type=int, default=4, help="closed-loop users")
     parser.add_argument("--duration-s", type=float, default=15.0, help="measured window")
     parser.add_argument("--warmup-s", type=float, default=3.0)
+    parser.add_argument(
+        "--delay-scope",
+        choices=("call", "replica"),
+        default="call",
+        help="the straggler's delay: the slow call alone (call) or its whole replica (replica)",
+    )
     parser.add_argument("--out", type=Path, default=None, help="JSON path")
     args = parser.parse_args(argv)
     facts = machine_facts(REPO)
@@ -247,12 +256,13 @@ def main(argv: list[str] | None = None) -> int:
 
         slowest = max(alone.values(), key=lambda f: f["p99_ms"] or 0.0)
         straggler_p50 = alone[STRAGGLER]["p50_ms"]
-        faults = straggler_faults(straggler_p50)
+        faults = straggler_faults(straggler_p50, args.delay_scope)
         say(
             f"straggler: {STRAGGLER} delayed {faults['delay_ms']:.1f} ms (10 x its p50 "
-            f"{straggler_p50:.1f} ms) on {STRAGGLE_PROBABILITY:.0%} of calls"
+            f"{straggler_p50:.1f} ms) on {STRAGGLE_PROBABILITY:.0%} of calls, scope "
+            f"{args.delay_scope}"
         )
-        config = straggler_config(free_port(), straggler_p50)
+        config = straggler_config(free_port(), straggler_p50, args.delay_scope)
         with ServerProcess(server_spec("straggler", config, work, home)) as srv:
             port = srv.spec.port
             unhedged = measure(port, "digits-unhedged", bodies, args)

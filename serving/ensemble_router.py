@@ -131,7 +131,10 @@ class EnsembleRouter:
         if payload is None:
             payload = list(request.inputs)
         wait_s = min(self.config.deadline_ms / 1000.0, request.deadline_s - time.time())
-        tasks = {m: asyncio.ensure_future(self._call_member(m, payload)) for m in self.members}
+        tasks = {
+            m: asyncio.ensure_future(self._call_member(m, payload, request.shard_key))
+            for m in self.members
+        }
         _, pending = await asyncio.wait(tasks.values(), timeout=max(wait_s, 0.0))
         for task in pending:
             task.cancel()  # its finally cancels the member's calls
@@ -200,16 +203,18 @@ class EnsembleRouter:
 
     # ---- one member --------------------------------------------------------------------------
 
-    async def _call_member(self, member: str, payload: Any) -> MemberAnswer:
+    async def _call_member(self, member: str, payload: Any, shard_key: str = "") -> MemberAnswer:
         """Call ``member``; hedge it per the policy; the first answer wins, the rest are
-        cancelled (here, or in ``finally`` when the gather gives up on this member)."""
-        route = self._gw.route(member)
+        cancelled (here, or in ``finally`` when the gather gives up on this member).
+        ``shard_key`` places the call on a member sharded by header."""
+        route = self._gw.route(member, shard_key)
         send = self._sender(route)
-        started = time.perf_counter()
         responses: list[Any] = []
         tasks: list[asyncio.Future] = []
+        sent_s: list[float] = []
 
         def launch() -> asyncio.Future:
+            sent_s.append(time.perf_counter())
             response = send(payload)
             responses.append(response)
             tasks.append(asyncio.ensure_future(_result(response)))
@@ -225,7 +230,10 @@ class EnsembleRouter:
                         launch()
                         metrics.ENSEMBLE_HEDGES.labels(self.name, member).inc()
                 winner = await self._first_answer(tasks)
-                self._latencies[member].add(time.perf_counter() - started)
+                # the winning call's own time, from its own send: a won hedge counted from the
+                # first send would add the hedge delay to the window, raise the p95, and so
+                # the next delay (a feedback loop); a cancelled straggler is not counted
+                self._latencies[member].add(time.perf_counter() - sent_s[tasks.index(winner)])
                 hedge_won = len(tasks) > 1 and tasks.index(winner) == 1
                 if hedge_won:
                     metrics.ENSEMBLE_HEDGE_WINS.labels(self.name, member).inc()

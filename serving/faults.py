@@ -5,8 +5,10 @@ deadline, quorum and hedging do when a member straggles or fails, to rehearse an
 or to benchmark tail latency. A model config with ``faults:`` applies them inside each of
 its replicas (``serving.model_server.ModelReplica``), call by call:
 
-- a *delayed* call holds the replica's engine thread for ``delay_ms`` before the call joins
-  the batcher: a real straggler, since whatever queues behind it on that replica waits too;
+- a *delayed* call waits ``delay_ms`` before it joins the batcher. With ``delay_scope:
+  call`` (the default) only that call waits, as behind a slow network path or a lost packet,
+  and cancelling the call (a hedge won) ends its wait; with ``replica`` the wait holds the
+  replica's engine thread, a stalled replica: whatever queues behind it waits too;
 - an *erroring* call raises ``InjectedFault`` before it is admitted; the gateway answers 503
   in the protocol's shape.
 
@@ -22,6 +24,7 @@ replicas do not straggle in lockstep).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -31,8 +34,11 @@ class FaultsConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    delay_ms: float = Field(
-        0.0, ge=0, le=600_000, description="How long a delayed call holds the engine thread."
+    delay_ms: float = Field(0.0, ge=0, le=600_000, description="How long a delayed call waits.")
+    delay_scope: Literal["call", "replica"] = Field(
+        "call",
+        description="call: only the delayed call waits (a slow request); replica: the wait "
+        "holds the replica's engine thread, so every call queued behind it waits too.",
     )
     delay_probability: float = Field(
         0.0, ge=0, le=1, description="Share of calls delayed by delay_ms (0..1)."

@@ -125,14 +125,17 @@ class ModelReplica:
 
     async def _inject_fault(self) -> None:
         """Apply ``faults`` to this call (``serving.faults``): an error raises at once; a
-        delay holds the engine thread, so what queues behind it on this replica waits too."""
+        delay waits on this call alone, or (``delay_scope: replica``) holds the engine thread,
+        so what queues behind it on this replica waits too."""
         if self._config.faults is None:
             return
         delay_draw, error_draw = self._fault_rng.random(2)
         fault = fault_for(self._config.faults, delay_draw=delay_draw, error_draw=error_draw)
         if fault.error:
             raise InjectedFault(self._config.name)
-        if fault.delay_s > 0:
+        if fault.delay_s > 0 and self._config.faults.delay_scope == "call":
+            await asyncio.sleep(fault.delay_s)  # a cancelled call (a hedge won) stops waiting
+        elif fault.delay_s > 0:
             loop = asyncio.get_running_loop()
             await loop.run_in_executor(self._runner, time.sleep, fault.delay_s)
 

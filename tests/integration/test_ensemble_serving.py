@@ -33,7 +33,7 @@ SMALL = {"task": "classify", "replicas": 1, "num_cpus": 0.2, "torch_threads": 1}
 MEMBERS = ("d-mlp", "d-cnn", "d-mlp2")
 SLOW_DELAY_S = 3.0
 """d-slow holds its replica this long on every call: far past the ensemble's deadline."""
-STRAGGLE = {"delay_ms": 3000, "delay_probability": 0.1}
+STRAGGLE = {"delay_ms": 3000, "delay_probability": 0.1, "delay_scope": "replica"}
 """d-mlp2 (2 replicas) holds a replica for 3 s on 1 call in 10: the straggler to hedge."""
 HEDGE_DEADLINE_MS = 1500
 """Twice any ordinary answer on a busy 2-core machine, half the straggler's delay."""

@@ -186,3 +186,11 @@ def test_a_call_is_delayed_or_fails_when_its_draw_falls_below_the_probability(
     faults, delay_draw, error_draw, expected
 ):
     assert fault_for(faults, delay_draw=delay_draw, error_draw=error_draw) == expected
+
+
+def test_a_delay_waits_on_the_call_alone_unless_the_replica_scope_is_chosen() -> None:
+    assert FaultsConfig(delay_ms=100, delay_probability=0.05).delay_scope == "call"
+    stalled = FaultsConfig(delay_ms=100, delay_probability=0.05, delay_scope="replica")
+    assert stalled.delay_scope == "replica"
+    with pytest.raises(ValueError, match="delay_scope"):
+        FaultsConfig(delay_ms=100, delay_scope="node")
