@@ -33,11 +33,11 @@ SMALL = {"task": "classify", "replicas": 1, "num_cpus": 0.2, "torch_threads": 1}
 MEMBERS = ("d-mlp", "d-cnn", "d-mlp2")
 SLOW_DELAY_S = 3.0
 """d-slow holds its replica this long on every call: far past the ensemble's deadline."""
-STRAGGLE = {"delay_ms": 3000, "delay_probability": 0.1, "delay_scope": "replica"}
-"""d-mlp2 (2 replicas) holds a replica for 3 s on 1 call in 10: the straggler to hedge."""
-HEDGE_DEADLINE_MS = 1500
-"""Twice any ordinary answer on a busy 2-core machine, half the straggler's delay."""
-HEDGE_REQUESTS = 80
+STRAGGLE = {"delay_ms": 1500, "delay_probability": 0.2, "delay_scope": "replica"}
+"""d-mlp2 (2 replicas) holds a replica for 1.5 s on 1 call in 5: the straggler to hedge."""
+HEDGE_DEADLINE_MS = 750
+"""Far above an ordinary answer (~10-30 ms for one row), half the straggler's delay."""
+HEDGE_REQUESTS = 40
 
 
 @dataclass
@@ -191,9 +191,9 @@ def test_hedging_cuts_how_often_a_straggling_member_misses_the_deadline(served: 
     unhedged, never = timed_out_count(served, "digits-unhedged", rows)
     hedged, sent = timed_out_count(served, "digits-hedged", rows)
 
-    # 1 call in 10 holds a d-mlp2 replica for 3 s, twice the 1.5 s deadline: unhedged, each
-    # such call (~8 of 80) and what queues behind it misses; hedged after 100 ms on the other
-    # replica, only a request whose duplicate straggles too (~1 in 10 of those) misses
+    # 1 call in 5 holds a d-mlp2 replica for 1.5 s, twice the 750 ms deadline: unhedged, each
+    # such call (~8 of 40) and what queues behind it misses; hedged after 100 ms on the other
+    # replica, only a request whose duplicate straggles too (~1 in 5 of those) misses
     assert never == 0
     assert sent > 0
     assert hedged < unhedged, (hedged, unhedged)
