@@ -24,14 +24,17 @@ class LoomProcess:
     home: Path
     process: subprocess.Popen
     log: Path
+    stopped: tuple[int | None, bool] | None = None
+    """What ``stop_loom`` found (exit code, leftovers), once it has run."""
 
     def log_tail(self, chars: int = 4000) -> str:
         return self.log.read_text(errors="replace")[-chars:]
 
 
-def start_loom(
+def spawn_loom(
     home: Path, port: int, config: dict | None = None, env: dict[str, str] | None = None
 ) -> LoomProcess:
+    """``loom serve`` started, not waited for (``wait_ready``): two servers can start at once."""
     home.mkdir(parents=True, exist_ok=True)
     args = [sys.executable, "-m", "loom", "serve", "--port", str(port)]
     if config is not None:
@@ -50,11 +53,16 @@ def start_loom(
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
-    loom = LoomProcess(f"http://127.0.0.1:{port}", home, process, log)
-    deadline = time.monotonic() + 300
+    return LoomProcess(f"http://127.0.0.1:{port}", home, process, log)
+
+
+def wait_ready(loom: LoomProcess, timeout_s: float = 300) -> LoomProcess:
+    """Wait until the server answers ready; stop it and raise if it exits or takes too long."""
+    deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"loom serve exited with {process.returncode}:\n{loom.log_tail()}")
+        if loom.process.poll() is not None:
+            code = loom.process.returncode
+            raise RuntimeError(f"loom serve exited with {code}:\n{loom.log_tail()}")
         try:
             if httpx.get(f"{loom.url}/v2/health/ready", timeout=2).status_code == 200:
                 return loom
@@ -62,7 +70,13 @@ def start_loom(
             pass
         time.sleep(1)
     stop_loom(loom)
-    raise TimeoutError(f"loom serve was not ready in 300 s:\n{loom.log_tail()}")
+    raise TimeoutError(f"loom serve was not ready in {timeout_s:.0f} s:\n{loom.log_tail()}")
+
+
+def start_loom(
+    home: Path, port: int, config: dict | None = None, env: dict[str, str] | None = None
+) -> LoomProcess:
+    return wait_ready(spawn_loom(home, port, config, env))
 
 
 def _group_alive(pgid: int) -> bool:
@@ -75,7 +89,10 @@ def _group_alive(pgid: int) -> bool:
 
 def stop_loom(loom: LoomProcess) -> tuple[int | None, bool]:
     """Ctrl-C, as a user would. Returns the exit code and whether any process of the server's
-    group (Ray's included) outlived it by 15 s; those are then killed, so none is left."""
+    group (Ray's included) outlived it by 15 s; those are then killed, so none is left.
+    Stopping it again returns what the first stop found."""
+    if loom.stopped is not None:
+        return loom.stopped
     if loom.process.poll() is None:
         loom.process.send_signal(signal.SIGINT)
         try:
@@ -89,7 +106,8 @@ def stop_loom(loom: LoomProcess) -> tuple[int | None, bool]:
     leftovers = _group_alive(loom.process.pid)
     if leftovers:
         os.killpg(loom.process.pid, signal.SIGKILL)
-    return loom.process.returncode, leftovers
+    loom.stopped = (loom.process.returncode, leftovers)
+    return loom.stopped
 
 
 def run_loom(

@@ -4,6 +4,7 @@ shared Loom server on it for the serving modules (``serving_stack.py``)."""
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
@@ -16,6 +17,24 @@ RAY_CPUS = 6
 new version beside its old one), and once it has stopped, the training tests' workers."""
 
 _STACK = pytest.StashKey["SharedStack"]()
+_HERE = Path(__file__).parent
+
+
+def _uses_stack(item: pytest.Item) -> bool:
+    return "serving_stack" in getattr(item, "fixturenames", ())
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Within this tier, the tests on the shared server first (each module's order kept),
+    then the rest: one start of it, not one per run of its users between other modules (a
+    module with a server of its own, e.g. test_ensemble_serving.py, sorts between them). The
+    other tiers' tests keep their places."""
+    slots = [i for i, item in enumerate(items) if _HERE in Path(item.path).parents]
+    here = [items[i] for i in slots]
+    ordered = [item for item in here if _uses_stack(item)]
+    ordered += [item for item in here if not _uses_stack(item)]
+    for slot, item in zip(slots, ordered, strict=True):
+        items[slot] = item
 
 
 @pytest.fixture(scope="session")
@@ -70,5 +89,5 @@ def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None) -> 
     stack = item.config.stash.get(_STACK, None)
     if stack is None or not stack.is_running:
         return
-    if nextitem is None or "serving_stack" not in getattr(nextitem, "fixturenames", ()):
+    if nextitem is None or not _uses_stack(nextitem):
         stack.stop()
