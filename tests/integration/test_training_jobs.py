@@ -54,6 +54,18 @@ class Jobs:
         logs = "\n".join(line.message for line in self.store.logs(job.id))
         raise AssertionError(f"job {job.id.value} is {current.state} ({current.stage}): {logs}")
 
+    def wait_for_log(self, job: Job, text: str, *, timeout_s: float = 180.0) -> str:
+        """The first of the job's log lines that contains ``text``, once one does."""
+        deadline = time.monotonic() + timeout_s
+        lines: list[str] = []
+        while time.monotonic() < deadline:
+            lines = [line.message for line in self.store.logs(job.id)]
+            found = next((line for line in lines if text in line), None)
+            if found is not None:
+                return found
+            time.sleep(0.25)
+        raise AssertionError(f"job {job.id.value} never logged {text!r}: {lines}")
+
     def finish(self, job: Job, *, timeout_s: float = 180.0) -> Job:
         return self.wait(job, lambda j: j.state in FINAL, timeout_s=timeout_s)
 
@@ -115,9 +127,14 @@ def test_an_lm_job_survives_a_lost_worker_and_a_lost_scheduler_and_is_servable(
     # a train worker dies mid-train: the group restarts from the last checkpoint (step 10+)
     jobs.wait(job, lambda j: j.stage == "train" and j.metrics.get("step", 0) >= 15)
     os.kill(alive_actors("TrainWorker")[-1], signal.SIGKILL)  # as on a lost node
+    # the runner restarts the group from its last checkpoint before anything else dies: on a
+    # quiet machine 60 steps take ~10 s, and a scheduler killed first would take the runner
+    # (and the restart it was about to log) with it
+    restarted = jobs.wait_for_log(job, "restarting the group of 2 (1/3) from step-")
+    resumed_at = int(restarted.rsplit("step-", 1)[1])
+    jobs.wait(job, lambda j: j.metrics.get("step", 0) > resumed_at)
     # then the scheduler itself dies (its runner and workers with it); Ray starts it again
     # (max_restarts=-1) and the new one queues the job again to resume from a checkpoint
-    jobs.wait(job, lambda j: j.stage == "train" and j.metrics.get("step", 0) >= 25)
     ray.kill(jobs.scheduler, no_restart=False)
     done = jobs.finish(job)
     assert done.state == JobState.SUCCEEDED, done.error
