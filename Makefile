@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PIP := $(BIN)/python -m pip
 
-.PHONY: install run test lint bench bench-generation bench-training bench-ensemble clean
+.PHONY: install run test lint bench bench-generation bench-training bench-ensemble bench-sharding clean
 
 install: $(STAMP)
 
@@ -37,6 +37,9 @@ bench-training: $(STAMP)
 
 bench-ensemble: $(STAMP)
 	$(BIN)/python -m benchmarks.ensemble
+
+bench-sharding: $(STAMP)
+	$(BIN)/python -m benchmarks.sharding
 
 clean:
 	rm -rf $(VENV) build *.egg-info
