@@ -12,10 +12,9 @@ import pytest
 if TYPE_CHECKING:
     from serving_stack import SharedStack
 
-RAY_CPUS = 8
-"""Logical CPUs of the session Ray: the shared server's replicas (~19 x 0.25, 7 x 0.2, and a
-rollout's new version or a new shard beside them), and once it has stopped, the training
-tests' workers."""
+RAY_CPUS = 6
+"""Logical CPUs of the session Ray: the shared server's replicas (11 x 0.25, and a rollout's
+new version beside its old one), and once it has stopped, the training tests' workers."""
 
 _STACK = pytest.StashKey["SharedStack"]()
 _HERE = Path(__file__).parent

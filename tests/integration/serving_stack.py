@@ -26,7 +26,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
 from model_folders import make_digits_folder, make_text_classifier_folder, make_tiny_gpt2_folder
 
 from models.bundled import bundled_model_dir
@@ -34,13 +33,6 @@ from models.settings import LoomEnv
 from models.store import SERVING_ALIAS, ModelStore
 from serving.app import LoomServer
 from serving.config import LoomConfig, parse_config
-from training.spec import DigitsHyperparameters
-from training.trainers.digits import (
-    DigitsSplit,
-    export_digits,
-    load_digits_split,
-    train_digits_member,
-)
 
 SMALL: dict[str, Any] = {"replicas": 1, "num_cpus": 0.25, "torch_threads": 1}
 """One replica on a quarter of a logical CPU with one torch thread: what most models need."""
@@ -188,72 +180,6 @@ def sharded_models(store: ModelStore, workdir: Path) -> list[dict[str, Any]]:
     ]
 
 
-# ---- test_ensemble_serving.py -----------------------------------------------------------
-
-ENSEMBLE = "digits-ensemble"
-"""The mean ensemble of the three members (``digits`` is the classifier module's)."""
-ENSEMBLE_SMALL = {"task": "classify", "replicas": 1, "num_cpus": 0.2, "torch_threads": 1}
-MEMBERS = ("d-mlp", "d-cnn", "d-mlp2")
-SLOW_DELAY_S = 3.0
-"""d-slow holds its replica this long on every call: far past the ensemble's deadline."""
-STRAGGLE = {"delay_ms": 1500, "delay_probability": 0.2, "delay_scope": "replica"}
-"""d-mlp2 (2 replicas) holds a replica for 1.5 s on 1 call in 5: the straggler to hedge."""
-HEDGE_DEADLINE_MS = 750
-"""Far above an ordinary answer (~10-30 ms for one row), half the straggler's delay."""
-
-
-def train_members(store: ModelStore, workdir: Path, split: DigitsSplit) -> None:
-    """Three real digits models, seconds each: 0.93 / 0.93 / 0.93 alone on the validation
-    split, ~0.95 as a mean ensemble (seeded, so the same every run)."""
-    hp = DigitsHyperparameters(epochs=3, hidden=32, learning_rate=0.01)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # 2 shared cores: one thread trains ~10 x faster here
-    try:
-        for name, arch, seed in (
-            ("ens-mlp", "mlp", 0),
-            ("ens-cnn", "cnn", 3),
-            ("ens-mlp2", "mlp", 2),
-        ):
-            hp_arch = hp.model_copy(update={"epochs": 2}) if arch == "cnn" else hp
-            member = train_digits_member(arch, hp_arch, split, seed=seed)
-            store.register(name, export_digits(member, workdir / name), task="classify")
-    finally:
-        torch.set_num_threads(threads)
-
-
-def ensemble(name: str, members: tuple[str, ...] = MEMBERS, **section: object) -> dict:
-    return {
-        "name": name,
-        "task": "classify",
-        "limits": {"max_inputs": 512},
-        "ensemble": {"members": list(members), "combine": "mean", **section},
-    }
-
-
-def ensemble_models(store: ModelStore, workdir: Path) -> list[dict[str, Any]]:
-    """Three trained digits members (one with 2 replicas, straggling now and then), one made
-    slow and one failing (config ``faults``), and ensembles over them."""
-    split = load_digits_split(seed=0)
-    train_members(store, workdir, split)
-    limits = {"limits": {"max_inputs": 512}}
-    return [
-        {"name": "d-mlp", "source": "ens-mlp", **ENSEMBLE_SMALL, **limits},
-        {"name": "d-cnn", "source": "ens-cnn", **ENSEMBLE_SMALL, **limits},
-        {"name": "d-mlp2", "source": "ens-mlp2", **ENSEMBLE_SMALL, **limits, "replicas": 2,
-         "faults": STRAGGLE},
-        {"name": "d-slow", "source": "ens-cnn", **ENSEMBLE_SMALL,
-         "faults": {"delay_ms": SLOW_DELAY_S * 1000, "delay_probability": 1.0}},
-        {"name": "d-broken", "source": "ens-mlp2", **ENSEMBLE_SMALL,
-         "faults": {"error_probability": 1.0}},
-        ensemble(ENSEMBLE, deadline_ms=20_000),
-        ensemble("digits-slow", ("d-mlp", "d-cnn", "d-slow"), deadline_ms=400, quorum=2),
-        ensemble("digits-broken-q2", ("d-mlp", "d-cnn", "d-broken"), quorum=2),
-        ensemble("digits-broken-q3", ("d-mlp", "d-cnn", "d-broken")),
-        ensemble("digits-unhedged", deadline_ms=HEDGE_DEADLINE_MS, quorum=2),
-        ensemble("digits-hedged", deadline_ms=HEDGE_DEADLINE_MS, quorum=2, hedge_after_ms=100),
-    ]  # fmt: skip
-
-
 ENTRIES: tuple[ModelEntry, ...] = (
     classifier_models,
     pool_models,
@@ -261,7 +187,6 @@ ENTRIES: tuple[ModelEntry, ...] = (
     rollout_models,
     generation_models,
     sharded_models,
-    ensemble_models,
 )
 
 

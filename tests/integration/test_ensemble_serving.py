@@ -1,23 +1,42 @@
-"""Scatter/gather ensembles through the real gateway, on the shared integration server
-(``serving_stack.ensemble_models``): three trained digits members, one made slow, one failing
-and one straggling now and then (config ``faults``), and ensembles over them. The deadline
-holds with a slow member (a partial answer, flagged), a failing member keeps or breaks the
-quorum, hedging cuts a straggler's timeouts, and the ensemble is at least as accurate as its
-best member on the validation split."""
+"""Scatter/gather ensembles through the real gateway on one local Ray: three trained digits
+members, one made slow, one failing and one straggling now and then (config ``faults``), and
+ensembles over them. The deadline holds with a slow member (a partial answer, flagged), a
+failing member keeps or breaks the quorum, hedging cuts a straggler's timeouts, and the
+ensemble is at least as accurate as its best member on the validation split."""
 
 from __future__ import annotations
 
 import re
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import httpx
 import numpy as np
 import pytest
-from serving_stack import ENSEMBLE, MEMBERS, SLOW_DELAY_S
+import torch
 
-from training.trainers.digits import DigitsSplit, load_digits_split
+from models.settings import LoomEnv
+from models.store import ModelStore
+from serving.app import LoomServer
+from serving.config import parse_config
+from training.spec import DigitsHyperparameters
+from training.trainers.digits import (
+    DigitsSplit,
+    export_digits,
+    load_digits_split,
+    train_digits_member,
+)
 
+SMALL = {"task": "classify", "replicas": 1, "num_cpus": 0.2, "torch_threads": 1}
+MEMBERS = ("d-mlp", "d-cnn", "d-mlp2")
+SLOW_DELAY_S = 3.0
+"""d-slow holds its replica this long on every call: far past the ensemble's deadline."""
+STRAGGLE = {"delay_ms": 1500, "delay_probability": 0.2, "delay_scope": "replica"}
+"""d-mlp2 (2 replicas) holds a replica for 1.5 s on 1 call in 5: the straggler to hedge."""
+HEDGE_DEADLINE_MS = 750
+"""Far above an ordinary answer (~10-30 ms for one row), half the straggler's delay."""
 HEDGE_REQUESTS = 40
 
 
@@ -27,11 +46,68 @@ class Served:
     split: DigitsSplit
 
 
+def train_members(store: ModelStore, workdir: Path, split: DigitsSplit) -> None:
+    """Three real digits models, seconds each: 0.93 / 0.93 / 0.93 alone on the validation
+    split, ~0.95 as a mean ensemble (seeded, so the same every run)."""
+    hp = DigitsHyperparameters(epochs=3, hidden=32, learning_rate=0.01)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # 2 shared cores: one thread trains ~10 x faster here
+    try:
+        for name, arch, seed in (
+            ("ens-mlp", "mlp", 0),
+            ("ens-cnn", "cnn", 3),
+            ("ens-mlp2", "mlp", 2),
+        ):
+            hp_arch = hp.model_copy(update={"epochs": 2}) if arch == "cnn" else hp
+            member = train_digits_member(arch, hp_arch, split, seed=seed)
+            store.register(name, export_digits(member, workdir / name), task="classify")
+    finally:
+        torch.set_num_threads(threads)
+
+
+def ensemble(name: str, members: tuple[str, ...] = MEMBERS, **section: object) -> dict:
+    return {
+        "name": name,
+        "task": "classify",
+        "limits": {"max_inputs": 512},
+        "ensemble": {"members": list(members), "combine": "mean", **section},
+    }
+
+
 @pytest.fixture(scope="module")
-def served(serving_stack) -> Served:
-    """The shared server (``serving_stack.ensemble_models``) and the split its members
-    trained on."""
-    return Served(serving_stack.running().url, load_digits_split(seed=0))
+def served(
+    ray_session: None, tmp_path_factory: pytest.TempPathFactory, free_port: Callable[[], int]
+) -> Iterator[Served]:
+    home: Path = tmp_path_factory.mktemp("loom-ensemble")
+    env = LoomEnv.from_environ({"LOOM_HOME": str(home)})
+    split = load_digits_split(seed=0)
+    train_members(ModelStore(env.models_dir), home / "trained", split)
+    port = free_port()
+    limits = {"limits": {"max_inputs": 512}}
+    models = [
+        {"name": "d-mlp", "source": "ens-mlp", **SMALL, **limits},
+        {"name": "d-cnn", "source": "ens-cnn", **SMALL, **limits},
+        {"name": "d-mlp2", "source": "ens-mlp2", **SMALL, **limits, "replicas": 2,
+         "faults": STRAGGLE},
+        {"name": "d-slow", "source": "ens-cnn", **SMALL,
+         "faults": {"delay_ms": SLOW_DELAY_S * 1000, "delay_probability": 1.0}},
+        {"name": "d-broken", "source": "ens-mlp2", **SMALL, "faults": {"error_probability": 1.0}},
+        ensemble("digits", deadline_ms=20_000),
+        ensemble("digits-slow", ("d-mlp", "d-cnn", "d-slow"), deadline_ms=400, quorum=2),
+        ensemble("digits-broken-q2", ("d-mlp", "d-cnn", "d-broken"), quorum=2),
+        ensemble("digits-broken-q3", ("d-mlp", "d-cnn", "d-broken")),
+        ensemble("digits-unhedged", deadline_ms=HEDGE_DEADLINE_MS, quorum=2),
+        ensemble("digits-hedged", deadline_ms=HEDGE_DEADLINE_MS, quorum=2, hedge_after_ms=100),
+    ]  # fmt: skip
+    config = parse_config(
+        {"training": {"enabled": False}, "server": {"port": port}, "models": models}
+    )
+    loom = LoomServer(config, env)
+    loom.start(ready_timeout_s=300)
+    try:
+        yield Served(f"http://127.0.0.1:{port}", split)
+    finally:
+        loom.stop()
 
 
 def infer(served: Served, model: str, rows: np.ndarray) -> httpx.Response:
@@ -134,7 +210,7 @@ def test_the_ensemble_is_at_least_as_accurate_as_its_best_member_on_the_validati
 ) -> None:
     x_val, y_val = served.split.x_val, served.split.y_val  # 360 rows
 
-    ensemble_acc = accuracy(probabilities_of(infer(served, ENSEMBLE, x_val)), y_val)
+    ensemble_acc = accuracy(probabilities_of(infer(served, "digits", x_val)), y_val)
     member_acc = {m: accuracy(probabilities_of(infer(served, m, x_val)), y_val) for m in MEMBERS}
 
     # seeded: ~0.93 each alone, ~0.95 as a mean of all three
@@ -143,15 +219,15 @@ def test_the_ensemble_is_at_least_as_accurate_as_its_best_member_on_the_validati
 
 def test_ensembles_are_listed_described_and_ready(served: Served) -> None:
     listed = httpx.get(f"{served.url}/v1/models", timeout=30).json()
-    assert {ENSEMBLE, "digits-hedged"} <= {card["id"] for card in listed["data"]}
+    assert {"digits", "digits-hedged"} <= {card["id"] for card in listed["data"]}
 
-    meta = httpx.get(f"{served.url}/v2/models/{ENSEMBLE}", timeout=30).json()
-    assert (meta["name"], meta["platform"]) == (ENSEMBLE, "loom-ensemble-classify")
+    meta = httpx.get(f"{served.url}/v2/models/digits", timeout=30).json()
+    assert (meta["name"], meta["platform"]) == ("digits", "loom-ensemble-classify")
     assert meta["parameters"]["members"] == list(MEMBERS)
     assert meta["inputs"] == [{"name": "input", "datatype": "FP32", "shape": [-1, 64]}]
-    ready = httpx.get(f"{served.url}/v2/models/{ENSEMBLE}/ready", timeout=30)
-    assert (ready.status_code, ready.json()) == (200, {"name": ENSEMBLE, "ready": True})
+    ready = httpx.get(f"{served.url}/v2/models/digits/ready", timeout=30)
+    assert (ready.status_code, ready.json()) == (200, {"name": "digits", "ready": True})
 
-    wrong = infer(served, ENSEMBLE, np.zeros((1, 63), dtype=np.float32))
+    wrong = infer(served, "digits", np.zeros((1, 63), dtype=np.float32))
     assert wrong.status_code == 400  # the members' input check: 64 pixels a row
     assert "shape [n, 64]" in wrong.json()["error"]
