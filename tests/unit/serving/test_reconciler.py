@@ -102,16 +102,6 @@ def actions(apps: FakeApps) -> list[str]:
     return [line for line in apps.log if not line.startswith("event")]
 
 
-@pytest.fixture
-def apps() -> FakeApps:
-    return FakeApps()
-
-
-@pytest.fixture
-def board(apps: FakeApps) -> FakeBoard:
-    return FakeBoard(apps)
-
-
 def test_an_alias_move_starts_the_new_version_routes_it_once_running_then_deletes_the_old(
     apps: FakeApps, board: FakeBoard
 ) -> None:

@@ -38,16 +38,6 @@ def minilm_by_header(shards: int = 2) -> ModelConfig:
     return ModelConfig(name="minilm", source="minilm", sharding={"shards": shards, "key": "header"})
 
 
-@pytest.fixture
-def apps() -> FakeApps:
-    return FakeApps()
-
-
-@pytest.fixture
-def board(apps: FakeApps) -> FakeBoard:
-    return FakeBoard(apps)
-
-
 # ---- config -----------------------------------------------------------------------------------
 
 
