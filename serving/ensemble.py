@@ -192,6 +192,11 @@ class HedgePolicy:
     """Wait the member's observed p95 latency, once ``min_samples`` are seen."""
     min_samples: int = 20
 
+    @property
+    def enabled(self) -> bool:
+        """Whether a member may ever be hedged: a fixed wait, or the p95 once known."""
+        return self.after_s is not None or self.at_p95
+
 
 class LatencyWindow:
     """The last ``size`` latencies (seconds) of one member, and their p95.

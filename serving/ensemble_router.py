@@ -4,9 +4,9 @@ quorum, hedge stragglers, combine (the scatter/gather pattern, ch. 8).
 Each member gets its own direct handle call (not the gateway's ``Coalescer``, so a call can
 be cancelled), counted in flight on the member's version app (``routes.tracking``) so a
 rollout still drains. A member that has not answered after its hedge delay
-(``serving.ensemble.hedge_delay_s``) gets a duplicate call on the same handle: Ray Serve's
-power-of-two-choices router sends it to the less loaded replica, which is not the one busy
-with the first call. The first answer wins; the other call is cancelled
+(``serving.ensemble.hedge_delay_s``) gets a duplicate call: both carry one hedge group
+(``serving.hedge_routing``), so the member's router sends the duplicate to a replica other
+than the first call's. The first answer wins; the other call is cancelled
 (``DeploymentResponse.cancel()``).
 
     router = EnsembleRouter("digits", config.model("digits"), gateway_core)
@@ -38,12 +38,14 @@ from serving.ensemble import (
 )
 from serving.errors import ApiError, InputRefused, Overloaded, bad_request
 from serving.faults import InjectedFault
+from serving.hedge_routing import hedge_group
 from serving.request import ClassifyReply, EmbedReply, InferenceRequest, pack_inputs
 
 if TYPE_CHECKING:
+    from ray.serve.handle import DeploymentHandle
+
     from serving.config import ModelConfig
     from serving.gateway import GatewayCore
-    from serving.route_table import VersionRoute
 
 PARTIAL_HEADER = "x-loom-ensemble-partial"
 
@@ -208,7 +210,10 @@ class EnsembleRouter:
         cancelled (here, or in ``finally`` when the gather gives up on this member).
         ``shard_key`` places the call on a member sharded by header."""
         route = self._gw.route(member, shard_key)
-        send = self._sender(route)
+        handle = route.handle
+        if self._policy.enabled:  # the duplicate, if sent, skips the first call's replica
+            handle = handle.options(session_id=hedge_group())
+        send = self._sender(handle)
         responses: list[Any] = []
         tasks: list[asyncio.Future] = []
         sent_s: list[float] = []
@@ -259,10 +264,10 @@ class EnsembleRouter:
                     return task
         raise tasks[0].exception() or tasks[-1].exception()  # type: ignore[misc]
 
-    def _sender(self, route: VersionRoute) -> Callable[[Any], Any]:
+    def _sender(self, handle: DeploymentHandle) -> Callable[[Any], Any]:
         if self.model.task == "classify":
-            return lambda rows: route.handle.classify.remote(rows)
-        return lambda texts: route.handle.embed.remote(texts)
+            return lambda rows: handle.classify.remote(rows)
+        return lambda texts: handle.embed.remote(texts)
 
     # ---- metadata and readiness --------------------------------------------------------------
 

@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 from ray import serve
+from ray.serve.config import RequestRouterConfig
 
 from models.engines import build_engine
 from models.engines.embed import EmbedResult
@@ -27,6 +28,7 @@ from serving.config import ModelConfig
 from serving.errors import InputRefused, Overloaded
 from serving.faults import InjectedFault, fault_for
 from serving.generation_server import GenerationServer
+from serving.hedge_routing import HedgeAwareRouter
 from serving.readiness import model_deployment_name
 from serving.request import ClassifyReply, EmbedReply
 
@@ -244,6 +246,8 @@ def model_server_deployment(
         # for a minute or more, a batch of embeddings takes milliseconds
         "graceful_shutdown_timeout_s": 120 if config.task == "generate" else 10,
         "health_check_period_s": 10,
+        # Serve's power of two choices, and an ensemble's hedge skips its first call's replica
+        "request_router_config": RequestRouterConfig(request_router_class=HedgeAwareRouter),
     }
     if config.autoscaling is not None:
         options["autoscaling_config"] = {

@@ -14,6 +14,7 @@ from serving.config import parse_config
 from serving.errors import ApiError
 from serving.faults import InjectedFault
 from serving.gateway import GatewayCore
+from serving.hedge_routing import HEDGE_GROUP_PREFIX
 from serving.request import ClassifyReply, InferenceRequest
 from serving.route_table import RouteFollower, RouteTable, VersionRoute
 
@@ -41,17 +42,25 @@ class FakeResponse:
 
 
 class FakeMember:
-    """A member's handle: its n-th call waits ``delays_s[n]`` (the last one repeats)."""
+    """A member's handle: its n-th call waits ``delays_s[n]`` (the last one repeats); each
+    call's session id (``handle.options(session_id=...)``, the hedge group) is kept."""
 
     def __init__(self, probabilities: list[float], delays_s: list[float], fails: bool = False):
         self.probabilities, self.delays_s, self.fails = probabilities, delays_s, fails
         self.calls: list[FakeResponse] = []
+        self.sessions: list[str] = []
+        self._session = ""
         self.classify = self  # handle.classify.remote(rows)
+
+    def options(self, *, session_id: str) -> FakeMember:
+        self._session = session_id
+        return self
 
     def remote(self, rows: np.ndarray) -> FakeResponse:
         delay = self.delays_s[min(len(self.calls), len(self.delays_s) - 1)]
         reply = ClassifyReply(np.array([self.probabilities] * len(rows)), "1")
         self.calls.append(FakeResponse(delay, None if self.fails else reply))
+        self.sessions.append(self._session)
         return self.calls[-1]
 
 
@@ -125,6 +134,12 @@ def test_a_hedge_answers_for_a_straggler_and_the_straggling_call_is_cancelled():
     assert straggler.calls[0].cancelled
     assert not straggler.calls[1].cancelled
     assert len(members["d-a"].calls) == 1  # answered inside 20 ms: never hedged
+    # the call and its duplicate share one hedge group, so the duplicate skips the first
+    # call's replica (serving.hedge_routing); another member's call is a group of its own
+    first, duplicate = straggler.sessions
+    assert first == duplicate
+    assert first.startswith(HEDGE_GROUP_PREFIX)
+    assert members["d-a"].sessions[0] not in (first, "")
 
 
 def test_without_hedging_the_same_straggler_times_out():
@@ -137,3 +152,4 @@ def test_without_hedging_the_same_straggler_times_out():
 
     assert answer.decision.timed_out == ("d-b",)
     assert len(straggler.calls) == 1
+    assert straggler.sessions == [""]  # no hedging: no group, Serve's own routing
