@@ -11,8 +11,10 @@ rule more: a call whose handle carries a hedge group (``handle.options(session_i
 the group from ``hedge_group()``) skips the replica that group's first call went to, when
 there is any other.
 
-Every model deployment uses it (``serving.model_server.model_server_deployment``); a call
-with no hedge group is routed exactly as by Serve's default policy. The router lives in the
+Every single-model deployment uses it (``serving.model_server.model_server_deployment``); a
+call with no hedge group is routed as by Serve's default policy, only out of order (see the
+class). A pool keeps Serve's own router, whose FIFO matching hands a free replica holding a
+member to a request for it; a hedge to a pool member follows that. The router lives in the
 caller's process (the gateway), one per deployment, so it sees both calls of a group.
 
     group = hedge_group()

@@ -1,11 +1,22 @@
 """Which replicas a hedged call may go to (``serving.hedge_routing.hedge_candidates``): the
-duplicate skips its first call's replica whenever there is another."""
+duplicate skips its first call's replica whenever there is another; and which deployments
+route that way."""
 
 from __future__ import annotations
 
 import pytest
+from ray import serve
+from ray.serve.config import RequestRouterConfig
 
-from serving.hedge_routing import HEDGE_GROUP_PREFIX, hedge_candidates, hedge_group
+from serving.config import parse_config
+from serving.hedge_routing import (
+    HEDGE_GROUP_PREFIX,
+    HedgeAwareRouter,
+    hedge_candidates,
+    hedge_group,
+)
+from serving.model_server import model_server_deployment
+from serving.pool_server import pool_server_deployment
 
 
 @pytest.mark.parametrize(
@@ -30,3 +41,25 @@ def test_each_member_call_gets_a_group_of_its_own() -> None:
     groups = {hedge_group() for _ in range(1000)}
     assert len(groups) == 1000
     assert all(g.startswith(HEDGE_GROUP_PREFIX) for g in groups)
+
+
+def test_single_models_route_with_the_hedge_aware_router_and_pools_with_serves_own() -> None:
+    config = parse_config(
+        {
+            "models": [
+                {"name": "m", "source": "minilm"},
+                {"name": "p", "task": "classify", "multiplex": {"models": ["a@1", "b@1"]}},
+            ]
+        }
+    )
+
+    def router_of(deployment: serve.Deployment) -> str:
+        return deployment._deployment_config.request_router_config.request_router_class
+
+    assert router_of(model_server_deployment(config.model("m"), {})) == (
+        f"{HedgeAwareRouter.__module__}.{HedgeAwareRouter.__name__}"
+    )
+    # a pool keeps Serve's FIFO matching of free replicas to the members they hold
+    assert router_of(pool_server_deployment(config.model("p"), {})) == (
+        RequestRouterConfig().request_router_class
+    )
