@@ -68,7 +68,7 @@ from serving.route_table import (
     board_poller,
 )
 from serving.shard_router import BoardShardRequests, ShardRouter
-from serving.sharding import SHARD_KEY_HEADER
+from serving.sharding import SHARD_KEY_HEADER, parse_shard_entry
 from training.api import JobsService, build_jobs_router
 
 JSON = "application/json"
@@ -197,18 +197,27 @@ class GatewayCore:
         member goes to its pool's app, the handle naming the member (``multiplexed_model_id``).
         A sharded entry goes to the shard its ring gives the key: the member's or model's
         name (``sharding.key: model``) or ``shard_key`` (``header``)."""
-        return self._for_member(name, self.routes.pick, shard_key)
+        return self._for_member(name, self.routes.pick, shard_key, count=True)
 
     def _for_member(
-        self, name: str, pick: Callable[[str], VersionRoute], shard_key: str = ""
+        self,
+        name: str,
+        pick: Callable[[str], VersionRoute],
+        shard_key: str = "",
+        *,
+        count: bool = False,
     ) -> VersionRoute:
+        """``count``: a request goes there (``loom_shard_requests_total``), not a lookup."""
         member = self.members.get(name)
         routed = member.pool if member else name
         try:
             sharding = self.shards.sharded.get(routed)
             if sharding is not None:
                 key = name if sharding.key == "model" else shard_key
-                route = pick(self.shards.entry(routed, key))
+                entry = self.shards.entry(routed, key)
+                route = pick(entry)
+                if count and (placed := parse_shard_entry(entry)) is not None:
+                    metrics.SHARD_REQUESTS.labels(*placed).inc()  # (model, shard)
             else:
                 route = pick(routed)
         except NotRouted:

@@ -68,6 +68,12 @@ MODEL_LOADS = Counter(
     ["model"],
 )
 
+SHARD_REQUESTS = Counter(
+    "loom_shard_requests",
+    "Requests the gateway placed on each shard of a sharded model (the ring's balance, live).",
+    ["model", "shard"],
+)
+
 # ---- ensembles -------------------------------------------------------------------------
 ENSEMBLE_MEMBER_OUTCOMES = Counter(
     "loom_ensemble_member_outcomes",

@@ -5,6 +5,7 @@ failing."""
 
 from __future__ import annotations
 
+import re
 import threading
 import time
 from collections import Counter
@@ -80,19 +81,35 @@ def test_each_member_answers_with_its_own_weights_and_each_shard_loads_only_its_
         assert loaded_on(shard) == names
 
 
+def shard_requests(client: httpx.Client, url: str, model: str) -> dict[str, float]:
+    """``loom_shard_requests_total`` of ``model``, by shard, from ``/metrics``."""
+    text = client.get(f"{url}/metrics").text
+    pattern = rf'^loom_shard_requests_total\{{model="{model}",shard="(\d+)"\}} (\S+)$'
+    return {shard: float(value) for shard, value in re.findall(pattern, text, re.M)}
+
+
 def test_a_header_sharded_model_answers_with_and_without_a_shard_key(served: Served) -> None:
     x = rows(2)
     with httpx.Client() as client:
+        before = shard_requests(client, served.url, SESSIONS)
         keyed = [infer(client, served.url, SESSIONS, x, **{"X-Loom-Shard-Key": f"user-{i}"})
                  for i in range(6)]  # fmt: skip
         keyless = [infer(client, served.url, SESSIONS, x) for _ in range(4)]
         placed = shard_map(client, served.url, SESSIONS, key="user-1")
+        after = shard_requests(client, served.url, SESSIONS)
     assert [r.status_code for r in keyed + keyless] == [200] * 10
     first = probabilities(keyed[0])
     for response in keyed + keyless:  # two shards of one model: the same answer from either
         np.testing.assert_allclose(probabilities(response), first, atol=1e-6)
     assert placed["key"] == "header"
     assert placed["placed"] == {"key": "user-1", "shard": place(build_ring(("0", "1")), "user-1")}
+    # the metric counts each request on its shard: the keyed ones where the ring puts their
+    # key, the keyless ones where it puts their request id; 10 in all
+    counted = {shard: after.get(shard, 0.0) - before.get(shard, 0.0) for shard in ("0", "1")}
+    assert sum(counted.values()) == 10
+    for shard in ("0", "1"):
+        keyed_here = sum(place(build_ring(("0", "1")), f"user-{i}") == shard for i in range(6))
+        assert keyed_here <= counted[shard] <= keyed_here + 4
 
 
 @pytest.mark.parametrize(

@@ -5,13 +5,15 @@ route table, and readiness folding shards into their model."""
 from __future__ import annotations
 
 import pytest
+from prometheus_client import REGISTRY
 from test_reconciler import FakeApps, FakeBoard, Store, actions, reconciler
 
-from serving.config import ConfigError, ModelConfig, parse_config
+from serving.config import ConfigError, LoomConfig, ModelConfig, parse_config
+from serving.gateway import GatewayCore
 from serving.readiness import fold_shards, version_label
 from serving.ring import build_ring, place
 from serving.rollout import AppState, plan_rollout
-from serving.route_table import NotRouted, RouteTable, VersionRoute
+from serving.route_table import NotRouted, RouteFollower, RouteTable, VersionRoute
 from serving.shard_router import ShardRouter
 from serving.sharding import (
     ShardingConfig,
@@ -263,3 +265,25 @@ def test_readiness_folds_each_shard_into_its_model() -> None:
         "m": {"1~0": 1.0, "1~1": 1.0},
         "n": {"2": 1.0},
     }
+
+
+def test_each_request_the_gateway_places_counts_on_its_shard() -> None:
+    loom = LoomConfig(models=[minilm_by_header(shards=2)])
+    follower = RouteFollower(lambda *_: None)
+    follower.table = table(1, "minilm~0", "minilm~1")
+    gw = GatewayCore(loom, follower, store=None)
+    keys = [f"user-{i}" for i in range(200)]
+    ring = build_ring(("0", "1"))
+
+    def counted(shard: str) -> float:
+        labels = {"model": "minilm", "shard": shard}
+        return REGISTRY.get_sample_value("loom_shard_requests_total", labels) or 0.0
+
+    before = {shard: counted(shard) for shard in ("0", "1")}
+    for key in keys:
+        gw.route("minilm", key)
+
+    placed = [place(ring, key) for key in keys]
+    assert {s: counted(s) - before[s] for s in ("0", "1")} == {
+        s: placed.count(s) for s in ("0", "1")
+    }  # every request on exactly one shard: 200 in all
