@@ -3,19 +3,20 @@ its first call is on (the ensemble's hedging, ``serving.ensemble_router``).
 
 Ray Serve's default router picks the less loaded of two random replicas. A hedge usually
 lands elsewhere that way, as the first call counts on its replica, but not always: with
-another request on the second replica the two tie and a coin decides, so a hedge sent at
-concurrency 4 went back to the straggling replica about half the time. A stalled replica
-also looks idle once the call it stalled on is cancelled. ``HedgeAwareRouter`` is the
-default policy (power of two choices, node locality, multiplexed model affinity) with one
-rule more: a call whose handle carries a hedge group (``handle.options(session_id=...)``,
-the group from ``hedge_group()``) skips the replica that group's first call went to, when
-there is any other.
+another request on the second replica the two tie and a coin decides, so the duplicate goes
+back to the first call's replica half the time (``tests/integration/
+test_hedge_router_on_serve.py`` fails on Serve's router). A stalled replica also looks idle
+once the call it stalled on is cancelled. ``HedgeAwareRouter`` is the default policy (power
+of two choices, node locality) with one rule more: a call whose handle carries a hedge group
+(``handle.options(session_id=...)``, the group from ``hedge_group()``) skips the replica
+that group's first call went to, when there is any other.
 
 Every single-model deployment uses it (``serving.model_server.model_server_deployment``); a
 call with no hedge group is routed as by Serve's default policy, only out of order (see the
 class). A pool keeps Serve's own router, whose FIFO matching hands a free replica holding a
-member to a request for it; a hedge to a pool member follows that. The router lives in the
-caller's process (the gateway), one per deployment, so it sees both calls of a group.
+member to a request for it (the multiplexed model id); a hedge to a pool member follows that.
+The router lives in the caller's process (the gateway), one per deployment, so it sees both
+calls of a group.
 
     group = hedge_group()
     first = handle.options(session_id=group).classify.remote(rows)     # on replica A
@@ -32,7 +33,6 @@ from typing import TypeVar
 
 from ray.serve.request_router import (
     LocalityMixin,
-    MultiplexMixin,
     PendingRequest,
     ReplicaID,
     RequestRouter,
@@ -73,7 +73,7 @@ def hedge_candidates(candidates: Set[T], avoid: T | None, *, widest: bool) -> Se
     return candidates
 
 
-class HedgeAwareRouter(LocalityMixin, MultiplexMixin, RequestRouter):
+class HedgeAwareRouter(LocalityMixin, RequestRouter):
     """Serve's power of two choices, with a hedge skipping its first call's replica.
 
     Out of order (no ``FIFOMixin``): the replica chosen for a request is the one it gets,
@@ -89,19 +89,13 @@ class HedgeAwareRouter(LocalityMixin, MultiplexMixin, RequestRouter):
         candidate_replicas: list[RunningReplica],
         pending_request: PendingRequest | None = None,
     ) -> list[list[RunningReplica]]:
-        multiplexed = pending_request is not None and bool(
-            pending_request.metadata.multiplexed_model_id
-        )
-        if multiplexed:
-            ids = self.apply_multiplex_routing(pending_request=pending_request)
-            widest = True  # a member's load elsewhere is no rescue: no wider round waited for
-        else:
-            ids = self.apply_locality_routing(pending_request=pending_request)
-            widest = pending_request is None or pending_request.routing_context.should_backoff
-        ids = hedge_candidates(set(ids), self._avoid(pending_request), widest=widest)
+        ids = self.apply_locality_routing(pending_request=pending_request)
+        # this node's replicas first, then all: should_backoff marks the round over all
+        widest = pending_request is None or pending_request.routing_context.should_backoff
+        ids = hedge_candidates(ids, self._avoid(pending_request), widest=widest)
         if not ids:
             return []
-        chosen = random.sample(sorted(ids, key=str), k=min(2, len(ids)))
+        chosen = random.sample(list(ids), k=min(2, len(ids)))
         return [[self._replicas[replica_id] for replica_id in chosen]]
 
     def on_request_routed(
