@@ -12,7 +12,7 @@ the same closed-loop load generator (``benchmarks.loadgen``) at the same concurr
    it wait too), then ``digits-unhedged`` and ``digits-hedged`` (hedge at the member's
    observed p95) -> hedged p99 against unhedged (goal: <= 0.5 x).
 
-    python -m benchmarks.ensemble                 # ~8 minutes on 2 cores: concurrency 1 and 4
+    python -m benchmarks.ensemble                 # ~6-8 minutes on 2 cores: concurrency 1 and 4
     python -m benchmarks.ensemble --duration-s 30 --concurrency 8
 
 The target is read at the first level (concurrency 1: the pattern's own cost). At 4 on

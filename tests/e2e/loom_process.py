@@ -31,10 +31,11 @@ class LoomProcess:
         return self.log.read_text(errors="replace")[-chars:]
 
 
-def spawn_loom(
+def start_loom(
     home: Path, port: int, config: dict | None = None, env: dict[str, str] | None = None
 ) -> LoomProcess:
-    """``loom serve`` started, not waited for (``wait_ready``): two servers can start at once."""
+    """``loom serve`` on ``port`` with ``config`` (written as ``home/loom.yaml``), once it
+    answers ready; stopped, and an error raised, if it exits or is not ready in 300 s."""
     home.mkdir(parents=True, exist_ok=True)
     args = [sys.executable, "-m", "loom", "serve", "--port", str(port)]
     if config is not None:
@@ -53,11 +54,10 @@ def spawn_loom(
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
-    return LoomProcess(f"http://127.0.0.1:{port}", home, process, log)
+    return _wait_ready(LoomProcess(f"http://127.0.0.1:{port}", home, process, log))
 
 
-def wait_ready(loom: LoomProcess, timeout_s: float = 300) -> LoomProcess:
-    """Wait until the server answers ready; stop it and raise if it exits or takes too long."""
+def _wait_ready(loom: LoomProcess, timeout_s: float = 300) -> LoomProcess:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if loom.process.poll() is not None:
@@ -71,12 +71,6 @@ def wait_ready(loom: LoomProcess, timeout_s: float = 300) -> LoomProcess:
         time.sleep(1)
     stop_loom(loom)
     raise TimeoutError(f"loom serve was not ready in {timeout_s:.0f} s:\n{loom.log_tail()}")
-
-
-def start_loom(
-    home: Path, port: int, config: dict | None = None, env: dict[str, str] | None = None
-) -> LoomProcess:
-    return wait_ready(spawn_loom(home, port, config, env))
 
 
 def _group_alive(pgid: int) -> bool:
