@@ -109,8 +109,8 @@ def cmd_promote(args: argparse.Namespace) -> int:
     store = _store()
     if not store.has(args.name):
         raise ModelNotFound(f"no model named {args.name!r} in the store at {store.root}")
-    previous = store.aliases(args.name).get(args.alias)
-    store.set_alias(args.name, args.alias, args.version)  # ModelNotFound names the versions
+    # ModelNotFound names the versions
+    previous = store.set_alias(args.name, args.alias, args.version)
     if previous == args.version:
         print(f"{args.name}#{args.alias} already points at version {args.version}")
     else:

@@ -155,14 +155,24 @@ class ModelStore:
             shutil.rmtree(staging, ignore_errors=True)
         return manifest
 
-    def set_alias(self, name: str, alias: str, version: str) -> None:
-        """Point ``alias`` of ``name`` at ``version``, which must exist (else ModelNotFound)."""
+    def set_alias(self, name: str, alias: str, version: str) -> str | None:
+        """Point ``alias`` of ``name`` at ``version``, which must exist (else ModelNotFound);
+        the version it pointed at before, None if it was unset.
+
+        The previous version is read under the same lock as the write, so of two concurrent
+        moves each sees the other's result or the state before both, never a lost update:
+
+            store.set_alias("enc", "serving", "2")   # None: the alias was new
+            store.set_alias("enc", "serving", "3")   # "2"
+        """
         validate_name("alias", alias)
         self._read_manifest(name, version)  # raises ModelNotFound for a missing version
         with self._locked(name):
             current = self._read_aliases(name)
+            previous = current.get(alias)
             current[alias] = version
             self._write_aliases(name, current)
+        return previous
 
     def remove_alias(self, name: str, alias: str) -> None:
         """Drop ``alias`` of ``name``; ModelNotFound if it is not set."""

@@ -47,6 +47,4 @@ def promote(models: ModelStore, name: str, version: str, alias: str = SERVING_AL
     """Point ``alias`` of ``name`` at ``version``; the version it pointed at before, if any.
 
     Serving's rollout reconciler sees the alias move and rolls the new version out."""
-    previous = models.aliases(name).get(alias)
-    models.set_alias(name, alias, version)
-    return previous
+    return models.set_alias(name, alias, version)

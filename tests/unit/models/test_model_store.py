@@ -206,6 +206,52 @@ def test_resolving_something_missing_names_what_is_missing(
         store.resolve(ref)
 
 
+def test_set_alias_returns_the_version_the_alias_pointed_at_before(
+    store: ModelStore, make_model_dir: MakeModelDir
+) -> None:
+    for seed in range(3):
+        store.register("enc", make_model_dir(seed=seed), task="embed")
+
+    assert store.set_alias("enc", "serving", "1") is None  # unset before
+    assert store.set_alias("enc", "serving", "3") == "1"
+    assert store.set_alias("enc", "serving", "3") == "3"  # moved onto itself
+    assert store.set_alias("enc", "canary", "2") is None  # another alias: its own history
+    assert store.aliases("enc") == {"serving": "3", "canary": "2"}
+
+
+def test_concurrent_alias_moves_each_see_the_move_before_them(
+    store: ModelStore, make_model_dir: MakeModelDir
+) -> None:
+    for seed in range(2):
+        store.register("enc", make_model_dir(seed=seed), task="embed")
+    moves: list[tuple[str | None, str]] = []  # (returned previous, written)
+    errors: list[BaseException] = []
+
+    def mover(worker: int) -> None:
+        try:
+            for step in range(20):
+                version = str(1 + (worker + step) % 2)
+                moves.append((store.set_alias("enc", "serving", version), version))
+        except BaseException as exc:  # a thread's error is lost unless kept for the assert
+            errors.append(exc)
+
+    threads = [threading.Thread(target=mover, args=(n,)) for n in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+
+    assert errors == []
+    # the moves form one chain: each returned the value the one before it wrote, so the
+    # returns are None plus every write but the last (120 moves -> 119 writes + None); a
+    # read outside the lock lets two moves return the same previous and the counts differ
+    final = store.aliases("enc")["serving"]
+    returned = sorted((previous or "-" for previous, _ in moves))
+    written = [version for _, version in moves]
+    written.remove(final)
+    assert returned == sorted(["-", *written])
+
+
 def test_an_alias_can_only_point_at_an_existing_version(
     store: ModelStore, make_model_dir: MakeModelDir
 ) -> None:
