@@ -51,6 +51,7 @@ from training.checkpoint import (
     save_checkpoint,
     save_final_weights,
 )
+from training.holds import StepHolds
 from training.program import GRAD_CLIP_NORM, ProgramSpec, TrainingStopped, build_program
 
 LOSS_WINDOW_STEPS = 10
@@ -122,6 +123,7 @@ def run_rank(
     checkpoint_dir: str,
     checkpoint_every_steps: int,
     progress: ProgressFn | None = None,
+    hold: StepHolds | None = None,
     device: str = "cpu",
     timeout_s: float = 120.0,
 ) -> dict[str, float]:
@@ -132,9 +134,11 @@ def run_rank(
     and steps: every rank's gradient is all-reduced (DDP, when W > 1), clipped to
     ``GRAD_CLIP_NORM`` and applied. Rank 0 saves a checkpoint every ``checkpoint_every_steps``
     and after the last step, calls ``progress`` after each step with its own slice's loss, and
-    at the end evaluates and writes ``final.safetensors``. Returns ``train_loss`` (mean of the
-    last ``LOSS_WINDOW_STEPS`` steps' global losses), ``steps``, ``resumed_from_step``, plus
-    the eval metrics on rank 0. ``timeout_s`` bounds each collective wait for a silent peer.
+    at the end evaluates and writes ``final.safetensors``. With ``hold`` (tests' fault
+    injection, ``training.holds``) rank 0 stops after a requested step, once its checkpoint
+    and progress report are done. Returns ``train_loss`` (mean of the last
+    ``LOSS_WINDOW_STEPS`` steps' global losses), ``steps``, ``resumed_from_step``, plus the
+    eval metrics on rank 0. ``timeout_s`` bounds each collective wait for a silent peer.
     """
     if checkpoint_every_steps < 1:
         raise ValueError(f"checkpoint_every_steps must be >= 1, not {checkpoint_every_steps}")
@@ -197,6 +201,8 @@ def run_rank(
                     )
             if rank == 0 and progress is not None:
                 progress(done, program.max_steps, loss_value)
+            if rank == 0 and hold is not None:
+                hold.hold_after(done)  # the other ranks wait at their next collective
 
         loop_s = time.perf_counter() - loop_started
         # the reduce: one training loss for the run, the same on every rank
@@ -323,6 +329,7 @@ def _run_group(
     *,
     run_kwargs: Mapping[str, Any],
     progress: ProgressFn | None,
+    hold: StepHolds | None,
     should_stop: Callable[[], bool],
     poll_interval_s: float,
 ) -> dict[str, float]:
@@ -345,6 +352,7 @@ def _run_group(
             world_size=world_size,
             init_method=f"tcp://{host}:{port}",
             progress=progress if rank == 0 else None,
+            hold=hold if rank == 0 else None,
             **run_kwargs,
         )
         for rank, actor in enumerate(actors)
@@ -385,6 +393,7 @@ def run_coordinated(
     num_gpus: float = 0,
     placement_group: Any = None,
     progress: ProgressFn | None = None,
+    hold: StepHolds | None = None,
     log: Callable[[str], None] | None = None,
     should_stop: Callable[[], bool] = lambda: False,
     max_restarts: int = 3,
@@ -400,8 +409,8 @@ def run_coordinated(
     ``TrainingStopped``. A lost worker kills the group and starts a fresh one that resumes from
     the last checkpoint, at most ``max_restarts`` times, then ``CoordinatedTrainingFailed``;
     an error raised by the program's own code fails at once. ``log(message)`` hears why each
-    restart happened; ``on_group_started(actors)`` sees each group's actors, rank order. The
-    actors are killed however this returns.
+    restart happened; ``on_group_started(actors)`` sees each group's actors, rank order;
+    ``hold`` goes to rank 0 (``run_rank``). The actors are killed however this returns.
     """
     if world_size < 1:
         raise ValueError(f"world_size must be >= 1, not {world_size}")
@@ -431,6 +440,7 @@ def run_coordinated(
                 program_spec,
                 run_kwargs=run_kwargs,
                 progress=progress,
+                hold=hold,
                 should_stop=should_stop,
                 poll_interval_s=poll_interval_s,
             )

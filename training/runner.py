@@ -27,6 +27,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from models.store import ModelStore
 from training.db import create_db_engine
+from training.holds import StepHolds
 from training.jobs import JobId, JobState, JobStore
 from training.pipelines import pipeline_for
 from training.program import ProgramSpec, TrainingStopped
@@ -49,6 +50,9 @@ class RunnerSettings:
     """A Postgres schema for every table (tests); None: the default."""
     queue_lease_s: float = 20.0
     """Lease of a queue item; a dead worker's item returns after this (heartbeats every third)."""
+    debug_holds: bool = False
+    """Fault injection for tests: train workers honour hold requests in a job's workspace
+    (``training.holds``). Only whoever starts the scheduler sets it; ``loom serve`` does not."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -197,6 +201,12 @@ class RayWorkers:
             cpu_per_bundle=self.cpu,
         )
 
+    def _holds(self, context: StageContext) -> StepHolds | None:
+        """The job's debug holds when the runner's settings honour them (tests only)."""
+        if not self.settings.debug_holds:
+            return None
+        return StepHolds(folder=context.workspace.holds_dir)
+
     def train(
         self, context: StageContext, program: ProgramSpec, *, checkpoint_every_steps: int
     ) -> Any:
@@ -213,6 +223,7 @@ class RayWorkers:
             num_gpus=self.gpu,
             placement_group=self.placement_group,
             progress=TrainProgressSink(self.settings, self.job_id, context.progress_span),
+            hold=self._holds(context),
             log=context.log,
             should_stop=context.should_stop,
         )

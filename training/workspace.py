@@ -67,6 +67,11 @@ class JobWorkspace:
         return self.path / "members" / member
 
     @property
+    def holds_dir(self) -> Path:
+        """Debug hold requests for the train stage (``training.holds``; tests only)."""
+        return self.path / "holds"
+
+    @property
     def export_dir(self) -> Path:
         """The trained model as the store will register it (safetensors + config)."""
         return self.path / "export"
