@@ -52,7 +52,8 @@ from training.checkpoint import (
     save_final_weights,
 )
 from training.holds import StepHolds
-from training.program import GRAD_CLIP_NORM, ProgramSpec, TrainingStopped, build_program
+from training.program import GRAD_CLIP_NORM, ProgramSpec, TrainingStopped
+from training.trainers.registry import TRAINERS
 
 LOSS_WINDOW_STEPS = 10
 """The reported training loss is the mean over this many last steps (one step is noisy)."""
@@ -153,7 +154,7 @@ def run_rank(
     )
     try:
         dist.barrier()  # the coordinated batch's barrier: no rank starts before all have joined
-        program = build_program(program_spec)
+        program = TRAINERS.build_program(program_spec)
         model = program.build_model().to(device)  # seeded: the same weights on every rank
         optimizer = program.build_optimizer(model)
         start_step = 0

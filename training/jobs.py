@@ -29,7 +29,7 @@ from sqlalchemy import Connection, Engine, Row, Table, select, update
 from sqlalchemy.exc import IntegrityError
 
 from training.db import job_events, job_logs, jobs, transaction
-from training.spec import DigitsJobSpec, LmJobSpec, parse_job_spec
+from training.spec import JobSpec, parse_job_spec
 
 
 class JobState(StrEnum):
@@ -86,7 +86,7 @@ class Job:
 
     id: JobId
     name: str
-    spec: LmJobSpec | DigitsJobSpec
+    spec: JobSpec
     state: JobState
     stage: str | None
     """The pipeline stage while RUNNING (e.g. ``tokenise``); the last one reached after."""
@@ -138,7 +138,7 @@ class JobStore:
 
     def submit(
         self,
-        spec: LmJobSpec | DigitsJobSpec,
+        spec: JobSpec,
         *,
         job_id: str | None = None,
         idempotency_key: str | None = None,

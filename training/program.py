@@ -1,10 +1,11 @@
 """What the coordinated train stage runs: a ``TrainProgram``, built in each worker by name.
 
 A trainer describes its training as a program; ``training.coordinated`` runs any program on
-W data-parallel workers. The program never sees ranks or process groups, only which part of
-each global batch is its own:
+W data-parallel workers. The trainer registry builds it from a ``ProgramSpec`` (the trainer's
+name and plain params, what travels to each worker). The program never sees ranks or process
+groups, only which part of each global batch is its own:
 
-    program = build_program(ProgramSpec(kind="lm", params={...}))
+    program = TRAINERS.build_program(ProgramSpec(kind="lm", params={...}))
     model = program.build_model()                       # same seed on every rank
     batch = program.batch(step, rank=0, world_size=2)   # rank 0's half of global batch `step`
     loss = program.loss(model, batch)                   # mean over this rank's samples
@@ -17,14 +18,13 @@ global batch's mean loss.
 
 from __future__ import annotations
 
-import contextlib
-import importlib
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
-import torch
-from torch import nn
+if TYPE_CHECKING:  # types only: the trainer registry imports this module, torch-free
+    import torch
+    from torch import nn
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -32,7 +32,8 @@ class ProgramSpec:
     """A program by name and plain parameters: what travels to each worker."""
 
     kind: str
-    """A key of ``PROGRAMS`` (``lm``, or a test's own)."""
+    """A registered trainer's name (``lm``, or a test's own): ``TRAINERS.build_program``
+    builds that trainer's program."""
     params: Mapping[str, Any] = field(default_factory=dict)
 
 
@@ -56,29 +57,6 @@ class TrainProgram(Protocol):
 
     def evaluate(self, model: nn.Module) -> dict[str, float]:
         """Validation metrics of the trained model (rank 0 runs it once, at the end)."""
-
-
-PROGRAMS: dict[str, Callable[[Mapping[str, Any]], TrainProgram]] = {}
-"""Program builders by kind. The trainer module ``training.trainers.<kind>`` adds its own on
-import (``register_program``); ``build_program`` imports it when a worker first needs it."""
-
-
-def register_program(kind: str, builder: Callable[[Mapping[str, Any]], TrainProgram]) -> None:
-    PROGRAMS[kind] = builder
-
-
-def build_program(spec: ProgramSpec) -> TrainProgram:
-    if spec.kind not in PROGRAMS and spec.kind.isidentifier():
-        # a trainer registers its program on import; a fresh worker process has not imported it
-        with contextlib.suppress(ModuleNotFoundError):
-            importlib.import_module(f"training.trainers.{spec.kind}")
-    try:
-        builder = PROGRAMS[spec.kind]
-    except KeyError:
-        raise ValueError(
-            f"unknown train program {spec.kind!r}; known: {sorted(PROGRAMS)}"
-        ) from None
-    return builder(spec.params)
 
 
 GRAD_CLIP_NORM: float = 1.0

@@ -9,13 +9,12 @@ Each worker leases the oldest ready item, heartbeats while its handler runs (a t
 acks the handler's result, or nacks the error so the item is retried after a backoff and
 dead-lettered after ``max_attempts``. A worker that dies stops heartbeating; the scheduler's
 reaper takes its lease back and another worker finishes the item. Only registered handlers
-run (``HANDLERS``, filled by the pipeline modules): a payload is data, never code.
+run (each trainer's, by name, from ``training.trainers.registry``): a payload is data, never
+code.
 """
 
 from __future__ import annotations
 
-import contextlib
-import importlib
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -24,29 +23,8 @@ from typing import Any
 
 from training.db import create_db_engine
 from training.stages import StageContext
+from training.trainers.registry import TRAINERS, Handler
 from training.work_queue import ItemState, Lease, WorkQueue
-
-Handler = Callable[[dict[str, Any]], dict[str, Any]]
-
-HANDLERS: dict[str, Handler] = {}
-"""Handler name (``<pipeline>.<what>``) -> function; ``training.pipelines.<pipeline>`` adds its
-own on import."""
-
-
-def register_handler(name: str, handler: Handler) -> None:
-    HANDLERS[name] = handler
-
-
-def find_handler(name: str) -> Handler:
-    if name not in HANDLERS:
-        pipeline = name.partition(".")[0]
-        if pipeline.isidentifier():  # a fresh worker process has not imported its pipeline
-            with contextlib.suppress(ModuleNotFoundError):
-                importlib.import_module(f"training.pipelines.{pipeline}")
-    try:
-        return HANDLERS[name]
-    except KeyError:
-        raise ValueError(f"no queue handler named {name!r}") from None
 
 
 def queue_name(job_id: str, stage: str) -> str:
@@ -79,7 +57,7 @@ class QueueWorker:
 
         An item waiting out a retry backoff, or leased by another worker that may yet die,
         keeps this worker polling, so a lost lease that the reaper returns still gets done."""
-        work = find_handler(handler)
+        work = TRAINERS.handler(handler)  # ValueError for a name no trainer registered
         acked = 0
         while True:
             lease = self._queue.lease(queue, self.worker, lease_s)

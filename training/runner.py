@@ -29,10 +29,10 @@ from models.store import ModelStore
 from training.db import create_db_engine
 from training.holds import StepHolds
 from training.jobs import JobId, JobState, JobStore
-from training.pipelines import pipeline_for
 from training.program import ProgramSpec, TrainingStopped
 from training.queue_workers import QueueWorker
 from training.stages import JobStopped, StageContext, StageRejected, run_stages
+from training.trainers.registry import TRAINERS
 from training.work_queue import WorkQueue
 from training.workspace import JobWorkspace
 
@@ -305,7 +305,7 @@ class JobRunner:
         )
         try:
             outputs = run_stages(
-                pipeline_for(spec.trainer), context, on_stage=on_stage, on_progress=on_progress
+                TRAINERS.stages(spec.trainer), context, on_stage=on_stage, on_progress=on_progress
             )
         except StageRejected as exc:
             log(f"rejected: {exc.reason}")
@@ -315,32 +315,4 @@ class JobRunner:
         except Exception as exc:
             log(f"failed: {type(exc).__name__}: {exc}\n{traceback.format_exc(limit=8)}")
             return RunOutcome(status="error", error=f"{type(exc).__name__}: {exc}")
-        return RunOutcome(status="succeeded", metrics=job_metrics(spec.trainer, outputs))
-
-
-def job_metrics(trainer: str, outputs: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    """The metrics a finished job reports, from its stages' outputs."""
-    if trainer == "lm":
-        train = outputs["train"]["metrics"]
-        return {
-            "perplexity": outputs["evaluate"]["perplexity"],
-            "val_loss": outputs["evaluate"]["val_loss"],
-            "train_loss": train.get("train_loss"),
-            "samples_per_s": train.get("samples_per_s"),
-            "loop_samples_per_s": train.get("loop_samples_per_s"),
-            "train_seconds": train.get("train_seconds"),
-            "restarts": outputs["train"]["restarts"],
-            "model": outputs["register"]["model"],
-            "version": outputs["register"]["version"],
-            "promoted": outputs["promote"]["promoted"],
-        }
-    joined = outputs["join"]
-    return {
-        "val_accuracy": joined["val_accuracy"],
-        "best_member": joined["best"],
-        "accuracies": joined["accuracies"],
-        "model": outputs["register"]["model"],
-        "version": joined["version"],
-        "versions": outputs["register"]["versions"],
-        "promoted": outputs["promote"]["promoted"],
-    }
+        return RunOutcome(status="succeeded", metrics=TRAINERS.job_metrics(spec.trainer, outputs))

@@ -53,7 +53,7 @@ class StageContext:
 
     job_id: str
     spec: Any
-    """The job's typed spec (``LmJobSpec`` / ``DigitsJobSpec``)."""
+    """The job's typed spec (its trainer's ``JobSpec`` subclass: ``LmJobSpec``, ...)."""
     workspace: JobWorkspace
     outputs: dict[str, dict[str, Any]] = field(default_factory=dict)
     """Earlier stages' outputs by stage name."""

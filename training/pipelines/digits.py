@@ -9,18 +9,22 @@ evaluate (filter)          members below ``eval.min_accuracy`` are dropped; none
 register (sink)            each remaining member becomes a version of the job's model
 join                       all members done: the best by validation accuracy is chosen
 promote (sink)             with ``promote: true``, the ``serving`` alias moves to the best
+
+The ``digits`` record in ``training.trainers.registry`` names ``stages``, the queue handler
+``digits.member`` (``train_member_item``) and ``job_metrics``.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from training.queue_workers import QueueItem, register_handler, run_queue_stage
+from training.queue_workers import QueueItem, run_queue_stage
 from training.registration import job_source, promote, register_once
-from training.spec import DigitsHyperparameters
 from training.stages import Stage, StageContext, StageRejected
 from training.trainers import digits
+from training.trainers.digits_spec import DigitsHyperparameters
 
 
 def stages() -> list[Stage]:
@@ -69,9 +73,6 @@ def train_member_item(payload: dict[str, Any]) -> dict[str, Any]:
         "path": payload["out_dir"],
         **{key: float(value) for key, value in member.metrics.items()},
     }
-
-
-register_handler("digits.member", train_member_item)
 
 
 def train_members(context: StageContext) -> dict[str, Any]:
@@ -148,3 +149,17 @@ def promote_best(context: StageContext) -> dict[str, Any]:
     previous = promote(context.services["models"], context.spec.name, joined["version"])
     context.log(f"promote: serving alias {previous} -> {joined['version']} ({joined['best']})")
     return {"promoted": True, "previous": previous}
+
+
+def job_metrics(outputs: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
+    """What a finished digits job reports, from its stages' outputs: the best member's."""
+    joined = outputs["join"]
+    return {
+        "val_accuracy": joined["val_accuracy"],
+        "best_member": joined["best"],
+        "accuracies": joined["accuracies"],
+        "model": outputs["register"]["model"],
+        "version": joined["version"],
+        "versions": outputs["register"]["versions"],
+        "promoted": outputs["promote"]["promoted"],
+    }

@@ -9,17 +9,21 @@ train (coordinated batch)  W data-parallel workers (``training.coordinated``)
 evaluate (filter)          validation perplexity above ``eval.max_perplexity`` fails the job
 register (sink)            the model and its tokeniser become a version in the store
 promote (sink)             with ``promote: true``, the ``serving`` alias moves to it
+
+The ``lm`` record in ``training.trainers.registry`` names ``stages``, the queue handler
+``lm.tokenise`` (``tokenise_item``) and ``job_metrics``.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from safetensors.torch import load_file
 
 from training.program import ProgramSpec
-from training.queue_workers import QueueItem, register_handler, run_queue_stage
+from training.queue_workers import QueueItem, run_queue_stage
 from training.registration import job_source, promote, register_once
 from training.stages import Stage, StageContext, StageRejected
 from training.trainers import lm
@@ -78,9 +82,6 @@ def tokenise_item(payload: dict[str, Any]) -> dict[str, Any]:
         out_path=Path(payload["out_path"]),
     )
     return {"tokens": tokens, "path": payload["out_path"]}
-
-
-register_handler("lm.tokenise", tokenise_item)
 
 
 def _val_path(context: StageContext) -> Path:
@@ -208,3 +209,20 @@ def promote_version(context: StageContext) -> dict[str, Any]:
     previous = promote(context.services["models"], registered["model"], registered["version"])
     context.log(f"promote: serving alias {previous} -> {registered['version']}")
     return {"promoted": True, "previous": previous}
+
+
+def job_metrics(outputs: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
+    """What a finished lm job reports, from its stages' outputs."""
+    train = outputs["train"]["metrics"]
+    return {
+        "perplexity": outputs["evaluate"]["perplexity"],
+        "val_loss": outputs["evaluate"]["val_loss"],
+        "train_loss": train.get("train_loss"),
+        "samples_per_s": train.get("samples_per_s"),
+        "loop_samples_per_s": train.get("loop_samples_per_s"),
+        "train_seconds": train.get("train_seconds"),
+        "restarts": outputs["train"]["restarts"],
+        "model": outputs["register"]["model"],
+        "version": outputs["register"]["version"],
+        "promoted": outputs["promote"]["promoted"],
+    }

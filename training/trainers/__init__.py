@@ -1,1 +1,2 @@
-"""Trainers: one module per registered trainer (``lm``, ``digits``)."""
+"""Trainers: each registered once in ``registry.py``; per trainer, a spec module (what a job
+may ask, torch-free: ``lm_spec``, ``digits_spec``) and its training code (``lm``, ``digits``)."""

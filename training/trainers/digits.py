@@ -31,8 +31,8 @@ from sklearn.model_selection import train_test_split
 from torch import nn
 
 from models.families.digits import DigitsConfig, build_digits
-from training.program import TrainingStopped, register_program
-from training.spec import DigitsArch, DigitsHyperparameters
+from training.program import TrainingStopped
+from training.trainers.digits_spec import DigitsArch, DigitsHyperparameters
 from training.workspace import atomic_path
 
 
@@ -268,6 +268,3 @@ class DigitsTrainProgram:
         finally:
             model.train(was_training)
         return {"val_accuracy": accuracy, "val_loss": val_loss}
-
-
-register_program("digits", DigitsTrainProgram.from_params)

@@ -10,7 +10,8 @@ runner runs on W workers and ``train_single_process`` runs on one:
     model = train_single_process(program)
     export_lm(model, tokenizer_dir=ws.tokenizer_dir, out_dir=ws.export_dir)  # servable folder
 
-Importing this module registers the program as ``lm`` (``training.program.build_program``).
+The ``lm`` record in ``training.trainers.registry`` names ``LmTrainProgram.from_params`` as
+its program (``TRAINERS.build_program(ProgramSpec(kind="lm", ...))``).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from training.program import GRAD_CLIP_NORM, TrainProgram, register_program
+from training.program import GRAD_CLIP_NORM, TrainProgram
 from training.trainers.lm_data import (
     EOS_TOKEN,
     EOS_TOKEN_ID,
@@ -280,9 +281,6 @@ def _windows(tokens: np.ndarray, offsets: np.ndarray, length: int) -> torch.Tens
     # (len(offsets), length) int64: copies out of the memory map, only these rows
     rows = np.stack([np.asarray(tokens[o : o + length], dtype=np.int64) for o in offsets])
     return torch.from_numpy(rows)
-
-
-register_program("lm", LmTrainProgram.from_params)
 
 
 # --- one process -----------------------------------------------------------------------------

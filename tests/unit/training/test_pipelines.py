@@ -10,10 +10,11 @@ import pytest
 from model_folders import make_digits_folder
 
 from models.store import ModelStore
-from training.pipelines import digits, lm, pipeline_for
+from training.pipelines import digits, lm
 from training.registration import job_source, promote, register_once
 from training.spec import parse_job_spec
 from training.stages import StageContext, StageRejected
+from training.trainers.registry import TRAINERS
 from training.workspace import JobWorkspace
 
 
@@ -68,14 +69,14 @@ def test_sweep_members_are_numbered_only_when_an_arch_repeats() -> None:
 
 
 def test_each_trainer_has_its_stages_in_order() -> None:
-    assert [s.name for s in pipeline_for("lm")] == [
+    assert [s.name for s in TRAINERS.stages("lm")] == [
         "split", "tokenise", "merge", "train", "evaluate", "register", "promote"
     ]  # fmt: skip
-    assert [s.role for s in pipeline_for("digits")][:3] == ["splitter", "work queue", "filter"]
+    assert [s.role for s in TRAINERS.stages("digits")][:3] == ["splitter", "work queue", "filter"]
     for trainer in ("lm", "digits"):
-        assert sum(s.weight for s in pipeline_for(trainer)) == pytest.approx(1.0)
+        assert sum(s.weight for s in TRAINERS.stages(trainer)) == pytest.approx(1.0)
     with pytest.raises(ValueError, match="no pipeline for trainer 'x'"):
-        pipeline_for("x")
+        TRAINERS.stages("x")
 
 
 def test_registering_again_after_a_crash_finds_the_version_it_made(tmp_path) -> None:

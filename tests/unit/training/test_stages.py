@@ -3,22 +3,17 @@
 from __future__ import annotations
 
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from sqlalchemy import Engine
 
-from training.queue_workers import (
-    QueueItem,
-    QueueWorker,
-    find_handler,
-    queue_name,
-    register_handler,
-    run_queue_stage,
-)
+from training.queue_workers import QueueItem, QueueWorker, queue_name, run_queue_stage
 from training.spec import parse_job_spec
 from training.stages import JobStopped, Stage, StageContext, StageRejected, run_stages
+from training.trainers.registry import TRAINERS, Trainer
 from training.work_queue import WorkQueue
 from training.workspace import JobWorkspace
 
@@ -86,7 +81,12 @@ def double(payload: dict[str, Any]) -> dict[str, Any]:
     return {"twice": payload["n"] * 2}
 
 
-register_handler("test.double", double)
+@pytest.fixture(autouse=True)
+def test_trainer() -> Iterator[None]:
+    """A trainer of this module's own, with one queue handler, registered while a test runs."""
+    TRAINERS.register(Trainer(name="test", handlers={"test.double": double}))
+    yield
+    TRAINERS.unregister("test")
 
 
 class ThreadWorkers:
@@ -156,4 +156,4 @@ def test_a_stage_run_again_puts_no_item_twice(db_engine: Engine, tmp_path: Path)
 
 def test_an_unknown_handler_is_refused() -> None:
     with pytest.raises(ValueError, match="no queue handler named 'nope.x'"):
-        find_handler("nope.x")
+        TRAINERS.handler("nope.x")

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from models.engines.classify import TensorClassifierEngine
-from training.program import ProgramSpec, TrainingStopped, build_program
+from training.program import ProgramSpec, TrainingStopped
 from training.spec import DigitsHyperparameters
 from training.trainers.digits import (
     DigitsTrainProgram,
@@ -19,6 +19,7 @@ from training.trainers.digits import (
     load_digits_split,
     train_digits_member,
 )
+from training.trainers.registry import TRAINERS
 
 
 @pytest.fixture(scope="module")
@@ -100,7 +101,8 @@ def test_should_stop_stops_training_before_the_next_epoch() -> None:
 
 
 def test_the_ranks_slices_of_a_step_make_up_its_global_batch() -> None:
-    program = build_program(ProgramSpec(kind="digits", params={"batch_size": 32, "seed": 1}))
+    spec = ProgramSpec(kind="digits", params={"batch_size": 32, "seed": 1})
+    program = TRAINERS.build_program(spec)
     assert isinstance(program, DigitsTrainProgram)
     whole = program.batch(5, rank=0, world_size=1)
     halves = [program.batch(5, rank=r, world_size=2) for r in (0, 1)]

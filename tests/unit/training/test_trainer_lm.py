@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from training.program import ProgramSpec, build_program
+from training.program import ProgramSpec
 from training.trainers.lm import (
     EOS_TOKEN_ID,
     CorpusPlan,
@@ -32,6 +32,7 @@ from training.trainers.lm import (
     train_single_process,
     train_tokenizer,
 )
+from training.trainers.registry import TRAINERS
 
 STDLIB_BUDGET_BYTES = 200_000
 VOCAB = 512
@@ -287,7 +288,7 @@ def test_evaluate_reports_perplexity_as_exp_of_val_loss_and_restores_train_mode(
 
 
 def test_build_program_finds_the_lm_program_by_name(work, token_files):
-    built = build_program(ProgramSpec(kind="lm", params=lm_params(work)))
+    built = TRAINERS.build_program(ProgramSpec(kind="lm", params=lm_params(work)))
     assert isinstance(built, LmTrainProgram)
 
 

@@ -1,0 +1,51 @@
+"""What a job for the ``digits`` trainer may ask: small classifiers on scikit-learn's bundled
+handwritten digits, one member per architecture of a sweep.
+
+Plain pydantic, no torch or sklearn: the gateway reads specs with this alone.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from training.spec_fields import JobSpec, StrictModel
+
+DigitsArch = Literal["mlp", "cnn"]
+
+
+class DigitsHyperparameters(StrictModel):
+    arch: DigitsArch | list[DigitsArch] = Field(
+        "mlp", description="One architecture, or a sweep list: one member trained per entry."
+    )
+    learning_rate: float = Field(1e-3, gt=0, description="Adam learning rate.")
+    epochs: int = Field(20, ge=1, le=1000, description="Passes over the training split.")
+    batch_size: int = Field(64, ge=1, description="Samples per optimiser step.")
+    hidden: int = Field(64, ge=4, le=4096, description="Width of each member's hidden layers.")
+    seed: int = Field(0, ge=0, description="Seeds the train/validation split and the weights.")
+
+    def members(self) -> list[DigitsArch]:
+        """The architectures to train, one member each: ``"mlp"`` -> ``["mlp"]``."""
+        return [self.arch] if isinstance(self.arch, str) else list(self.arch)
+
+
+class DigitsEval(StrictModel):
+    min_accuracy: float | None = Field(
+        None, gt=0, le=1, description="Validation accuracy (0..1) below this fails a member."
+    )
+
+
+class DigitsJobSpec(JobSpec):
+    """A job for the ``digits`` trainer."""
+
+    trainer: Literal["digits"] = Field(description="The registered trainer to run.")
+    dataset: Literal["sklearn-digits"] = Field(
+        "sklearn-digits", description="scikit-learn's bundled 8x8 handwritten digits."
+    )
+    hyperparameters: DigitsHyperparameters = Field(
+        default_factory=DigitsHyperparameters, description="The digits trainer's hyperparameters."
+    )
+    eval: DigitsEval = Field(
+        default_factory=DigitsEval, description="Thresholds each member must meet."
+    )
