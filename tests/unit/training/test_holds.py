@@ -25,7 +25,12 @@ def test_a_requested_step_is_held_until_released_and_taken_only_once(tmp_path: P
     holds = StepHolds(folder=tmp_path / "holds", poll_interval_s=0.01)
     holds.request(3)
     done = threading.Event()
-    rank = threading.Thread(target=lambda: (holds.hold_after(3), done.set()), daemon=True)
+
+    def rank_0() -> None:
+        holds.hold_after(3)
+        done.set()
+
+    rank = threading.Thread(target=rank_0, daemon=True)
     rank.start()
     while not holds.is_held(3):  # the rank's own report; the thread ends the wait or hangs
         assert rank.is_alive()
@@ -77,7 +82,9 @@ def test_rank_0_is_held_after_the_step_its_checkpoint_and_its_progress_report(
         time.sleep(0.01)
     # held after step 4: its checkpoint is on disk and reported, step 5 has not begun
     assert seen == [1, 2, 3, 4]
-    assert latest_checkpoint(ckpt).name == "step-00000004"
+    newest = latest_checkpoint(ckpt)
+    assert newest is not None
+    assert newest.name == "step-00000004"
     holds.release(4)
     rank.join(timeout=120)
     assert seen == [1, 2, 3, 4, 5, 6]
