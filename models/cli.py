@@ -25,7 +25,7 @@ from models.settings import LoomEnv
 from models.store import SERVING_ALIAS, TASKS, ModelInfo, ModelStore
 
 
-def add_commands(subparsers: Any) -> None:
+def add_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add ``models`` and its subcommands to the ``loom`` parser's ``subparsers``."""
     models = subparsers.add_parser("models", help="list, show and register stored models")
     commands = models.add_subparsers(dest="models_command", metavar="SUBCOMMAND", required=True)
@@ -163,6 +163,6 @@ def _print_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
         print("  ".join(cells).rstrip())
 
 
-def _print_json(data: Any) -> None:
+def _print_json(data: object) -> None:
     json.dump(data, sys.stdout, indent=2)
     sys.stdout.write("\n")

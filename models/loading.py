@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -21,7 +21,7 @@ from models.errors import StoreError
 from models.weights import require_safe_weights
 
 if TYPE_CHECKING:
-    from transformers import PreTrainedModel
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 # Which transformers head each task loads: embed reads hidden states, so the bare encoder.
 _MODEL_CLASS_BY_TASK: dict[str, str] = {
@@ -36,7 +36,7 @@ class LoadedModel:
     """A model in eval mode on its device, and the tokenizer that goes with it."""
 
     model: PreTrainedModel
-    tokenizer: Any
+    tokenizer: PreTrainedTokenizerBase
     """A transformers tokenizer (fast where the folder has ``tokenizer.json``)."""
     device: torch.device
     dtype: torch.dtype

@@ -24,9 +24,9 @@ replace here is the input-moving hook, a few lines over torch's own hook API.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -34,6 +34,12 @@ from torch.utils.hooks import RemovableHandle
 
 STAGES_ATTRIBUTE = "loom_stages"
 """The attribute ``split_across_devices`` records its ``StagePlan`` under, on the model."""
+_HOOKS_ATTRIBUTE = "_loom_stage_hooks"
+"""The attribute holding the split's hook handles, so they live as long as the model."""
+
+# A forward pre-hook that takes keyword arguments, and a forward hook: what torch calls them with
+_PreHook = Callable[[nn.Module, tuple[Any, ...], dict[str, Any]], tuple[Any, dict[str, Any]]]
+_OutputHook = Callable[[nn.Module, tuple[Any, ...], Any], Any]
 
 
 @dataclass(frozen=True)
@@ -202,7 +208,8 @@ def split_across_devices(model: nn.Module, devices: Sequence[str | torch.device]
         after_stack=tuple(after),
     )
     setattr(model, STAGES_ATTRIBUTE, plan)
-    model._loom_stage_hooks = handles  # kept so the hooks live as long as the model
+    # setattr: nn.Module's own __setattr__ is typed for tensors and modules, not a list
+    setattr(model, _HOOKS_ATTRIBUTE, handles)
     return model
 
 
@@ -217,12 +224,13 @@ def _modules_around(model: nn.Module, layer_path: str) -> tuple[list[str], list[
     after: list[str] = []
     module, prefix = model, ""
     for part in layer_path.split("."):
-        names = [name for name, child in module._modules.items() if child is not None]
+        children = _children(module)
+        names = list(children)
         position = names.index(part)
         before += [prefix + name for name in names[:position]]
         # inner siblings (the final norm) run before outer ones (the head): put them first
         after[:0] = [prefix + name for name in names[position + 1 :]]
-        module, prefix = module._modules[part], f"{prefix}{part}."
+        module, prefix = children[part], f"{prefix}{part}."
     return before, after
 
 
@@ -230,8 +238,14 @@ def _ancestors(model: nn.Module, layer_path: str) -> list[nn.Module]:
     """The model and each module on the path down to the stack, the stack included."""
     modules = [model]
     for part in layer_path.split("."):
-        modules.append(modules[-1]._modules[part])
+        modules.append(_children(modules[-1])[part])
     return modules
+
+
+def _children(module: nn.Module) -> dict[str, nn.Module]:
+    """``module``'s direct children by name, in registration order (slots set to None left
+    out)."""
+    return {name: child for name, child in module._modules.items() if child is not None}
 
 
 class _Placed:
@@ -258,17 +272,24 @@ def _move_own_tensors(module: nn.Module, device: torch.device, placed: _Placed) 
     A tensor shared by modules on one device stays one object there (moved in place through
     ``.data`` where torch allows, as ``nn.Module.to`` does); one first placed on another device
     is replaced, in the modules on ``device``, by one frozen copy."""
-    for table in (module._parameters, module._buffers):
-        for key, tensor in list(table.items()):
-            if tensor is None:
-                continue
-            known = placed.on_device.get((id(tensor), device))
-            if known is None:
-                known = _moved(tensor, device, copy=id(tensor) in placed.home)
-                placed.home.setdefault(id(tensor), device)
-                placed.on_device[(id(tensor), device)] = known
-                placed.originals.append(tensor)
-            table[key] = known
+    for key, parameter in list(module._parameters.items()):
+        if parameter is not None:
+            # a parameter's stand-in is a Parameter too: _moved keeps the class
+            module._parameters[key] = cast(nn.Parameter, _stand_in(parameter, device, placed))
+    for key, buffer in list(module._buffers.items()):
+        if buffer is not None:
+            module._buffers[key] = _stand_in(buffer, device, placed)
+
+
+def _stand_in(tensor: torch.Tensor, device: torch.device, placed: _Placed) -> torch.Tensor:
+    """What stands for ``tensor`` on ``device``: placed there once, then reused."""
+    known = placed.on_device.get((id(tensor), device))
+    if known is None:
+        known = _moved(tensor, device, copy=id(tensor) in placed.home)
+        placed.home.setdefault(id(tensor), device)
+        placed.on_device[(id(tensor), device)] = known
+        placed.originals.append(tensor)
+    return known
 
 
 def _moved(tensor: torch.Tensor, device: torch.device, *, copy: bool) -> torch.Tensor:
@@ -305,7 +326,7 @@ def _to_device(value: Any, device: torch.device) -> Any:
     return value
 
 
-def _inputs_to(device: torch.device):
+def _inputs_to(device: torch.device) -> _PreHook:
     def move_inputs(
         module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> tuple[tuple[Any, ...], dict[str, Any]]:
@@ -314,7 +335,7 @@ def _inputs_to(device: torch.device):
     return move_inputs
 
 
-def _outputs_to(device: torch.device):
+def _outputs_to(device: torch.device) -> _OutputHook:
     def move_outputs(module: nn.Module, args: tuple[Any, ...], output: Any) -> Any:
         return _to_device(output, device)
 

@@ -9,7 +9,7 @@ Servers build engines through ``build_engine`` and hold them as ``Engine``:
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, overload
 
 from models.engines.base import Engine
 from models.engines.classify import TensorClassifierEngine, TextClassifierEngine, is_family_folder
@@ -25,6 +25,20 @@ __all__ = [
     "TextClassifierEngine",
     "build_engine",
 ]
+
+
+@overload
+def build_engine(task: Literal["embed"], model_dir: Path, **options: Any) -> EmbeddingEngine: ...
+@overload
+def build_engine(
+    task: Literal["classify"], model_dir: Path, **options: Any
+) -> TensorClassifierEngine | TextClassifierEngine: ...
+@overload
+def build_engine(
+    task: Literal["generate"], model_dir: Path, **options: Any
+) -> GenerationEngine: ...
+@overload
+def build_engine(task: str, model_dir: Path, **options: Any) -> Engine: ...
 
 
 def build_engine(task: str, model_dir: Path, **options: Any) -> Engine:

@@ -34,8 +34,10 @@ class Engine(Protocol):
     def warmup(self) -> None:
         """Run a representative batch so the first real request pays no one-off costs."""
 
-    def run(self, batch: Sequence[Any]) -> Any:
-        """Run one batch; returns the batch's results in input order."""
+    def run(self, batch: Any) -> Any:
+        """Run one batch; returns the batch's results in input order. Each engine names its
+        own batch and result types (texts, an FP32 array, (prompt, params) pairs), so no one
+        type fits them all here."""
 
 
 class DeviceEngine:

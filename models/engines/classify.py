@@ -168,8 +168,12 @@ class TextClassifierEngine(PretrainedEngine):
         if config.problem_type == "regression":
             raise ValueError(f"{self.model_dir} has a regression head, not a classifier")
         self._multi_label = config.problem_type == "multi_label_classification"
-        # id2label maps column index -> name: {0: "negative", 1: "positive"}
-        self.labels = tuple(str(config.id2label[i]) for i in range(config.num_labels))
+        # id2label maps column index -> name: {0: "negative", 1: "positive"}; transformers
+        # makes the keys ints when it loads a config, but types them as either
+        if config.id2label is None or config.num_labels is None:
+            raise ValueError(f"{self.model_dir} has a classifier config with no labels")
+        names = {int(index): name for index, name in config.id2label.items()}
+        self.labels = tuple(str(names[i]) for i in range(config.num_labels))
         self.max_length = pick_max_length(loaded, self._requested_max_length)
         self._loaded = loaded
 

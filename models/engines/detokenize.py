@@ -13,9 +13,18 @@ the same however long the text grows. A window that ends inside a multi-byte cha
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Protocol
 
 REPLACEMENT_CHAR = "\ufffd"
+
+
+class Decoder(Protocol):
+    """What ``TextStream`` needs of a tokenizer: a transformers tokenizer is one; a test fake
+    is a class with one ``decode``."""
+
+    def decode(self, token_ids: list[int], /, skip_special_tokens: bool = ...) -> str | list[str]:
+        """The text of ``token_ids`` (transformers types it for a batch of sequences too)."""
+        ...
 
 
 def cut_at_stop(text: str, stop: Sequence[str]) -> tuple[str, bool]:
@@ -27,7 +36,7 @@ def cut_at_stop(text: str, stop: Sequence[str]) -> tuple[str, bool]:
 class TextStream:
     """The text of one growing sequence (see the module docstring)."""
 
-    def __init__(self, tokenizer: Any, stop: Sequence[str] = ()) -> None:
+    def __init__(self, tokenizer: Decoder, stop: Sequence[str] = ()) -> None:
         self._tokenizer = tokenizer
         self._stop = tuple(stop)
         # the tail that could still be the start of a stop string: "###" -> hold 2 characters
@@ -40,7 +49,7 @@ class TextStream:
         self.stopped = False
         """A stop string was found: generation should end."""
 
-    def push(self, token_ids: Sequence[int], *, final: bool = False) -> str:
+    def push(self, token_ids: list[int], *, final: bool = False) -> str:
         """Take the sequence's generated ids so far; return the new text that is safe to show.
 
         ``final``: generation has ended, so a trailing partial character is shown as it is and
@@ -49,14 +58,11 @@ class TextStream:
             return self._push(token_ids, final=True) + self.finish()
         return self._push(token_ids, final=False)
 
-    def _push(self, token_ids: Sequence[int], *, final: bool) -> str:
+    def _push(self, token_ids: list[int], *, final: bool) -> str:
         if self.stopped or len(token_ids) <= self._read_offset:
             return ""
-        decode = self._tokenizer.decode
-        before = decode(
-            token_ids[self._prefix_offset : self._read_offset], skip_special_tokens=True
-        )
-        after = decode(token_ids[self._prefix_offset :], skip_special_tokens=True)
+        before = self._decode(token_ids[self._prefix_offset : self._read_offset])
+        after = self._decode(token_ids[self._prefix_offset :])
         if (after.endswith(REPLACEMENT_CHAR) and not final) or len(after) <= len(before):
             return ""  # a character split across tokens, or tokens with no text (yet)
         new_text = after[len(before) :]
@@ -71,6 +77,12 @@ class TextStream:
             return self._take(len(self.text) - self._hold)
         self.text += new_text
         return self._take(len(self.text))
+
+    def _decode(self, token_ids: list[int]) -> str:
+        text = self._tokenizer.decode(token_ids, skip_special_tokens=True)
+        if not isinstance(text, str):  # a list comes back only for a batch of sequences
+            raise TypeError(f"decode of one sequence gave {type(text).__name__}, not str")
+        return text
 
     def finish(self) -> str:
         """The text held back until now (stop-string lookahead)."""

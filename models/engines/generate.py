@@ -30,12 +30,21 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import GenerationConfig, LogitsProcessorList
+from transformers import (
+    GenerationConfig,
+    GenerationMixin,
+    LogitsProcessorList,
+    PreTrainedTokenizerBase,
+)
 from transformers.generation.configuration_utils import ContinuousBatchingConfig
 from transformers.generation.continuous_batching.cb_logits_processors import (
     ContinuousBatchingLogitsProcessorList,
 )
-from transformers.generation.continuous_batching.continuous_api import OutputRouter
+from transformers.generation.continuous_batching.continuous_api import (
+    ContinuousBatchingManager,
+    OutputRouter,
+)
+from transformers.generation.continuous_batching.requests import GenerationOutput
 
 from models.engines.base import PretrainedEngine
 from models.engines.detokenize import TextStream, cut_at_stop
@@ -112,14 +121,14 @@ class _Sequence:
 class _DirectRouter(OutputRouter):
     """Hands each step's outputs to the engine on the generation thread, in one call."""
 
-    def __init__(self, deliver: Callable[[list], None]) -> None:
+    def __init__(self, deliver: Callable[[list[GenerationOutput]], None]) -> None:
         super().__init__()
         self._deliver_all = deliver
 
-    def deliver(self, output) -> None:
+    def deliver(self, output: GenerationOutput) -> None:
         self._deliver_all([output])
 
-    def deliver_batch(self, outputs: list) -> None:
+    def deliver_batch(self, outputs: list[GenerationOutput]) -> None:
         self._deliver_all(outputs)
 
 
@@ -135,17 +144,19 @@ def _require_one_cache_device(devices: Sequence[torch.device]) -> None:
         )
 
 
-def _start_daemon(manager) -> None:
+def _start_daemon(manager: ContinuousBatchingManager) -> None:
     """``manager.start()``, but on a daemon thread: the manager's own thread is not one, so a
     process that forgot ``close()`` would hang at exit waiting for it."""
     manager.background_thread_status.clear()
-    manager._generation_thread = threading.Thread(
+    thread = threading.Thread(
         target=manager._run_generation_loop,
         kwargs={"use_inference_mode": True},
         name="loom-generation",
         daemon=True,
     )
-    manager._generation_thread.start()
+    # transformers declares the attribute as None only (its __init__ sets None, start() a thread)
+    manager._generation_thread = thread  # type: ignore[assignment]
+    thread.start()
 
 
 class GenerationEngine(PretrainedEngine):
@@ -177,7 +188,7 @@ class GenerationEngine(PretrainedEngine):
         self.max_sequences = max_sequences
         self._max_batch_tokens = max(max_batch_tokens, max_sequences)
         self._kv_cache_tokens = kv_cache_tokens
-        self._manager = None
+        self._manager: ContinuousBatchingManager | None = None
         self._sampler = SequenceSampler()
         self._sequences: dict[str, _Sequence] = {}
         self._lock = threading.Lock()
@@ -187,10 +198,13 @@ class GenerationEngine(PretrainedEngine):
     def load(self) -> None:
         self._loaded = self._load_pretrained()
         model, tokenizer = self._loaded.model, self._loaded.tokenizer
+        if not isinstance(model, GenerationMixin):  # every *ForCausalLM class is one
+            raise TypeError(f"{type(model).__name__} in {self.model_dir} cannot generate")
         eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else -1
         cache_tokens = self._kv_cache_tokens or self.max_sequences * self.context_length
         manager = model.init_continuous_batching(
-            generation_config=GenerationConfig(
+            # transformers leaves GenerationConfig.__init__(**kwargs) unannotated
+            generation_config=GenerationConfig(  # type: ignore[no-untyped-call]
                 do_sample=False,  # sampled rows are drawn by SequenceSampler, per sequence
                 max_new_tokens=16,
                 eos_token_id=eos,
@@ -250,7 +264,7 @@ class GenerationEngine(PretrainedEngine):
         return int(getattr(config, "n_positions", None) or config.max_position_embeddings)
 
     @property
-    def tokenizer(self):
+    def tokenizer(self) -> PreTrainedTokenizerBase:
         return self._require_loaded().tokenizer
 
     def count_tokens(self, text: str) -> int:
@@ -259,7 +273,7 @@ class GenerationEngine(PretrainedEngine):
     def encode_prompt(self, prompt: str, params: SamplingParams) -> list[int]:
         """The prompt's token ids; ``PromptError`` if it is empty or leaves no room for
         ``max_tokens`` in the context."""
-        ids = self.tokenizer(prompt)["input_ids"]
+        ids: list[int] = self.tokenizer(prompt)["input_ids"]
         if not ids:
             raise PromptError("the prompt is empty")
         if len(ids) + params.max_tokens > self.context_length:
@@ -314,8 +328,8 @@ class GenerationEngine(PretrainedEngine):
 
     def stats(self) -> EngineStats:
         manager = self._manager
-        processor = getattr(manager, "batch_processor", None) if manager else None
-        if processor is None:
+        processor = getattr(manager, "batch_processor", None)
+        if manager is None or processor is None:
             return EngineStats(running=0, waiting=0)
         scheduler = processor.scheduler
         waiting = len(scheduler.waiting_requests) + manager.input_queue.qsize()
@@ -367,7 +381,7 @@ class GenerationEngine(PretrainedEngine):
 
     # ---- the generation thread ------------------------------------------------------
 
-    def _on_outputs(self, outputs: list) -> None:
+    def _on_outputs(self, outputs: list[GenerationOutput]) -> None:
         for output in outputs:
             with self._lock:
                 seq = self._sequences.get(output.request_id)
@@ -381,7 +395,7 @@ class GenerationEngine(PretrainedEngine):
             if update.delta or update.finished:
                 seq.on_update(update)
 
-    def _advance(self, seq: _Sequence, output) -> SequenceUpdate:
+    def _advance(self, seq: _Sequence, output: GenerationOutput) -> SequenceUpdate:
         if output.error is not None:
             return SequenceUpdate(seq.seq_id, "", 0, error=str(output.error))
         tokens = output.generated_tokens
@@ -403,7 +417,7 @@ class GenerationEngine(PretrainedEngine):
             )
         return SequenceUpdate(seq.seq_id, delta, len(tokens))
 
-    def _require_manager(self):
+    def _require_manager(self) -> ContinuousBatchingManager:
         if self._manager is None:
             raise RuntimeError("GenerationEngine.load() must be called first")
         return self._manager

@@ -23,6 +23,7 @@ import torch
 from transformers.generation.continuous_batching.cb_logits_processors import (
     ContinuousBatchingLogitsProcessor,
 )
+from transformers.generation.continuous_batching.requests import FutureRequestState
 
 GREEDY_SLOT = -1
 """The slot of a sequence the sampler leaves to the batch's argmax."""
@@ -121,7 +122,9 @@ class SequenceSampler(ContinuousBatchingLogitsProcessor):
     def fill_defaults(self, int32_tensor: torch.Tensor) -> None:
         int32_tensor.fill_(GREEDY_SLOT)
 
-    def prepare_tensor_args(self, requests_with_new_token: list) -> torch.Tensor:
+    def prepare_tensor_args(
+        self, requests_with_new_token: list[FutureRequestState]
+    ) -> torch.Tensor:
         slots = [
             r.state.logit_processor_kwargs.get("loom_slot", GREEDY_SLOT)
             for r in requests_with_new_token

@@ -14,6 +14,8 @@ Attending per sequence does only the useful part. Registered with transformers'
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from transformers import AttentionInterface
@@ -21,10 +23,11 @@ from transformers import AttentionInterface
 VARLEN_ATTENTION = "loom_varlen_sdpa"
 
 
-def _bounds(value: torch.Tensor | dict, layer_type: str) -> list[int]:
+def _bounds(value: torch.Tensor | dict[str, torch.Tensor], layer_type: str) -> list[int]:
     if isinstance(value, dict):  # keys: one set of boundaries per attention type
         value = value[layer_type] if layer_type in value else next(iter(value.values()))
-    return value.tolist()
+    bounds: list[int] = value.tolist()  # a 1-D int tensor: [0, 12, 20, ...]
+    return bounds
 
 
 def varlen_sdpa_attention(
@@ -35,7 +38,7 @@ def varlen_sdpa_attention(
     attention_mask: torch.Tensor | None,
     dropout: float = 0.0,
     scaling: float | None = None,
-    **kwargs,
+    **kwargs: Any,  # transformers passes its own per-call arguments (cu_seq_lens_q, ...)
 ) -> tuple[torch.Tensor, None]:
     """(1, H, Tq, D) queries over per-sequence keys -> (1, Tq, H, D), like transformers' SDPA."""
     if "cu_seq_lens_q" not in kwargs:  # not a continuous batch: plain causal attention

@@ -7,8 +7,9 @@ pixels 0-16) into 10 classes. Input FP32 ``[n, 64]``, output logits ``[n, 10]``.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -32,11 +33,13 @@ class DigitsConfig:
         if self.hidden < 1 or not 0 <= self.dropout < 1:
             raise ValueError("digits hidden must be >= 1 and dropout in [0, 1)")
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
+        """The config as JSON: ``{"family": "digits", "arch": "mlp", ...}``."""
         return {"family": FAMILY, **asdict(self)}
 
     @classmethod
-    def from_dict(cls, data: dict) -> DigitsConfig:
+    def from_dict(cls, data: Mapping[str, Any]) -> DigitsConfig:
+        """From parsed JSON; field values are checked by ``__post_init__``."""
         if data.get("family") != FAMILY:
             raise ValueError(f"config names family {data.get('family')!r}, not {FAMILY!r}")
         fields = {k: v for k, v in data.items() if k != "family"}
@@ -56,7 +59,8 @@ class DigitsMLP(nn.Module):
         )
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        return self.net(pixels / 16.0)  # (N, 64) in 0..16 -> (N, 10) logits
+        logits: torch.Tensor = self.net(pixels / 16.0)  # (N, 64) in 0..16 -> (N, 10) logits
+        return logits
 
 
 class DigitsCNN(nn.Module):
@@ -76,7 +80,8 @@ class DigitsCNN(nn.Module):
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         images = (pixels / 16.0).view(-1, 1, 8, 8)  # (N, 64) -> (N, 1, 8, 8)
-        return self.head(self.features(images))
+        logits: torch.Tensor = self.head(self.features(images))  # (N, 10)
+        return logits
 
 
 def build_digits(config: DigitsConfig) -> nn.Module:
