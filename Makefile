@@ -5,6 +5,9 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PIP := $(BIN)/python -m pip
+# Packages mypy checks (config: pyproject.toml [tool.mypy]); the goal is all of them:
+# models training serving loom.
+TYPED := models loom
 
 .PHONY: install run test lint bench bench-generation bench-training bench-ensemble bench-sharding clean
 
@@ -21,10 +24,12 @@ run: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/ruff check .
+	$(BIN)/mypy $(TYPED)
 	$(BIN)/python -m pytest -q
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
+	$(BIN)/mypy $(TYPED)
 
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks.embeddings
