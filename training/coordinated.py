@@ -38,7 +38,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
@@ -54,6 +54,11 @@ from training.checkpoint import (
 from training.holds import StepHolds
 from training.program import GRAD_CLIP_NORM, ProgramSpec, TrainingStopped
 from training.trainers.registry import TRAINERS
+
+if TYPE_CHECKING:  # Ray itself is imported where it is used: run_rank runs without it
+    from ray import ObjectRef
+    from ray.actor import ActorHandle
+    from ray.util.placement_group import PlacementGroup
 
 LOSS_WINDOW_STEPS = 10
 """The reported training loss is the mean over this many last steps (one step is noisy)."""
@@ -269,7 +274,7 @@ class _GroupLost(Exception):
     """A worker process was lost (or a collective broke): worth a fresh group."""
 
 
-def _failure_of(ref: Any) -> tuple[str, BaseException] | None:
+def _failure_of(ref: ObjectRef[dict[str, float]]) -> tuple[str, BaseException] | None:
     """None if ``ref`` (ready) succeeded; else ``("lost" | "program", error)``.
 
     ``lost``: the process died (``RayActorError`` and Ray's other system errors) or a
@@ -298,13 +303,13 @@ def _first_line(error: BaseException) -> str:
 
 
 def _start_group(
-    world_size: int, *, num_cpus: float, num_gpus: float, placement_group: Any
-) -> list[Any]:
+    world_size: int, *, num_cpus: float, num_gpus: float, placement_group: PlacementGroup | None
+) -> list[ActorHandle[TrainWorker]]:
     import ray
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
     worker_class = ray.remote(TrainWorker)
-    actors = []
+    actors: list[Any] = []  # Ray's stubs type a new actor as its handle or its class
     for rank in range(world_size):
         options: dict[str, Any] = {"num_cpus": num_cpus, "num_gpus": num_gpus, "max_restarts": 0}
         if placement_group is not None:
@@ -316,7 +321,7 @@ def _start_group(
     return actors
 
 
-def _kill_all(actors: Sequence[Any]) -> None:
+def _kill_all(actors: Sequence[ActorHandle[TrainWorker]]) -> None:
     import ray
 
     for actor in actors:
@@ -325,7 +330,7 @@ def _kill_all(actors: Sequence[Any]) -> None:
 
 
 def _run_group(
-    actors: Sequence[Any],
+    actors: Sequence[Any],  # ActorHandle[TrainWorker]: Ray's stubs do not type ``.remote``
     program_spec: ProgramSpec,
     *,
     run_kwargs: Mapping[str, Any],
@@ -343,8 +348,8 @@ def _run_group(
         # the rendezvous: rank 0's node and a port free there; rank 0 listens, the rest dial
         host = ray.get(actors[0].node_ip.remote())
         port = ray.get(actors[0].free_port.remote())
-    except RayActorError as error:
-        raise _GroupLost(f"rank 0 was lost before the rendezvous: {_first_line(error)}") from None
+    except RayActorError as exc:
+        raise _GroupLost(f"rank 0 was lost before the rendezvous: {_first_line(exc)}") from None
     world_size = len(actors)
     refs = [
         actor.run.remote(
@@ -392,14 +397,14 @@ def run_coordinated(
     checkpoint_every_steps: int,
     num_cpus: float = 1,
     num_gpus: float = 0,
-    placement_group: Any = None,
+    placement_group: PlacementGroup | None = None,
     progress: ProgressFn | None = None,
     hold: StepHolds | None = None,
     log: Callable[[str], None] | None = None,
     should_stop: Callable[[], bool] = lambda: False,
     max_restarts: int = 3,
     poll_interval_s: float = 0.5,
-    on_group_started: Callable[[list[Any]], None] | None = None,
+    on_group_started: Callable[[list[ActorHandle[TrainWorker]]], None] | None = None,
 ) -> CoordinatedResult:
     """Train ``program_spec`` on ``world_size`` Ray actors to the end; the reduced result.
 

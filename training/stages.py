@@ -24,11 +24,19 @@ the threshold, no member good enough): the job fails with that reason and is not
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from pathlib import Path
+from typing import Any, Generic, Literal, TypeVar
 
+from training.spec_fields import JobSpec
 from training.workspace import JobWorkspace, atomic_path
+
+logger = logging.getLogger(__name__)
+
+SpecT = TypeVar("SpecT", bound=JobSpec)
+"""The job spec class a pipeline's stages read (``LmJobSpec`` for the lm pipeline)."""
 
 StageRole = Literal[
     "splitter", "sharder", "work queue", "merger", "coordinated batch", "filter", "join", "sink"
@@ -48,16 +56,17 @@ class JobStopped(Exception):
 
 
 @dataclass(kw_only=True)
-class StageContext:
+class StageContext(Generic[SpecT]):
     """What a stage may use. Everything with I/O comes in here, so a test can hand in fakes."""
 
     job_id: str
-    spec: Any
+    spec: SpecT
     """The job's typed spec (its trainer's ``JobSpec`` subclass: ``LmJobSpec``, ...)."""
     workspace: JobWorkspace
     outputs: dict[str, dict[str, Any]] = field(default_factory=dict)
     """Earlier stages' outputs by stage name."""
-    log: Callable[[str], None] = print
+    log: Callable[[str], None] = logger.info
+    """A line for the job's log (the runner writes it to the job store)."""
     progress: Callable[[float], None] = lambda fraction: None
     """The current stage's progress, 0..1 (the runner scales it to the whole job)."""
     progress_span: tuple[float, float] = (0.0, 1.0)
@@ -74,15 +83,15 @@ class StageContext:
 
 
 @dataclass(frozen=True)
-class Stage:
+class Stage(Generic[SpecT]):
     name: str
     role: StageRole
     weight: float
     """This stage's share of the job's progress; a pipeline's weights add up to 1."""
-    run: Callable[[StageContext], dict[str, Any]]
+    run: Callable[[StageContext[SpecT]], dict[str, Any]]
 
 
-def stage_output_path(workspace: JobWorkspace, name: str):  # -> Path
+def stage_output_path(workspace: JobWorkspace, name: str) -> Path:
     return workspace.path / "stages" / f"{name}.json"
 
 
@@ -94,10 +103,10 @@ def completed_output(workspace: JobWorkspace, name: str) -> dict[str, Any] | Non
 
 
 def run_stages(
-    stages: Sequence[Stage],
-    context: StageContext,
+    stages: Sequence[Stage[SpecT]],
+    context: StageContext[SpecT],
     *,
-    on_stage: Callable[[Stage], None] = lambda stage: None,
+    on_stage: Callable[[Stage[SpecT]], None] = lambda stage: None,
     on_progress: Callable[[float], None] = lambda fraction: None,
 ) -> dict[str, dict[str, Any]]:
     """Run ``stages`` in order, skipping those already done; every stage's output by name.

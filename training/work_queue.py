@@ -30,10 +30,13 @@ from dataclasses import dataclass, replace
 from enum import StrEnum
 from typing import Any
 
-from sqlalchemy import Connection, Engine, Update, case, func, select, update
+from sqlalchemy import Connection, Engine, Row, Update, case, func, select, update
 from sqlalchemy.exc import IntegrityError
 
 from training.db import transaction, work_items
+
+Payload = dict[str, Any]
+"""A work item's payload or result: a JSON object (stored as JSON, read back as a dict)."""
 
 
 class ItemState(StrEnum):
@@ -59,7 +62,7 @@ class Lease:
     worker: str
     epoch: int
     """The fencing token: the item's lease epoch when this lease was granted."""
-    payload: Any
+    payload: Payload
     attempt: int
     """1 for the first lease of the item, 2 for its first retry, ..."""
     expires_at: float
@@ -73,14 +76,14 @@ class WorkItem:
     id: ItemId
     queue: str
     state: ItemState
-    payload: Any
+    payload: Payload
     attempts: int
     max_attempts: int
     available_at: float
     lease_owner: str | None
     lease_epoch: int
     lease_expires_at: float | None
-    result: Any
+    result: Payload | None
     last_error: str | None
 
 
@@ -130,7 +133,7 @@ class WorkQueue:
     def put(
         self,
         queue: str,
-        payload: Any,
+        payload: Payload,
         *,
         max_attempts: int,
         idempotency_key: str | None = None,
@@ -176,7 +179,7 @@ class WorkQueue:
             return existing
         return ItemId(new_id)
 
-    def _find_keyed(self, queue: str, key: str, payload: Any) -> ItemId | None:
+    def _find_keyed(self, queue: str, key: str, payload: Payload) -> ItemId | None:
         with transaction(self._engine, write=False) as conn:
             row = conn.execute(
                 select(work_items.c.id, work_items.c.payload).where(
@@ -247,7 +250,7 @@ class WorkQueue:
     def ack(
         self,
         lease: Lease,
-        result: Any = None,
+        result: Payload | None = None,
         *,
         apply: Callable[[Connection], None] | None = None,
     ) -> bool:
@@ -383,7 +386,7 @@ class WorkQueue:
         )
 
 
-def _item_from_row(row: Any) -> WorkItem:
+def _item_from_row(row: Row[Any]) -> WorkItem:
     return WorkItem(
         id=ItemId(row.id),
         queue=row.queue,

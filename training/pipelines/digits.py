@@ -16,7 +16,7 @@ The ``digits`` record in ``training.trainers.registry`` names ``stages``, the qu
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -24,10 +24,10 @@ from training.queue_workers import QueueItem, run_queue_stage
 from training.registration import job_source, promote, register_once
 from training.stages import Stage, StageContext, StageRejected
 from training.trainers import digits
-from training.trainers.digits_spec import DigitsHyperparameters
+from training.trainers.digits_spec import DigitsHyperparameters, DigitsJobSpec
 
 
-def stages() -> list[Stage]:
+def stages() -> list[Stage[DigitsJobSpec]]:
     return [
         Stage("split", "splitter", 0.02, split_data),
         Stage("train_members", "work queue", 0.90, train_members),
@@ -38,7 +38,7 @@ def stages() -> list[Stage]:
     ]
 
 
-def member_names(archs: list[str]) -> list[str]:
+def member_names(archs: Sequence[str]) -> list[str]:
     """One name per member: the arch, numbered when a sweep repeats it.
 
     ["mlp", "cnn"] -> ["mlp", "cnn"]; ["mlp", "mlp"] -> ["mlp-1", "mlp-2"]."""
@@ -49,7 +49,7 @@ def member_names(archs: list[str]) -> list[str]:
     return names
 
 
-def split_data(context: StageContext) -> dict[str, Any]:
+def split_data(context: StageContext[DigitsJobSpec]) -> dict[str, Any]:
     hp = context.spec.hyperparameters
     split = digits.load_digits_split(seed=hp.seed)
     archs = hp.members()
@@ -75,7 +75,7 @@ def train_member_item(payload: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def train_members(context: StageContext) -> dict[str, Any]:
+def train_members(context: StageContext[DigitsJobSpec]) -> dict[str, Any]:
     hp = context.spec.hyperparameters
     members = context.outputs["split"]["members"]
     items = [
@@ -97,7 +97,7 @@ def train_members(context: StageContext) -> dict[str, Any]:
     return {"members": results}
 
 
-def evaluate(context: StageContext) -> dict[str, Any]:
+def evaluate(context: StageContext[DigitsJobSpec]) -> dict[str, Any]:
     threshold = context.spec.eval.min_accuracy
     members = context.outputs["train_members"]["members"]
     passed = [m for m in members if threshold is None or m["val_accuracy"] >= threshold]
@@ -112,7 +112,7 @@ def evaluate(context: StageContext) -> dict[str, Any]:
     return {"passed": [m["member"] for m in passed], "rejected": rejected}
 
 
-def register(context: StageContext) -> dict[str, Any]:
+def register(context: StageContext[DigitsJobSpec]) -> dict[str, Any]:
     by_name = {m["member"]: m for m in context.outputs["train_members"]["members"]}
     versions = {}
     for name in context.outputs["evaluate"]["passed"]:
@@ -128,7 +128,7 @@ def register(context: StageContext) -> dict[str, Any]:
     return {"model": context.spec.name, "versions": versions}
 
 
-def join(context: StageContext) -> dict[str, Any]:
+def join(context: StageContext[DigitsJobSpec]) -> dict[str, Any]:
     """All members are done and registered: the best by validation accuracy (the first named
     on a tie) is the job's result."""
     accuracy = {m["member"]: m["val_accuracy"] for m in context.outputs["train_members"]["members"]}
@@ -142,7 +142,7 @@ def join(context: StageContext) -> dict[str, Any]:
     }
 
 
-def promote_best(context: StageContext) -> dict[str, Any]:
+def promote_best(context: StageContext[DigitsJobSpec]) -> dict[str, Any]:
     joined = context.outputs["join"]
     if not context.spec.promote:
         return {"promoted": False}

@@ -27,11 +27,12 @@ from training.queue_workers import QueueItem, run_queue_stage
 from training.registration import job_source, promote, register_once
 from training.stages import Stage, StageContext, StageRejected
 from training.trainers import lm
+from training.trainers.lm_spec import LmJobSpec
 
 VAL_SHARD = "val"
 
 
-def stages() -> list[Stage]:
+def stages() -> list[Stage[LmJobSpec]]:
     return [
         Stage("split", "sharder", 0.04, split_corpus),
         Stage("tokenise", "work queue", 0.08, tokenise_shards),
@@ -43,12 +44,12 @@ def stages() -> list[Stage]:
     ]
 
 
-def _vocab_size(context: StageContext) -> int:
+def _vocab_size(context: StageContext[LmJobSpec]) -> int:
     hp = context.spec.hyperparameters
     return hp.vocab_size or lm.lm_preset(hp.preset).vocab_size
 
 
-def split_corpus(context: StageContext) -> dict[str, Any]:
+def split_corpus(context: StageContext[LmJobSpec]) -> dict[str, Any]:
     spec = context.spec
     hp = spec.hyperparameters
     files = lm.corpus_files(spec.dataset, max_bytes=int(hp.max_corpus_mb * 1_000_000))
@@ -84,11 +85,11 @@ def tokenise_item(payload: dict[str, Any]) -> dict[str, Any]:
     return {"tokens": tokens, "path": payload["out_path"]}
 
 
-def _val_path(context: StageContext) -> Path:
+def _val_path(context: StageContext[LmJobSpec]) -> Path:
     return context.workspace.path / "shards" / f"{VAL_SHARD}.npy"
 
 
-def tokenise_shards(context: StageContext) -> dict[str, Any]:
+def tokenise_shards(context: StageContext[LmJobSpec]) -> dict[str, Any]:
     ws = context.workspace
     plan = lm.CorpusPlan.from_json(ws.split_file.read_text())
     common = {"tokenizer_dir": str(ws.tokenizer_dir)}
@@ -121,7 +122,7 @@ def tokenise_shards(context: StageContext) -> dict[str, Any]:
     return {"train_tokens": train_tokens, "val_tokens": results[-1]["tokens"]}
 
 
-def merge_shards(context: StageContext) -> dict[str, Any]:
+def merge_shards(context: StageContext[LmJobSpec]) -> dict[str, Any]:
     ws = context.workspace
     shards = context.outputs["split"]["shards"]
     train = lm.merge_token_files([ws.shard_tokens(k) for k in range(shards)], ws.train_tokens)
@@ -138,7 +139,7 @@ def merge_shards(context: StageContext) -> dict[str, Any]:
     return {"train_tokens": train, "val_tokens": val}
 
 
-def program_params(context: StageContext) -> dict[str, Any]:
+def program_params(context: StageContext[LmJobSpec]) -> dict[str, Any]:
     """The train program's parameters, from the spec and the earlier stages' files."""
     hp = context.spec.hyperparameters
     return {
@@ -154,7 +155,7 @@ def program_params(context: StageContext) -> dict[str, Any]:
     }
 
 
-def train(context: StageContext) -> dict[str, Any]:
+def train(context: StageContext[LmJobSpec]) -> dict[str, Any]:
     spec = context.spec
     hp = spec.hyperparameters
     result = context.services["workers"].train(
@@ -169,7 +170,7 @@ def train(context: StageContext) -> dict[str, Any]:
     }
 
 
-def evaluate(context: StageContext) -> dict[str, Any]:
+def evaluate(context: StageContext[LmJobSpec]) -> dict[str, Any]:
     metrics = context.outputs["train"]["metrics"]
     perplexity = float(metrics["perplexity"])
     threshold = context.spec.eval.max_perplexity
@@ -181,7 +182,7 @@ def evaluate(context: StageContext) -> dict[str, Any]:
     return {"perplexity": perplexity, "val_loss": float(metrics["val_loss"])}
 
 
-def register(context: StageContext) -> dict[str, Any]:
+def register(context: StageContext[LmJobSpec]) -> dict[str, Any]:
     ws = context.workspace
     hp = context.spec.hyperparameters
     params = program_params(context)
@@ -202,7 +203,7 @@ def register(context: StageContext) -> dict[str, Any]:
     return {"model": context.spec.name, "version": version}
 
 
-def promote_version(context: StageContext) -> dict[str, Any]:
+def promote_version(context: StageContext[LmJobSpec]) -> dict[str, Any]:
     registered = context.outputs["register"]
     if not context.spec.promote:
         return {"promoted": False}

@@ -75,7 +75,7 @@ class Trainer:
     """What a spec's ``trainer``, a ``ProgramSpec``'s ``kind`` and a handler's prefix say."""
     spec: type[JobSpec] | None = None
     """Its ``JobSpec`` subclass, whose ``trainer`` is ``Literal[name]``."""
-    stages: Callable[[], Sequence[Stage]] | None = None
+    stages: Callable[[], Sequence[Stage[Any]]] | None = None
     """Its pipeline's stages, in order."""
     program: ProgramBuilder | None = None
     """The program its coordinated train stage runs, from a ``ProgramSpec``'s params."""
@@ -131,7 +131,7 @@ class TrainerRegistry:
         """Name -> spec class of every trainer a job may name, in registration order."""
         return {t.name: t.spec for t in self._trainers.values() if t.spec is not None}
 
-    def stages(self, trainer: str) -> list[Stage]:
+    def stages(self, trainer: str) -> list[Stage[Any]]:
         """The stages of ``trainer``'s pipeline; ``ValueError`` for a trainer with none."""
         found = self._trainers.get(trainer)
         if found is None or found.stages is None:
