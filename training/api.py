@@ -23,8 +23,8 @@ Every store call runs in a worker thread (``asyncio.to_thread``): the store bloc
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
+import logging
 import re
 import time
 import uuid
@@ -48,6 +48,8 @@ from training.jobs import (
     LogLine,
 )
 from training.spec import ClusterCapacity, FieldError, JobSpecInvalid, validate_job_spec
+
+logger = logging.getLogger(__name__)
 
 JOB_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 """A client-chosen job id: it is a URL path segment and the store's 64-character key."""
@@ -222,8 +224,10 @@ def build_jobs_router(service: JobsService, *, authorize: Callable[[Request], No
             return error_response(JobsApiError(409, str(exc), "job_conflict"))
 
     async def wake() -> None:
-        with contextlib.suppress(Exception):  # the scheduler polls the store anyway
+        try:
             await asyncio.to_thread(service.wake)
+        except Exception as exc:  # best-effort: the scheduler polls the store anyway
+            logger.info("could not wake the scheduler (%s: %s)", type(exc).__name__, exc)
 
     @router.post("/v1/jobs")
     async def submit_job(request: Request) -> Response:

@@ -15,6 +15,7 @@ code.
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -25,6 +26,8 @@ from training.db import create_db_engine
 from training.stages import StageContext
 from training.trainers.registry import TRAINERS, Handler
 from training.work_queue import ItemState, Lease, WorkQueue
+
+logger = logging.getLogger(__name__)
 
 
 def queue_name(job_id: str, stage: str) -> str:
@@ -84,6 +87,14 @@ class QueueWorker:
             result = work(dict(lease.payload))
         except Exception as exc:  # the item's failure, not the worker's: retry or dead-letter
             stop.set()
+            # the queue's name is <job>/<stage>: the job id is in the line
+            logger.warning(
+                "%s: item %s failed on attempt %d",
+                lease.queue,
+                lease.item_id.value,
+                lease.attempt,
+                exc_info=True,
+            )
             self._queue.nack(lease, f"{type(exc).__name__}: {exc}")
             return 0
         finally:
@@ -94,7 +105,7 @@ class QueueWorker:
 
 
 def run_queue_stage(
-    context: StageContext,
+    context: StageContext[Any],
     stage: str,
     items: Sequence[QueueItem],
     *,
@@ -134,4 +145,5 @@ def run_queue_stage(
     finally:
         group.stop()
     by_id = {item.id: item for item in queue.items(name)}
-    return [by_id[item_id].result for item_id in ids]
+    # every handler returns a dict; only an ack made without one (not ours) stores None
+    return [by_id[item_id].result or {} for item_id in ids]

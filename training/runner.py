@@ -15,14 +15,16 @@ scheduler's to write, from the outcome. Killing the runner kills the workers it 
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import ray
+from ray.util.placement_group import PlacementGroup
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from models.store import ModelStore
@@ -31,10 +33,18 @@ from training.holds import StepHolds
 from training.jobs import JobId, JobState, JobStore
 from training.program import ProgramSpec, TrainingStopped
 from training.queue_workers import QueueWorker
-from training.stages import JobStopped, StageContext, StageRejected, run_stages
+from training.stages import JobStopped, Stage, StageContext, StageRejected, run_stages
 from training.trainers.registry import TRAINERS
 from training.work_queue import WorkQueue
 from training.workspace import JobWorkspace
+
+if TYPE_CHECKING:
+    from ray import ObjectRef
+    from ray.actor import ActorHandle
+
+    from training.coordinated import CoordinatedResult
+
+logger = logging.getLogger(__name__)
 
 OutcomeStatus = Literal["succeeded", "rejected", "stopped", "error"]
 
@@ -120,7 +130,7 @@ class QueueWorkerGroup:
         count: int,
         queue: str,
         handler: str,
-        placement_group: Any,
+        placement_group: PlacementGroup | None,
         bundles: int,
         cpu_per_bundle: float,
         max_replacements: int = 3,
@@ -135,16 +145,16 @@ class QueueWorkerGroup:
         per_bundle = math.ceil(count / self._bundles)
         self._cpu = cpu_per_bundle / per_bundle
         self._replacements_left = max_replacements
-        self._workers: list[tuple[Any, Any]] = [self._start(i) for i in range(count)]
+        self._workers = [self._start(i) for i in range(count)]
         self._next_index = count
 
-    def _start(self, index: int) -> tuple[Any, Any]:
+    def _start(self, index: int) -> tuple[ActorHandle[QueueWorker], ObjectRef[int]]:
         options: dict[str, Any] = {"num_cpus": self._cpu, "max_restarts": 0}
         if self._pg is not None:
             options["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
                 self._pg, placement_group_bundle_index=index % self._bundles
             )
-        actor = (
+        actor: Any = (  # Ray's stubs type neither a new actor's handle nor ``.remote`` on methods
             ray.remote(QueueWorker)
             .options(**options)
             .remote(
@@ -164,7 +174,9 @@ class QueueWorkerGroup:
                 continue
             try:
                 ray.get(ref)
-            except ray.exceptions.RayActorError:
+            except ray.exceptions.RayActorError as exc:
+                # the queue's name is <job>/<stage>: the job id is in the line
+                logger.warning("a queue worker of %s died: %s", self._queue, exc)
                 if self._replacements_left <= 0:
                     raise RuntimeError(
                         f"queue workers of {self._queue} keep dying; gave up"
@@ -185,7 +197,7 @@ class RayWorkers:
 
     settings: RunnerSettings
     job_id: str
-    placement_group: Any
+    placement_group: PlacementGroup | None
     workers: int
     cpu: float
     gpu: float
@@ -201,17 +213,22 @@ class RayWorkers:
             cpu_per_bundle=self.cpu,
         )
 
-    def _holds(self, context: StageContext) -> StepHolds | None:
+    def _holds(self, context: StageContext[Any]) -> StepHolds | None:
         """The job's debug holds when the runner's settings honour them (tests only)."""
         if not self.settings.debug_holds:
             return None
         return StepHolds(folder=context.workspace.holds_dir)
 
     def train(
-        self, context: StageContext, program: ProgramSpec, *, checkpoint_every_steps: int
-    ) -> Any:
+        self, context: StageContext[Any], program: ProgramSpec, *, checkpoint_every_steps: int
+    ) -> CoordinatedResult:
         """Run ``program`` as a coordinated batch on the job's ``workers`` (one per bundle)."""
         from training.coordinated import run_coordinated
+
+        def restart_log(reason: str) -> None:
+            # why the group restarts (a lost worker): the job's log, and this process's
+            logger.warning("job %s: train: %s", self.job_id, reason)
+            context.log(reason)
 
         started = time.perf_counter()
         result = run_coordinated(
@@ -224,7 +241,7 @@ class RayWorkers:
             placement_group=self.placement_group,
             progress=TrainProgressSink(self.settings, self.job_id, context.progress_span),
             hold=self._holds(context),
-            log=context.log,
+            log=restart_log,
             should_stop=context.should_stop,
         )
         elapsed_s = time.perf_counter() - started
@@ -256,7 +273,7 @@ class JobRunner:
         self._stop_checked_s = 0.0
         self._stopped = False
 
-    def run(self, job_id: str, placement_group: Any = None) -> RunOutcome:
+    def run(self, job_id: str, placement_group: PlacementGroup | None = None) -> RunOutcome:
         job_ref = JobId(job_id)
         job = self.store.get(job_ref)
         spec = job.spec
@@ -276,7 +293,7 @@ class JobRunner:
 
         current: dict[str, str | None] = {"stage": None}
 
-        def on_stage(stage: Any) -> None:
+        def on_stage(stage: Stage[Any]) -> None:
             current["stage"] = stage.name
             self.store.enter_stage(job_ref, stage.name)
 
@@ -314,5 +331,6 @@ class JobRunner:
             return RunOutcome(status="stopped", error="cancelled")
         except Exception as exc:
             log(f"failed: {type(exc).__name__}: {exc}\n{traceback.format_exc(limit=8)}")
+            logger.exception("job %s failed in stage %s", job_id, current["stage"])
             return RunOutcome(status="error", error=f"{type(exc).__name__}: {exc}")
         return RunOutcome(status="succeeded", metrics=TRAINERS.job_metrics(spec.trainer, outputs))

@@ -28,18 +28,25 @@ ownership election.
 
 from __future__ import annotations
 
-import contextlib
+import logging
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
 
 from training.jobs import Job, JobConflict, JobId, JobNotFound, JobState, JobStore
-from training.runner import RunOutcome
+from training.runner import JobRunner, RunnerSettings, RunOutcome
 from training.work_queue import WorkQueue
 from training.workspace import JobWorkspace
+
+if TYPE_CHECKING:
+    from ray import ObjectRef
+    from ray.actor import ActorHandle
+    from ray.util.placement_group import PlacementGroup
+
+logger = logging.getLogger(__name__)
 
 SCHEDULER_NAME = "loom-scheduler"
 NAMESPACE = "loom"
@@ -68,49 +75,55 @@ def after_failure(job: Job, error: str) -> AfterFailure:
     return AfterFailure(requeue=False, failed_runs=failed_runs, reason=error)
 
 
-class Launcher(Protocol):
-    """What the scheduler asks of the cluster (Ray in ``RayLauncher``; a fake in tests)."""
+Reservation = TypeVar("Reservation")
+"""A launcher's handle on the resources held for one job (Ray: ``PlacementReservation``)."""
+Run = TypeVar("Run")
+"""A launcher's handle on one started run of a job (Ray: ``RunnerRun``)."""
 
-    def reserve(self, job: Job) -> Any: ...
 
-    def is_ready(self, reservation: Any) -> bool: ...
+class Launcher(Protocol[Reservation, Run]):
+    """What the scheduler asks of the cluster (Ray in ``RayLauncher``; a fake in tests). The
+    scheduler only keeps the handles it is given and hands them back."""
 
-    def release(self, reservation: Any) -> None: ...
+    def reserve(self, job: Job) -> Reservation: ...
 
-    def launch(self, job: Job, reservation: Any) -> Any: ...
+    def is_ready(self, reservation: Reservation) -> bool: ...
 
-    def outcome(self, run: Any) -> RunOutcome | None:
+    def release(self, reservation: Reservation) -> None: ...
+
+    def launch(self, job: Job, reservation: Reservation) -> Run: ...
+
+    def outcome(self, run: Run) -> RunOutcome | None:
         """The run's outcome once it has ended; None while it runs."""
 
-    def stop(self, run: Any) -> None: ...
+    def stop(self, run: Run) -> None: ...
 
 
 @dataclass
-class _Running:
-    reservation: Any
-    run: Any
+class _Running(Generic[Reservation, Run]):
+    reservation: Reservation
+    run: Run
 
 
-class Scheduler:
+class Scheduler(Generic[Reservation, Run]):
     """The scheduling loop's state and decisions; no threads of its own (see the module)."""
 
     def __init__(
         self,
         store: JobStore,
         queue: WorkQueue,
-        launcher: Launcher,
+        launcher: Launcher[Reservation, Run],
         *,
         jobs_dir: Path,
-        log: Callable[[str], None] = lambda message: None,
         sweep_interval_s: float = 10.0,
     ) -> None:
         self.store = store
         self.queue = queue
         self.launcher = launcher
         self.jobs_dir = Path(jobs_dir)
-        self._log = log
-        self.running: dict[str, _Running] = {}
-        self.pending: tuple[str, Any] | None = None  # (job id, reservation) of the head
+        self.running: dict[str, _Running[Reservation, Run]] = {}
+        # (job id, reservation) of the head of the queue, while it waits for the cluster
+        self.pending: tuple[str, Reservation] | None = None
         self._sweep_interval_s = sweep_interval_s
         self._last_sweep_s = 0.0
         self._swept: set[str] = set()
@@ -132,7 +145,7 @@ class Scheduler:
                     self.store.fail(job.id, "lost when the scheduler restarted (on_restart: fail)")
             except (JobConflict, JobNotFound):
                 continue  # cancelled meanwhile
-            self._log(f"recovered job {job.id.value} ({job.spec.on_restart})")
+            logger.info("recovered job %s (%s)", job.id.value, job.spec.on_restart)
             settled.append(job.id.value)
         return settled
 
@@ -159,7 +172,7 @@ class Scheduler:
                 self.launcher.release(running.reservation)
                 del self.running[job_id]
                 self.clean_up(job_id)
-                self._log(f"stopped job {job_id}: it is {job.state if job else 'gone'}")
+                logger.info("stopped job %s: it is %s", job_id, job.state if job else "gone")
                 continue
             outcome = self.launcher.outcome(running.run)
             if outcome is None:
@@ -185,7 +198,10 @@ class Scheduler:
                 )
         except JobConflict:
             pass  # cancelled between the outcome and now
-        self._log(f"job {job.id.value}: run ended {outcome.status}")
+        if outcome.status in ("succeeded", "rejected"):
+            logger.info("job %s: run ended %s", job.id.value, outcome.status)
+        else:  # the runner's own log has the traceback; this is the line the scheduler saw
+            logger.warning("job %s: run ended %s: %s", job.id.value, outcome.status, outcome.error)
 
     def clean_up(self, job_id: str) -> None:
         """A cancelled job's partial outputs: its workspace and its queue items."""
@@ -225,7 +241,7 @@ class Scheduler:
             self.running[job.id.value] = _Running(
                 reservation, self.launcher.launch(job, reservation)
             )
-            self._log(f"started job {job.id.value} (priority {job.priority})")
+            logger.info("started job %s (priority %d)", job.id.value, job.priority)
 
     def status(self) -> dict[str, Any]:
         return {"running": sorted(self.running), "pending": self.pending and self.pending[0]}
@@ -255,55 +271,72 @@ def bundles_for(job: Job) -> list[dict[str, float]]:
 # --- the Ray side ---------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class PlacementReservation:
+    """A job's reservation: its placement group, and the ref that is ready once Ray placed it."""
+
+    group: PlacementGroup
+    ready: ObjectRef[bool]
+
+
+@dataclass(frozen=True)
+class RunnerRun:
+    """A started run: the job's runner actor and the ref its ``RunOutcome`` arrives on."""
+
+    actor: ActorHandle[JobRunner]
+    outcome: ObjectRef[RunOutcome]
+
+
 class RayLauncher:
     """Reservations as Ray placement groups; runs as ``JobRunner`` actors."""
 
-    def __init__(self, settings: Any) -> None:
+    def __init__(self, settings: RunnerSettings) -> None:
         self.settings = settings
 
-    def reserve(self, job: Job) -> Any:
+    def reserve(self, job: Job) -> PlacementReservation:
         from ray.util.placement_group import placement_group
 
         group = placement_group(bundles_for(job), strategy="PACK")
-        return {"group": group, "ready": group.ready()}
+        return PlacementReservation(group=group, ready=group.ready())
 
-    def is_ready(self, reservation: Any) -> bool:
+    def is_ready(self, reservation: PlacementReservation) -> bool:
         import ray
 
-        ready, _ = ray.wait([reservation["ready"]], timeout=0)
+        ready, _ = ray.wait([reservation.ready], timeout=0)
         return bool(ready)
 
-    def release(self, reservation: Any) -> None:
+    def release(self, reservation: PlacementReservation) -> None:
         from ray.util.placement_group import remove_placement_group
 
-        remove_placement_group(reservation["group"])
+        remove_placement_group(reservation.group)
 
-    def launch(self, job: Job, reservation: Any) -> Any:
+    def launch(self, job: Job, reservation: PlacementReservation) -> RunnerRun:
         import ray
 
-        from training.runner import JobRunner
+        # the runner only coordinates: it takes no CPU of the job's reservation. Any: Ray's
+        # stubs type neither a new actor's handle nor ``.remote`` on its methods
+        runner: Any = (
+            ray.remote(JobRunner).options(num_cpus=0, max_restarts=0).remote(self.settings)
+        )
+        return RunnerRun(actor=runner, outcome=runner.run.remote(job.id.value, reservation.group))
 
-        # the runner only coordinates: it takes no CPU of the job's reservation
-        runner = ray.remote(JobRunner).options(num_cpus=0, max_restarts=0).remote(self.settings)
-        return {"actor": runner, "ref": runner.run.remote(job.id.value, reservation["group"])}
-
-    def outcome(self, run: Any) -> RunOutcome | None:
+    def outcome(self, run: RunnerRun) -> RunOutcome | None:
         import ray
 
-        ready, _ = ray.wait([run["ref"]], timeout=0)
+        ready, _ = ray.wait([run.outcome], timeout=0)
         if not ready:
             return None
         try:
-            return ray.get(run["ref"])
+            return ray.get(run.outcome)
         except ray.exceptions.RayActorError as exc:
             return RunOutcome(status="error", error=f"the job's runner was lost: {exc}")
         except ray.exceptions.RayError as exc:
             return RunOutcome(status="error", error=f"the job's runner failed: {exc}")
 
-    def stop(self, run: Any) -> None:
+    def stop(self, run: RunnerRun) -> None:
         import ray
 
-        ray.kill(run["actor"])
+        ray.kill(run.actor)
 
 
 class SchedulerService:
@@ -311,7 +344,7 @@ class SchedulerService:
     ``loom-scheduler``. A loop thread ticks every ``tick_s`` or when woken (a submit or a
     cancel calls ``wake``); a second thread delivers webhooks."""
 
-    def __init__(self, settings: Any, *, tick_s: float = 0.5) -> None:
+    def __init__(self, settings: RunnerSettings, *, tick_s: float = 0.5) -> None:
         from training.db import create_db_engine, create_tables
         from training.webhooks import WebhookDeliverer
 
@@ -319,11 +352,7 @@ class SchedulerService:
         create_tables(engine)
         self.store = JobStore(engine)
         self.scheduler = Scheduler(
-            self.store,
-            WorkQueue(engine),
-            RayLauncher(settings),
-            jobs_dir=Path(settings.jobs_dir),
-            log=lambda message: print(f"loom scheduler: {message}", flush=True),
+            self.store, WorkQueue(engine), RayLauncher(settings), jobs_dir=Path(settings.jobs_dir)
         )
         self.scheduler.recover()
         self._tick_s = tick_s
@@ -346,8 +375,8 @@ class SchedulerService:
             try:
                 with self._lock:
                     self.scheduler.tick()
-            except Exception as exc:  # a database hiccup must not end the loop
-                print(f"loom scheduler: tick failed: {type(exc).__name__}: {exc}", flush=True)
+            except Exception:  # a database hiccup must not end the loop
+                logger.exception("scheduler tick failed; the next tick tries again")
             self._wake.wait(self._tick_s)
             self._wake.clear()
 
@@ -369,14 +398,16 @@ class SchedulerService:
             self.scheduler.stop_all()
 
 
-def start_scheduler(settings: Any, *, tick_s: float = 0.5) -> Any:
+def start_scheduler(
+    settings: RunnerSettings, *, tick_s: float = 0.5
+) -> ActorHandle[SchedulerService]:
     """The scheduler actor, started unless one is alive (``get_if_exists``: exactly one).
 
     ``max_restarts=-1``: if its process dies Ray starts it again, and ``recover`` settles the
     jobs it was running."""
     import ray
 
-    actor = (
+    actor: Any = (  # Ray's stubs type neither a new actor's handle nor ``.remote`` on methods
         ray.remote(SchedulerService)
         .options(
             name=SCHEDULER_NAME,
@@ -392,9 +423,11 @@ def start_scheduler(settings: Any, *, tick_s: float = 0.5) -> Any:
     return actor
 
 
-def stop_scheduler(actor: Any) -> None:
+def stop_scheduler(actor: ActorHandle[SchedulerService]) -> None:
     import ray
 
-    with contextlib.suppress(Exception):  # already gone, or stuck: killed either way
+    try:
         ray.get(actor.shutdown.remote(), timeout=30)
+    except Exception as exc:  # already gone, or stuck: killed either way
+        logger.info("scheduler did not shut down cleanly (%s); killing it", type(exc).__name__)
     ray.kill(actor, no_restart=True)

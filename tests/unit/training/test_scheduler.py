@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -100,6 +101,19 @@ def test_a_job_starts_when_its_reservation_is_placed_and_succeeds_from_its_outco
     assert done.state == JobState.SUCCEEDED
     assert done.metrics["perplexity"] == 9.5
     assert launcher.released == 1
+
+
+def test_a_run_that_ends_in_error_leaves_one_warning_naming_the_job(
+    parts, caplog: pytest.LogCaptureFixture
+) -> None:
+    store, _, launcher, scheduler = parts
+    job = store.submit(lm_spec())
+    scheduler.tick()
+    launcher.outcomes[job.id.value] = RunOutcome(status="error", error="the runner was lost")
+    with caplog.at_level(logging.INFO, logger="training.scheduler"):
+        scheduler.tick()
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert warnings == [f"job {job.id.value}: run ended error: the runner was lost"]
 
 
 def test_the_head_of_the_queue_is_not_overtaken_by_a_smaller_job(parts) -> None:
