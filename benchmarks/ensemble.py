@@ -147,7 +147,7 @@ def train_members(models_dir: Path, workdir: Path) -> dict[str, float]:
     import torch
 
     from models.store import ModelStore
-    from training.spec import DigitsHyperparameters
+    from training.spec import DigitsArch, DigitsHyperparameters
     from training.trainers.digits import export_digits, load_digits_split, train_digits_member
 
     split = load_digits_split(seed=0)
@@ -155,7 +155,8 @@ def train_members(models_dir: Path, workdir: Path) -> dict[str, float]:
     hp = DigitsHyperparameters(epochs=3, hidden=32, learning_rate=0.01)
     torch.set_num_threads(1)  # this process only trains; one thread is fastest on 2 cores
     accuracy = {}
-    for name, arch, seed in zip(MEMBERS, ("mlp", "cnn", "mlp"), (0, 3, 2), strict=True):
+    archs: tuple[DigitsArch, ...] = ("mlp", "cnn", "mlp")
+    for name, arch, seed in zip(MEMBERS, archs, (0, 3, 2), strict=True):
         member = train_digits_member(arch, hp, split, seed=seed)
         store.register(name, export_digits(member, workdir / name), task="classify")
         accuracy[name] = member.metrics["val_accuracy"]

@@ -343,7 +343,7 @@ class JobStore:
                 .where(table.c.job_id == job_id.value, table.c.seq > after)
                 .order_by(table.c.seq)
             )
-            return conn.execute(query if limit is None else query.limit(limit)).all()
+            return list(conn.execute(query if limit is None else query.limit(limit)).all())
 
     # --- the job's log ----------------------------------------------------------------------
 

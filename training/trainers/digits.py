@@ -92,7 +92,7 @@ def evaluate_accuracy(model: nn.Module, x: np.ndarray, y: np.ndarray) -> float:
 
 
 def train_digits_member(
-    arch: str,
+    arch: DigitsArch,
     hp: DigitsHyperparameters,
     split: DigitsSplit,
     *,
