@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 PIP := $(BIN)/python -m pip
 # Packages mypy checks (config: pyproject.toml [tool.mypy]); the goal is all of them:
 # models training serving loom.
-TYPED := models loom
+TYPED := models training loom
 
 .PHONY: install run test lint bench bench-generation bench-training bench-ensemble bench-sharding clean
 
