@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import signal
 import sys
 import time
 import urllib.error
 import urllib.request
+from pathlib import Path
 
 from models.errors import StoreError
 from models.settings import LoomEnv
@@ -51,27 +53,37 @@ class StopRequest:
 
 def resolve_config(args: argparse.Namespace, env: LoomEnv) -> LoomConfig:
     path = args.config or env.config_path
-    from pathlib import Path
-
     config = load_config(Path(path)) if path else default_config()
     return with_overrides(config, env=env, host=args.host, port=args.port)
 
 
+def configure_logging() -> None:
+    """What ``loom serve`` prints of Loom's own logs: rollout steps, model loads, warnings and
+    errors (with request or job ids), each line ``loom: ...`` on stderr."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("loom: %(message)s"))
+    for package in ("models", "training", "serving"):
+        package_logger = logging.getLogger(package)
+        package_logger.addHandler(handler)
+        package_logger.setLevel(logging.INFO)
+
+
 def run_serve(args: argparse.Namespace) -> int:
+    configure_logging()
     env = LoomEnv.from_environ()
     try:
         config = resolve_config(args, env)
     except ConfigError as exc:  # refused before anything heavy is imported: at once
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    from serving.http_server import PortUnavailable, bind_socket
+    from serving.gateway.http_server import PortUnavailable, bind_socket
 
     try:  # a taken port, too, is said before the heavy imports (LoomServer checks it again)
         bind_socket(config.server.host, config.server.port).close()
     except PortUnavailable as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    from serving.app import LoomServer  # imports Ray and torch (seconds): only when serving
+    from serving.server import LoomServer  # imports Ray and torch (seconds): only when serving
 
     server = LoomServer(config, env)
     stop = StopRequest()

@@ -62,6 +62,11 @@ MODEL_LOAD = Gauge(
     multiprocess_mode="mostrecent",
 )
 REJECTED = Counter("loom_rejected", "Inputs refused by admission control (queue full).", ["model"])
+EXPIRED = Counter(
+    "loom_expired_inputs",
+    "Inputs a replica dropped uncomputed: their deadline passed before the engine ran them.",
+    ["model"],
+)
 MODEL_LOADS = Counter(
     "loom_model_loads",
     "Models loaded into a running pool replica (multiplexing cache misses), by member.",

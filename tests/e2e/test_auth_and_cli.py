@@ -71,5 +71,3 @@ def test_a_port_in_use_is_refused_before_anything_starts(tmp_path, free_port) ->
     assert result.returncode == 1
     assert f"cannot listen on 127.0.0.1:{port}" in result.stderr
     assert "Traceback" not in result.stderr
-
-

@@ -43,7 +43,7 @@ def ray_session() -> Iterator[None]:
 
     import ray
 
-    from serving.app import ray_serve_env
+    from serving.server import ray_serve_env
 
     for key, value in ray_serve_env().items():  # the settings `loom serve` runs with
         os.environ.setdefault(key, value)

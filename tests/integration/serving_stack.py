@@ -31,8 +31,8 @@ from model_folders import make_digits_folder, make_text_classifier_folder, make_
 from models.bundled import bundled_model_dir
 from models.settings import LoomEnv
 from models.store import SERVING_ALIAS, ModelStore
-from serving.app import LoomServer
 from serving.config import LoomConfig, parse_config
+from serving.server import LoomServer
 
 SMALL: dict[str, Any] = {"replicas": 1, "num_cpus": 0.25, "torch_threads": 1}
 """One replica on a quarter of a logical CPU with one torch thread: what most models need."""
@@ -224,13 +224,7 @@ class Stack:
 
     def served_names(self) -> set[str]:
         """Every name a client can call: each model's, a pool's members in place of the pool."""
-        names: set[str] = set()
-        for model in self.config.models:
-            if model.multiplex is not None:
-                names |= {ref.partition("@")[0] for ref in model.multiplex.models}
-            else:
-                names.add(model.name)
-        return names
+        return set(self.config.served_names())
 
 
 class SharedStack:

@@ -19,8 +19,8 @@ import torch
 
 from models.settings import LoomEnv
 from models.store import ModelStore
-from serving.app import LoomServer
 from serving.config import parse_config
+from serving.server import LoomServer
 from training.spec import DigitsHyperparameters
 from training.trainers.digits import (
     DigitsSplit,

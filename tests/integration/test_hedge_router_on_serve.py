@@ -12,7 +12,7 @@ import pytest
 from ray import serve
 from ray.serve.config import RequestRouterConfig
 
-from serving.hedge_routing import HedgeAwareRouter, hedge_group
+from serving.routing.hedge_router import HedgeAwareRouter, hedge_group
 
 APP = "hedge-routing-test"
 HOLD_S = 0.6

@@ -16,7 +16,7 @@ import ray
 from ray import serve
 from serving_stack import ROLLOUT_MODEL, SharedStack
 
-from serving.app import LoomServer
+from serving.server import LoomServer
 
 VERSION = "x-loom-model-version"
 

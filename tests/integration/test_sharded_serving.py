@@ -19,7 +19,7 @@ from serving_stack import MEMBERS, SESSIONS, SHARDED_POOL
 
 from models.engines import build_engine
 from models.store import ModelStore
-from serving.ring import build_ring, place, shard_ids
+from serving.routing.ring import build_ring, place, shard_ids
 
 
 @dataclass

@@ -15,9 +15,10 @@ import pytest
 from loom.cli import build_parser
 from models.store import ModelStore
 from serving.config import parse_config
-from serving.gateway import GatewayCore, build_http_app
-from serving.jobs_service import JobsSettings, build_jobs_service
-from serving.route_table import RouteFollower
+from serving.gateway.app import build_http_app
+from serving.gateway.core import GatewayCore
+from serving.gateway.routes.jobs import JobsSettings, build_jobs_service
+from serving.rollout.route_table import RouteFollower
 from training.api import JobsService
 from training.spec import ClusterCapacity
 

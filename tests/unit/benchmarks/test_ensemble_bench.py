@@ -15,7 +15,8 @@ def test_the_clean_config_serves_three_members_and_their_mean_ensemble():
 
     assert [m.name for m in loom.deployed()] == ["digits-mlp", "digits-cnn", "digits-mlp2"]
     assert loom.served("digits").ensemble.combine == "mean"
-    assert all(m.faults is None for m in loom.models)
+    assert all(m.faults is None for m in loom.deployed())
+    assert [e.name for e in loom.ensembles()] == ["digits"]
 
 
 def test_the_straggler_is_ten_times_its_p50_on_five_percent_of_calls_and_only_hedging_differs():

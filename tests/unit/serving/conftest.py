@@ -4,7 +4,7 @@ route board (``test_reconciler``)."""
 from __future__ import annotations
 
 import pytest
-from test_reconciler import FakeApps, FakeBoard
+from rollout_fakes import FakeApps, FakeBoard
 
 
 @pytest.fixture

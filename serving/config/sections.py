@@ -1,0 +1,80 @@
+"""The sections every deployed model entry has: replicas or autoscaling, batching, limits,
+and for a generate model its continuous-batching settings."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class AutoscalingConfig(_Section):
+    min_replicas: int = Field(1, ge=0, description="Fewest replicas kept running.")
+    max_replicas: int = Field(2, ge=1, description="Most replicas the autoscaler may start.")
+    target_ongoing_requests: float = Field(
+        32.0, gt=0, description="Requests in flight per replica the autoscaler aims for."
+    )
+
+    @model_validator(mode="after")
+    def _min_below_max(self) -> AutoscalingConfig:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError("min_replicas must be <= max_replicas")
+        return self
+
+
+class BatchingConfig(_Section):
+    max_batch_size: int = Field(
+        64,
+        ge=1,
+        le=1024,
+        description="Most inputs in one engine run (64: MiniLM's best on 2 CPU cores).",
+    )
+    max_wait_ms: float = Field(
+        10.0,
+        ge=0,
+        le=1000,
+        description="Longest a free engine holds a partial batch back for more inputs; only "
+        "waited when the arrival rate says more are due within it (a lone request runs at once).",
+    )
+
+
+class LimitsConfig(_Section):
+    max_inputs: int = Field(256, ge=1, description="Most inputs in one request (else 413).")
+    max_input_chars: int = Field(
+        20_000, ge=1, description="Longest single input in characters (else 413)."
+    )
+    max_queued: int = Field(
+        1024,
+        ge=1,
+        description="Inputs (sequences, for generation) a replica admits before answering 503 "
+        "with Retry-After.",
+    )
+
+
+class GenerationSettings(_Section):
+    """How a generate model's replica batches sequences (transformers' continuous batching)."""
+
+    max_sequences: int = Field(
+        32, ge=1, le=1024, description="Most sequences decoding together in one replica."
+    )
+    max_batch_tokens: int = Field(
+        1024,
+        ge=16,
+        description="Most tokens in one step: prompt chunks being prefilled plus one per "
+        "decoding sequence.",
+    )
+    kv_cache_tokens: int | None = Field(
+        None,
+        ge=64,
+        description="KV cache size in tokens; default: max_sequences full contexts.",
+    )
+    stream_interval_ms: float = Field(
+        100.0,
+        ge=0,
+        le=1000,
+        description="After a choice's first text, stream at most one chunk per this interval "
+        "(0: one per decoding step). Fewer, fuller chunks cost less: on 2 cores, 32 streams "
+        "of a 10M GPT-2 gave ~650 tokens/s at 0 and ~930 at 100 ms; 8 streams ~390 and ~600.",
+    )

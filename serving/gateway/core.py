@@ -1,0 +1,307 @@
+"""GatewayCore: what every route shares, and no route of its own.
+
+Auth (bearer keys), the model table (which names are served, by what config), placement
+(the version a request goes to by the route table's weights, a pool member through its
+pool's app, a sharded model's shard by the ring), in-flight tracking (so the rollout
+reconciler drains a version before deleting it), one coalescer per model version, and the
+members' lines an ensemble router scatters over. The HTTP routes live in
+``serving.gateway.routes``, one module per family, each taking a ``GatewayCore``.
+
+    core = GatewayCore(config, follower, store, jobs)
+    envelope = core.envelope("r-1", request.headers, arrived_s)  # deadline: arrival + timeout
+    rows = await core.infer(InferenceRequest("minilm", ("hello",), envelope))
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import logging
+import time
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any, Protocol
+
+from ray.serve.handle import DeploymentHandle
+from starlette.requests import Request
+
+from models.store import ModelStore
+from serving import metrics
+from serving.config import EnsembleEntry, LoomConfig, ModelConfig, ServedEntry
+from serving.gateway.coalescer import Coalescer
+from serving.gateway.errors import ApiError, model_not_found, model_not_ready
+from serving.gateway.readiness import ReadinessCache
+from serving.messages import (
+    ClassifyReply,
+    DeadlineExceeded,
+    EmbedReply,
+    Envelope,
+    InferCall,
+    InferenceRequest,
+)
+from serving.rollout.route_table import NotRouted, RouteFollower, VersionRoute
+from serving.routing.ensemble_router import EnsembleRouter, MemberLine, Sent
+from serving.routing.shard_router import ShardRouter
+from serving.routing.sharding import SHARD_KEY_HEADER, parse_shard_entry, shard_key
+from training.api import JobsService
+
+logger = logging.getLogger(__name__)
+
+WARM_TIMEOUT_S = 5.0
+CALLS_PER_REPLICA = 4
+"""Calls a coalescer keeps out per replica of a version: the replica's batcher merges what
+queues behind its running batch. Measured at concurrency 8: 2 per replica ~70 req/s, 4 ~90,
+8 ~73 (more calls, more hop cost); at 64 the three were within noise (~180-235)."""
+
+
+class ShardBoard(Protocol):
+    """Resharding requests, to the reconciler (``rollout.route_table.BoardShardRequests``)."""
+
+    async def request(self, model: str, count: int) -> int | None: ...
+
+    async def requested(self) -> dict[str, int]: ...
+
+
+class _Line:
+    """An open line to one member's version app: ``send`` calls it (``routing.Members``)."""
+
+    def __init__(self, handle: DeploymentHandle) -> None:
+        self._handle = handle
+
+    def send(self, call: InferCall) -> Sent:
+        sent: Sent = self._handle.infer.remote(call)
+        return sent
+
+
+class GatewayCore:
+    """What every route shares: auth, the model table, placement, deadlines, in-flight
+    tracking, one coalescer per model version. It knows no routes."""
+
+    def __init__(
+        self,
+        config: LoomConfig,
+        routes: RouteFollower,
+        store: ModelStore | None,
+        jobs: JobsService | None = None,
+        shard_board: ShardBoard | None = None,
+    ) -> None:
+        """``routes`` picks each request's model version (``rollout.route_table``); ``store``
+        is the model store the admin routes move aliases in; ``jobs``, when given, serves the
+        ``/v1/jobs`` routes (``training.api``); ``shard_board`` takes resharding requests to
+        the reconciler."""
+        self.config = config
+        self.jobs = jobs
+        server = config.server
+        self._keys = tuple(k.encode() for k in (*server.api_keys, *server.admin_api_keys))
+        self._admin_keys = tuple(k.encode() for k in server.admin_api_keys)
+        self.max_body_bytes = server.max_body_bytes
+        self.timeout_s = server.request_timeout_s
+        self.routes = routes
+        self.store = store
+        # one coalescer per version app and model (a pool's app serves several members): a
+        # call joins requests for one version of one model only
+        self._coalescers: dict[tuple[str, str], Coalescer[Any]] = {}
+        self._info: dict[tuple[str, str], dict[str, Any]] = {}  # (app, model) -> info()
+        self.members = config.pool_members()  # member -> its pool: the routed entry
+        self._member_handles: dict[tuple[str, str], DeploymentHandle] = {}
+        sharded = {m.name: m.sharding for m in config.deployed() if m.sharding is not None}
+        self.shards = ShardRouter(sharded, lambda: self.routes.table)
+        self.shard_board = shard_board
+        self.readiness = ReadinessCache([m.name for m in config.deployed()], routes.weights)
+        self.created_s = int(time.time())
+        self.ensembles = {m.name: EnsembleRouter(m, self) for m in config.ensembles()}
+
+    # ---- auth --------------------------------------------------------------------------------
+
+    def authorize(self, request: Request) -> None:
+        """401 unless keys are off or the request's bearer key is one of them."""
+        if not self._keys:
+            return
+        if not self._given_key_in(request, self._keys):
+            scheme, _, token = request.headers.get("authorization", "").partition(" ")
+            if scheme.lower() != "bearer" or not token:
+                raise ApiError(
+                    401,
+                    "missing API key: send 'Authorization: Bearer <key>'",
+                    code="missing_api_key",
+                )
+            raise ApiError(401, "invalid API key", code="invalid_api_key")
+
+    def require_admin(self, request: Request) -> None:
+        """403 unless the request's key is an admin key (after ``authorize``'s 401)."""
+        if self._keys and not self._given_key_in(request, self._admin_keys):
+            raise ApiError(
+                403,
+                "this route needs an admin API key (server.admin_api_keys)",
+                code="admin_required",
+            )
+
+    @staticmethod
+    def _given_key_in(request: Request, keys: tuple[bytes, ...]) -> bool:
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not token:
+            return False
+        given = token.strip().encode()
+        return any(hmac.compare_digest(given, key) for key in keys)
+
+    # ---- the model table ---------------------------------------------------------------------
+
+    def model(self, name: str) -> ServedEntry:
+        """The config a callable name is served by (a pool member's: its pool's settings);
+        404 for an unknown name or a pool's own name."""
+        model = self.config.served(name)
+        if model is None:
+            raise model_not_found(name)
+        return model
+
+    def plain_model(self, name: str) -> ModelConfig:
+        """``model(name)`` for a route that an ensemble does not serve (404 for one)."""
+        model = self.model(name)
+        if isinstance(model, EnsembleEntry):
+            raise model_not_found(name)
+        return model
+
+    def routed_name(self, name: str) -> str:
+        """The route-table entry serving ``name``: its pool for a member, else itself."""
+        member = self.members.get(name)
+        return member.pool if member else name
+
+    # ---- placement ---------------------------------------------------------------------------
+
+    def envelope(
+        self, request_id: str, headers: Mapping[str, str], arrived_s: float | None = None
+    ) -> Envelope:
+        """A request's envelope: its id, its deadline (``server.request_timeout_s`` after it
+        arrived, ``time.time()`` then; default now) and the client's shard key
+        (``X-Loom-Shard-Key``)."""
+        shard_header = headers.get(SHARD_KEY_HEADER) or ""
+        start_s = time.time() if arrived_s is None else arrived_s
+        return Envelope(request_id, start_s + self.timeout_s, shard_header)
+
+    def route(self, name: str, envelope: Envelope) -> VersionRoute:
+        """The version one request of model ``name`` goes to; 503 while none is routed. A pool
+        member goes to its pool's app, the handle naming the member (``multiplexed_model_id``).
+        A sharded entry goes to the shard its ring gives the request's key (``shard_key``)."""
+        return self._for_member(name, self.routes.pick, envelope, count=True)
+
+    def _for_member(
+        self,
+        name: str,
+        pick: Callable[[str], VersionRoute],
+        envelope: Envelope | None = None,
+        *,
+        count: bool = False,
+    ) -> VersionRoute:
+        """``count``: a request goes there (``loom_shard_requests_total``), not a lookup."""
+        member = self.members.get(name)
+        routed = member.pool if member else name
+        sharding = self.shards.sharded.get(routed)
+        try:
+            if sharding is None:
+                route = pick(routed)
+            else:
+                key = shard_key(
+                    sharding,
+                    model=name,
+                    header=envelope.shard_key if envelope else None,
+                    request_id=envelope.request_id if envelope else "",
+                )
+                entry = self.shards.entry(routed, key)
+                if entry is None:
+                    raise NotRouted(routed)
+                route = pick(entry)
+                if count and (placed := parse_shard_entry(entry)) is not None:
+                    metrics.SHARD_REQUESTS.labels(*placed).inc()  # (model, shard)
+        except NotRouted:
+            raise model_not_ready(name) from None
+        if member is None:
+            if sharding is not None:  # the shard's route, under the name clients call
+                return VersionRoute(name, route.version, route.weight, route.app_name, route.handle)
+            return route
+        key_ = (route.app_name, name)
+        handle = self._member_handles.get(key_)
+        if handle is None:
+            handle = route.handle.options(multiplexed_model_id=member.ref)
+            self._member_handles[key_] = handle
+        # the app stays the pool's: in-flight tracking (and so draining) is per app
+        return VersionRoute(name, route.version, route.weight, route.app_name, handle)
+
+    # ---- inference ---------------------------------------------------------------------------
+
+    async def infer(self, request: InferenceRequest) -> EmbedReply | ClassifyReply:
+        """The rows of one embed or classify request, joined with its neighbours into one call
+        (``Coalescer``); ``DeadlineExceeded`` once the envelope's deadline passes."""
+        route = self.route(request.model, request.envelope)
+        coalescer = self._coalescer_for(route)
+        remaining_s = request.envelope.remaining_s()
+        try:
+            # counted in flight until answered: the reconciler deletes an old version only
+            # once no gateway has a request left on it
+            with self.routes.tracking(route.app_name):
+                rows = await asyncio.wait_for(
+                    coalescer.submit(request.envelope, request.inputs), remaining_s
+                )
+        except TimeoutError:
+            raise DeadlineExceeded(request.model, request.envelope.request_id) from None
+        if not isinstance(rows, EmbedReply | ClassifyReply):
+            raise TypeError(f"model {request.model} answered {type(rows).__name__}")
+        return rows
+
+    def _coalescer_for(self, route: VersionRoute) -> Coalescer[Any]:
+        key = (route.app_name, route.model)
+        coalescer = self._coalescers.get(key)
+        if coalescer is None:
+            live = self.routes.app_names()  # forget versions no longer routed
+            for old in [k for k in self._coalescers if k[0] not in live]:
+                del self._coalescers[old]  # its queued requests still finish
+            for old in [k for k in self._member_handles if k[0] not in live]:
+                del self._member_handles[old]
+            model = self.plain_model(route.model)
+            handle = route.handle
+
+            def call(infer_call: InferCall) -> Any:
+                return handle.infer.remote(infer_call)
+
+            coalescer = Coalescer(
+                call=call,
+                max_batch_inputs=model.batching.max_batch_size,
+                max_in_flight=CALLS_PER_REPLICA * model.max_replicas,
+                model=route.model,
+            )
+            self._coalescers[key] = coalescer
+        return coalescer
+
+    async def model_info(self, name: str) -> dict[str, Any]:
+        """The replica info of the version that takes most of ``name``'s traffic."""
+        route = self._for_member(name, self.routes.primary)
+        key = (route.app_name, route.model)
+        if key not in self._info:
+            self._info[key] = await route.handle.info.remote()
+        return self._info[key]
+
+    async def warm(self, route: VersionRoute) -> None:
+        """Before a new version is routed: its first call sets up the handle (so the first
+        request does not), and its info is cached. Bounded: the follower waits for it."""
+        try:
+            info = await asyncio.wait_for(route.handle.info.remote(), WARM_TIMEOUT_S)
+        except Exception as exc:  # its requests will say why; the rollout goes on
+            logger.warning("warming %s failed: %r", route.app_name, exc)
+            return
+        self._info[(route.app_name, route.model)] = info
+
+    # ---- the ensembles' lines to their members (``routing.ensemble_router.Members``) ---------
+
+    @contextlib.contextmanager
+    def member_line(
+        self, member: str, envelope: Envelope, *, group: str | None
+    ) -> Iterator[MemberLine]:
+        route = self.route(member, envelope)
+        handle = route.handle if group is None else route.handle.options(session_id=group)
+        with self.routes.tracking(route.app_name):
+            yield _Line(handle)
+
+    async def member_info(self, member: str) -> Mapping[str, Any]:
+        return await self.model_info(member)
+
+    async def member_ready(self, member: str) -> bool:
+        return await self.readiness.model_ready(self.routed_name(member))

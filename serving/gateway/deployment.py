@@ -1,0 +1,81 @@
+"""The gateway deployment: the Serve replica every HTTP request enters by.
+
+It follows the route table the reconciler publishes on the named board, builds one
+``GatewayCore`` and the HTTP app over it, and with ``server.ingress: direct`` serves HTTP
+itself on its own event loop (``HttpServer``); with ``proxy`` Ray Serve's HTTP proxy forwards
+to it (``serve.ingress``).
+
+    serve.deployment(Gateway).bind(config_dict, models_dir, board_name, jobs=...)
+"""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+import ray
+from fastapi import FastAPI
+from ray import serve
+
+from models.store import ModelStore
+from serving.config import LoomConfig
+from serving.gateway.app import build_http_app
+from serving.gateway.core import GatewayCore
+from serving.gateway.http_server import HttpServer
+from serving.gateway.routes.jobs import JobsSettings, build_jobs_service
+from serving.rollout.route_table import (
+    BOARD_NAMESPACE,
+    BoardShardRequests,
+    RouteFollower,
+    board_poller,
+)
+
+
+@serve.ingress()
+class Gateway:
+    """``jobs`` (``JobsSettings`` as a dict) adds the ``/v1/jobs`` routes."""
+
+    # Serve awaits an async constructor (the HTTP server starts on the replica's loop)
+    async def __init__(  # type: ignore[misc]
+        self,
+        config: dict[str, Any],
+        models_dir: str,
+        board_name: str,
+        jobs: dict[str, Any] | None = None,
+    ) -> None:
+        loom_config = LoomConfig.model_validate(config)
+        board = await asyncio.to_thread(ray.get_actor, board_name, namespace=BOARD_NAMESPACE)
+        self._routes = RouteFollower(board_poller(board))
+        jobs_service = None
+        if jobs is not None:
+            jobs_service = await asyncio.to_thread(
+                build_jobs_service,
+                JobsSettings.model_validate(jobs),
+                max_body_bytes=loom_config.server.max_body_bytes,
+            )
+        core = GatewayCore(
+            loom_config,
+            self._routes,
+            ModelStore(Path(models_dir)),
+            jobs_service,
+            shard_board=BoardShardRequests(board),
+        )
+        self._routes.warm_up = core.warm
+        self._routes.start()
+        self._app = build_http_app(core)
+        self._http: HttpServer | None = None
+        server = loom_config.server
+        if server.ingress == "direct":
+            self._http = HttpServer(self._app, host=server.host, port=server.port)
+            await self._http.start()
+
+    def __serve_build_asgi_app__(self) -> FastAPI:
+        return self._app
+
+    async def __del__(self) -> None:
+        if getattr(self, "_routes", None) is not None:
+            await self._routes.stop()
+        http = getattr(self, "_http", None)
+        if http is not None:
+            await http.stop()

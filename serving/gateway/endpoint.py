@@ -1,0 +1,144 @@
+"""One wrapper for every gateway route: authorise, give the request its id, run the handler,
+answer errors in the route's protocol, count and time the answer.
+
+A route family registers its handlers through ``Endpoints``; a handler takes a ``Scope`` (the
+Starlette request, its request id, and the model label it sets once it knows the model is one
+of ours, so an unknown name never becomes a metric label) and returns a response:
+
+    endpoints = Endpoints(app, core)
+
+    @endpoints.post("/v1/embeddings", "embeddings")
+    async def embeddings(scope: Scope) -> Response:
+        scope.model = "minilm"
+        ...
+
+An ``ApiError`` (or a replica's refusal, ``errors.api_error``) is answered in the route's
+protocol; any other exception is a bug: answered 500 in the protocol's shape, logged once
+with the request id and its traceback. Every answer carries ``x-request-id`` and is counted
+in ``loom_requests_total`` by model, route and status, 500s included.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+from fastapi import FastAPI
+from starlette.requests import Request
+from starlette.responses import Response
+
+from serving import metrics
+from serving.gateway.core import GatewayCore
+from serving.gateway.errors import ApiError, api_error, error_response
+
+logger = logging.getLogger(__name__)
+
+REQUEST_ID_HEADER = "x-request-id"
+MAX_REQUEST_ID_CHARS = 128
+VERSION_HEADER = "x-loom-model-version"
+"""The model version that answered: during a rollout or a canary split it varies."""
+
+
+def request_id(given: str | None, prefix: str = "") -> str:
+    """The one request-id rule: the client's ``X-Request-Id`` when it has 1 to 128
+    characters, else a new one (``prefix`` + 32 hex digits, e.g. ``cmpl-3f2a...``)."""
+    if given and len(given) <= MAX_REQUEST_ID_CHARS:
+        return given
+    return prefix + uuid.uuid4().hex
+
+
+@dataclass(slots=True)
+class Scope:
+    """One request as a handler sees it."""
+
+    request: Request
+    request_id: str
+    arrived_s: float
+    """When it arrived (``time.time()``): its deadline counts from here."""
+    model: str = ""
+    """The ``model`` label of the request's metrics; set once the name is known to be ours."""
+
+    def path_param(self, name: str) -> str:
+        return str(self.request.path_params[name])
+
+
+Handler = Callable[[Scope], Awaitable[Response]]
+
+
+class Endpoints:
+    """Registers a route family's handlers on ``app``, each wrapped once (module docstring)."""
+
+    def __init__(self, app: FastAPI, core: GatewayCore) -> None:
+        self._app = app
+        self._core = core
+
+    def get(
+        self, path: str, route: str, *, auth: bool = True, counted: bool = True
+    ) -> Callable[[Handler], Handler]:
+        return self.add("GET", path, route, auth=auth, counted=counted)
+
+    def post(self, path: str, route: str, *, id_prefix: str = "") -> Callable[[Handler], Handler]:
+        return self.add("POST", path, route, id_prefix=id_prefix)
+
+    def add(
+        self,
+        method: str,
+        path: str,
+        route: str,
+        *,
+        auth: bool = True,
+        counted: bool = True,
+        id_prefix: str = "",
+    ) -> Callable[[Handler], Handler]:
+        """Register ``METHOD path`` (``route`` names it in metrics). Health and metrics routes
+        take ``auth=False, counted=False`` (probes and scrapes are not traffic); ``id_prefix``
+        starts the ids made for requests that bring none."""
+
+        def register(handler: Handler) -> Handler:
+            async def endpoint(request: Request) -> Response:
+                return await self._run(
+                    handler, request, route, auth=auth, counted=counted, id_prefix=id_prefix
+                )
+
+            self._app.add_route(path, endpoint, methods=[method], name=route)
+            return handler
+
+        return register
+
+    async def _run(
+        self,
+        handler: Handler,
+        request: Request,
+        route: str,
+        *,
+        auth: bool,
+        counted: bool,
+        id_prefix: str,
+    ) -> Response:
+        started = time.perf_counter()
+        given_id = request.headers.get(REQUEST_ID_HEADER)
+        scope = Scope(request, request_id(given_id, id_prefix), time.time())
+        try:
+            if auth:
+                self._core.authorize(request)
+            response = await handler(scope)
+        except ApiError as exc:
+            response = error_response(exc, request.url.path)
+        except Exception as exc:
+            error = api_error(exc)
+            if error is None:  # a bug: the client gets a 500, the operator the traceback
+                logger.exception(
+                    "request %s: %s %s failed", scope.request_id, request.method, request.url.path
+                )
+                error = ApiError(500, f"internal error ({type(exc).__name__})")
+            response = error_response(error, request.url.path)
+        response.headers[REQUEST_ID_HEADER] = scope.request_id
+        if not counted:
+            return response
+        status = str(response.status_code)
+        metrics.REQUESTS.labels(scope.model, route, status).inc()
+        metrics.REQUEST_LATENCY.labels(scope.model, route).observe(time.perf_counter() - started)
+        return response

@@ -1,0 +1,77 @@
+"""The jobs routes: ``training.api``'s ``/v1/jobs`` router, mounted behind the gateway's keys,
+and the service it runs on: the store, the cluster's capacity, the scheduler nudge.
+
+``training.api`` provides the routes (it answers its own errors, in OpenAI's shape); this
+module gives them what only a Ray process knows: the cluster's CPUs and GPUs
+(``ray.cluster_resources``), and the named scheduler actor to wake after a submit or cancel.
+
+    service = build_jobs_service(JobsSettings(db_url=env.db_url, dataset_roots=[...]),
+                                 max_body_bytes=config.server.max_body_bytes)
+    add_jobs_routes(app, core)       # when core.jobs is that service
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import ray
+from fastapi import FastAPI
+from pydantic import BaseModel, ConfigDict, Field
+
+from serving.gateway.core import GatewayCore
+from training.api import JobsService, build_jobs_router
+from training.db import create_db_engine, create_tables
+from training.jobs import JobStore
+from training.scheduler import NAMESPACE, SCHEDULER_NAME
+from training.spec import ClusterCapacity
+
+
+class JobsSettings(BaseModel):
+    """What the gateway deployment is told about the job store (``Gateway(jobs=...)``)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    db_url: str = Field(description="The job store's SQLAlchemy URL (``LoomEnv.db_url``).")
+    dataset_roots: list[str] = Field(
+        default_factory=list, description="Folders a job's dataset may lie under."
+    )
+
+
+def ray_capacity() -> ClusterCapacity:
+    """The cluster's CPU and GPU totals now: the bound on one job's reservation."""
+    resources = ray.cluster_resources()
+    return ClusterCapacity(
+        total_cpus=float(resources.get("CPU", 0.0)), total_gpus=float(resources.get("GPU", 0.0))
+    )
+
+
+def wake_scheduler() -> None:
+    """Nudge the scheduler actor, if one runs; fire and forget (it polls the store anyway).
+
+    Looked up on every call: the scheduler may start after the gateway, or be restarted.
+    """
+    try:
+        scheduler = ray.get_actor(SCHEDULER_NAME, namespace=NAMESPACE)
+    except ValueError:  # not started (yet): nothing to wake
+        return
+    scheduler.wake.remote()
+
+
+def build_jobs_service(settings: JobsSettings, *, max_body_bytes: int) -> JobsService:
+    """Open the store (creating its tables if new) and wire Ray's capacity and wake. Blocks."""
+    engine = create_db_engine(settings.db_url)  # a SQLite file's folder is made if missing
+    create_tables(engine)
+    return JobsService(
+        store=JobStore(engine),
+        capacity=ray_capacity,
+        dataset_roots=tuple(Path(root) for root in settings.dataset_roots),
+        wake=wake_scheduler,
+        max_body_bytes=max_body_bytes,
+    )
+
+
+def add_jobs_routes(app: FastAPI, gw: GatewayCore) -> None:
+    """Mount ``/v1/jobs`` when the gateway has a jobs service. Its router answers its own
+    errors; ``authorize``'s ``ApiError`` reaches the app's error handler."""
+    if gw.jobs is not None:
+        app.include_router(build_jobs_router(gw.jobs, authorize=gw.authorize))
