@@ -1,0 +1,156 @@
+"""The request's deadline crosses the gateway -> replica hop: a request the gateway has
+answered 504 for is not computed by the replica. No Ray: the gateway's core calls a real
+replica in-process through a stand-in for its Serve handle, on one event loop."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from model_folders import make_digits_folder
+from prometheus_client import REGISTRY
+
+from models.store import ModelStore
+from serving.config import parse_config
+from serving.gateway.core import GatewayCore
+from serving.messages import (
+    ClassifyReply,
+    DeadlineExceeded,
+    Envelope,
+    InferCall,
+    InferenceRequest,
+    InferReply,
+)
+from serving.replicas.inference import InferenceReplica
+from serving.rollout.route_table import RouteFollower, RouteTable, VersionRoute
+
+MODEL = "digits-hop"
+
+
+class _Method:
+    def __init__(self, body: Callable[..., Awaitable[Any]]) -> None:
+        self._body = body
+
+    def remote(self, *args: Any) -> Awaitable[Any]:
+        return self._body(*args)
+
+
+class InProcessHandle:
+    """What the gateway uses of a ``DeploymentHandle``: ``infer.remote`` and ``info.remote``,
+    here calling the replica object directly. Every reply the replica gave is kept."""
+
+    def __init__(self, replica: InferenceReplica) -> None:
+        self.replies: list[InferReply[Any]] = []
+
+        async def infer(call: InferCall) -> InferReply[Any]:
+            reply = await replica.infer(call)
+            self.replies.append(reply)
+            return reply
+
+        self.infer = _Method(infer)
+        self.info = _Method(replica.info)
+
+
+def counter(name: str) -> float:
+    return REGISTRY.get_sample_value(name, {"model": MODEL}) or 0.0
+
+
+@pytest.fixture
+def replica(tmp_path: Path) -> InferenceReplica:
+    store = ModelStore(tmp_path / "store")
+    store.register(MODEL, make_digits_folder(tmp_path / "digits"), task="classify")
+    config = {
+        "name": MODEL,
+        "source": MODEL,
+        "task": "classify",
+        "device": "cpu",
+        "batching": {"max_batch_size": 8, "max_wait_ms": 0},
+    }
+    return InferenceReplica(config, str(store.root))
+
+
+def gateway(replica: InferenceReplica, handle: InProcessHandle) -> GatewayCore:
+    config = parse_config({"models": [{"name": MODEL, "source": MODEL, "task": "classify"}]})
+
+    async def never(*args: object) -> None:
+        return None
+
+    follower = RouteFollower(never)
+    route = VersionRoute(MODEL, "1", 1.0, f"{MODEL}-v1", handle)
+    follower.table = RouteTable(epoch=1, routes={MODEL: (route,)})
+    return GatewayCore(config, follower, store=None)
+
+
+async def until(condition: Callable[[], bool]) -> None:
+    """Yield to the loop until ``condition`` holds (what the code reports, not a time)."""
+    while not condition():
+        await asyncio.sleep(0)
+
+
+def test_a_request_the_gateway_gave_up_on_is_skipped_by_the_replica(
+    replica: InferenceReplica,
+) -> None:
+    handle = InProcessHandle(replica)
+    core = gateway(replica, handle)
+    loaded = replica._only
+    assert loaded is not None
+    engine_free = threading.Event()
+    rows = np.zeros((1, 64), dtype=np.float32)
+    inputs_before = counter("loom_inputs_total")
+    expired_before = counter("loom_expired_inputs_total")
+
+    async def scenario() -> None:
+        # hold the replica's engine thread: the first request's batch waits on it
+        assert loaded.model.runner is not None
+        loaded.model.runner.submit(engine_free.wait)
+        first = asyncio.create_task(
+            core.infer(InferenceRequest(MODEL, tuple(rows), Envelope("held")))
+        )
+        batcher = loaded.batcher
+        await until(lambda: batcher.admitted_inputs == 1 and batcher.queued_inputs == 0)
+        # the second queues in the replica's batcher behind the running batch
+        late = InferenceRequest(MODEL, tuple(rows), Envelope("late", time.time() + 0.05))
+        with pytest.raises(DeadlineExceeded) as gave_up:  # the gateway answers 504
+            await core.infer(late)
+        assert gave_up.value.request_id == "late"
+        engine_free.set()
+        reply = await first
+        assert isinstance(reply, ClassifyReply)
+        assert reply.probabilities.shape == (1, 10)
+        await until(lambda: len(handle.replies) == 2)
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        engine_free.set()
+
+    held, late = handle.replies
+    assert (held.skipped, late.skipped) == (frozenset(), frozenset({0}))
+    assert late.rows is None  # nothing computed for the request nobody waits for
+    assert counter("loom_inputs_total") - inputs_before == 1  # only the held request's row
+    assert counter("loom_expired_inputs_total") - expired_before == 1
+
+
+def test_a_request_whose_deadline_passed_in_the_gateways_queue_never_crosses_the_hop(
+    replica: InferenceReplica,
+) -> None:
+    """The coalescer leaves it out of the next call: the replica never hears of it."""
+    handle = InProcessHandle(replica)
+    core = gateway(replica, handle)
+    rows = tuple(np.zeros((1, 64), dtype=np.float32))
+
+    async def scenario() -> None:
+        gone = InferenceRequest(MODEL, rows, Envelope("gone", deadline_s=0.0))
+        with pytest.raises(DeadlineExceeded):
+            await core.infer(gone)
+        reply = await core.infer(InferenceRequest(MODEL, rows, Envelope("live")))
+        assert isinstance(reply, ClassifyReply)
+
+    asyncio.run(scenario())
+    assert [len(r.skipped) for r in handle.replies] == [0]  # one call: the live request's

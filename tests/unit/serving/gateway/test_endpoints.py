@@ -1,0 +1,125 @@
+"""Every gateway route goes through one wrapper (``serving.gateway.endpoint``): the request-id
+rule, 504 once the envelope's deadline passes, and a bug answered 500 in the protocol's
+shape, logged once with the request id and counted. No Ray: the routes' calls go to a
+stand-in for the version app's handle."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+from prometheus_client import REGISTRY
+
+from serving.config import parse_config
+from serving.gateway.app import build_http_app
+from serving.gateway.core import GatewayCore
+from serving.messages import InferCall
+from serving.rollout.route_table import RouteFollower, RouteTable, VersionRoute
+
+MODEL = "enc-endpoints"
+EMBED = {"model": MODEL, "input": ["hello"]}
+V2_INFER = {"inputs": [{"name": "text", "shape": [1], "datatype": "BYTES", "data": ["hello"]}]}
+
+
+class _Method:
+    def __init__(self, body: Callable[..., Awaitable[Any]]) -> None:
+        self._body = body
+
+    def remote(self, *args: Any) -> Awaitable[Any]:
+        return self._body(*args)
+
+
+def client(infer: Callable[[InferCall], Awaitable[Any]], **server: object) -> TestClient:
+    """The gateway's app over one embed model whose version app answers with ``infer``."""
+    config = parse_config(
+        {"server": server, "models": [{"name": MODEL, "source": MODEL, "task": "embed"}]}
+    )
+
+    async def never(*args: object) -> None:
+        return None
+
+    class Handle:
+        pass
+
+    handle = Handle()
+    handle.infer = _Method(infer)  # type: ignore[attr-defined]
+    follower = RouteFollower(never)
+    route = VersionRoute(MODEL, "1", 1.0, f"{MODEL}-v1", handle)
+    follower.table = RouteTable(epoch=1, routes={MODEL: (route,)})
+    return TestClient(build_http_app(GatewayCore(config, follower, store=None)))
+
+
+async def hang(call: InferCall) -> Any:
+    await asyncio.Event().wait()  # a replica that never answers
+
+
+async def bug(call: InferCall) -> Any:
+    raise RuntimeError("replica bug")
+
+
+def requests_counted(route: str, status: str) -> float:
+    labels = {"model": MODEL, "route": route, "status": status}
+    return REGISTRY.get_sample_value("loom_requests_total", labels) or 0.0
+
+
+def test_a_clients_request_id_is_echoed_and_a_missing_or_oversized_one_replaced() -> None:
+    http = client(bug)
+    given = http.get("/v1/models", headers={"x-request-id": "trace-42"})
+    assert given.headers["x-request-id"] == "trace-42"
+
+    made = http.get("/v1/models").headers["x-request-id"]
+    too_long = http.get("/v1/models", headers={"x-request-id": "x" * 129})
+    assert len(made) == 32
+    assert len(too_long.headers["x-request-id"]) == 32
+    assert (
+        http.get("/v1/models", headers={"x-request-id": "x" * 128}).headers["x-request-id"]
+        == "x" * 128
+    )
+
+
+def test_a_request_past_its_deadline_is_504_in_each_protocols_shape() -> None:
+    http = client(hang, request_timeout_s=0.05)
+    before = requests_counted("embeddings", "504")
+
+    openai = http.post("/v1/embeddings", json=EMBED, headers={"x-request-id": "slow-1"})
+    v2 = http.post(f"/v2/models/{MODEL}/infer", json=V2_INFER)
+
+    assert openai.status_code == v2.status_code == 504
+    assert openai.json()["error"]["type"] == "timeout_error"
+    assert openai.headers["x-request-id"] == "slow-1"
+    assert isinstance(v2.json()["error"], str)
+    assert requests_counted("embeddings", "504") - before == 1
+
+
+def test_a_bug_is_a_500_in_shape_logged_once_with_the_request_id_and_counted(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    http = client(bug)
+    before = requests_counted("embeddings", "500")
+
+    with caplog.at_level(logging.ERROR, logger="serving"):
+        answer = http.post("/v1/embeddings", json=EMBED, headers={"x-request-id": "bug-7"})
+
+    assert answer.status_code == 500
+    assert answer.json()["error"]["message"] == "internal error (RuntimeError)"
+    assert "replica bug" not in answer.text  # no detail, no trace for the client
+    lines = [r for r in caplog.records if "bug-7" in r.getMessage()]
+    assert len(lines) == 1
+    assert lines[0].exc_info is not None  # the operator gets the traceback
+    assert requests_counted("embeddings", "500") - before == 1
+
+
+def test_unknown_routes_and_wrong_methods_answer_json_in_shape() -> None:
+    http = client(bug)
+    missing = http.get("/v1/nothing-here")
+    wrong = http.get("/v1/embeddings")
+    v2_missing = http.get("/v2/nothing-here")
+
+    assert (missing.status_code, wrong.status_code, v2_missing.status_code) == (404, 405, 404)
+    assert missing.json()["error"]["code"] == "route_error"
+    assert "GET" in wrong.json()["error"]["message"]
+    assert isinstance(v2_missing.json()["error"], str)

@@ -1,0 +1,131 @@
+"""The generation replica without Ray, on a tiny GPT-2: a call's deadline bounds its wait
+for a first token, and a call past its deadline gives its slot back at once."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+from model_folders import make_tiny_gpt2_folder
+from prometheus_client import REGISTRY
+
+from models.engines.generate import GenerationEngine, SamplingParams, SequenceUpdate
+from models.store import ModelStore
+from serving.messages import DeadlineExceeded, Envelope, GenerateCall, Overloaded
+from serving.replicas.generation import GenerationReplica
+
+MODEL = "tiny-gen-deadline"
+
+
+class HeldEngine:
+    """The replica's real engine behind a gate: while held, submitted sequences wait here
+    (as they would behind a full batch) and reach the engine only when released."""
+
+    def __init__(self, engine: GenerationEngine) -> None:
+        self.engine = engine
+        self.held: dict[str, tuple[Any, ...]] = {}
+        self.cancelled: list[str] = []
+        self.reached_engine: list[str] = []
+        self._lock = threading.Lock()
+        self._count = 0
+
+    def submit(
+        self,
+        prompt: Any,
+        params: SamplingParams,
+        *,
+        on_update: Callable[[SequenceUpdate], None],
+    ) -> str:
+        with self._lock:
+            self._count += 1
+            seq_id = f"held-{self._count}"
+            self.held[seq_id] = (prompt, params, on_update)
+        return seq_id
+
+    def cancel(self, seq_id: str) -> None:
+        with self._lock:
+            self.cancelled.append(seq_id)
+            self.held.pop(seq_id, None)
+
+    def __getattr__(self, name: str) -> Any:  # stats, context length, tokenizer...
+        return getattr(self.engine, name)
+
+
+@pytest.fixture(scope="module")
+def replica(tmp_path_factory: pytest.TempPathFactory) -> GenerationReplica:
+    root = tmp_path_factory.mktemp("gen")
+    store = ModelStore(root / "store")
+    store.register(MODEL, make_tiny_gpt2_folder(root / "gpt2"), task="generate")
+    config = {
+        "name": MODEL,
+        "source": MODEL,
+        "task": "generate",
+        "device": "cpu",
+        "generation": {"max_sequences": 1},
+        "limits": {"max_queued": 1},  # one sequence admitted at a time
+    }
+    return GenerationReplica(config, str(store.root))
+
+
+def expired_count() -> float:
+    return REGISTRY.get_sample_value("loom_expired_inputs_total", {"model": MODEL}) or 0.0
+
+
+def call(request_id: str, deadline_s: float = float("inf")) -> GenerateCall:
+    return GenerateCall(
+        envelope=Envelope(request_id, deadline_s), prompts=("def main",), max_tokens=4
+    )
+
+
+def test_no_first_token_by_the_deadline_cancels_the_sequence_and_frees_its_slot(
+    replica: GenerationReplica,
+) -> None:
+    real = replica._engine
+    held = HeldEngine(real)
+    replica._engine = held  # type: ignore[assignment]
+    before = expired_count()
+
+    async def scenario() -> None:
+        stream = replica.generate(call("slow", time.time() + 0.05))
+        accepted = await anext(stream)  # admitted: the prompt sizes come first
+        assert accepted.prompt_tokens
+        # the one slot is taken: another call is refused until the first lets go
+        with pytest.raises(Overloaded):
+            await anext(replica.generate(call("refused")))
+        with pytest.raises(DeadlineExceeded) as late:
+            await anext(stream)  # no token came: the engine was still busy
+        assert late.value.request_id == "slow"
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        replica._engine = real
+    assert held.cancelled == ["held-1"]  # cancelled before it reached the engine
+    assert held.held == {}
+    assert expired_count() - before == 1
+
+    # the slot is free again: the next call is admitted and answered in full
+    reply = asyncio.run(replica.complete(call("next")))
+    assert reply.deltas[0].finish_reason is not None
+
+
+def test_a_call_that_arrives_past_its_deadline_never_reaches_the_engine(
+    replica: GenerationReplica,
+) -> None:
+    real = replica._engine
+    held = HeldEngine(real)
+    replica._engine = held  # type: ignore[assignment]
+    before = expired_count()
+    try:
+        with pytest.raises(DeadlineExceeded):
+            asyncio.run(replica.complete(call("stale", deadline_s=0.0)))
+    finally:
+        replica._engine = real
+    assert held.held == {}
+    assert held.cancelled == []
+    assert expired_count() - before == 1
+    assert asyncio.run(replica.complete(call("fresh"))).deltas  # and nothing held back
