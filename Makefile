@@ -5,9 +5,8 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PIP := $(BIN)/python -m pip
-# Packages mypy checks (config: pyproject.toml [tool.mypy]); the goal is all of them:
-# models training serving loom.
-TYPED := models training loom
+# Packages mypy checks (config: pyproject.toml [tool.mypy]): all of them.
+TYPED := models training serving loom
 
 .PHONY: install run test lint bench bench-generation bench-training bench-ensemble bench-sharding clean
 
