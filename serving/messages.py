@@ -30,7 +30,7 @@ import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Generic, Protocol, Self, TypeVar
+from typing import Any, Generic, Literal, Protocol, Required, Self, TypedDict, TypeVar
 
 import numpy as np
 
@@ -66,6 +66,38 @@ class InferenceRequest:
     inputs: tuple[Any, ...]
     """Texts, or for tensor models one FP32 feature row (a 1-D numpy array) per input."""
     envelope: Envelope
+
+
+# ---- a replica's metadata ----------------------------------------------------------------------
+
+
+class ModelInfo(TypedDict, total=False):
+    """What a replica's ``info()`` says of the model it serves (the gateway's model metadata).
+
+    Every kind names itself; the rest depends on the kind: an embed model its ``dim`` and
+    ``max_length``, a classifier its ``input`` (``tensor``: ``features`` FP32 columns;
+    ``text``) and ``labels``, a generate model its ``context_length`` and ``max_sequences``,
+    a pool with no member named its ``members`` and those ``loaded`` on this replica.
+    """
+
+    name: Required[str]
+    version: Required[str]
+    task: Required[str]
+    dim: int | None
+    max_length: int | None
+    input: Literal["tensor", "text"]
+    features: int | None
+    labels: list[str]
+    context_length: int
+    max_sequences: int
+    members: dict[str, str]
+    loaded: list[str]
+
+
+def tensor_width(info: ModelInfo) -> int | None:
+    """The FP32 row width a tensor classifier takes; None for a model that takes texts."""
+    features = info.get("features")
+    return features if info.get("input") == "tensor" else None
 
 
 # ---- rows: every reply's shape -----------------------------------------------------------------

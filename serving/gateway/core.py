@@ -38,6 +38,7 @@ from serving.messages import (
     Envelope,
     InferCall,
     InferenceRequest,
+    ModelInfo,
 )
 from serving.rollout.route_table import NotRouted, RouteFollower, VersionRoute
 from serving.routing.ensemble_router import EnsembleRouter, MemberLine, Sent
@@ -101,7 +102,7 @@ class GatewayCore:
         # one coalescer per version app and model (a pool's app serves several members): a
         # call joins requests for one version of one model only
         self._coalescers: dict[tuple[str, str], Coalescer[Any]] = {}
-        self._info: dict[tuple[str, str], dict[str, Any]] = {}  # (app, model) -> info()
+        self._info: dict[tuple[str, str], ModelInfo] = {}  # (app, model) -> info()
         self.members = config.pool_members()  # member -> its pool: the routed entry
         self._member_handles: dict[tuple[str, str], DeploymentHandle] = {}
         sharded = {m.name: m.sharding for m in config.deployed() if m.sharding is not None}
@@ -271,7 +272,7 @@ class GatewayCore:
             self._coalescers[key] = coalescer
         return coalescer
 
-    async def model_info(self, name: str) -> dict[str, Any]:
+    async def model_info(self, name: str) -> ModelInfo:
         """The replica info of the version that takes most of ``name``'s traffic."""
         route = self._for_member(name, self.routes.primary)
         key = (route.app_name, route.model)
@@ -300,7 +301,7 @@ class GatewayCore:
         with self.routes.tracking(route.app_name):
             yield _Line(handle)
 
-    async def member_info(self, member: str) -> Mapping[str, Any]:
+    async def member_info(self, member: str) -> ModelInfo:
         return await self.model_info(member)
 
     async def member_ready(self, member: str) -> bool:

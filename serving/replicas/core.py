@@ -43,6 +43,7 @@ from serving.messages import (
     InferCall,
     InferReply,
     InputRefused,
+    ModelInfo,
     Rows,
     concat_rows,
 )
@@ -98,7 +99,7 @@ class LoadedModel(Generic[E]):
     def version(self) -> str:
         return self.identity.version
 
-    def info(self) -> dict[str, Any]:
+    def info(self) -> ModelInfo:
         """What the gateway shows in model metadata."""
         return {
             "name": self.name,
@@ -268,15 +269,13 @@ class RowModel:
         rows = concat_rows(computed) if computed else None
         return InferReply(rows, frozenset(skipped))
 
-    def info(self) -> dict[str, Any]:
+    def info(self) -> ModelInfo:
         info = self.model.info()
         engine = self.model.engine
         if isinstance(engine, TensorClassifierEngine | TextClassifierEngine):
-            info |= {
-                "input": engine.input_kind,
-                "features": engine.input_features,
-                "labels": list(engine.labels),
-            }
+            info["input"] = engine.input_kind
+            info["features"] = engine.input_features
+            info["labels"] = list(engine.labels)
         return info
 
     def check(self) -> None:

@@ -41,6 +41,7 @@ from serving.messages import (
     GenerateCall,
     GenerateChunk,
     GenerationRefused,
+    ModelInfo,
     render_plain_chat,
 )
 from serving.replicas.core import LoadedModel, load_model
@@ -201,7 +202,7 @@ class GenerationReplica:
         )
         return GenerateChunk(self._version, deltas=deltas, prompt_tokens=prompt_tokens)
 
-    def info(self) -> dict[str, Any]:
+    def info(self) -> ModelInfo:
         return {
             "name": self._config.name,
             "version": self._version,

@@ -28,7 +28,7 @@ from models.store import ModelStore
 from serving import metrics
 from serving.config.model import ModelConfig, PoolConfig, parse_entry
 from serving.config.pool import POOL_VERSION
-from serving.messages import InferCall, InferReply, Rows
+from serving.messages import InferCall, InferReply, ModelInfo, Rows
 from serving.replicas.batcher import engine_thread
 from serving.replicas.core import RowModel, load_model
 
@@ -88,7 +88,7 @@ class InferenceReplica:
         """The rows of each part of ``call`` (``serving.messages``)."""
         return await (await self._model()).infer(call)
 
-    async def info(self) -> dict[str, Any]:
+    async def info(self) -> ModelInfo:
         """The model's metadata; for a pool, the named member's, or with none named the
         pool's own (its members, and which this replica holds now)."""
         if self._only is not None or serve.get_multiplexed_model_id():

@@ -19,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Awaitable, Generator, Mapping
+from collections.abc import Awaitable, Generator
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, replace
 from typing import Any, Protocol, TypeVar
@@ -38,6 +38,7 @@ from serving.messages import (
     InferReply,
     InjectedFault,
     InputRefused,
+    ModelInfo,
     Overloaded,
 )
 from serving.routing.ensemble import (
@@ -81,7 +82,7 @@ class Members(Protocol):
         differ)."""
         ...
 
-    async def member_info(self, member: str) -> Mapping[str, Any]:
+    async def member_info(self, member: str) -> ModelInfo:
         """The member's replica ``info()``."""
         ...
 
@@ -253,7 +254,12 @@ class EnsembleRouter:
                     f"ensemble {self.name}: member {member} has not answered yet, so the "
                     "width of its part of the embedding is unknown"
                 ) from None
-            self._dims[member] = int(info["dim"])
+            dim = info.get("dim")
+            if dim is None:
+                raise MemberWidthUnknown(
+                    f"ensemble {self.name}: member {member} reports no embedding width"
+                )
+            self._dims[member] = dim
         return self._dims[member]
 
     # ---- one member --------------------------------------------------------------------------

@@ -28,7 +28,7 @@ from serving.gateway.errors import JSON
 from serving.gateway.limits import check_texts
 from serving.gateway.protocols import openai as oai
 from serving.gateway.protocols import v2
-from serving.messages import EmbedReply, Envelope, InferenceRequest
+from serving.messages import EmbedReply, Envelope, InferenceRequest, tensor_width
 from serving.routing.ensemble_router import EnsembleAnswer, EnsembleRouter
 
 
@@ -63,10 +63,9 @@ async def ensemble_inputs(
     Limits are the ensemble entry's own (``limits``)."""
     limits = router.model.limits
     if router.model.task == "classify":
-        info = await gw.model_info(router.members[0])
-        if info["input"] == "tensor":
-            rows = v2.tensor_rows(body, features=info["features"], max_rows=limits.max_inputs)
-            return tuple(rows)
+        width = tensor_width(await gw.model_info(router.members[0]))
+        if width is not None:
+            return tuple(v2.tensor_rows(body, features=width, max_rows=limits.max_inputs))
     texts = v2.text_inputs(body)
     check_texts(texts, limits)
     return texts

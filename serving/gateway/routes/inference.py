@@ -22,7 +22,7 @@ from serving.gateway.limits import check_texts
 from serving.gateway.protocols import openai as oai
 from serving.gateway.protocols import v2
 from serving.gateway.routes.ensembles import ensemble_embeddings
-from serving.messages import ClassifyReply, EmbedReply, InferenceRequest
+from serving.messages import ClassifyReply, EmbedReply, InferenceRequest, tensor_width
 
 SERVER_VERSION = "0.1.0"
 
@@ -33,10 +33,10 @@ async def model_inputs(
     """A v2 request's inputs, checked as ``model`` takes them: for a tensor classifier (its
     replica's info says so) FP32 rows of its width, else texts."""
     if model.task == "classify":
-        info = await gw.model_info(model.name)
-        if info["input"] == "tensor":
+        width = tensor_width(await gw.model_info(model.name))
+        if width is not None:
             max_rows = model.limits.max_inputs
-            return tuple(v2.tensor_rows(body, features=info["features"], max_rows=max_rows))
+            return tuple(v2.tensor_rows(body, features=width, max_rows=max_rows))
     texts = v2.text_inputs(body)
     check_texts(texts, model.limits)
     return texts

@@ -10,6 +10,7 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import orjson
 import pytest
 from fastapi.testclient import TestClient
 from prometheus_client import REGISTRY
@@ -22,6 +23,7 @@ from serving.rollout.route_table import RouteFollower, RouteTable, VersionRoute
 
 MODEL = "enc-endpoints"
 EMBED = {"model": MODEL, "input": ["hello"]}
+LIMITS = {"max_inputs": 2, "max_input_chars": 10}
 V2_INFER = {"inputs": [{"name": "text", "shape": [1], "datatype": "BYTES", "data": ["hello"]}]}
 
 
@@ -35,9 +37,8 @@ class _Method:
 
 def client(infer: Callable[[InferCall], Awaitable[Any]], **server: object) -> TestClient:
     """The gateway's app over one embed model whose version app answers with ``infer``."""
-    config = parse_config(
-        {"server": server, "models": [{"name": MODEL, "source": MODEL, "task": "embed"}]}
-    )
+    model = {"name": MODEL, "source": MODEL, "task": "embed", "limits": LIMITS}
+    config = parse_config({"server": server, "models": [model]})
 
     async def never(*args: object) -> None:
         return None
@@ -123,3 +124,63 @@ def test_unknown_routes_and_wrong_methods_answer_json_in_shape() -> None:
     assert missing.json()["error"]["code"] == "route_error"
     assert "GET" in wrong.json()["error"]["message"]
     assert isinstance(v2_missing.json()["error"], str)
+
+
+def v2_texts(*texts: str) -> dict[str, Any]:
+    tensor = {"name": "text", "shape": [len(texts)], "datatype": "BYTES", "data": list(texts)}
+    return {"inputs": [tensor]}
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "param"),
+    [
+        (b"{not json", 400, None),
+        (b"\xff\xfe", 400, None),
+        (b'{"model": "enc-endpoints"}', 400, "input"),
+        (b'{"model": "enc-endpoints", "input": []}', 400, None),
+        (b'{"model": "enc-endpoints", "input": ["a", "b", "c"]}', 413, None),
+        (b'{"model": "enc-endpoints", "input": ["%s"]}' % (b"x" * 11), 413, None),
+        (b'{"model": "nobody", "input": ["a"]}', 404, "model"),
+    ],
+    ids=["malformed", "not-utf8", "missing-field", "empty", "too-many", "too-long", "unknown"],
+)
+def test_bad_openai_requests_are_refused_in_openai_shape_before_any_call(
+    body: bytes, status: int, param: str | None
+) -> None:
+    http = client(bug)  # a call would be a 500: none may happen
+    answer = http.post("/v1/embeddings", content=body, headers={"content-type": "application/json"})
+    assert answer.status_code == status
+    error = answer.json()["error"]
+    assert set(error) >= {"message", "type", "code"}
+    assert error["message"]
+    if param is not None:
+        assert error["param"] == param
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "status"),
+    [
+        (f"/v2/models/{MODEL}/infer", b"{not json", 400),
+        (f"/v2/models/{MODEL}/infer", b'{"inputs": []}', 400),
+        (f"/v2/models/{MODEL}/infer", orjson.dumps(v2_texts("a", "b", "c")), 413),
+        (f"/v2/models/{MODEL}/infer", orjson.dumps(v2_texts("x" * 11)), 413),
+        ("/v2/models/nobody/infer", orjson.dumps(v2_texts("a")), 404),
+    ],
+    ids=["malformed", "no-inputs", "too-many", "too-long", "unknown"],
+)
+def test_bad_v2_requests_are_refused_in_v2_shape_before_any_call(
+    path: str, body: bytes, status: int
+) -> None:
+    answer = client(bug).post(path, content=body, headers={"content-type": "application/json"})
+    assert answer.status_code == status
+    assert isinstance(answer.json()["error"], str)
+    assert answer.json()["error"]
+
+
+@pytest.mark.parametrize("path", ["/v1/embeddings", f"/v2/models/{MODEL}/infer"])
+def test_a_body_over_the_size_limit_is_413_in_each_protocol(path: str) -> None:
+    http = client(bug, max_body_bytes=1024)
+    answer = http.post(path, content=b" " * 2048, headers={"content-type": "application/json"})
+    assert answer.status_code == 413
+    error = answer.json()["error"]
+    assert error["code"] if path.startswith("/v1") else isinstance(error, str)
