@@ -7,12 +7,12 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pytest
+from inprocess import InProcessHandle, gateway_over
 from model_folders import make_digits_folder
 from prometheus_client import REGISTRY
 
@@ -23,38 +23,11 @@ from serving.messages import (
     ClassifyReply,
     DeadlineExceeded,
     Envelope,
-    InferCall,
     InferenceRequest,
-    InferReply,
 )
 from serving.replicas.inference import InferenceReplica
-from serving.rollout.route_table import RouteFollower, RouteTable, VersionRoute
 
 MODEL = "digits-hop"
-
-
-class _Method:
-    def __init__(self, body: Callable[..., Awaitable[Any]]) -> None:
-        self._body = body
-
-    def remote(self, *args: Any) -> Awaitable[Any]:
-        return self._body(*args)
-
-
-class InProcessHandle:
-    """What the gateway uses of a ``DeploymentHandle``: ``infer.remote`` and ``info.remote``,
-    here calling the replica object directly. Every reply the replica gave is kept."""
-
-    def __init__(self, replica: InferenceReplica) -> None:
-        self.replies: list[InferReply[Any]] = []
-
-        async def infer(call: InferCall) -> InferReply[Any]:
-            reply = await replica.infer(call)
-            self.replies.append(reply)
-            return reply
-
-        self.infer = _Method(infer)
-        self.info = _Method(replica.info)
 
 
 def counter(name: str) -> float:
@@ -75,16 +48,10 @@ def replica(tmp_path: Path) -> InferenceReplica:
     return InferenceReplica(config, str(store.root))
 
 
-def gateway(replica: InferenceReplica, handle: InProcessHandle) -> GatewayCore:
+def gateway(replica: InferenceReplica) -> tuple[GatewayCore, InProcessHandle]:
     config = parse_config({"models": [{"name": MODEL, "source": MODEL, "task": "classify"}]})
-
-    async def never(*args: object) -> None:
-        return None
-
-    follower = RouteFollower(never)
-    route = VersionRoute(MODEL, "1", 1.0, f"{MODEL}-v1", handle)
-    follower.table = RouteTable(epoch=1, routes={MODEL: (route,)})
-    return GatewayCore(config, follower, store=None)
+    handle = InProcessHandle(replica.infer, replica.info)
+    return gateway_over(config, MODEL, handle), handle
 
 
 async def until(condition: Callable[[], bool]) -> None:
@@ -96,8 +63,7 @@ async def until(condition: Callable[[], bool]) -> None:
 def test_a_request_the_gateway_gave_up_on_is_skipped_by_the_replica(
     replica: InferenceReplica,
 ) -> None:
-    handle = InProcessHandle(replica)
-    core = gateway(replica, handle)
+    core, handle = gateway(replica)
     loaded = replica._only
     assert loaded is not None
     engine_free = threading.Event()
@@ -141,8 +107,7 @@ def test_a_request_whose_deadline_passed_in_the_gateways_queue_never_crosses_the
     replica: InferenceReplica,
 ) -> None:
     """The coalescer leaves it out of the next call: the replica never hears of it."""
-    handle = InProcessHandle(replica)
-    core = gateway(replica, handle)
+    core, handle = gateway(replica)
     rows = tuple(np.zeros((1, 64), dtype=np.float32))
 
     async def scenario() -> None:

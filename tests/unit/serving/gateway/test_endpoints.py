@@ -13,13 +13,12 @@ from typing import Any
 import orjson
 import pytest
 from fastapi.testclient import TestClient
+from inprocess import InProcessHandle, gateway_over
 from prometheus_client import REGISTRY
 
 from serving.config import parse_config
 from serving.gateway.app import build_http_app
-from serving.gateway.core import GatewayCore
 from serving.messages import InferCall
-from serving.rollout.route_table import RouteFollower, RouteTable, VersionRoute
 
 MODEL = "enc-endpoints"
 EMBED = {"model": MODEL, "input": ["hello"]}
@@ -27,31 +26,12 @@ LIMITS = {"max_inputs": 2, "max_input_chars": 10}
 V2_INFER = {"inputs": [{"name": "text", "shape": [1], "datatype": "BYTES", "data": ["hello"]}]}
 
 
-class _Method:
-    def __init__(self, body: Callable[..., Awaitable[Any]]) -> None:
-        self._body = body
-
-    def remote(self, *args: Any) -> Awaitable[Any]:
-        return self._body(*args)
-
-
 def client(infer: Callable[[InferCall], Awaitable[Any]], **server: object) -> TestClient:
     """The gateway's app over one embed model whose version app answers with ``infer``."""
     model = {"name": MODEL, "source": MODEL, "task": "embed", "limits": LIMITS}
     config = parse_config({"server": server, "models": [model]})
 
-    async def never(*args: object) -> None:
-        return None
-
-    class Handle:
-        pass
-
-    handle = Handle()
-    handle.infer = _Method(infer)  # type: ignore[attr-defined]
-    follower = RouteFollower(never)
-    route = VersionRoute(MODEL, "1", 1.0, f"{MODEL}-v1", handle)
-    follower.table = RouteTable(epoch=1, routes={MODEL: (route,)})
-    return TestClient(build_http_app(GatewayCore(config, follower, store=None)))
+    return TestClient(build_http_app(gateway_over(config, MODEL, InProcessHandle(infer))))
 
 
 async def hang(call: InferCall) -> Any:

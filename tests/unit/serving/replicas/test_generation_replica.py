@@ -1,12 +1,14 @@
 """The generation replica without Ray, on a tiny GPT-2: a call's deadline bounds its wait
-for a first token, and a call past its deadline gives its slot back at once."""
+for a first token (its sequences are cancelled and its slot freed), and a call that arrives
+past its deadline never reaches the engine. A stalled engine stands in for a full batch."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
@@ -21,38 +23,43 @@ from serving.replicas.generation import GenerationReplica
 MODEL = "tiny-gen-deadline"
 
 
-class HeldEngine:
-    """The replica's real engine behind a gate: while held, submitted sequences wait here
-    (as they would behind a full batch) and reach the engine only when released."""
+class StalledEngine:
+    """The replica's engine with a full batch that outlasts every deadline: it takes
+    sequences and runs none of them; a cancelled one is let go."""
 
     def __init__(self, engine: GenerationEngine) -> None:
         self.engine = engine
-        self.held: dict[str, tuple[Any, ...]] = {}
+        self.waiting: dict[str, Callable[[SequenceUpdate], None]] = {}
         self.cancelled: list[str] = []
-        self.reached_engine: list[str] = []
         self._lock = threading.Lock()
-        self._count = 0
 
     def submit(
-        self,
-        prompt: Any,
-        params: SamplingParams,
-        *,
-        on_update: Callable[[SequenceUpdate], None],
+        self, prompt: Any, params: SamplingParams, *, on_update: Callable[[SequenceUpdate], None]
     ) -> str:
         with self._lock:
-            self._count += 1
-            seq_id = f"held-{self._count}"
-            self.held[seq_id] = (prompt, params, on_update)
+            seq_id = f"waiting-{len(self.waiting) + len(self.cancelled) + 1}"
+            self.waiting[seq_id] = on_update
         return seq_id
 
     def cancel(self, seq_id: str) -> None:
         with self._lock:
             self.cancelled.append(seq_id)
-            self.held.pop(seq_id, None)
+            self.waiting.pop(seq_id, None)
 
-    def __getattr__(self, name: str) -> Any:  # stats, context length, tokenizer...
+    def __getattr__(self, name: str) -> Any:  # context length, tokenizer, stats...
         return getattr(self.engine, name)
+
+
+@contextlib.contextmanager
+def stalled(replica: GenerationReplica) -> Iterator[StalledEngine]:
+    """The replica's engine stalled for the block; its real engine back afterwards."""
+    real = replica._engine
+    engine = StalledEngine(real)
+    replica._engine = engine  # type: ignore[assignment]
+    try:
+        yield engine
+    finally:
+        replica._engine = real
 
 
 @pytest.fixture(scope="module")
@@ -84,9 +91,6 @@ def call(request_id: str, deadline_s: float = float("inf")) -> GenerateCall:
 def test_no_first_token_by_the_deadline_cancels_the_sequence_and_frees_its_slot(
     replica: GenerationReplica,
 ) -> None:
-    real = replica._engine
-    held = HeldEngine(real)
-    replica._engine = held  # type: ignore[assignment]
     before = expired_count()
 
     async def scenario() -> None:
@@ -100,12 +104,10 @@ def test_no_first_token_by_the_deadline_cancels_the_sequence_and_frees_its_slot(
             await anext(stream)  # no token came: the engine was still busy
         assert late.value.request_id == "slow"
 
-    try:
+    with stalled(replica) as engine:
         asyncio.run(scenario())
-    finally:
-        replica._engine = real
-    assert held.cancelled == ["held-1"]  # cancelled before it reached the engine
-    assert held.held == {}
+    assert engine.cancelled == ["waiting-1"]  # given back before it ever ran
+    assert engine.waiting == {}
     assert expired_count() - before == 1
 
     # the slot is free again: the next call is admitted and answered in full
@@ -116,16 +118,10 @@ def test_no_first_token_by_the_deadline_cancels_the_sequence_and_frees_its_slot(
 def test_a_call_that_arrives_past_its_deadline_never_reaches_the_engine(
     replica: GenerationReplica,
 ) -> None:
-    real = replica._engine
-    held = HeldEngine(real)
-    replica._engine = held  # type: ignore[assignment]
     before = expired_count()
-    try:
-        with pytest.raises(DeadlineExceeded):
-            asyncio.run(replica.complete(call("stale", deadline_s=0.0)))
-    finally:
-        replica._engine = real
-    assert held.held == {}
-    assert held.cancelled == []
+    with stalled(replica) as engine, pytest.raises(DeadlineExceeded):
+        asyncio.run(replica.complete(call("stale", deadline_s=0.0)))
+    assert engine.waiting == {}
+    assert engine.cancelled == []  # nothing was submitted at all
     assert expired_count() - before == 1
     assert asyncio.run(replica.complete(call("fresh"))).deltas  # and nothing held back
