@@ -62,6 +62,11 @@ MODEL_LOAD = Gauge(
     multiprocess_mode="mostrecent",
 )
 REJECTED = Counter("loom_rejected", "Inputs refused by admission control (queue full).", ["model"])
+RETRIES = Counter(
+    "loom_retries",
+    "Calls the gateway sent again because the replica answering them was lost.",
+    ["model", "reason"],
+)
 EXPIRED = Counter(
     "loom_expired_inputs",
     "Inputs a replica dropped uncomputed: their deadline passed before the engine ran them.",

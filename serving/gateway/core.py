@@ -19,9 +19,11 @@ import contextlib
 import hmac
 import logging
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from typing import Any, Protocol
 
+from ray.exceptions import RayActorError
+from ray.serve.exceptions import DeploymentUnavailableError
 from ray.serve.handle import DeploymentHandle
 from starlette.requests import Request
 
@@ -53,6 +55,47 @@ CALLS_PER_REPLICA = 4
 """Calls a coalescer keeps out per replica of a version: the replica's batcher merges what
 queues behind its running batch. Measured at concurrency 8: 2 per replica ~70 req/s, 4 ~90,
 8 ~73 (more calls, more hop cost); at 64 the three were within noise (~180-235)."""
+
+
+REPLICA_LOST: tuple[type[Exception], ...] = (RayActorError, DeploymentUnavailableError)
+"""What a call raises when the replica answering it died or went away (its process was
+killed, its node lost): not the request's fault, and an idempotent call may go again."""
+
+
+def model_unavailable(model: str) -> ApiError:
+    """503: the call was lost with its replica twice (or had no time left to go again)."""
+    return ApiError(
+        503,
+        f"model '{model}' is unavailable: its replica was lost; retry shortly",
+        code="model_unavailable",
+        headers={"Retry-After": "1"},
+    )
+
+
+async def send_once_more_if_lost(
+    model: str, call: InferCall, send: Callable[[InferCall], Awaitable[Any]]
+) -> Any:
+    """``send(call)``; if its replica is lost, once more (Serve's router has marked the dead
+    replica, so the second goes to another one) while any part has time left. Embed and
+    classify calls are idempotent: running one twice changes nothing but the cost."""
+    try:
+        return await send(call)
+    except REPLICA_LOST as lost:
+        ids = [part.envelope.request_id for part in call.parts]
+        if all(part.envelope.expired() for part in call.parts):
+            logger.warning("model %s: replica lost (%r) under requests %s", model, lost, ids)
+            raise model_unavailable(model) from lost
+        logger.warning(
+            "model %s: replica lost (%r) under requests %s; sending once more", model, lost, ids
+        )
+        metrics.RETRIES.labels(model, "replica_lost").inc()
+    try:
+        return await send(call)
+    except REPLICA_LOST as lost_again:
+        logger.warning(
+            "model %s: replica lost again (%r) under requests %s", model, lost_again, ids
+        )
+        raise model_unavailable(model) from lost_again
 
 
 class ShardBoard(Protocol):
@@ -260,8 +303,11 @@ class GatewayCore:
             model = self.plain_model(route.model)
             handle = route.handle
 
-            def call(infer_call: InferCall) -> Any:
+            def send(infer_call: InferCall) -> Any:
                 return handle.infer.remote(infer_call)
+
+            async def call(infer_call: InferCall, name: str = route.model) -> Any:
+                return await send_once_more_if_lost(name, infer_call, send)
 
             coalescer = Coalescer(
                 call=call,
