@@ -51,6 +51,14 @@ class LimitsConfig(_Section):
         description="Inputs (sequences, for generation) a replica admits before answering 503 "
         "with Retry-After.",
     )
+    max_queue_wait_ms: float | None = Field(
+        1000.0,
+        gt=0,
+        description="Embed and classify: the longest an input may expect to wait for its engine "
+        "run (inputs admitted ahead of it / the measured drain rate); a call that would wait "
+        "longer is refused with 503 and Retry-After, so overload is shed rather than queued. "
+        "null: only max_queued bounds the queue.",
+    )
 
 
 class GenerationSettings(_Section):

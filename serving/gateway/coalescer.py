@@ -11,8 +11,11 @@ client went away) or whose deadline passed while it queued here is left out of t
 no replica computes what nobody reads. Each request crosses the hop as its own part of the
 call (``messages.InferCall``), with its envelope, so the replica can skip it too.
 
+The queue is bounded: past ``max_waiting_inputs`` queued a request is refused at once with
+``Overloaded`` (503, Retry-After), since the replicas behind it are already full.
+
     coalescer = Coalescer(call=lambda call: handle.infer.remote(call), max_batch_inputs=32,
-                          max_in_flight=2, model="minilm")
+                          max_in_flight=2, max_waiting_inputs=64, model="minilm")
     rows = await coalescer.submit(envelope, ["hello"])
 """
 
@@ -25,7 +28,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
-from serving.messages import DeadlineExceeded, Envelope, InferCall, InferReply, Rows
+from serving.messages import DeadlineExceeded, Envelope, InferCall, InferReply, Overloaded, Rows
 from serving.replicas.batcher import plan_batch
 
 R = TypeVar("R", bound=Rows)
@@ -51,15 +54,26 @@ class Coalescer(Generic[R]):
         max_batch_inputs: int,
         max_in_flight: int,
         model: str,
+        max_waiting_inputs: int | None = None,
     ) -> None:
+        """``max_waiting_inputs``: the most inputs queued here (None: unbounded)."""
         self._call = call
         self._max_batch_inputs = max_batch_inputs
         self._max_in_flight = max_in_flight
+        self._max_waiting_inputs = max_waiting_inputs
         self._model = model
         self._waiting: deque[_Waiting[R]] = deque()
         self._in_flight = 0
 
+    @property
+    def waiting_inputs(self) -> int:
+        return sum(len(w.inputs) for w in self._waiting)
+
     async def submit(self, envelope: Envelope, inputs: Sequence[Any]) -> R:
+        if self._in_flight >= self._max_in_flight and self._max_waiting_inputs is not None:
+            self._drop_gone()
+            if self.waiting_inputs + len(inputs) > self._max_waiting_inputs:
+                raise Overloaded(self._model, retry_after_s=1)
         future: asyncio.Future[R] = asyncio.get_running_loop().create_future()
         self._waiting.append(_Waiting(envelope, inputs, future))
         if self._in_flight < self._max_in_flight:

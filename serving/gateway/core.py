@@ -313,6 +313,10 @@ class GatewayCore:
                 call=call,
                 max_batch_inputs=model.batching.max_batch_size,
                 max_in_flight=CALLS_PER_REPLICA * model.max_replicas,
+                # one more round of full calls may wait here; past that the replicas are full
+                max_waiting_inputs=CALLS_PER_REPLICA
+                * model.max_replicas
+                * model.batching.max_batch_size,
                 model=route.model,
             )
             self._coalescers[key] = coalescer

@@ -1,9 +1,11 @@
 """Bounded admission for a replica's model: at most ``limit`` units (inputs for embed and
-classify, sequences for generation) admitted at once; past that a call is refused with
-``Overloaded`` and a Retry-After of how long the admitted units take to drain, measured.
+classify, sequences for generation) admitted at once, and, with ``max_wait_s``, no more than
+the engine clears in that long at its measured drain rate; past either a call is refused with
+``Overloaded`` and a Retry-After of how long the admitted units take to drain.
 
 Refusing at the door is the replica's overload rule (shed, don't collapse): the queue behind
-an engine never grows past what it clears in ``limit / throughput`` seconds.
+an engine never grows past what it clears in ``min(limit / throughput, max_wait_s)``, so under
+any arrival rate an admitted input waits a bounded time and the rest are told to come back.
 
     admission = Admission("minilm", limit=1024)
     admission.admit(32)         # or raises Overloaded(retry_after_s=...)
@@ -52,21 +54,57 @@ class RateMeter:
 class Admission:
     """Counts admitted units against ``limit``; its drain rate sets the Retry-After."""
 
-    def __init__(self, model: str, limit: int, *, rejected: Counter | None = None) -> None:
-        """``rejected`` (a labelled counter child) counts the units refused."""
+    def __init__(
+        self,
+        model: str,
+        limit: int,
+        *,
+        max_wait_s: float | None = None,
+        rejected: Counter | None = None,
+    ) -> None:
+        """``max_wait_s``: refuse a call whose last unit would wait longer than this for the
+        admitted ones ahead of it to be served (once ``served`` has measured the engine; a
+        lone call is always taken). ``rejected`` (a labelled counter child) counts the units
+        refused."""
         self.model = model
         self.limit = limit
+        self.max_wait_s = max_wait_s
         self.admitted = 0
         self._drained = RateMeter(half_life_s=5.0)
+        self._service_per_s = 0.0
         self._rejected = rejected
+
+    def served(self, units: int, seconds: float) -> None:
+        """The engine ran ``units`` in ``seconds``: its rate while busy (a moving average),
+        which idle time does not lower, unlike the drain rate."""
+        if units <= 0 or seconds <= 0:
+            return
+        rate = units / seconds
+        weight = 0.2 if self._service_per_s else 1.0
+        self._service_per_s += weight * (rate - self._service_per_s)
 
     def admit(self, units: int) -> None:
         """Take ``units`` or refuse them all: ``Overloaded`` when they do not fit."""
-        if self.admitted + units > self.limit:
+        if self.admitted + units > self.limit or self._would_wait_too_long(units):
             if self._rejected is not None:
                 self._rejected.inc(units)
             raise Overloaded(self.model, retry_after_s(self.admitted, self._drained.rate()))
         self.admitted += units
+
+    def expected_wait_s(self, units: int) -> float:
+        """How long the last of ``units`` would wait, admitted now: everything ahead of it
+        served at the engine's measured rate (0 with nothing ahead; inf before any run)."""
+        if self.admitted == 0:
+            return 0.0
+        if self._service_per_s <= 0:
+            return math.inf
+        return (self.admitted + units) / self._service_per_s
+
+    def _would_wait_too_long(self, units: int) -> bool:
+        if self.max_wait_s is None or self.admitted == 0:
+            return False
+        wait_s = self.expected_wait_s(units)
+        return wait_s > self.max_wait_s and wait_s != math.inf
 
     def release(self, units: int) -> None:
         """``units`` are done; they count toward the drain rate."""

@@ -195,7 +195,14 @@ class RowModel:
         expired = metrics.EXPIRED.labels(name)
         self._queue_depth = metrics.QUEUE_DEPTH.labels(name)
 
+        admission = model.admission
+        # embed and classify bound the expected wait too; generation's sequences do not queue
+        # behind one another the same way (its slots free one at a time)
+        wait_ms = model.config.limits.max_queue_wait_ms
+        admission.max_wait_s = None if wait_ms is None else wait_ms / 1000.0
+
         def record(size: int, seconds: float) -> None:
+            admission.served(size, seconds)
             batch_size.observe(size)
             batch_latency.observe(seconds)
             computed.inc(size)

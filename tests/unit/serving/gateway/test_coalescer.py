@@ -10,7 +10,7 @@ import pytest
 from fake_rows import Items, items
 
 from serving.gateway.coalescer import Coalescer
-from serving.messages import DeadlineExceeded, Envelope, InferCall, InferReply
+from serving.messages import DeadlineExceeded, Envelope, InferCall, InferReply, Overloaded
 from serving.replicas.batcher import plan_batch
 
 
@@ -123,3 +123,30 @@ def test_a_part_the_replica_skipped_answers_its_caller_with_deadline_exceeded():
     assert first == items("R0")
     assert isinstance(skipped, DeadlineExceeded)
     assert computed == items("R2")
+
+
+def test_past_its_bound_the_queue_refuses_at_once_with_retry_after():
+    """The replicas behind a full coalescer are full: a newcomer hears 503 now, not later."""
+
+    async def scenario() -> None:
+        gate = asyncio.Event()
+
+        async def call(infer_call: InferCall) -> InferReply[Items]:
+            await gate.wait()
+            return upper(infer_call)
+
+        coalescer = Coalescer(
+            call=call, max_batch_inputs=4, max_in_flight=1, max_waiting_inputs=3, model="m"
+        )
+        sent = asyncio.create_task(coalescer.submit(envelope(0), ["a"]))  # goes at once
+        queued = [asyncio.create_task(coalescer.submit(envelope(i), ["b"])) for i in (1, 2, 3)]
+        while coalescer.waiting_inputs < 3:
+            await asyncio.sleep(0)
+        with pytest.raises(Overloaded) as refused:
+            await coalescer.submit(envelope(4), ["c"])
+        assert refused.value.retry_after_s == 1
+        gate.set()
+        assert await sent == items("A")
+        assert await asyncio.gather(*queued) == [items("B")] * 3
+
+    asyncio.run(scenario())

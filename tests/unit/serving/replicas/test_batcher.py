@@ -233,3 +233,24 @@ def test_admission_refuses_a_call_that_does_not_fit_and_counts_what_it_refused()
     admission.release(3)
     admission.admit(5)  # room again
     assert admission.admitted == 5
+
+
+def test_a_call_that_would_wait_past_max_wait_is_refused_though_the_queue_has_room():
+    admission = Admission("m", limit=1000, max_wait_s=0.5)
+    admission.admit(10)  # a lone call is always taken, before any run is measured
+    admission.admit(50)  # no rate known yet: the count limit alone applies
+    admission.served(100, 1.0)  # the engine clears 100 inputs a second while busy
+    assert admission.expected_wait_s(1) == pytest.approx(0.61)
+    with pytest.raises(Overloaded):
+        admission.admit(1)  # 61 ahead at 100/s: 0.61 s > 0.5 s
+    admission.release(20)
+    admission.admit(1)  # 41 ahead: 0.41 s
+
+
+def test_idle_time_does_not_lower_the_engines_measured_rate():
+    """The drain rate decays when nothing drains; the service rate (while busy) does not, so
+    the first burst after a quiet spell is not refused for a rate measured as zero."""
+    admission = Admission("m", limit=1000, max_wait_s=0.5)
+    admission.served(200, 1.0)
+    admission.admit(10)
+    assert admission.expected_wait_s(10) == pytest.approx(0.1)
