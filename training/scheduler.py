@@ -7,14 +7,26 @@ not overtake it, so a big job is never starved. A job's runner (``training.runne
 pipeline in the reservation; the scheduler writes the final state from the runner's outcome:
 
     scheduler = Scheduler(store, queue, launcher, jobs_dir=env.jobs_dir)
-    scheduler.recover()     # once, at start: RUNNING jobs of a previous scheduler
     while True:
-        scheduler.tick()    # reap leases, finish/cancel runs, start what fits
+        scheduler.tick()    # settle RUNNING jobs of a previous scheduler (first tick), reap
+                            # leases, finish/cancel runs, write outcomes, start what fits
 
 Cancelling (the API marks the job CANCELLED) is noticed at the next tick: the runner is
 killed (its workers die with it), the reservation released, and the job's partial outputs
 (workspace files, queue items) removed. A failed run is queued again while the spec's
-``max_retries`` lasts; a filter's rejection is final.
+``max_retries`` lasts; a filter's rejection is final. A launch that raises (Ray could not
+start the runner) is a failed run too: its reservation is released at once and the same
+``max_retries`` rule decides (``on_restart`` is about a lost scheduler, not a run that never
+began).
+
+No job is lost to a failed write. A run's outcome is kept in the scheduler's books
+(``settling``) until the store has the state change it leads to; a write that raises (a
+SQLite lock wait past its busy timeout, Postgres restarting) is logged with the job id and
+tried again at later ticks, after 0.5, 1, 2, ... s (capped at 30 s), for as long as it takes.
+A retry after a write that did land changes nothing: the transition table refuses the same
+move twice (``JobConflict``), and a settling job is never started meanwhile. A start
+(QUEUED -> RUNNING) whose write raised keeps its reservation; the next tick reads the job and
+launches it if the write did land.
 
 After a restart, RUNNING jobs have lost their runner (it died with the old scheduler, its
 owner). By the spec's ``on_restart``: ``resume`` queues the job again, and its pipeline skips
@@ -28,17 +40,18 @@ ownership election.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
 
 from training.jobs import Job, JobConflict, JobId, JobNotFound, JobState, JobStore
 from training.runner import JobRunner, RunnerSettings, RunOutcome
-from training.work_queue import WorkQueue
+from training.work_queue import WorkQueue, retry_delay_s
 from training.workspace import JobWorkspace
 
 if TYPE_CHECKING:
@@ -105,6 +118,18 @@ class _Running(Generic[Reservation, Run]):
     run: Run
 
 
+@dataclass
+class _Settling:
+    """A run that has ended (or never launched) whose state change is not yet in the store."""
+
+    job: Job
+    """The job as it was when its run ended: ``after_failure`` counts from its metrics."""
+    outcome: RunOutcome
+    failed_writes: int = 0
+    retry_at_s: float = 0.0
+    """On the scheduler's clock: the write is not tried again before this."""
+
+
 class Scheduler(Generic[Reservation, Run]):
     """The scheduling loop's state and decisions; no threads of its own (see the module)."""
 
@@ -116,23 +141,41 @@ class Scheduler(Generic[Reservation, Run]):
         *,
         jobs_dir: Path,
         sweep_interval_s: float = 10.0,
+        write_retry_base_s: float = 0.5,
+        write_retry_cap_s: float = 30.0,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.store = store
         self.queue = queue
         self.launcher = launcher
         self.jobs_dir = Path(jobs_dir)
         self.running: dict[str, _Running[Reservation, Run]] = {}
+        # jobs whose run ended (or failed to launch) and whose state change is still unwritten
+        self.settling: dict[str, _Settling] = {}
         # (job id, reservation) of the head of the queue, while it waits for the cluster
         self.pending: tuple[str, Reservation] | None = None
+        # the pending job's start was written but the write raised: it may have landed
+        self._start_unconfirmed = False
+        self._recovered = False
         self._sweep_interval_s = sweep_interval_s
-        self._last_sweep_s = 0.0
+        self._write_retry_base_s = write_retry_base_s
+        self._write_retry_cap_s = write_retry_cap_s
+        self._clock = clock
+        self._last_sweep_s = -float("inf")
         self._swept: set[str] = set()
 
     def recover(self) -> list[str]:
-        """Settle the RUNNING jobs a previous scheduler left, by each one's ``on_restart``."""
+        """Settle the RUNNING jobs a previous scheduler left, by each one's ``on_restart``.
+
+        ``tick`` calls it until one call has settled every such job; a job whose write
+        raises is logged and left for the next call."""
         settled = []
+        complete = True
+        ours = set(self.running) | set(self.settling)
+        if self.pending is not None and self._start_unconfirmed:
+            ours.add(self.pending[0])
         for job in self.store.list(JobState.RUNNING):
-            if job.id.value in self.running:
+            if job.id.value in ours:
                 continue
             try:
                 if job.spec.on_restart == "resume":
@@ -145,15 +188,28 @@ class Scheduler(Generic[Reservation, Run]):
                     self.store.fail(job.id, "lost when the scheduler restarted (on_restart: fail)")
             except (JobConflict, JobNotFound):
                 continue  # cancelled meanwhile
+            except Exception as exc:  # the store, for now: the next tick tries again
+                complete = False
+                logger.warning(
+                    "job %s: could not settle it after the restart (%s: %s); retrying",
+                    job.id.value,
+                    type(exc).__name__,
+                    exc,
+                )
+                continue
             logger.info("recovered job %s (%s)", job.id.value, job.spec.on_restart)
             settled.append(job.id.value)
+        self._recovered = complete
         return settled
 
     def tick(self) -> None:
+        if not self._recovered:
+            self.recover()
         self.queue.reap()
         self._finish_runs()
+        self._settle_due()
         self._start_what_fits()
-        now = time.monotonic()
+        now = self._clock()
         if now - self._last_sweep_s >= self._sweep_interval_s:
             self._last_sweep_s = now
             self.sweep_cancelled()
@@ -169,7 +225,7 @@ class Scheduler(Generic[Reservation, Run]):
             if job is None or job.state != JobState.RUNNING:
                 # cancelled through the API (or gone): stop everything, remove what it made
                 self.launcher.stop(running.run)
-                self.launcher.release(running.reservation)
+                self._release(job_id, running.reservation)
                 del self.running[job_id]
                 self.clean_up(job_id)
                 logger.info("stopped job %s: it is %s", job_id, job.state if job else "gone")
@@ -177,31 +233,76 @@ class Scheduler(Generic[Reservation, Run]):
             outcome = self.launcher.outcome(running.run)
             if outcome is None:
                 continue
-            self.launcher.release(running.reservation)
+            # the run is over: its reservation goes back now, and the job stays in the books
+            # (settling) until its state change is written
             del self.running[job_id]
-            self._apply(job, outcome)
+            self.settling[job_id] = _Settling(job, outcome)
+            self._release(job_id, running.reservation)
+            self._log_outcome(job_id, outcome)
+
+    def _settle_due(self) -> None:
+        """Write the state change of each ended run that is due; a failed write waits."""
+        for job_id, settling in list(self.settling.items()):
+            if self._clock() < settling.retry_at_s:
+                continue
+            try:
+                self._apply(settling.job, settling.outcome)
+            except Exception as exc:  # the store, for now: keep the job and try again later
+                settling.failed_writes += 1
+                delay_s = retry_delay_s(
+                    settling.failed_writes,
+                    base_s=self._write_retry_base_s,
+                    cap_s=self._write_retry_cap_s,
+                )
+                settling.retry_at_s = self._clock() + delay_s
+                logger.warning(
+                    "job %s: writing the end of its run (%s) failed (%s: %s); try %d again in "
+                    "%.1f s",
+                    job_id,
+                    settling.outcome.status,
+                    type(exc).__name__,
+                    exc,
+                    settling.failed_writes + 1,
+                    delay_s,
+                )
+                continue
+            del self.settling[job_id]
+            if settling.failed_writes:
+                logger.info(
+                    "job %s: the end of its run is written (after %d failed writes)",
+                    job_id,
+                    settling.failed_writes,
+                )
 
     def _apply(self, job: Job, outcome: RunOutcome) -> None:
-        try:
-            if outcome.status == "succeeded":
-                self.store.succeed(job.id, metrics=outcome.metrics)
-            elif outcome.status == "rejected":
-                self.store.fail(job.id, outcome.error or "rejected")
-            else:  # an error; or "stopped" while the job is still RUNNING, which is one too
-                decision = after_failure(job, outcome.error or "the run failed")
-                new_state = JobState.QUEUED if decision.requeue else JobState.FAILED
-                self.store.transition(
-                    job.id,
-                    new_state,
-                    error=decision.reason,
-                    metrics={"failed_runs": decision.failed_runs},
-                )
-        except JobConflict:
-            pass  # cancelled between the outcome and now
+        """Write the state change ``outcome`` leads to, from RUNNING only; raises what the
+        store raises, except a refusal: the job was cancelled between the outcome and now, or
+        an earlier try of this same write did land (the job is no longer RUNNING)."""
+        if outcome.status == "succeeded":
+            new_state, error, metrics = JobState.SUCCEEDED, None, outcome.metrics
+        elif outcome.status == "rejected":
+            new_state, error, metrics = JobState.FAILED, outcome.error or "rejected", None
+        else:  # an error; or "stopped" while the job is still RUNNING, which is one too
+            decision = after_failure(job, outcome.error or "the run failed")
+            new_state = JobState.QUEUED if decision.requeue else JobState.FAILED
+            error, metrics = decision.reason, {"failed_runs": decision.failed_runs}
+        with contextlib.suppress(JobConflict, JobNotFound):
+            self.store.transition(
+                job.id, new_state, error=error, metrics=metrics, require=JobState.RUNNING
+            )
+
+    @staticmethod
+    def _log_outcome(job_id: str, outcome: RunOutcome) -> None:
         if outcome.status in ("succeeded", "rejected"):
-            logger.info("job %s: run ended %s", job.id.value, outcome.status)
+            logger.info("job %s: run ended %s", job_id, outcome.status)
         else:  # the runner's own log has the traceback; this is the line the scheduler saw
-            logger.warning("job %s: run ended %s: %s", job.id.value, outcome.status, outcome.error)
+            logger.warning("job %s: run ended %s: %s", job_id, outcome.status, outcome.error)
+
+    def _release(self, job_id: str, reservation: Reservation) -> None:
+        try:
+            self.launcher.release(reservation)
+        except Exception:  # the cluster refused; nothing the scheduler can hold on to
+            logger.exception("job %s: releasing its reservation failed", job_id)
 
     def clean_up(self, job_id: str) -> None:
         """A cancelled job's partial outputs: its workspace and its queue items."""
@@ -218,12 +319,19 @@ class Scheduler(Generic[Reservation, Run]):
     # --- starting jobs ------------------------------------------------------------------
 
     def _start_what_fits(self) -> None:
+        if self._start_unconfirmed and not self._confirm_start():
+            return
         while True:
-            queued = queue_order(self.store.list(JobState.QUEUED))
-            head = queued[0] if queued else None
+            # a settling job may already be QUEUED in the store (its requeue landed but
+            # reported failure): it starts again only once its own write is settled
+            queued = [
+                job for job in self.store.list(JobState.QUEUED) if job.id.value not in self.settling
+            ]
+            ordered = queue_order(queued)
+            head = ordered[0] if ordered else None
             if self.pending is not None and (head is None or self.pending[0] != head.id.value):
                 # the head changed (a higher priority came, or it was cancelled)
-                self.launcher.release(self.pending[1])
+                self._release(self.pending[0], self.pending[1])
                 self.pending = None
             if head is None:
                 return
@@ -232,30 +340,80 @@ class Scheduler(Generic[Reservation, Run]):
             reservation = self.pending[1]
             if not self.launcher.is_ready(reservation):
                 return  # the cluster cannot place it yet; nothing behind it may overtake
-            self.pending = None
             try:
                 job = self.store.start(head.id, stage="starting")
             except JobConflict:  # cancelled between the list and now
-                self.launcher.release(reservation)
+                self.pending = None
+                self._release(head.id.value, reservation)
                 continue
-            self.running[job.id.value] = _Running(
-                reservation, self.launcher.launch(job, reservation)
+            except Exception as exc:  # it may have landed: the next tick reads the job
+                self._start_unconfirmed = True
+                logger.warning(
+                    "job %s: writing its start failed (%s: %s); the next tick checks it",
+                    head.id.value,
+                    type(exc).__name__,
+                    exc,
+                )
+                return
+            self.pending = None
+            if not self._launch(job, reservation):
+                return  # the next tick goes on (a requeued job is not relaunched at once)
+
+    def _confirm_start(self) -> bool:
+        """After a start whose write raised: launch the job if the write landed. False when
+        that launch failed (this tick starts nothing more), else True."""
+        assert self.pending is not None
+        job_id, reservation = self.pending
+        job = self.store.get(JobId(job_id))  # raises while the store is still away: retried
+        self._start_unconfirmed = False
+        if job.state == JobState.RUNNING:
+            self.pending = None
+            logger.info("job %s: its start had landed", job_id)
+            return self._launch(job, reservation)
+        return True  # QUEUED: started afresh below; anything else: the head changed
+
+    def _launch(self, job: Job, reservation: Reservation) -> bool:
+        """Start the job's run in ``reservation``; a launch that raises is a failed run (its
+        reservation released, its state change written or settling): False."""
+        job_id = job.id.value
+        try:
+            run = self.launcher.launch(job, reservation)
+        except Exception as exc:
+            logger.exception("job %s: launching its run failed", job_id)
+            self._release(job_id, reservation)
+            outcome = RunOutcome(
+                status="error", error=f"could not launch the job's run: {type(exc).__name__}: {exc}"
             )
-            logger.info("started job %s (priority %d)", job.id.value, job.priority)
+            self.settling[job_id] = _Settling(job, outcome)
+            self._settle_due()
+            return False
+        self.running[job_id] = _Running(reservation, run)
+        logger.info("started job %s (priority %d)", job_id, job.priority)
+        return True
 
     def status(self) -> dict[str, Any]:
-        return {"running": sorted(self.running), "pending": self.pending and self.pending[0]}
+        return {
+            "running": sorted(self.running),
+            "settling": sorted(self.settling),
+            "pending": self.pending and self.pending[0],
+        }
 
     def stop_all(self) -> None:
         """Stop every run and release every reservation (the service is shutting down). The
-        jobs stay RUNNING in the store, for ``recover`` at the next start."""
-        for running in self.running.values():
+        jobs stay RUNNING in the store, for ``recover`` at the next start; an ended run's
+        state change gets one more try first."""
+        for job_id, running in self.running.items():
             self.launcher.stop(running.run)
-            self.launcher.release(running.reservation)
+            self._release(job_id, running.reservation)
         self.running.clear()
+        for settling in self.settling.values():
+            settling.retry_at_s = 0.0
+        self._settle_due()
+        self.settling.clear()
         if self.pending is not None:
-            self.launcher.release(self.pending[1])
+            self._release(self.pending[0], self.pending[1])
             self.pending = None
+            self._start_unconfirmed = False
 
 
 def bundles_for(job: Job) -> list[dict[str, float]]:
@@ -351,10 +509,10 @@ class SchedulerService:
         engine = create_db_engine(settings.db_url, schema=settings.db_schema)
         create_tables(engine)
         self.store = JobStore(engine)
+        # its first tick settles the jobs a previous scheduler was running (``recover``)
         self.scheduler = Scheduler(
             self.store, WorkQueue(engine), RayLauncher(settings), jobs_dir=Path(settings.jobs_dir)
         )
-        self.scheduler.recover()
         self._tick_s = tick_s
         self._wake = threading.Event()
         self._stop = threading.Event()

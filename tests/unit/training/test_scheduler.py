@@ -3,71 +3,17 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import pytest
+from scheduler_fakes import Clock, FakeLauncher, lm_spec
 from sqlalchemy import Engine
 
 from training.jobs import Job, JobState, JobStore
 from training.runner import RunOutcome
 from training.scheduler import Scheduler, after_failure, bundles_for, queue_order
-from training.spec import parse_job_spec
 from training.work_queue import WorkQueue
 from training.workspace import JobWorkspace
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1_000.0
-
-    def __call__(self) -> float:
-        self.now += 1.0  # every read moves on: submit order is creation order
-        return self.now
-
-
-@dataclass
-class FakeLauncher:
-    """Capacity in whole workers; a run ends when the test sets its outcome."""
-
-    free_workers: int = 2
-    reserved: dict[int, int] = field(default_factory=dict)
-    outcomes: dict[str, RunOutcome] = field(default_factory=dict)
-    launched: list[str] = field(default_factory=list)
-    stopped: list[str] = field(default_factory=list)
-    released: int = 0
-    _next: int = 0
-
-    def reserve(self, job: Job) -> Any:
-        self._next += 1
-        self.reserved[self._next] = job.spec.workers
-        return self._next
-
-    def is_ready(self, reservation: Any) -> bool:
-        held = sum(n for r, n in self.reserved.items() if r != reservation and r < 0)
-        return self.reserved[reservation] + held <= self.free_workers
-
-    def release(self, reservation: Any) -> None:
-        self.released += 1
-        self.reserved.pop(reservation, None)
-        self.reserved.pop(-reservation, None)
-
-    def launch(self, job: Job, reservation: Any) -> Any:
-        # a started reservation holds its workers: keyed negative so is_ready counts it
-        self.reserved[-reservation] = self.reserved.pop(reservation)
-        self.launched.append(job.id.value)
-        return job.id.value
-
-    def outcome(self, run: Any) -> RunOutcome | None:
-        return self.outcomes.pop(run, None)
-
-    def stop(self, run: Any) -> None:
-        self.stopped.append(run)
-
-
-def lm_spec(name: str = "lm-job", **overrides: Any):
-    return parse_job_spec({"name": name, "trainer": "lm", **overrides})
 
 
 @pytest.fixture
