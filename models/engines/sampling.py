@@ -12,10 +12,17 @@ token standing, so the argmax picks it. Greedy rows pass through untouched.
     slot = sampler.add(SamplingParams(temperature=0.8, top_p=0.9, seed=7))
     ...  # the batch's rows carry their sequence's slot (prepare_tensor_args)
     sampler.remove(slot)
+
+A fault in one sequence's sampling (logits the model made non-finite, say) fails that
+sequence alone: the sampler records it against the slot (``failure``), leaves the row to the
+argmax, and the engine ends that sequence with an error. An exception that escaped
+``__call__`` would end transformers' generation loop for every sequence on the engine.
 """
 
 from __future__ import annotations
 
+import logging
+import math
 import threading
 from dataclasses import dataclass
 
@@ -25,8 +32,23 @@ from transformers.generation.continuous_batching.cb_logits_processors import (
 )
 from transformers.generation.continuous_batching.requests import FutureRequestState
 
+logger = logging.getLogger(__name__)
+
 GREEDY_SLOT = -1
 """The slot of a sequence the sampler leaves to the batch's argmax."""
+
+MIN_SAMPLING_TEMPERATURE = 1e-5
+"""Temperatures below this are greedy (argmax), as vLLM's: at 1e-5 a logit gap of 0.001
+already weighs e^-100 against the top token, so sampling could only differ on exact ties,
+and a smaller divisor buys nothing but overflow (1e-300 is 0.0 in float32: x / 0 is inf)."""
+
+SEED_MIN = -(2**63)
+SEED_MAX = 2**63 - 1
+"""Seeds are int64, what ``torch.Generator.manual_seed`` takes (it refuses 2**64 and up)."""
+
+
+class SamplingError(ValueError):
+    """One sequence's next token could not be drawn (its logits hold no finite maximum)."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -34,38 +56,58 @@ class SamplingParams:
     max_tokens: int = 16
     """Most new tokens to generate."""
     temperature: float = 1.0
-    """0 means greedy (argmax); above 0 divides the logits before sampling."""
+    """Below ``MIN_SAMPLING_TEMPERATURE`` (0 included) greedy (argmax); else it divides the
+    logits before sampling."""
     top_p: float = 1.0
     """Nucleus sampling: keep the smallest set of tokens whose probability reaches top_p."""
     stop: tuple[str, ...] = ()
     """Generation ends before the first of these strings; it is not part of the text."""
     seed: int | None = None
-    """Makes sampling repeatable."""
+    """Makes sampling repeatable; int64 (``SEED_MIN`` to ``SEED_MAX``)."""
     ignore_eos: bool = False
     """Keep generating past the end-of-sequence token (benchmarks want exact lengths)."""
 
     def __post_init__(self) -> None:
         if self.max_tokens < 1:
             raise ValueError(f"max_tokens must be at least 1, not {self.max_tokens}")
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, not {self.temperature}")
-        if not 0 < self.top_p <= 1:
+        if not (math.isfinite(self.temperature) and self.temperature >= 0):
+            raise ValueError(f"temperature must be a finite number >= 0, not {self.temperature}")
+        if not (math.isfinite(self.top_p) and 0 < self.top_p <= 1):
             raise ValueError(f"top_p must be in (0, 1], not {self.top_p}")
+        if self.seed is not None and not SEED_MIN <= self.seed <= SEED_MAX:
+            raise ValueError(f"seed must be an int64 ({SEED_MIN} to {SEED_MAX}), not {self.seed}")
         if any(not s for s in self.stop):
             raise ValueError("stop strings must not be empty")
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0
+        return self.temperature < MIN_SAMPLING_TEMPERATURE
+
+
+def sample_seed(seed: int, sample: int) -> int:
+    """The seed of a request's ``sample``-th choice: ``seed + sample``, wrapped to stay an
+    int64, so the n samples differ, repeatably, even from ``SEED_MAX`` (which wraps to
+    ``SEED_MIN``)."""
+    return (seed + sample - SEED_MIN) % 2**64 + SEED_MIN
 
 
 def pick_next_token(
     logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None
 ) -> int:
-    """The next token from one position's logits (V,): argmax, or a top-p sample."""
+    """The next token from one position's logits (V,): argmax, or a top-p sample.
+
+    In float64, the maximum subtracted before dividing by the temperature: every scaled
+    logit is <= 0 and the top one exactly 0, so any finite temperature gives finite weights
+    whose sum is at least 1 (a huge one gives a uniform draw). In float32 a gap of 6e38 is
+    already -inf, and -inf / 1e300 (inf in float32) is NaN. ``SamplingError`` when the
+    logits have no finite maximum (NaN or inf from the model)."""
     if params.greedy:
         return int(torch.argmax(logits))
-    probs = torch.softmax(logits.float() / params.temperature, dim=-1)
+    logits = logits.double()
+    top = logits.max()
+    if not torch.isfinite(top):
+        raise SamplingError(f"the logits' maximum is {top.item()}, not a finite number")
+    probs = torch.softmax((logits - top) / params.temperature, dim=-1)
     if params.top_p < 1.0:
         sorted_probs, order = torch.sort(probs, descending=True)
         # keep tokens until the mass before them reaches top_p: [0.5, 0.3, 0.2] at 0.7 -> 2
@@ -80,6 +122,8 @@ def pick_next_token(
 class _Sampled:
     params: SamplingParams
     generator: torch.Generator
+    failure: str | None = None
+    """Why this sequence's sampling failed; it is sampled no more (the engine ends it)."""
 
 
 class SequenceSampler(ContinuousBatchingLogitsProcessor):
@@ -117,6 +161,14 @@ class SequenceSampler(ContinuousBatchingLogitsProcessor):
         with self._lock:
             self._sampled.pop(slot, None)
 
+    def failure(self, slot: int) -> str | None:
+        """Why sampling failed for the sequence in ``slot``; None while it is fine."""
+        if slot == GREEDY_SLOT:
+            return None
+        with self._lock:
+            entry = self._sampled.get(slot)
+        return None if entry is None else entry.failure
+
     # ---- the continuous-batching processor interface (called on the engine's thread) ----
 
     def fill_defaults(self, int32_tensor: torch.Tensor) -> None:
@@ -140,9 +192,14 @@ class SequenceSampler(ContinuousBatchingLogitsProcessor):
             sampled = {s: self._sampled.get(s) for s in slots if s != GREEDY_SLOT}
         for row, slot in enumerate(slots):
             entry = sampled.get(slot)
-            if entry is None:
+            if entry is None or entry.failure is not None:
                 continue
-            token = pick_next_token(scores[row], entry.params, entry.generator)
+            try:
+                token = pick_next_token(scores[row], entry.params, entry.generator)
+            except Exception as exc:  # this sequence's fault: the batch and the loop go on
+                logger.warning("sampling failed for slot %d: %r", slot, exc)
+                entry.failure = f"sampling failed: {exc}"
+                continue  # the argmax picks its token; the engine ends the sequence
             scores[row].fill_(float("-inf"))
             scores[row, token] = 0.0  # the batch's argmax now picks exactly this token
         return scores
