@@ -38,6 +38,7 @@ from sqlalchemy import (
     UniqueConstraint,
     create_engine,
     event,
+    make_url,
 )
 
 metadata = MetaData()
@@ -122,6 +123,7 @@ job_logs = Table(
 )
 
 _SQLITE_BEGIN_OPTION = "loom_sqlite_begin"
+POSTGRES_CONNECT_TIMEOUT_S = 10
 
 
 def create_db_engine(
@@ -132,7 +134,9 @@ def create_db_engine(
     SQLite: WAL (readers don't block the one writer), a busy timeout (a writer waits for the
     lock instead of failing at once), foreign keys on, and transactions begun by us (see
     ``transaction``), not by the driver. Postgres: pool pre-ping, so a connection dropped by a
-    restarted server is replaced rather than failing the next statement.
+    restarted server is replaced rather than failing the next statement, and a connect timeout
+    (``POSTGRES_CONNECT_TIMEOUT_S`` unless the URL sets ``connect_timeout``), so a server that
+    is away fails a call in seconds instead of hanging it on the network's timeout.
 
     ``schema`` puts every table in that Postgres schema (tests use one per run).
     """
@@ -143,7 +147,10 @@ def create_db_engine(
             Path(database).parent.mkdir(parents=True, exist_ok=True)  # first start: no folder
         _configure_sqlite(engine, busy_timeout_ms=sqlite_busy_timeout_ms)
     else:
-        engine = create_engine(url, pool_pre_ping=True)
+        connect_args: dict[str, Any] = {}
+        if "connect_timeout" not in make_url(url).query:
+            connect_args["connect_timeout"] = POSTGRES_CONNECT_TIMEOUT_S
+        engine = create_engine(url, pool_pre_ping=True, connect_args=connect_args)
     if schema is not None:
         engine = engine.execution_options(schema_translate_map={None: schema})
     return engine
