@@ -8,7 +8,7 @@ PIP := $(BIN)/python -m pip
 # Packages mypy checks (config: pyproject.toml [tool.mypy]): all of them.
 TYPED := models training serving loom
 
-.PHONY: install run test lint bench bench-generation bench-training bench-ensemble bench-sharding clean
+.PHONY: install run test lint bench bench-generation bench-training bench-ensemble bench-sharding bench-faults clean
 
 install: $(STAMP)
 
@@ -44,6 +44,9 @@ bench-ensemble: $(STAMP)
 
 bench-sharding: $(STAMP)
 	$(BIN)/python -m benchmarks.sharding
+
+bench-faults: $(STAMP)
+	$(BIN)/python -m benchmarks.faults
 
 clean:
 	rm -rf $(VENV) build *.egg-info
