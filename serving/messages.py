@@ -360,6 +360,32 @@ class GenerationRefused(ReplicaError):
         return (GenerationRefused, (self.message, self.param))
 
 
+class GenerationFailed(ReplicaError):
+    """One of the call's sequences failed inside the engine (its sampling or its decoding);
+    the other sequences in the batch went on (500)."""
+
+    def __init__(self, model: str, reason: str) -> None:
+        super().__init__(f"model {model} failed to generate: {reason}")
+        self.model = model
+        self.reason = reason
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (GenerationFailed, (self.model, self.reason))
+
+
+class ReplicaUnavailable(ReplicaError):
+    """The replica can serve nothing more (its generation loop stopped) and is leaving so
+    Serve replaces it (503, retry-able: another replica may answer)."""
+
+    def __init__(self, model: str, reason: str) -> None:
+        super().__init__(f"model {model}: this replica stopped serving ({reason}); retry")
+        self.model = model
+        self.reason = reason
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (ReplicaUnavailable, (self.model, self.reason))
+
+
 class InjectedFault(ReplicaError):
     """A call failed on purpose (config ``faults.error_probability``): 503, retry-able."""
 

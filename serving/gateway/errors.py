@@ -21,10 +21,12 @@ from starlette.responses import Response
 
 from serving.messages import (
     DeadlineExceeded,
+    GenerationFailed,
     GenerationRefused,
     InjectedFault,
     InputRefused,
     Overloaded,
+    ReplicaUnavailable,
 )
 from serving.routing.ensemble_router import MemberWidthUnknown, QuorumNotMet
 
@@ -140,6 +142,10 @@ def api_error(exc: BaseException) -> ApiError | None:
         return bad_request(exc.message, param="inputs")
     if isinstance(exc, GenerationRefused):
         return bad_request(exc.message, param=exc.param)
+    if isinstance(exc, GenerationFailed):  # one sequence's fault; the replica logged it
+        return ApiError(500, str(exc), code="generation_failed")
+    if isinstance(exc, ReplicaUnavailable):  # its generation loop died; Serve replaces it
+        return ApiError(503, str(exc), code="replica_unavailable", headers={"Retry-After": "1"})
     if isinstance(exc, InjectedFault):  # config ``faults``: on purpose, so retry-able
         return ApiError(503, str(exc), code="injected_fault")
     if isinstance(exc, DeadlineExceeded):

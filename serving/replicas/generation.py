@@ -15,6 +15,15 @@ whose deadline passed before it reached the replica is refused before it touches
 Admission counts sequences (``limits.max_queued``): a call that would pass it is refused with
 ``Overloaded`` and a Retry-After from the measured rate at which sequences finish.
 
+Faults stay with their call: a sequence whose sampling or decoding failed ends its call with
+``GenerationFailed`` (500; a stream ends with an error event) and the batch goes on. If the
+engine's loop dies anyway, the replica hears of it at once (``GenerationEngine.on_stopped``):
+every call it holds ends with ``ReplicaUnavailable`` (503), new calls are refused the same
+way, ``check_health`` raises, and once its calls have ended (or ``LEAVE_GRACE_S`` passed) the
+replica leaves: its actor exits, so Serve's routers stop sending to it on the spot and the
+controller replaces it at its next check (an unhealthy answer would take three checks,
+``health_check_period_s`` apart).
+
     call = GenerateCall(envelope=Envelope("r", deadline_s=...), prompts=("Hi",))
     handle.options(stream=True).generate.remote(call)
     await handle.complete.remote(call)   # the whole answer in one reply
@@ -24,14 +33,23 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import functools
+import logging
 import math
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
-from models.engines.generate import GenerationEngine, SamplingParams, SequenceUpdate
+from models.engines.generate import (
+    EngineStopped,
+    GenerationEngine,
+    PromptError,
+    SamplingParams,
+    SequenceUpdate,
+    sample_seed,
+)
 from models.store import ModelStore
 from serving import metrics
 from serving.config.model import ModelConfig, parse_entry
@@ -40,14 +58,37 @@ from serving.messages import (
     DeadlineExceeded,
     GenerateCall,
     GenerateChunk,
+    GenerationFailed,
     GenerationRefused,
     ModelInfo,
+    ReplicaUnavailable,
     render_plain_chat,
 )
 from serving.replicas.core import LoadedModel, load_model
 
+logger = logging.getLogger(__name__)
+
 STATS_PERIOD_S = 0.25
 """How often the running/waiting sequence gauges are refreshed."""
+
+LEAVE_GRACE_S = 10.0
+"""A replica whose engine died waits at most this long for its calls to end before leaving."""
+LEAVE_POLL_S = 0.05
+REPLY_GRACE_S = 1.0
+"""After its last call ended, how long a leaving replica lets the replies reach their callers."""
+
+SAMPLING_FIELDS = ("max_tokens", "temperature", "top_p", "seed", "stop")
+"""The call fields a ``SamplingParams`` error may name (its message starts with the name)."""
+
+
+def leave_this_replica() -> None:
+    """End this replica's actor, so Serve replaces it. Outside Serve (a replica made in a
+    test, with no Ray) there is nothing to leave."""
+    import ray  # here: the replica's module is used without Ray too
+
+    if not ray.is_initialized():
+        return
+    ray.kill(ray.get_runtime_context().current_actor, no_restart=True)
 
 
 _Item = tuple[int, SequenceUpdate, float]
@@ -138,6 +179,15 @@ class GenerationReplica:
         self._waiting = metrics.WAITING_SEQUENCES.labels(name)
         self._expired = metrics.EXPIRED.labels(name)
         self._stats_task: asyncio.Task[None] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        """The replica's event loop, known from its first call (the constructor has none)."""
+        self._calls = 0
+        """Calls in progress (streams open, answers being gathered)."""
+        self._stopped: str | None = None
+        """Why the engine's loop stopped; from then on every call is refused."""
+        self._leaving: asyncio.Task[None] | None = None
+        self._leave: Callable[[], None] = leave_this_replica
+        self._engine.on_stopped(self._on_engine_stopped)
 
     # ---- the calls ------------------------------------------------------------------
 
@@ -148,8 +198,12 @@ class GenerationReplica:
 
     async def _stream(self, call: GenerateCall, interval_s: float) -> AsyncIterator[GenerateChunk]:
         arrived_s = time.perf_counter()
-        if self._stats_task is None:  # the replica's event loop exists once calls arrive
-            self._stats_task = asyncio.get_running_loop().create_task(self._report_stats_every())
+        if self._loop is None:  # the replica's event loop exists once calls arrive
+            self._loop = asyncio.get_running_loop()
+            self._stats_task = self._loop.create_task(self._report_stats_every())
+        if self._stopped is not None:
+            self._leave_when_drained()  # the engine died before any call told the loop
+            raise ReplicaUnavailable(self._config.name, self._stopped)
         prompts = self._prompt_ids(call)
         wanted = len(prompts) * call.n
         if call.envelope.expired():  # it waited in Serve's queue past its deadline
@@ -158,12 +212,13 @@ class GenerationReplica:
         self._admission.admit(wanted)  # or Overloaded, with a measured Retry-After
         inbox = _Inbox(asyncio.get_running_loop(), wanted, interval_s)
         seq_ids: list[str] = []
+        self._calls += 1
         try:
             for i, ids in enumerate(prompts):
                 for j in range(call.n):
                     deliver = functools.partial(inbox.deliver, i * call.n + j)
                     params = self._params(call, len(ids), sample=j)
-                    seq_ids.append(self._engine.submit(ids, params, on_update=deliver))
+                    seq_ids.append(self._submit(call, ids, params, deliver))
             yield GenerateChunk(self._version, prompt_tokens=tuple(len(p) for p in prompts))
             choices = [_Choice() for _ in range(wanted)]
             unfinished = wanted
@@ -177,7 +232,7 @@ class GenerationReplica:
                 if not items:
                     continue
                 started = True
-                deltas = self._merge(items, choices, arrived_s)
+                deltas = self._merge(call, items, choices, arrived_s)
                 unfinished -= sum(d.finish_reason is not None for d in deltas)
                 inbox.last_chunk_s = time.perf_counter()
                 yield GenerateChunk(self._version, deltas=deltas)
@@ -185,6 +240,7 @@ class GenerationReplica:
             for seq_id in seq_ids:
                 self._engine.cancel(seq_id)  # a no-op for finished ones; frees the rest
             self._admission.release(wanted)
+            self._calls -= 1
 
     async def complete(self, call: GenerateCall) -> GenerateChunk:
         """The whole answer in one reply: ``prompt_tokens`` and one delta per choice."""
@@ -212,7 +268,10 @@ class GenerationReplica:
         }
 
     def check_health(self) -> None:
-        """A replica whose generation loop died is unhealthy; Ray Serve replaces it."""
+        """A replica whose generation loop died is unhealthy from that moment; Ray Serve
+        replaces it (sooner: the replica leaves once its calls have ended)."""
+        if self._stopped is not None:
+            raise RuntimeError(f"the generation loop has stopped: {self._stopped}")
         self._engine.check()
 
     def __del__(self) -> None:
@@ -269,7 +328,8 @@ class GenerationReplica:
 
     def _params(self, call: GenerateCall, prompt_tokens: int, *, sample: int) -> SamplingParams:
         max_tokens = call.max_tokens or self.context_length - prompt_tokens
-        seed = None if call.seed is None else call.seed + sample  # n samples differ, repeatably
+        # n samples differ, repeatably; wrapped to stay an int64
+        seed = None if call.seed is None else sample_seed(call.seed, sample)
         try:
             return SamplingParams(
                 max_tokens=max_tokens,
@@ -279,19 +339,72 @@ class GenerationReplica:
                 seed=seed,
                 ignore_eos=call.ignore_eos,
             )
-        except ValueError as exc:
-            raise GenerationRefused(str(exc)) from None
+        except ValueError as exc:  # "temperature must be ..." names its field
+            message = str(exc)
+            param = next((f for f in SAMPLING_FIELDS if message.startswith(f)), None)
+            raise GenerationRefused(message, param=param) from None
+
+    def _submit(
+        self,
+        call: GenerateCall,
+        ids: list[int],
+        params: SamplingParams,
+        deliver: Callable[[SequenceUpdate], None],
+    ) -> str:
+        try:
+            return self._engine.submit(ids, params, on_update=deliver)
+        except PromptError as exc:
+            raise GenerationRefused(
+                str(exc), param="messages" if call.messages else "prompt"
+            ) from None
+        except EngineStopped as exc:
+            raise ReplicaUnavailable(self._config.name, str(exc)) from None
+
+    # ---- when the engine's loop dies ----------------------------------------------------
+
+    def _on_engine_stopped(self, reason: str) -> None:
+        """On the generation thread, the moment the loop ends: refuse calls from now on, and
+        leave once the calls held have ended (their sequences are failed by the engine)."""
+        self._stopped = reason
+        logger.error(
+            "model %s: the generation loop stopped (%s); leaving", self._config.name, reason
+        )
+        loop = self._loop
+        if loop is not None:
+            with contextlib.suppress(RuntimeError):  # the loop closed: the replica is going
+                loop.call_soon_threadsafe(self._leave_when_drained)
+
+    def _leave_when_drained(self) -> None:
+        """On the replica's loop: start leaving, once."""
+        if self._leaving is None:
+            self._leaving = asyncio.get_running_loop().create_task(self._leave_after_calls())
+
+    async def _leave_after_calls(self) -> None:
+        waited_s = 0.0
+        while self._calls and waited_s < LEAVE_GRACE_S:  # their error replies are on the way
+            await asyncio.sleep(LEAVE_POLL_S)
+            waited_s += LEAVE_POLL_S
+        await asyncio.sleep(REPLY_GRACE_S)
+        logger.error("model %s: this replica leaves so Serve replaces it", self._config.name)
+        self._leave()
 
     def _merge(
-        self, items: list[_Item], choices: list[_Choice], arrived_s: float
+        self, call: GenerateCall, items: list[_Item], choices: list[_Choice], arrived_s: float
     ) -> tuple[ChoiceDelta, ...]:
         """One delta per choice from its updates in arrival order: texts joined, the latest
-        count and finish reason."""
+        count and finish reason. A failed sequence fails its call: ``ReplicaUnavailable`` when
+        the engine's loop died under it, else ``GenerationFailed`` (its own fault)."""
         texts: dict[int, list[str]] = {}
         last: dict[int, SequenceUpdate] = {}
         for index, update, at_s in items:
             if update.error is not None:
-                raise RuntimeError(f"generation failed: {update.error}")
+                name = self._config.name
+                logger.error(
+                    "request %s: choice %d failed: %s", call.request_id, index, update.error
+                )
+                if update.batch_failed:
+                    raise ReplicaUnavailable(name, update.error)
+                raise GenerationFailed(name, update.error)
             self._observe(choices[index], update, arrived_s, at_s)
             texts.setdefault(index, []).append(update.delta)
             last[index] = update

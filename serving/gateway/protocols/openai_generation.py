@@ -6,6 +6,17 @@ Requests become a ``GenerateCall``; replies and stream chunks are written in Ope
 ``max_completion_tokens``), ``temperature``, ``top_p``, ``stop``, ``seed``, ``n``, ``stream``,
 ``stream_options.include_usage``, and ``ignore_eos`` (an extension, as in vLLM). ``logprobs``,
 ``echo``, ``suffix`` and ``best_of`` > 1 are refused with 400 rather than silently ignored.
+
+Every numeric field has a range (``Field`` bounds below, documented in docs/api.md); outside
+it the request is a 400 naming the field, before it reaches a replica:
+
+- ``max_tokens`` / ``max_completion_tokens``: 1 to ``MAX_TOKENS`` (the replica then holds the
+  prompt plus them to the model's context);
+- ``temperature``: 0 to 2; below 1e-5 (``models.engines.sampling.MIN_SAMPLING_TEMPERATURE``)
+  it is greedy, as 0 is;
+- ``top_p``: above 0, at most 1;
+- ``n``: 1 to ``MAX_CHOICES``;
+- ``seed``: an int64, ``SEED_MIN`` to ``SEED_MAX`` (what torch's generators take).
 """
 
 from __future__ import annotations
@@ -13,11 +24,17 @@ from __future__ import annotations
 from typing import Any, Literal
 
 import orjson
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from models.engines.sampling import SEED_MAX, SEED_MIN
 from serving.messages import ChatMessage, ChoiceDelta, Envelope, GenerateCall
 
 MAX_STOP_STRINGS = 4
+MAX_TOKENS = 2**31 - 1
+"""The most tokens a request may ask for (an int32 count); the model's context is the real
+bound, checked by the replica."""
+MAX_TEMPERATURE = 2.0
+MAX_CHOICES = 16
 SSE_DONE = b"data: [DONE]\n\n"
 
 
@@ -31,12 +48,12 @@ class _Sampling(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     model: str = Field(min_length=1)
-    max_tokens: int | None = Field(None, ge=1)
-    temperature: float = Field(1.0, ge=0, le=2)
-    top_p: float = Field(1.0, gt=0, le=1)
+    max_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS)
+    temperature: float = Field(1.0, ge=0, le=MAX_TEMPERATURE, allow_inf_nan=False)
+    top_p: float = Field(1.0, gt=0, le=1, allow_inf_nan=False)
     stop: str | list[str] | None = None
-    seed: int | None = None
-    n: int = Field(1, ge=1, le=16)
+    seed: int | None = Field(None, ge=SEED_MIN, le=SEED_MAX)
+    n: int = Field(1, ge=1, le=MAX_CHOICES)
     stream: bool = False
     stream_options: StreamOptions | None = None
     ignore_eos: bool = False
@@ -62,7 +79,7 @@ class _Sampling(BaseModel):
 
 class CompletionRequest(_Sampling):
     prompt: str | list[str]
-    max_tokens: int | None = Field(16, ge=1)  # OpenAI's default for completions
+    max_tokens: int | None = Field(16, ge=1, le=MAX_TOKENS)  # OpenAI's default for completions
     echo: bool = False
     logprobs: int | None = None
     suffix: str | None = None
@@ -80,14 +97,20 @@ class CompletionRequest(_Sampling):
                 )
         return value
 
-    @model_validator(mode="after")
-    def _unsupported(self) -> CompletionRequest:
-        for name, default in (("echo", False), ("logprobs", None), ("suffix", None)):
-            if getattr(self, name) != default:
-                raise ValueError(f"{name} is not supported")
-        if self.best_of not in (None, 1):
-            raise ValueError("best_of is not supported")
-        return self
+    # one validator per field, so the 400 names the field (a model validator names none)
+    @field_validator("echo", "logprobs", "suffix")
+    @classmethod
+    def _unsupported(cls, value: object) -> object:
+        if value is not None and value is not False:  # logprobs 0 too: it asks for logprobs
+            raise ValueError("not supported")
+        return value
+
+    @field_validator("best_of")
+    @classmethod
+    def _one_best(cls, value: int | None) -> int | None:
+        if value not in (None, 1):
+            raise ValueError("not supported (only 1)")
+        return value
 
     def prompts(self) -> tuple[str, ...]:
         return (self.prompt,) if isinstance(self.prompt, str) else tuple(self.prompt)
@@ -127,14 +150,15 @@ class Message(BaseModel):
 
 class ChatCompletionRequest(_Sampling):
     messages: list[Message] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS)
     logprobs: bool = False
 
-    @model_validator(mode="after")
-    def _unsupported(self) -> ChatCompletionRequest:
-        if self.logprobs:
-            raise ValueError("logprobs is not supported")
-        return self
+    @field_validator("logprobs")
+    @classmethod
+    def _unsupported(cls, value: bool) -> bool:
+        if value:
+            raise ValueError("not supported")
+        return value
 
     def call(self, envelope: Envelope) -> GenerateCall:
         return GenerateCall(
