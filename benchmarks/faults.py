@@ -4,9 +4,10 @@ Two scenarios against ``loom serve`` with the bundled embedding model on 2 repli
 written to one JSON file (``benchmarks/results/faults-<time>.json`` unless ``--out``):
 
 - **replica killed under load**: closed-loop users (``--kill-concurrency``, 32) send one
-  text per request; after ``--before-s`` one replica's process gets SIGKILL (a crash, not a
-  shutdown); the load goes on for ``--after-s``. Figures: failed requests (goal 0), their
-  kinds, p99 before the kill and in the window after it, and their ratio.
+  text per request; after ``--warmup-s`` and ``--before-s`` one replica's process gets
+  SIGKILL (a crash, not a shutdown); the load goes on for ``--after-s``. Figures: failed
+  requests over the whole run (goal 0), their kinds, p99 before the kill and in the window
+  after it, their ratio, and the calls the gateway sent again (``loom_retries_total``).
 - **overload at 3 x capacity**: capacity is the closed-loop throughput at c=64 and the
   unloaded p99 that of c=1; then open-loop arrivals (Poisson, seeded) at ``--overload-x``
   (3) x capacity for ``--overload-s``. Figures: the share answered 503 (shed), the share
@@ -32,6 +33,7 @@ import random
 import signal
 import tempfile
 import time
+import urllib.request
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -205,6 +207,17 @@ def server_processes(mark: str) -> list[psutil.Process]:
     return found
 
 
+def metric_total(port: int, name: str) -> float:
+    """The sum of a metric's samples on the server's ``/metrics`` (0 when absent)."""
+    with urllib.request.urlopen(f"http://{LOCALHOST}:{port}/metrics", timeout=10) as answer:
+        text = answer.read().decode()
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith(name) and line[len(name) : len(name) + 1] in ("{", " "):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
 def rss_mib(processes: Sequence[psutil.Process]) -> float:
     total = 0
     for process in processes:
@@ -248,11 +261,15 @@ def kill_scenario(port: int, server: ServerProcess, bodies: Sequence[bytes], arg
         raise RuntimeError(f"expected 2 replica processes of {MODEL}, found {len(replicas)}")
     victim = replicas[0]
     killed_ns: list[int] = []
+    measured_from_ns: list[int] = []
+    retries_before = metric_total(port, "loom_retries_total")
+
+    total_s = args.warmup_s + args.before_s + args.after_s
 
     async def scenario() -> list[Outcome]:
-        load = asyncio.create_task(
-            closed_loop(port, requests, args.kill_concurrency, args.before_s + args.after_s)
-        )
+        load = asyncio.create_task(closed_loop(port, requests, args.kill_concurrency, total_s))
+        await asyncio.sleep(args.warmup_s)
+        measured_from_ns.append(time.perf_counter_ns())
         await asyncio.sleep(args.before_s)
         killed_ns.append(time.perf_counter_ns())
         os.kill(victim.pid, signal.SIGKILL)
@@ -261,8 +278,7 @@ def kill_scenario(port: int, server: ServerProcess, bodies: Sequence[bytes], arg
 
     outcomes: list[Outcome] = run(scenario())
     kill_ns = killed_ns[0]
-    first_ns = min(o.start_ns for o in outcomes)
-    before = summarise(between(outcomes, first_ns, kill_ns))
+    before = summarise(between(outcomes, measured_from_ns[0], kill_ns))
     after = summarise(between(outcomes, kill_ns, kill_ns + int(args.after_s * NS_PER_S)))
     failed = sum(not o.ok for o in outcomes)
     kinds = dict(Counter(str(o.result) for o in outcomes if not o.ok))
@@ -275,10 +291,12 @@ def kill_scenario(port: int, server: ServerProcess, bodies: Sequence[bytes], arg
         "after_kill": after,
         "p99_after_over_before": ratio(after["p99_ms"], before["p99_ms"]),
         "replicas_after": len(server_processes(REPLICA_MARK)),
+        "gateway_retries": metric_total(port, "loom_retries_total") - retries_before,
     }
     say(
         f"kill: {failed} failed of {len(outcomes)} {kinds}; "
-        f"p99 before {before['p99_ms']:.1f} ms, after the kill {after['p99_ms']:.1f} ms"
+        f"p99 before {before['p99_ms']:.1f} ms, after the kill {after['p99_ms']:.1f} ms; "
+        f"{result['gateway_retries']:.0f} calls sent again by the gateway"
     )
     return result
 
@@ -339,6 +357,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--scenarios", default="kill,overload", help="kill, overload or both")
     parser.add_argument("--kill-concurrency", type=int, default=32)
+    parser.add_argument("--warmup-s", type=float, default=5.0, help="load before measuring")
     parser.add_argument("--before-s", type=float, default=20.0, help="load before the kill")
     parser.add_argument("--after-s", type=float, default=60.0, help="load after the kill")
     parser.add_argument("--measure-s", type=float, default=15.0, help="capacity and unloaded")
