@@ -1,13 +1,14 @@
 """The model store: versioned, hashed, safetensors-only model folders on a local disk.
 
 Layout under ``root`` (names, versions and aliases are checked by ``models.refs``, so no
-part of a path ever comes from unchecked text)::
+part of a path ever comes from unchecked text, and none is one of the store's own names)::
 
     root/NAME/VERSION/...          the registered files, copied, subfolders kept
     root/NAME/VERSION/manifest.json
     root/NAME/aliases.json         {"serving": "2"}; replaced atomically, under a lock
     root/NAME/.lock                flock'd around every read-modify-write of NAME
-    root/.staging/                 half-copied versions; renamed into place when complete
+    root/.staging/                 half-copied versions; renamed into place when complete;
+                                   what a killed registration left is removed at open
 
     store = ModelStore(Path("var/models"))
     store.register("minilm", Path("/tmp/minilm"), task="embed")     # version "1"
@@ -21,6 +22,7 @@ import contextlib
 import fcntl
 import hashlib
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -37,7 +39,13 @@ from models.manifest import (
     sha256_file,
     utc_now_iso,
 )
-from models.refs import ModelRef, validate_name
+from models.refs import (
+    ALIASES_FILENAME,
+    LOCK_FILENAME,
+    STAGING_DIRNAME,
+    ModelRef,
+    validate_name,
+)
 from models.sources import list_source_files
 from models.weights import require_safe_weight_paths, require_safe_weights
 
@@ -45,9 +53,11 @@ TASKS: frozenset[str] = frozenset({"embed", "generate", "classify"})
 SERVING_ALIAS = "serving"
 """The alias serving follows; a bare ``NAME`` resolves to it when it is set."""
 
-_ALIASES_FILENAME = "aliases.json"
-_LOCK_FILENAME = ".lock"
-_STAGING_DIRNAME = ".staging"
+logger = logging.getLogger(__name__)
+
+_STAGING_ATTEMPTS = 10
+"""Fresh staging folders tried before giving up (one is lost only when another process's
+open removes it in the instant before it is locked)."""
 
 
 def version_sort_key(version: str) -> tuple[int, int, str]:
@@ -90,11 +100,14 @@ class ResolvedModel:
 class ModelStore:
     """The store under ``root`` (created on first write). Safe across threads and processes.
 
-    Versions are immutable once registered; only aliases move.
+    Versions are immutable once registered; only aliases move. Opening a store removes what
+    a registration killed mid-copy left in ``root/.staging`` (a registration in progress
+    holds a lock on its folder, so it is never taken for a leftover).
     """
 
     def __init__(self, root: Path) -> None:
         self.root = Path(root)
+        self.remove_stale_staging()
 
     # -- writing ---------------------------------------------------------------------------
 
@@ -127,10 +140,7 @@ class ModelStore:
         # Judged on what will be copied, symlinked subfolders included.
         require_safe_weight_paths((rel for rel, _ in files), where=str(source_dir))
 
-        staging_root = self.root / _STAGING_DIRNAME
-        staging_root.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f"{name}-", dir=staging_root))
-        os.chmod(staging, 0o755)  # mkdtemp makes it 0700; a shared store must be readable
+        staging, staging_fd = self._new_staging(name)
         try:
             # Copy and hash outside the lock: this is the slow part (90 MB for MiniLM).
             entries = [_copy_and_hash(real, staging / rel, rel) for rel, real in files]
@@ -153,7 +163,36 @@ class ModelStore:
                 os.rename(staging, target)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
+            os.close(staging_fd)  # releases its lock
         return manifest
+
+    def remove_stale_staging(self) -> list[str]:
+        """Remove every entry of ``root/.staging`` that no registration holds: what a process
+        killed mid-copy left. Returns the names removed; one that cannot be removed is logged
+        and left (a read-only store, say)."""
+        staging_root = self.root / STAGING_DIRNAME
+        try:
+            entries = sorted(staging_root.iterdir())
+        except (FileNotFoundError, NotADirectoryError):
+            return []
+        except OSError as exc:
+            logger.warning("cannot read the model store's staging folder %s: %s", staging_root, exc)
+            return []
+        removed = []
+        for entry in entries:
+            try:
+                if _remove_unless_locked(entry):
+                    removed.append(entry.name)
+            except OSError as exc:
+                logger.warning("cannot remove %s (an interrupted registration): %s", entry, exc)
+        if removed:
+            logger.info(
+                "removed %d interrupted registration(s) from %s: %s",
+                len(removed),
+                staging_root,
+                ", ".join(removed),
+            )
+        return removed
 
     def set_alias(self, name: str, alias: str, version: str) -> str | None:
         """Point ``alias`` of ``name`` at ``version``, which must exist (else ModelNotFound);
@@ -209,13 +248,23 @@ class ModelStore:
         )
 
     def list_models(self) -> list[ModelInfo]:
-        """Every stored model with at least one version, sorted by name."""
+        """Every stored model with at least one version, sorted by name. A model whose records
+        cannot be read (its ``aliases.json`` is a folder, say) is left out with a warning that
+        names it, so one broken model does not hide the rest."""
         if not self.root.is_dir():
             return []
         names = sorted(
             p.name for p in self.root.iterdir() if p.is_dir() and not p.name.startswith(".")
         )
-        return [self.show(n) for n in names if _is_valid_name(n) and self._version_names(n)]
+        infos = []
+        for name in names:
+            if not _is_valid_name(name) or not self._version_names(name):
+                continue
+            try:
+                infos.append(self.show(name))
+            except StoreError as exc:
+                logger.warning("model %s left out of the list: %s", name, exc)
+        return infos
 
     def resolve(self, ref: str | ModelRef) -> ResolvedModel:
         """Resolve ``NAME`` (the serving alias, else the latest), ``NAME@V`` or ``NAME#ALIAS``.
@@ -292,6 +341,34 @@ class ModelStore:
 
     # -- internals -------------------------------------------------------------------------
 
+    def _new_staging(self, name: str) -> tuple[Path, int]:
+        """A fresh folder under ``root/.staging`` and an open descriptor holding an exclusive
+        flock on it: while it is held, no store's open takes the folder for a leftover."""
+        staging_root = self.root / STAGING_DIRNAME
+        try:
+            staging_root.mkdir(parents=True, exist_ok=True)
+        except (FileExistsError, NotADirectoryError):
+            raise StoreError(
+                f"{staging_root} is not a folder; the model store keeps half-copied versions "
+                "there: move it away"
+            ) from None
+        for _ in range(_STAGING_ATTEMPTS):
+            staging = Path(tempfile.mkdtemp(prefix=f"{name}-", dir=staging_root))
+            try:
+                fd = os.open(staging, os.O_RDONLY | os.O_DIRECTORY)
+            except FileNotFoundError:  # another process's open removed it before we locked it
+                continue
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            try:
+                ours = os.stat(staging).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                ours = False  # removed while we waited for the lock
+            if ours:
+                os.chmod(staging, 0o755)  # mkdtemp makes it 0700; a shared store must be readable
+                return staging, fd
+            os.close(fd)
+        raise StoreError(f"could not make a staging folder under {staging_root}")
+
     def _require_model(self, name: str) -> None:
         if not self.has(name):
             raise ModelNotFound(f"no model named {name!r} in the store at {self.root}")
@@ -332,6 +409,8 @@ class ModelStore:
             manifest = Manifest.from_json(path.read_text())
         except StoreError as exc:
             raise StoreError(f"{path}: {exc}") from None
+        except OSError as exc:
+            raise StoreError(f"{path} cannot be read: {exc}") from None
         if (manifest.name, manifest.version) != (name, version):
             raise StoreError(
                 f"{path} describes {manifest.name}@{manifest.version}, not {name}@{version}"
@@ -339,11 +418,18 @@ class ModelStore:
         return manifest
 
     def _read_aliases(self, name: str) -> dict[str, str]:
-        path = self.root / name / _ALIASES_FILENAME
+        path = self.root / name / ALIASES_FILENAME
         try:
             data = json.loads(path.read_text())
         except FileNotFoundError:
             return {}
+        except IsADirectoryError:
+            raise StoreError(
+                f"{path} is a folder, not the model's aliases file (a version folder named like "
+                "the store's own file?); move it out of the store"
+            ) from None
+        except OSError as exc:
+            raise StoreError(f"{path} cannot be read: {exc}") from None
         except json.JSONDecodeError as exc:
             raise StoreError(f"{path} is not valid JSON: {exc}") from None
         if not isinstance(data, dict) or not all(
@@ -363,7 +449,7 @@ class ModelStore:
                 handle.flush()
                 os.fsync(handle.fileno())
             os.chmod(tmp, 0o644)  # mkstemp makes it 0600; readers may be other users
-            os.replace(tmp, model_dir / _ALIASES_FILENAME)
+            os.replace(tmp, model_dir / ALIASES_FILENAME)
         except BaseException:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)
@@ -373,8 +459,12 @@ class ModelStore:
     def _locked(self, name: str) -> Iterator[None]:
         """Hold an exclusive flock on ``root/NAME/.lock`` (per open file: threads exclude too)."""
         model_dir = self.root / name
-        model_dir.mkdir(parents=True, exist_ok=True)
-        with open(model_dir / _LOCK_FILENAME, "a") as lock_file:
+        try:
+            model_dir.mkdir(parents=True, exist_ok=True)
+            lock_file = open(model_dir / LOCK_FILENAME, "a")  # noqa: SIM115  # closed below
+        except OSError as exc:  # a folder named .lock, a file where the model's folder goes
+            raise StoreError(f"cannot lock model {name} at {model_dir}: {exc}") from None
+        with lock_file:
             fcntl.flock(lock_file.fileno(), fcntl.LOCK_EX)
             try:
                 yield
@@ -388,6 +478,32 @@ def _is_valid_name(value: str) -> bool:
     except StoreError:
         return False
     return True
+
+
+def _remove_unless_locked(entry: Path) -> bool:
+    """Remove ``entry`` (a staging folder) unless a registration holds its lock; True if
+    removed. A stray file there is removed too: nothing the store writes lives there."""
+    if entry.is_symlink() or not entry.is_dir():
+        entry.unlink(missing_ok=True)
+        return True
+    try:
+        fd = os.open(entry, os.O_RDONLY | os.O_DIRECTORY)
+    except FileNotFoundError:
+        return False  # its registration finished (renamed it into place) meanwhile
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False  # a registration is copying into it now
+        try:
+            if os.stat(entry).st_ino != os.fstat(fd).st_ino:
+                return False
+        except FileNotFoundError:
+            return False  # renamed into place (a finished version) before we locked it
+        shutil.rmtree(entry)
+        return True
+    finally:
+        os.close(fd)
 
 
 def _copy_and_hash(source: Path, target: Path, rel: str) -> FileEntry:
