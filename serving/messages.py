@@ -242,6 +242,12 @@ class InferReply(Generic[R]):
         return out
 
 
+GREEDY_BELOW_TEMPERATURE = 1e-5
+"""A temperature below this samples greedily: the engine's floor
+(``models.engines.sampling.MIN_SAMPLING_TEMPERATURE``, which imports torch; a test keeps the
+two equal)."""
+
+
 # ---- generation ----------------------------------------------------------------------------------
 
 DEFAULT_CHAT_TEMPLATE_NAME = "loom-plain"
@@ -284,6 +290,12 @@ class GenerateCall:
     @property
     def request_id(self) -> str:
         return self.envelope.request_id
+
+    @property
+    def repeatable(self) -> bool:
+        """Run twice, it gives the same answer (greedy, or seeded): a gateway may send it
+        again when the replica answering it is lost."""
+        return self.temperature < GREEDY_BELOW_TEMPERATURE or self.seed is not None
 
     @property
     def choices(self) -> int:

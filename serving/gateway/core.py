@@ -19,8 +19,8 @@ import contextlib
 import hmac
 import logging
 import time
-from collections.abc import Awaitable, Callable, Iterator, Mapping
-from typing import Any, Protocol
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
+from typing import Any, Protocol, TypeVar
 
 from ray.exceptions import RayActorError
 from ray.serve.exceptions import DeploymentUnavailableError
@@ -57,6 +57,8 @@ queues behind its running batch. Measured at concurrency 8: 2 per replica ~70 re
 8 ~73 (more calls, more hop cost); at 64 the three were within noise (~180-235)."""
 
 
+T = TypeVar("T")
+
 REPLICA_LOST: tuple[type[Exception], ...] = (RayActorError, DeploymentUnavailableError)
 """What a call raises when the replica answering it died or went away (its process was
 killed, its node lost): not the request's fault, and an idempotent call may go again."""
@@ -73,16 +75,22 @@ def model_unavailable(model: str) -> ApiError:
 
 
 async def send_once_more_if_lost(
-    model: str, call: InferCall, send: Callable[[InferCall], Awaitable[Any]]
-) -> Any:
-    """``send(call)``; if its replica is lost, once more (Serve's router has marked the dead
-    replica, so the second goes to another one) while any part has time left. Embed and
-    classify calls are idempotent: running one twice changes nothing but the cost."""
+    model: str,
+    envelopes: Sequence[Envelope],
+    send: Callable[[], Awaitable[T]],
+    *,
+    retry: bool = True,
+) -> T:
+    """``send()``; if its replica is lost, once more (Serve's router has marked the dead
+    replica, so the second goes to another one) while any of ``envelopes`` (the requests the
+    call carries) has time left. Only for a call that may run twice: embed and classify
+    calls, a greedy or seeded completion, a stream that has sent nothing yet. ``retry``
+    False: a lost replica is a 503 at once."""
     try:
-        return await send(call)
+        return await send()
     except REPLICA_LOST as lost:
-        ids = [part.envelope.request_id for part in call.parts]
-        if all(part.envelope.expired() for part in call.parts):
+        ids = [envelope.request_id for envelope in envelopes]
+        if not retry or all(envelope.expired() for envelope in envelopes):
             logger.warning("model %s: replica lost (%r) under requests %s", model, lost, ids)
             raise model_unavailable(model) from lost
         logger.warning(
@@ -90,7 +98,7 @@ async def send_once_more_if_lost(
         )
         metrics.RETRIES.labels(model, "replica_lost").inc()
     try:
-        return await send(call)
+        return await send()
     except REPLICA_LOST as lost_again:
         logger.warning(
             "model %s: replica lost again (%r) under requests %s", model, lost_again, ids
@@ -307,7 +315,8 @@ class GatewayCore:
                 return handle.infer.remote(infer_call)
 
             async def call(infer_call: InferCall, name: str = route.model) -> Any:
-                return await send_once_more_if_lost(name, infer_call, send)
+                envelopes = [part.envelope for part in infer_call.parts]
+                return await send_once_more_if_lost(name, envelopes, lambda: send(infer_call))
 
             coalescer = Coalescer(
                 call=call,

@@ -26,7 +26,7 @@ from starlette.responses import Response, StreamingResponse
 
 from serving.config import ModelConfig
 from serving.gateway.body import parse_json, read_body, validate
-from serving.gateway.core import GatewayCore
+from serving.gateway.core import GatewayCore, send_once_more_if_lost
 from serving.gateway.endpoint import VERSION_HEADER, Endpoints, Scope
 from serving.gateway.errors import JSON, ApiError, api_error, wrong_route
 from serving.gateway.limits import check_texts
@@ -99,7 +99,13 @@ async def _answer(
     if not stream:
         try:
             whole: GenerateChunk = await asyncio.wait_for(
-                route.handle.complete.remote(call), remaining_s
+                send_once_more_if_lost(
+                    model.name,
+                    [call.envelope],
+                    lambda: route.handle.complete.remote(call),
+                    retry=call.repeatable,
+                ),
+                remaining_s,
             )
         except TimeoutError:
             raise DeadlineExceeded(model.name, call.request_id) from None
@@ -116,15 +122,27 @@ async def _answer(
         )
         return Response(content, media_type=JSON, headers={VERSION_HEADER: whole.version})
 
-    generator: DeploymentResponseGenerator = route.handle.options(stream=True).generate.remote(call)
+    started: list[DeploymentResponseGenerator] = []
+
+    async def start() -> GenerateChunk:
+        """Open the stream and take its first chunk: until then nothing has reached the
+        client, so a stream whose replica is lost here may start again elsewhere."""
+        started.append(route.handle.options(stream=True).generate.remote(call))
+        chunk: GenerateChunk = await started[-1].__anext__()
+        return chunk
+
     try:
-        first: GenerateChunk = await asyncio.wait_for(generator.__anext__(), remaining_s)
+        first = await asyncio.wait_for(
+            send_once_more_if_lost(model.name, [call.envelope], start), remaining_s
+        )
     except BaseException as exc:
-        generator.cancel()
+        for opened in started:
+            opened.cancel()
         in_flight.close()
         if isinstance(exc, TimeoutError):
             raise DeadlineExceeded(model.name, call.request_id) from None
         raise
+    generator = started[-1]
     writer = gen_api.ChunkWriter(
         chat=chat, id=call.request_id, created_s=int(time.time()), model=model.name
     )
