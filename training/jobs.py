@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
-from sqlalchemy import Connection, Engine, Row, Table, select, update
+from sqlalchemy import Connection, Engine, Row, Table, and_, or_, select, update
 from sqlalchemy.exc import IntegrityError
 
 from training.db import job_events, job_logs, jobs, transaction
@@ -376,20 +376,33 @@ class JobStore:
 
     # --- webhook delivery: the deliverer's cursor per job ----------------------------------
 
-    def webhook_backlog(self, limit: int = 100) -> builtins.list[tuple[Job, JobEvent]]:
-        """For each job with a webhook and undelivered events, its next event to deliver."""
-        with transaction(self._engine, write=False) as conn:
-            rows = conn.execute(
-                select(jobs, job_events)
-                .join(
-                    job_events,
-                    (job_events.c.job_id == jobs.c.id)
-                    & (job_events.c.seq == jobs.c.webhook_seq + 1),
+    def webhook_backlog(
+        self, limit: int = 100, *, after: tuple[float, str] | None = None
+    ) -> builtins.list[tuple[Job, JobEvent]]:
+        """For each job with a webhook and undelivered events, its next event to deliver.
+
+        Oldest event first, ordered by (event time, job id); ``after`` is the last pair of a
+        previous page, so a reader pages through the whole backlog, ``limit`` at a time."""
+        query = (
+            select(jobs, job_events)
+            .join(
+                job_events,
+                (job_events.c.job_id == jobs.c.id) & (job_events.c.seq == jobs.c.webhook_seq + 1),
+            )
+            .where(jobs.c.webhook_url.is_not(None))
+            .order_by(job_events.c.time, jobs.c.id)
+            .limit(limit)
+        )
+        if after is not None:
+            after_time, after_id = after
+            query = query.where(
+                or_(
+                    job_events.c.time > after_time,
+                    and_(job_events.c.time == after_time, jobs.c.id > after_id),
                 )
-                .where(jobs.c.webhook_url.is_not(None))
-                .order_by(job_events.c.time)
-                .limit(limit)
-            ).all()
+            )
+        with transaction(self._engine, write=False) as conn:
+            rows = conn.execute(query).all()
         backlog = []
         for row in rows:
             job = _job_from_row(row)
