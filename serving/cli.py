@@ -136,6 +136,8 @@ def run_status(args: argparse.Namespace) -> int:
     for name, dep in sorted(status["deployments"].items()):
         ready = "yes" if dep.get("ready", dep["running_replicas"] > 0) else "no"
         print(f"{name:<28} {dep['status']:<12} {dep['running_replicas']:>7}  {ready}")
+        if dep.get("waiting_for"):
+            print(f"  waiting: {dep['waiting_for']}")
         for version, app in sorted(dep.get("versions", {}).items()):
             label = f"  @{version} weight {app['weight']:g}"
             print(f"{label:<28} {app['status']:<12} {app['running_replicas']:>7}")

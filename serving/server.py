@@ -21,11 +21,12 @@ from ray.actor import ActorHandle
 from ray.serve.config import HTTPOptions
 
 from models.bundled import ensure_bundled
+from models.errors import StoreError
 from models.refs import ModelRef
 from models.settings import LoomEnv
 from models.store import ModelStore
 from serving import metrics
-from serving.config import LoomConfig, ModelConfig
+from serving.config import ConfigError, LoomConfig, ModelConfig
 from serving.gateway.deployment import Gateway
 from serving.gateway.http_server import bind_socket
 from serving.gateway.readiness import APP_NAME
@@ -78,22 +79,32 @@ def ray_serve_env() -> dict[str, str]:
     return {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_ENABLE_DIRECT_INGRESS": "0"}
 
 
-def check_sources(config: LoomConfig, store: ModelStore) -> None:
-    """Every configured source resolves in the store, and every version a traffic split names
-    exists (fail before starting anything). An ensemble has none: its members are checked."""
+def check_sources(config: LoomConfig, store: ModelStore) -> list[str]:
+    """The configured models whose source does not resolve in the store yet (no version
+    registered, an alias not set, a version a split or a pool names missing): they start not
+    ready and serve once it resolves (the reconciler polls). Not an error: configuring a model
+    before training its first version is the usual first step. Raises ``ConfigError`` for what
+    no later version can fix: a pool member stored as a model of another task."""
+    waiting = []
     for model in config.deployed():
-        if not isinstance(model, ModelConfig):  # a pool: each member's pinned ref
-            for ref in model.multiplex.models:
+        refs = (
+            list(model.multiplex.models)  # a pool: each member's pinned ref
+            if not isinstance(model, ModelConfig)
+            else [model.source]
+            + [f"{ModelRef.parse(model.source).name}@{v}" for v in sorted(model.traffic or {})]
+        )
+        for ref in refs:
+            try:
                 resolved = store.resolve(ref)
-                if resolved.task != model.task:
-                    raise ValueError(
-                        f"pool {model.name} serves {model.task}; member {ref} is a "
-                        f"{resolved.task} model"
-                    )
-            continue
-        store.resolve(ModelRef.parse(model.source))
-        for version in model.traffic or {}:
-            store.resolve(ModelRef(name=ModelRef.parse(model.source).name, version=version))
+            except StoreError:  # the reconciler says so, once, and starts it when it resolves
+                waiting.append(model.name)
+                break
+            if not isinstance(model, ModelConfig) and resolved.task != model.task:
+                raise ConfigError(
+                    f"pool {model.name} serves {model.task}; member {ref} is a "
+                    f"{resolved.task} model"
+                )
+    return waiting
 
 
 def required_cpus(config: LoomConfig) -> int:
@@ -134,12 +145,16 @@ class LoomServer:
         self.reconciler: Reconciler | None = None
 
     def prepare(self) -> None:
-        """Check the port is free and every source resolves (registering the bundled model on
-        first start), before any Ray process starts."""
+        """Check the port is free and no pool mixes tasks (registering the bundled model on
+        first start), before any Ray process starts. A model whose source does not resolve
+        yet is not a reason to stop: it waits."""
         server = self.config.server
         bind_socket(server.host, server.port).close()  # a taken port: a clear error, now
-        store = ModelStore(self.env.models_dir)
-        ensure_bundled(store)
+        store = ModelStore(self.env.models_dir)  # opening it clears killed registrations
+        try:
+            ensure_bundled(store)
+        except StoreError as exc:  # a broken minilm folder: it waits (if served), others serve
+            logger.warning("the bundled model could not be registered or read: %s", exc)
         check_sources(self.config, store)
 
     def start(self, *, ready_timeout_s: float = 600.0) -> None:

@@ -159,7 +159,9 @@ class GatewayCore:
         sharded = {m.name: m.sharding for m in config.deployed() if m.sharding is not None}
         self.shards = ShardRouter(sharded, lambda: self.routes.table)
         self.shard_board = shard_board
-        self.readiness = ReadinessCache([m.name for m in config.deployed()], routes.weights)
+        self.readiness = ReadinessCache(
+            [m.name for m in config.deployed()], routes.weights, waiting=routes.waiting
+        )
         self.created_s = int(time.time())
         self.ensembles = {m.name: EnsembleRouter(m, self) for m in config.ensembles()}
 
@@ -260,12 +262,12 @@ class GatewayCore:
                 )
                 entry = self.shards.entry(routed, key)
                 if entry is None:
-                    raise NotRouted(routed)
+                    raise NotRouted(routed, self.routes.waiting_for(routed))
                 route = pick(entry)
                 if count and (placed := parse_shard_entry(entry)) is not None:
                     metrics.SHARD_REQUESTS.labels(*placed).inc()  # (model, shard)
-        except NotRouted:
-            raise model_not_ready(name) from None
+        except NotRouted as exc:
+            raise model_not_ready(name, exc.reason) from None
         if member is None:
             if sharding is not None:  # the shard's route, under the name clients call
                 return VersionRoute(name, route.version, route.weight, route.app_name, route.handle)

@@ -98,11 +98,12 @@ def model_not_found(name: str) -> ApiError:
     return ApiError(404, f"model '{name}' does not exist", code="model_not_found", param="model")
 
 
-def model_not_ready(name: str) -> ApiError:
-    """No version of the model is routed yet (it is starting): retry shortly."""
+def model_not_ready(name: str, reason: str | None = None) -> ApiError:
+    """No version of the model is routed yet (it is starting, or ``reason``: the version or
+    alias its source waits for is not in the store yet): retry later."""
     return ApiError(
         503,
-        f"model '{name}' has no version ready yet",
+        f"model '{name}' has no version ready yet" + (f": {reason}" if reason else ""),
         code="model_not_ready",
         headers={"Retry-After": "1"},
     )

@@ -4,7 +4,10 @@ The gateway runs in the application ``loom``; each model version runs in its own
 ``loom.<model>@<version>`` (``serving.rollout``). A model is ready when it routes to at least
 one version and every routed version has a running replica. ``/v1/status`` shows, per model,
 the routed versions summed as ``model-<name>`` and every version app of the model (one
-starting or draining during a rollout too) under ``versions``.
+starting or draining during a rollout too) under ``versions``. A model whose source does not
+resolve in the store yet (the route table's ``waiting``) is ``WAITING`` with the reason in
+``waiting_for``; it is not ready, and it does not hold back the server's readiness: the rest
+serve while it waits for its first version.
 
 Serve's status is read by ``serving.rollout.serve_status`` (a blocking call to the
 controller); it runs in a thread and its answer is cached for ``max_age_s`` so health probes
@@ -20,6 +23,7 @@ from typing import Any
 
 from serving.replicas.deployment import model_deployment_name
 from serving.rollout.plan import VersionKey
+from serving.rollout.route_table import waiting_by_model
 from serving.rollout.serve_status import ServeApp, read_serve_apps
 from serving.routing.sharding import SHARD_SEPARATOR, parse_shard_entry
 
@@ -27,6 +31,8 @@ APP_NAME = "loom"
 
 RoutedWeights = Mapping[str, Mapping[str, float]]
 """Model -> version -> weight, as the gateway routes now."""
+Waiting = Mapping[str, str]
+"""Route-table entry -> why it has no version yet (its source does not resolve)."""
 
 
 def _app_entry(app: ServeApp, weight: float) -> dict[str, Any]:
@@ -48,7 +54,7 @@ def _app_entry(app: ServeApp, weight: float) -> dict[str, Any]:
 
 
 def _model_entry(
-    versions: dict[str, dict[str, Any]], routed: Mapping[str, float]
+    versions: dict[str, dict[str, Any]], routed: Mapping[str, float], waiting_for: str | None
 ) -> dict[str, Any]:
     serving = [versions[v] for v in routed if v in versions]
     ready = (
@@ -61,7 +67,7 @@ def _model_entry(
         for state, count in entry["replica_states"].items():
             states[state] = states.get(state, 0) + count
     statuses = sorted({e["deployment_status"] for e in serving})
-    return {
+    summary: dict[str, Any] = {
         "status": ", ".join(statuses) if serving else "NOT_ROUTED",
         "running_replicas": sum(e["running_replicas"] for e in serving),
         "replica_states": states,
@@ -69,6 +75,9 @@ def _model_entry(
         "ready": ready,
         "versions": versions,
     }
+    if waiting_for is not None and not routed:
+        summary.update(status="WAITING", message=waiting_for, waiting_for=waiting_for)
+    return summary
 
 
 def version_label(entry: str, version: str) -> tuple[str, str]:
@@ -89,7 +98,7 @@ def fold_shards(routed: RoutedWeights) -> RoutedWeights:
     return folded
 
 
-def _snapshot(models: list[str], routed: RoutedWeights) -> dict[str, Any]:
+def _snapshot(models: list[str], routed: RoutedWeights, waiting: Waiting) -> dict[str, Any]:
     apps = read_serve_apps()
     gateway_app = apps.get(APP_NAME)
     deployments: dict[str, dict[str, Any]] = {}
@@ -111,9 +120,10 @@ def _snapshot(models: list[str], routed: RoutedWeights) -> dict[str, Any]:
         if model in versions:
             weight = float(routed.get(model, {}).get(label, 0.0))
             versions[model][label] = _app_entry(app, weight)
+    waiting_for = waiting_by_model(waiting)
     for model in models:
         deployments[model_deployment_name(model)] = _model_entry(
-            versions[model], routed.get(model, {})
+            versions[model], routed.get(model, {}), waiting_for.get(model)
         )
     return {
         "application": gateway_app.status if gateway_app else "NOT_STARTED",
@@ -122,13 +132,20 @@ def _snapshot(models: list[str], routed: RoutedWeights) -> dict[str, Any]:
 
 
 class ReadinessCache:
-    """``routed()`` gives the gateway's current route weights (read on the event loop)."""
+    """``routed()`` gives the gateway's current route weights and ``waiting()`` the entries
+    whose source does not resolve yet (both read on the event loop)."""
 
     def __init__(
-        self, models: list[str], routed: Callable[[], RoutedWeights], max_age_s: float = 1.0
+        self,
+        models: list[str],
+        routed: Callable[[], RoutedWeights],
+        max_age_s: float = 1.0,
+        *,
+        waiting: Callable[[], Waiting] = dict,
     ) -> None:
         self._models = models
         self._routed = routed
+        self._waiting = waiting
         self._max_age_s = max_age_s
         self._snapshot: dict[str, Any] | None = None
         self._taken_s = 0.0
@@ -137,8 +154,8 @@ class ReadinessCache:
     async def status(self) -> dict[str, Any]:
         async with self._lock:
             if self._snapshot is None or time.monotonic() - self._taken_s > self._max_age_s:
-                routed = self._routed()
-                self._snapshot = await asyncio.to_thread(_snapshot, self._models, routed)
+                routed, waiting = self._routed(), self._waiting()
+                self._snapshot = await asyncio.to_thread(_snapshot, self._models, routed, waiting)
                 self._taken_s = time.monotonic()
             return self._snapshot
 
@@ -148,4 +165,11 @@ class ReadinessCache:
         return bool(dep and dep.get("ready"))
 
     async def all_ready(self) -> bool:
-        return all([await self.model_ready(m) for m in self._models])
+        """Every model is ready, or waits for its source to resolve (a model configured before
+        its first version: the server serves the rest meanwhile, so it is ready)."""
+        deployments = (await self.status())["deployments"]
+        for model in self._models:
+            dep = deployments.get(model_deployment_name(model)) or {}
+            if not dep.get("ready") and dep.get("status") != "WAITING":
+                return False
+        return True

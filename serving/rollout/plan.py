@@ -18,6 +18,7 @@ import enum
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
+from models.errors import ModelNotFound
 from models.refs import ModelRef
 from serving.config.model import DeployedEntry, ModelConfig
 
@@ -94,6 +95,26 @@ def desired_weights(model: ModelConfig, resolved_version: str) -> dict[str, floa
     if model.traffic is not None:
         return {version: float(weight) for version, weight in model.traffic.items()}
     return {resolved_version: 1.0}
+
+
+def unresolved_reason(source: str, error: Exception) -> str:
+    """What a client is told while ``source`` (a store reference) does not resolve: the version
+    or alias it waits for, in words, and no server path (the log has ``error`` in full).
+
+        unresolved_reason("digits", ModelNotFound(...))          # "digits has no version ..."
+        unresolved_reason("digits#serving", ModelNotFound(...))  # "alias 'serving' of ..."
+    """
+    ref = ModelRef.parse(source)
+    if not isinstance(error, ModelNotFound):  # a store error: unreadable, not merely missing
+        return f"{source} cannot be read from the model store (the server log says why)"
+    if ref.version is not None:
+        return f"version {ref.version} of {ref.name} is not in the model store yet"
+    if ref.alias is not None:
+        return f"alias '{ref.alias}' of {ref.name} is not set in the model store yet"
+    return (
+        f"{ref.name} has no version in the model store yet (it serves its 'serving' alias, "
+        "else its latest version, once one is registered)"
+    )
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,10 @@ thread in the ``loom serve`` process observes, decides and applies, every
 
 - observe: what each model's source resolves to in the store now (an alias may have moved:
   ``loom models promote``, ``POST /v1/admin/models/{name}/promote``, a training pipeline),
-  and the version apps Serve has with their states;
+  and the version apps Serve has with their states. A source that resolves to nothing yet (a
+  model configured before its first version is trained) is a state, not an error: the model
+  waits, its callers get 503 naming what is missing (the table's ``waiting``), the rest
+  serve, and the tick that first resolves it starts it;
 - decide: ``serving.rollout.plan.plan_rollout`` (pure);
 - apply: deploy new version apps; once they are RUNNING publish a new route table and wait
   until every gateway acknowledges it with nothing left in flight on the versions it dropped
@@ -29,7 +32,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
 import ray
@@ -51,6 +54,7 @@ from serving.rollout.plan import (
     dropped_apps,
     gateways_caught_up,
     plan_rollout,
+    unresolved_reason,
 )
 from serving.rollout.route_table import VersionRoute
 from serving.rollout.serve_status import read_serve_apps
@@ -85,7 +89,9 @@ class VersionApps(Protocol):
 class Board(Protocol):
     """The route table, seen from the reconciler."""
 
-    def publish(self, routes: Mapping[str, tuple[VersionRoute, ...]]) -> int: ...
+    def publish(
+        self, routes: Mapping[str, tuple[VersionRoute, ...]], *, waiting: Mapping[str, str]
+    ) -> int: ...
 
     def reports(self) -> Mapping[str, GatewayReport]: ...
 
@@ -124,33 +130,63 @@ class Reconciler:
         self.states: dict[VersionKey, AppStatus] = {}
         self._handles: dict[VersionKey, Any] = {}
         self._told: set[str] = set()
-        self._settled_for: dict[str, Weights] | None = None
+        self.waiting: dict[str, str] = {}
+        """Entry -> why it serves nothing yet (its source does not resolve), as clients see it."""
+        self._published_waiting: dict[str, str] = {}
+        self._settled_for: tuple[dict[str, Weights], dict[str, str]] | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
     # -- one step ----------------------------------------------------------------------------
 
     def desired(self) -> dict[str, Weights]:
-        """What each model should serve now. A source that does not resolve (an alias removed)
-        keeps what the model serves, and says so once."""
+        """What each model should serve now. A model whose source does not resolve in the store
+        is a normal state, not an error: one that serves keeps what it serves (an alias
+        removed); one that serves nothing yet (no version registered, its alias not set) is
+        left out and put in ``waiting`` with the reason, until a later tick resolves it. Each
+        is said once in the log."""
         desired: dict[str, Weights] = {}
+        waiting: dict[str, str] = {}
         for model in self._models.values():
-            if not isinstance(model, ModelConfig):  # a pool: one routed entry for all its members
-                weights = {POOL_VERSION: 1.0}
-            elif model.traffic is not None:
-                weights = desired_weights(model, "")
-            else:
-                try:
-                    weights = desired_weights(model, self._resolve(model.source))
-                except StoreError as exc:
-                    self._tell_once(f"{model.name}: source {model.source} does not resolve ({exc})")
-                    for entry in self.entries(model.name):  # keep what it serves
-                        if entry in self.routed:
-                            desired[entry] = self.routed[entry]
-                    continue
+            try:
+                weights = self._weights_now(model)
+            except _Unresolved as unresolved:
+                routed = [e for e in self.entries(model.name) if e in self.routed]
+                outcome = "keeps serving what it serves" if routed else "not ready until it does"
+                self._tell_once(
+                    f"{model.name}: {unresolved.source} does not resolve in the store "
+                    f"({unresolved.error}); {outcome}"
+                )
+                for entry in self.entries(model.name):
+                    if entry in self.routed:  # keep what it serves
+                        desired[entry] = self.routed[entry]
+                    else:
+                        waiting[entry] = unresolved_reason(unresolved.source, unresolved.error)
+                continue
             for entry in self.entries(model.name):  # a sharded model: every shard
                 desired[entry] = weights
+        self.waiting = waiting
         return desired
+
+    def _weights_now(self, model: DeployedEntry) -> dict[str, float]:
+        """The model's weights from the store now; ``_Unresolved`` naming the first reference
+        that does not resolve (its source, a version its split names, a pool's member)."""
+        if not isinstance(model, ModelConfig):  # a pool: one routed entry for all its members
+            for ref in model.multiplex.models:
+                self._resolve_or_raise(ref)
+            return {POOL_VERSION: 1.0}
+        if model.traffic is not None:
+            store_name = ModelRef.parse(model.source).name
+            for version in sorted(model.traffic):
+                self._resolve_or_raise(f"{store_name}@{version}")
+            return desired_weights(model, "")
+        return desired_weights(model, self._resolve_or_raise(model.source))
+
+    def _resolve_or_raise(self, source: str) -> str:
+        try:
+            return self._resolve(source)
+        except (StoreError, OSError) as exc:  # OSError: a store folder no store error covers
+            raise _Unresolved(source, exc) from None
 
     def entries(self, model: str) -> tuple[str, ...]:
         """The route-table entries of ``model``: itself, or one per shard (``m~0``, ``m~1``)."""
@@ -174,12 +210,15 @@ class Reconciler:
         if self.shards:
             self._follow_shard_requests()
         desired = self.desired()
-        if self._settled_for == desired:
+        if self._settled_for == (desired, self.waiting):
             return RolloutPlan()
         self.states = self._apps.states()
         plan = plan_rollout(desired, self.routed, {k: s.state for k, s in self.states.items()})
+        if plan.routes is None and self.waiting != self._published_waiting:
+            # the same routes, but what the gateways tell a waiting model's callers changed
+            plan = replace(plan, routes=dict(self.routed))
         settled = plan.is_idle and all(s.state == AppState.RUNNING for s in self.states.values())
-        self._settled_for = desired if settled else None
+        self._settled_for = (desired, dict(self.waiting)) if settled else None
         self._report_failures(desired)
         for key in plan.deploy:
             self._on_event(f"{key.model}: starting version {key.version} ({key.app_name})")
@@ -213,7 +252,8 @@ class Reconciler:
                 self._on_event(
                     f"{model}: routing {_weights_text(weights)} (was {_weights_text(before)})"
                 )
-        self.epoch = self._board.publish(table)
+        self.epoch = self._board.publish(table, waiting=dict(self.waiting))
+        self._published_waiting = dict(self.waiting)
         dropped = dropped_apps(self.routed, routes)
         deadline = self._clock() + self._drain_timeout_s
         while not gateways_caught_up(
@@ -254,11 +294,14 @@ class Reconciler:
     # -- start-up and the thread -------------------------------------------------------------
 
     def serving(self) -> bool:
-        """Every model routes to what it should, and a gateway routes by the newest table."""
+        """Every model routes to what it should (one whose source does not resolve yet has
+        nothing to route: it waits, and the rest serve), and a gateway routes by the newest
+        table."""
         desired = self.desired()
         if any(self.routed.get(m) != dict(w) for m, w in desired.items()):
             return False
-        if any(e not in desired for m in self._models for e in self.entries(m)):
+        entries = (e for m in self._models for e in self.entries(m))
+        if any(e not in desired and e not in self.waiting for e in entries):
             return False
         return any(
             r.epoch >= self.epoch and r.age_s <= self._stale_after_s
@@ -300,6 +343,15 @@ class Reconciler:
                 if not self._stop.is_set():
                     self._on_event(f"rollout step failed: {exc!r}")
             self._stop.wait(self._poll_interval_s)
+
+
+class _Unresolved(Exception):
+    """A store reference of a model that does not resolve now, and the store's error."""
+
+    def __init__(self, source: str, error: Exception) -> None:
+        super().__init__(source)
+        self.source = source
+        self.error = error
 
 
 def _weights_text(weights: Mapping[str, float] | None) -> str:
@@ -371,8 +423,10 @@ class ActorBoard:
     def __init__(self, actor: Any) -> None:
         self._actor = actor
 
-    def publish(self, routes: Mapping[str, tuple[VersionRoute, ...]]) -> int:
-        return ray.get(self._actor.publish.remote(dict(routes)))
+    def publish(
+        self, routes: Mapping[str, tuple[VersionRoute, ...]], *, waiting: Mapping[str, str]
+    ) -> int:
+        return ray.get(self._actor.publish.remote(dict(routes), dict(waiting)))
 
     def reports(self) -> Mapping[str, GatewayReport]:
         return ray.get(self._actor.reports.remote())

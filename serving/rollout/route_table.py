@@ -25,10 +25,11 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from serving.rollout.plan import GatewayReport, pick_version
+from serving.routing.sharding import parse_shard_entry
 
 logger = logging.getLogger(__name__)
 
@@ -56,6 +57,10 @@ class RouteTable:
     epoch: int
     routes: Mapping[str, tuple[VersionRoute, ...]]
     """Model -> the versions it routes to, heaviest first."""
+    waiting: Mapping[str, str] = field(default_factory=dict)
+    """Entry -> why it has no version to route yet, for one that is not routed because its
+    source does not resolve in the store: ``"alias 'serving' of digits is not set yet"``.
+    Said to clients in the 503 its requests get; no server paths in it."""
 
 
 class RouteBoard:
@@ -67,9 +72,15 @@ class RouteBoard:
         self._reports: dict[str, tuple[int, dict[str, int], float]] = {}
         self._shard_requests: dict[str, int] = {}
 
-    async def publish(self, routes: Mapping[str, tuple[VersionRoute, ...]]) -> int:
+    async def publish(
+        self,
+        routes: Mapping[str, tuple[VersionRoute, ...]],
+        waiting: Mapping[str, str] | None = None,
+    ) -> int:
         """Replace the table; wake every waiting poll. Returns the new epoch."""
-        self._table = RouteTable(epoch=self._table.epoch + 1, routes=dict(routes))
+        self._table = RouteTable(
+            epoch=self._table.epoch + 1, routes=dict(routes), waiting=dict(waiting or {})
+        )
         self._changed.set()
         self._changed = asyncio.Event()
         return self._table.epoch
@@ -119,6 +130,16 @@ def create_board(name: str) -> Any:
     return board
 
 
+def waiting_by_model(waiting: Mapping[str, str]) -> dict[str, str]:
+    """A table's ``waiting`` by model: a shard entry ``m~1`` is model ``m``'s (every shard of a
+    model waits for the same source)."""
+    folded: dict[str, str] = {}
+    for entry, reason in sorted(waiting.items()):
+        parsed = parse_shard_entry(entry)
+        folded.setdefault(parsed[0] if parsed else entry, reason)
+    return folded
+
+
 Poller = Callable[[str, int, dict[str, int], float], Awaitable["RouteTable | None"]]
 
 
@@ -135,7 +156,13 @@ def board_poller(board: Any) -> Poller:
 
 
 class NotRouted(LookupError):
-    """The model has no version routed yet (it is starting, or its first version failed)."""
+    """The model has no version routed yet (it is starting, its first version failed, or its
+    source does not resolve in the store: then ``reason`` says what is missing)."""
+
+    def __init__(self, model: str, reason: str | None = None) -> None:
+        super().__init__(model if reason is None else f"{model}: {reason}")
+        self.model = model
+        self.reason = reason
 
 
 class RouteFollower:
@@ -168,7 +195,7 @@ class RouteFollower:
     def pick(self, model: str) -> VersionRoute:
         routes = self.table.routes.get(model)
         if not routes:
-            raise NotRouted(model)
+            raise NotRouted(model, self.table.waiting.get(model))
         if len(routes) == 1:
             return routes[0]
         return routes[pick_version([r.weight for r in routes], self._draw())]
@@ -177,7 +204,7 @@ class RouteFollower:
         """The heaviest version: the one metadata describes."""
         routes = self.table.routes.get(model)
         if not routes:
-            raise NotRouted(model)
+            raise NotRouted(model, self.table.waiting.get(model))
         return routes[0]
 
     @contextlib.contextmanager
@@ -196,6 +223,15 @@ class RouteFollower:
     def weights(self) -> dict[str, dict[str, float]]:
         """Model -> version -> weight, as this gateway routes now."""
         return {m: {r.version: r.weight for r in rs} for m, rs in self.table.routes.items()}
+
+    def waiting(self) -> dict[str, str]:
+        """Entry -> why it has no version yet, for each entry whose source does not resolve."""
+        return dict(self.table.waiting)
+
+    def waiting_for(self, model: str) -> str | None:
+        """Why ``model`` (an entry, or a sharded model whose shards wait) has no version yet;
+        None when it is not waiting for its source."""
+        return waiting_by_model(self.table.waiting).get(model)
 
     def app_names(self) -> frozenset[str]:
         return frozenset(r.app_name for routes in self.table.routes.values() for r in routes)

@@ -48,10 +48,18 @@ class FakeBoard:
         self.gateway_busy: dict[str, int] = {}
         self.gateway_lags = False
         self.shard_counts: dict[str, int] = {}
+        self.waiting: list[dict[str, str]] = []
+        """The ``waiting`` of each table published, beside ``tables``."""
 
-    def publish(self, routes: Mapping[str, tuple[VersionRoute, ...]]) -> int:
+    def publish(
+        self,
+        routes: Mapping[str, tuple[VersionRoute, ...]],
+        *,
+        waiting: Mapping[str, str] | None = None,
+    ) -> int:
         self.epoch += 1
         self.tables.append(dict(routes))
+        self.waiting.append(dict(waiting or {}))
         self.apps.log.append(f"publish {self.describe(routes)}")
         return self.epoch
 
