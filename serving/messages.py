@@ -377,7 +377,8 @@ class GenerationFailed(ReplicaError):
     the other sequences in the batch went on (500)."""
 
     def __init__(self, model: str, reason: str) -> None:
-        super().__init__(f"model {model} failed to generate: {reason}")
+        self.message = f"model {model} failed to generate: {reason}"
+        super().__init__(self.message)
         self.model = model
         self.reason = reason
 
@@ -390,7 +391,8 @@ class ReplicaUnavailable(ReplicaError):
     Serve replaces it (503, retry-able: another replica may answer)."""
 
     def __init__(self, model: str, reason: str) -> None:
-        super().__init__(f"model {model}: this replica stopped serving ({reason}); retry")
+        self.message = f"model {model}: this replica stopped serving ({reason}); retry"
+        super().__init__(self.message)
         self.model = model
         self.reason = reason
 

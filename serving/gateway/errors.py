@@ -143,10 +143,11 @@ def api_error(exc: BaseException) -> ApiError | None:
         return bad_request(exc.message, param="inputs")
     if isinstance(exc, GenerationRefused):
         return bad_request(exc.message, param=exc.param)
+    # .message, not str(exc): through Ray, str() is the remote traceback (pids, reprs)
     if isinstance(exc, GenerationFailed):  # one sequence's fault; the replica logged it
-        return ApiError(500, str(exc), code="generation_failed")
+        return ApiError(500, exc.message, code="generation_failed")
     if isinstance(exc, ReplicaUnavailable):  # its generation loop died; Serve replaces it
-        return ApiError(503, str(exc), code="replica_unavailable", headers={"Retry-After": "1"})
+        return ApiError(503, exc.message, code="replica_unavailable", headers={"Retry-After": "1"})
     if isinstance(exc, InjectedFault):  # config ``faults``: on purpose, so retry-able
         return ApiError(503, str(exc), code="injected_fault")
     if isinstance(exc, DeadlineExceeded):
