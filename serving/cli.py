@@ -77,7 +77,10 @@ def run_serve(args: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     from serving.gateway.http_server import PortUnavailable, bind_socket
+    from serving.run_record import RunRecords
 
+    # a run on this home killed without stopping may have left processes holding the port
+    RunRecords(env.run_dir).clean_dead_runs()
     try:  # a taken port, too, is said before the heavy imports (LoomServer checks it again)
         bind_socket(config.server.host, config.server.port).close()
     except PortUnavailable as exc:

@@ -5,6 +5,9 @@ server = LoomServer(config, env)
 server.start()   # a local Ray if none runs, the apps, HTTP on host:port; waits until ready
 ...
 server.stop()    # the reconciler, Serve, then the Ray it started: nothing left running
+
+A start first cleans up after a run on the same home that was killed instead of stopped
+(``serving.run_record``): its Ray session's leftover processes, its runtime files.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from serving.gateway.readiness import APP_NAME
 from serving.rollout.plan import follows_alias
 from serving.rollout.reconciler import ActorBoard, Reconciler, ServeVersionApps
 from serving.rollout.route_table import create_board
+from serving.run_record import RunRecord, RunRecords
 from training.runner import RunnerSettings
 from training.scheduler import SchedulerService, start_scheduler, stop_scheduler
 
@@ -143,12 +147,14 @@ class LoomServer:
         self._board: Any = None  # the route board actor
         self._scheduler: ActorHandle[SchedulerService] | None = None
         self.reconciler: Reconciler | None = None
+        self.run_records = RunRecords(env.run_dir)
 
     def prepare(self) -> None:
         """Check the port is free and no pool mixes tasks (registering the bundled model on
         first start), before any Ray process starts. A model whose source does not resolve
         yet is not a reason to stop: it waits."""
         server = self.config.server
+        self.run_records.clean_dead_runs()  # a killed run's leftovers may hold the port
         bind_socket(server.host, server.port).close()  # a taken port: a clear error, now
         store = ModelStore(self.env.models_dir)  # opening it clears killed registrations
         try:
@@ -165,7 +171,7 @@ class LoomServer:
             for key, value in ray_serve_env().items():
                 os.environ.setdefault(key, value)
             gpus = None if self.config.training.gpus is None else int(self.config.training.gpus)
-            ray.init(
+            context = ray.init(
                 num_cpus=required_cpus(self.config),
                 num_gpus=gpus,  # None: Ray counts them
                 include_dashboard=False,
@@ -175,6 +181,17 @@ class LoomServer:
                 _system_config={"worker_niceness": 0},
             )
             self._started_ray = True
+            # a RayContext here (Ray types ray.init's answer as its base class)
+            address_info: dict[str, Any] = getattr(context, "address_info", {})
+            session_dir = address_info.get("session_dir")
+        else:
+            session_dir = None  # a Ray it joined is not its to clean
+        # written before anything slow: a kill from here on leaves what the next start cleans
+        self.run_records.write(
+            RunRecord.for_this_process(
+                port=server.port, ray_session_dir=session_dir, metrics_dir=str(metrics_dir)
+            )
+        )
         if server.ingress == "direct":  # the gateway serves HTTP itself: no proxy actor
             serve.start(proxy_location="Disabled")
         else:
@@ -223,3 +240,4 @@ class LoomServer:
             self._board = None
             if self._started_ray and ray.is_initialized():
                 ray.shutdown()
+            self.run_records.remove(self.config.server.port)  # stopped: nothing to clean
