@@ -15,15 +15,22 @@ Routes (errors in OpenAI's shape, ``{"error": {"message", "type", "param", "code
     POST /v1/jobs/{id}/cancel      200 job | 404 | 409 job_conflict (already final)
     GET  /v1/jobs/{id}/logs?after=N&limit=M   200 {"object": "list", "data": [line, ...]}
     GET  /v1/jobs/{id}/events      200 text/event-stream of CloudEvents | 404
+    any route                      503 store_unavailable (Retry-After) while the database is
+                                   unreachable
 
 A 422 adds ``"fields": [{"field": "hyperparameters.learning_rate", "message": ...}, ...]``.
 Every store call runs in a worker thread (``asyncio.to_thread``): the store blocks.
+
+No input is a 500: a body is parsed by orjson (nesting deeper than 1024, numbers beyond a
+double, lone surrogates and invalid UTF-8 are 400s, where the stdlib parser raised
+``RecursionError`` or let them through); a path id that no job can have is a 404 before the
+store is asked (a NUL, which Postgres refuses in a string, included); headers and query
+numbers are parsed with bounds.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import re
 import time
@@ -33,7 +40,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import orjson
 from fastapi import APIRouter, Request
+from sqlalchemy.exc import OperationalError
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from training.events import SSE_KEEP_ALIVE, cloud_event, sse_message
@@ -55,6 +64,8 @@ JOB_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 """A client-chosen job id: it is a URL path segment and the store's 64-character key."""
 MAX_IDEMPOTENCY_KEY_CHARS = 200
 MAX_LOG_LINES = 10_000
+MAX_EVENT_SEQ = 2**62
+STORE_RETRY_AFTER_S = 1
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -88,6 +99,7 @@ class JobsApiError(Exception):
         *,
         param: str | None = None,
         fields: list[FieldError] | None = None,
+        headers: dict[str, str] | None = None,
     ) -> None:
         super().__init__(message)
         self.status = status
@@ -95,6 +107,7 @@ class JobsApiError(Exception):
         self.code = code
         self.param = param
         self.fields = fields
+        self.headers = headers
 
 
 _ERROR_TYPES = {
@@ -103,6 +116,7 @@ _ERROR_TYPES = {
     409: "conflict_error",
     413: "invalid_request_error",
     422: "invalid_request_error",
+    503: "server_error",
 }
 
 
@@ -116,7 +130,7 @@ def error_response(error: JobsApiError) -> JSONResponse:
     }
     if error.fields is not None:
         body["fields"] = [{"field": f.field, "message": f.message} for f in error.fields]
-    return JSONResponse({"error": body}, status_code=error.status)
+    return JSONResponse({"error": body}, status_code=error.status, headers=error.headers)
 
 
 def job_json(job: Job) -> dict[str, Any]:
@@ -147,19 +161,32 @@ def log_line_json(line: LogLine) -> dict[str, Any]:
 
 async def read_json_object(request: Request, max_bytes: int) -> dict[str, Any]:
     """The body as a JSON object: 413 past ``max_bytes`` (stopping reading there), 400 when
-    it is not UTF-8 JSON or not an object."""
+    it is not UTF-8 JSON or not an object.
+
+    orjson, not the stdlib: it refuses nesting deeper than 1024 (``json.loads`` raised
+    ``RecursionError``), a number beyond a double (``1e999``), ``NaN``, and lone surrogates
+    (``"\\ud800"``, which ``json.loads`` let through to fail later)."""
     declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > max_bytes:
-        raise _too_large(int(declared), max_bytes)
+    if declared is not None:
+        if not (declared.isascii() and declared.isdigit()):
+            raise JobsApiError(400, "Content-Length is not a number", "invalid_request")
+        if int(declared) > max_bytes:
+            raise _too_large(int(declared), max_bytes)
     chunks, received = [], 0
     async for chunk in request.stream():
         received += len(chunk)
         if received > max_bytes:
             raise _too_large(received, max_bytes)
         chunks.append(chunk)
+    body = b"".join(chunks)
     try:
-        data = json.loads(b"".join(chunks).decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        message = f"malformed JSON body: not valid UTF-8 (byte {exc.start})"
+        raise JobsApiError(400, message, "invalid_json") from None
+    try:
+        data = orjson.loads(text)
+    except orjson.JSONDecodeError as exc:
         raise JobsApiError(400, f"malformed JSON body: {exc}", "invalid_json") from None
     if not isinstance(data, dict):
         raise JobsApiError(400, "the body must be a JSON object (a job spec)", "invalid_json")
@@ -186,6 +213,17 @@ def int_query(request: Request, name: str, default: int, *, low: int, high: int)
     return value
 
 
+def event_seq_after(request: Request) -> int:
+    """Where an event stream starts: ``Last-Event-ID`` (a reconnecting EventSource) when it
+    is a seq, else ``?after=`` (the first request; an integer 0..2**62, else 400)."""
+    resume = request.headers.get("last-event-id", "").strip()
+    # ASCII digits only ('²' is a digit to str.isdigit, and int() refuses it); past 2**62
+    # is past every event (int() of thousands of digits raises, so it is never called)
+    if resume.isascii() and resume.isdigit():
+        return int(resume) if len(resume) <= 18 else MAX_EVENT_SEQ
+    return int_query(request, "after", 0, low=0, high=MAX_EVENT_SEQ)
+
+
 def submit_names(body: dict[str, Any], request: Request) -> tuple[str | None, str | None]:
     """(client job id, idempotency key) from the body's ``job_id`` and the ``Idempotency-Key``
     header; ``job_id`` is removed from ``body`` (it is not a spec field)."""
@@ -194,10 +232,18 @@ def submit_names(body: dict[str, Any], request: Request) -> tuple[str | None, st
         message = "job_id must be 1-64 letters, digits, '.', '_' or '-', starting alphanumeric"
         raise JobsApiError(422, message, "invalid_job_spec", fields=[FieldError("job_id", message)])
     key = request.headers.get("idempotency-key")
-    if key is not None and not 1 <= len(key) <= MAX_IDEMPOTENCY_KEY_CHARS:
-        message = f"Idempotency-Key must be 1-{MAX_IDEMPOTENCY_KEY_CHARS} characters"
+    if key is not None and not (1 <= len(key) <= MAX_IDEMPOTENCY_KEY_CHARS and key.isprintable()):
+        message = f"Idempotency-Key must be 1-{MAX_IDEMPOTENCY_KEY_CHARS} printable characters"
         raise JobsApiError(400, message, "invalid_idempotency_key", param="Idempotency-Key")
     return job_id, key
+
+
+def job_id_from_path(raw: str) -> JobId:
+    """The path's job id; 404 without asking the store when no job can have it (every id is
+    a client's ``JOB_ID_PATTERN`` or ours, ``job-<hex>``, which matches it too)."""
+    if not JOB_ID_PATTERN.match(raw):
+        raise JobNotFound(raw)
+    return JobId(raw)
 
 
 # --- the router ---------------------------------------------------------------------------
@@ -222,6 +268,16 @@ def build_jobs_router(service: JobsService, *, authorize: Callable[[Request], No
             )
         except JobConflict as exc:
             return error_response(JobsApiError(409, str(exc), "job_conflict"))
+        except OperationalError as exc:  # the database is away (restarting, locked, unreachable)
+            logger.warning(
+                "%s %s: the job store is unavailable (%s)",
+                request.method,
+                request.url.path,
+                exc.orig if exc.orig is not None else exc,
+            )
+            message = "the job store is unavailable; try again shortly"
+            headers = {"Retry-After": str(STORE_RETRY_AFTER_S)}
+            return error_response(JobsApiError(503, message, "store_unavailable", headers=headers))
 
     async def wake() -> None:
         try:
@@ -278,7 +334,7 @@ def build_jobs_router(service: JobsService, *, authorize: Callable[[Request], No
     @router.get("/v1/jobs/{job_id}")
     async def get_job(job_id: str, request: Request) -> Response:
         async def handle() -> Response:
-            job = await asyncio.to_thread(store.get, JobId(job_id))
+            job = await asyncio.to_thread(store.get, job_id_from_path(job_id))
             return JSONResponse(job_json(job))
 
         return await answer(request, handle)
@@ -286,7 +342,7 @@ def build_jobs_router(service: JobsService, *, authorize: Callable[[Request], No
     @router.post("/v1/jobs/{job_id}/cancel")
     async def cancel_job(job_id: str, request: Request) -> Response:
         async def handle() -> Response:
-            job = await asyncio.to_thread(store.cancel, JobId(job_id))
+            job = await asyncio.to_thread(store.cancel, job_id_from_path(job_id))
             await wake()  # the scheduler stops the job's run
             return JSONResponse(job_json(job))
 
@@ -295,9 +351,10 @@ def build_jobs_router(service: JobsService, *, authorize: Callable[[Request], No
     @router.get("/v1/jobs/{job_id}/logs")
     async def job_logs(job_id: str, request: Request) -> Response:
         async def handle() -> Response:
-            after = int_query(request, "after", 0, low=0, high=2**62)
+            after = int_query(request, "after", 0, low=0, high=MAX_EVENT_SEQ)
             limit = int_query(request, "limit", 1000, low=1, high=MAX_LOG_LINES)
-            lines = await asyncio.to_thread(store.logs, JobId(job_id), after=after, limit=limit)
+            job = job_id_from_path(job_id)
+            lines = await asyncio.to_thread(store.logs, job, after=after, limit=limit)
             return JSONResponse({"object": "list", "data": [log_line_json(x) for x in lines]})
 
         return await answer(request, handle)
@@ -305,14 +362,10 @@ def build_jobs_router(service: JobsService, *, authorize: Callable[[Request], No
     @router.get("/v1/jobs/{job_id}/events")
     async def job_events(job_id: str, request: Request) -> Response:
         async def handle() -> Response:
-            # Last-Event-ID (a reconnecting EventSource) wins over ?after= (the first request)
-            resume = request.headers.get("last-event-id")
-            if resume is not None and resume.strip().isdigit():
-                after = int(resume.strip())
-            else:
-                after = int_query(request, "after", 0, low=0, high=2**62)
-            await asyncio.to_thread(store.get, JobId(job_id))  # 404 before the stream starts
-            stream = event_stream(service, JobId(job_id), after, request.is_disconnected)
+            after = event_seq_after(request)
+            job = job_id_from_path(job_id)
+            await asyncio.to_thread(store.get, job)  # 404 before the stream starts
+            stream = event_stream(service, job, after, request.is_disconnected)
             headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
             return StreamingResponse(stream, media_type="text/event-stream", headers=headers)
 

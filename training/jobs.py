@@ -18,6 +18,7 @@ spec again returns the same job, another spec under that name raises ``JobConfli
 from __future__ import annotations
 
 import builtins
+import math
 import time
 import uuid
 from collections.abc import Callable, Mapping
@@ -30,6 +31,9 @@ from sqlalchemy.exc import IntegrityError
 
 from training.db import job_events, job_logs, jobs, transaction
 from training.spec import JobSpec, parse_job_spec
+
+MAX_SEQ = 2**31 - 1
+"""The largest event or log seq the store can hold (an INTEGER column)."""
 
 
 class JobState(StrEnum):
@@ -255,6 +259,8 @@ class JobStore:
         nothing written when refused. ``metrics`` merge into the job's; ``error`` replaces.
         """
         now = self._clock()
+        error = storable_text(error) if error is not None else None
+        metrics = storable_json(dict(metrics)) if metrics else None
         with transaction(self._engine) as conn:
             # FOR UPDATE: a concurrent change of this job waits, then sees our state
             row = conn.execute(
@@ -305,6 +311,7 @@ class JobStore:
         """
         if not 0.0 <= progress <= 1.0:
             raise ValueError(f"progress is a fraction 0..1, got {progress}")
+        metrics = storable_json(dict(metrics)) if metrics else None
         now = self._clock()
         with transaction(self._engine) as conn:
             row = conn.execute(
@@ -335,6 +342,9 @@ class JobStore:
         self, table: Table, job_id: JobId, after: int, *, limit: int | None = None
     ) -> builtins.list[Row[Any]]:
         """A job's rows of ``table`` (events or log lines) with ``seq > after``, in order."""
+        # seq is a 4-byte integer, and Postgres casts the bound value to its type: a larger
+        # ``after`` (a client's) would overflow there, where it can only mean "past them all"
+        after = min(after, MAX_SEQ)
         with transaction(self._engine, write=False) as conn:
             if conn.execute(select(jobs.c.id).where(jobs.c.id == job_id.value)).first() is None:
                 raise JobNotFound(job_id.value)
@@ -349,6 +359,7 @@ class JobStore:
 
     def log(self, job_id: JobId, message: str, *, stage: str | None = None) -> int:
         """Append one line to the job's log; its seq. ``JobNotFound`` for an unknown job."""
+        message = storable_text(message)
         now = self._clock()
         with transaction(self._engine) as conn:
             seq = conn.execute(
@@ -440,6 +451,26 @@ class JobStore:
                 job_id=job_id, seq=seq, type=f"loom.job.{state.value}", time=now, data=data
             )
         )
+
+
+def storable_text(text: str) -> str:
+    """``text`` as both databases store it: a NUL (Postgres refuses it in text) written
+    ``\\x00``. An error or log line may quote anything (a corpus line, a path)."""
+    return text.replace("\x00", "\\x00")
+
+
+def storable_json(value: Any) -> Any:
+    """``value`` with every non-finite float as None: JSON has no NaN (Postgres refuses
+    ``NaN`` in a json column, and the API could not answer it), and a diverged loss is one."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {key: storable_json(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [storable_json(item) for item in value]
+    if isinstance(value, str):
+        return storable_text(value)
+    return value
 
 
 def _job_from_row(row: Row[Any]) -> Job:

@@ -175,17 +175,23 @@ def dataset_errors(spec: JobSpec, allowed_roots: Iterable[Path]) -> list[FieldEr
     """Why ``spec.dataset`` may not be read; empty when it may (named datasets always may)."""
     if not isinstance(spec, LmJobSpec) or spec.dataset == "stdlib":
         return []
+    if "\x00" in spec.dataset:  # no path holds one; pathlib raises ValueError on it
+        return [FieldError("dataset", "must not contain a NUL character")]
     path = Path(spec.dataset)
     if not path.is_absolute():
         return [FieldError("dataset", "must be 'stdlib' or an absolute path")]
-    # resolve() follows symlinks and '..', so a link or '../' cannot step outside a root
-    resolved = path.resolve()
-    roots = [Path(root).resolve() for root in allowed_roots]
-    if not any(resolved.is_relative_to(root) for root in roots):
-        allowed = ", ".join(str(root) for root in roots) or "none configured"
-        return [FieldError("dataset", f"{path} is outside the allowed dataset roots ({allowed})")]
-    if not resolved.is_dir():
-        return [FieldError("dataset", f"{path} is not a folder")]
+    try:
+        # resolve() follows symlinks and '..', so a link or '../' cannot step outside a root
+        resolved = path.resolve()
+        roots = [Path(root).resolve() for root in allowed_roots]
+        if not any(resolved.is_relative_to(root) for root in roots):
+            allowed = ", ".join(str(root) for root in roots) or "none configured"
+            message = f"{path} is outside the allowed dataset roots ({allowed})"
+            return [FieldError("dataset", message)]
+        if not resolved.is_dir():
+            return [FieldError("dataset", f"{path} is not a folder")]
+    except OSError as exc:  # a name too long, a loop of links, no permission, ...
+        return [FieldError("dataset", f"{path} cannot be read: {exc.strerror or exc}")]
     return []
 
 

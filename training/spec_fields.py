@@ -19,9 +19,10 @@ from pydantic import BaseModel, ConfigDict, Field, HttpUrl
 
 
 class StrictModel(BaseModel):
-    """Frozen, and a field nobody declared is refused, not ignored."""
+    """Frozen, a field nobody declared is refused, not ignored, and a float must be finite
+    (``.inf`` in a YAML spec, or a NaN, would pass ``gt=0`` and break the job later)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class WorkerResources(StrictModel):

@@ -23,7 +23,12 @@ class DigitsHyperparameters(StrictModel):
     epochs: int = Field(20, ge=1, le=1000, description="Passes over the training split.")
     batch_size: int = Field(64, ge=1, description="Samples per optimiser step.")
     hidden: int = Field(64, ge=4, le=4096, description="Width of each member's hidden layers.")
-    seed: int = Field(0, ge=0, description="Seeds the train/validation split and the weights.")
+    seed: int = Field(
+        0,
+        ge=0,
+        le=2**32 - 1,
+        description="Seeds the train/validation split and the weights (0 to 2**32 - 1).",
+    )
 
     def members(self) -> list[DigitsArch]:
         """The architectures to train, one member each: ``"mlp"`` -> ``["mlp"]``."""

@@ -34,7 +34,12 @@ class LmHyperparameters(StrictModel):
     vocab_size: int | None = Field(
         None, ge=300, le=65_536, description="Tokeniser vocabulary; None: the preset's."
     )
-    seed: int = Field(0, ge=0, description="Seeds the split, the weights and the batch order.")
+    seed: int = Field(
+        0,
+        ge=0,
+        le=2**32 - 1,
+        description="Seeds the split, the weights and the batch order (0 to 2**32 - 1).",
+    )
 
 
 class LmEval(StrictModel):

@@ -7,6 +7,7 @@ error, the way the gateway mounts it with its own.
 from __future__ import annotations
 
 import json
+import logging
 import threading
 import time
 from collections.abc import Iterator
@@ -16,12 +17,13 @@ from pathlib import Path
 import pytest
 from fastapi import FastAPI, Request
 from fastapi.testclient import TestClient
+from scheduler_fakes import locked
 from sqlalchemy import Engine
 from starlette.responses import JSONResponse
 
 from training.api import JobsService, build_jobs_router
 from training.jobs import JobId, JobStore
-from training.spec import ClusterCapacity, parse_job_spec
+from training.spec import ClusterCapacity, JobSpecInvalid, parse_job_spec, validate_job_spec
 
 LM = {"name": "tiny-lm", "trainer": "lm"}
 
@@ -325,3 +327,160 @@ def test_a_request_with_an_accepted_key_passes(api: Api) -> None:
     api.keys.add("k1")
     response = api.client.post("/v1/jobs", json=LM, headers={"Authorization": "Bearer k1"})
     assert response.status_code == 201
+
+
+# --- hostile input: always 4xx in the error shape, never a 500 ---------------------------------
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        # the stdlib parser raised RecursionError past ~1000 levels; the body limit is 4096
+        pytest.param(b"[" * 2000 + b"]" * 2000, id="deep-array"),
+        pytest.param(b'{"name": ' + b"[" * 2000 + b"]" * 2000 + b"}", id="deep-in-an-object"),
+        pytest.param(b'{"name": "a", "trainer": "lm", "priority": 1e999}', id="beyond-double"),
+        pytest.param(
+            b'{"name": "a", "trainer": "lm", "priority": ' + b"9" * 4000 + b"}", id="4000-digits"
+        ),
+        pytest.param(b'{"name": "a", "trainer": "lm", "priority": NaN}', id="nan"),
+        pytest.param(b'{"name": "a\\ud800", "trainer": "lm"}', id="lone-surrogate"),
+        pytest.param(b'{"\\udfff": 1, "name": "a", "trainer": "lm"}', id="lone-surrogate-key"),
+        pytest.param(b'{"name": "a\xff", "trainer": "lm"}', id="invalid-utf8"),
+        pytest.param(b'{"name": "a\xc0\xaf", "trainer": "lm"}', id="overlong-utf8"),
+        pytest.param(b'{"name": "a\xed\xa0\x80", "trainer": "lm"}', id="utf8-encoded-surrogate"),
+    ],
+)
+def test_a_body_the_parser_refuses_is_400_in_the_error_shape(api: Api, body: bytes) -> None:
+    response = api.client.post("/v1/jobs", content=body)
+    assert response.status_code == 400
+    error = error_of(response)
+    assert (error["type"], error["code"]) == ("invalid_request_error", "invalid_json")
+    assert error["message"].startswith("malformed JSON body")
+    assert api.store.list() == []
+
+
+@pytest.mark.parametrize(
+    ("spec", "field"),
+    [
+        ({**LM, "priority": 99999999999999999999999}, "priority"),  # beyond int64: 1e23
+        ({**LM, "hyperparameters": {"seed": 2**64 - 1}}, "hyperparameters.seed"),
+        ({**LM, "dataset": "/data/\u0000x"}, "dataset"),
+        ({**LM, "dataset": "/" + "a" * 300}, "dataset"),  # a name too long for the OS
+        ({**LM, "resources": {"cpu": 1e308, "gpu": 1e308}}, "workers"),
+    ],
+)
+def test_extreme_but_well_formed_values_are_422_naming_the_field(
+    api: Api, spec: dict, field: str
+) -> None:
+    response = api.client.post("/v1/jobs", json=spec)
+    assert response.status_code == 422
+    assert field in [f["field"] for f in error_of(response)["fields"]]
+    assert api.store.list() == []
+
+
+def test_a_non_finite_number_in_a_yaml_spec_is_refused_by_the_one_gate() -> None:
+    raw = {**LM, "hyperparameters": {"learning_rate": float("inf")}}
+    with pytest.raises(JobSpecInvalid) as caught:
+        validate_job_spec(
+            raw, capacity=ClusterCapacity(total_cpus=4, total_gpus=0), allowed_dataset_roots=()
+        )
+    assert [e.field for e in caught.value.errors] == ["hyperparameters.learning_rate"]
+
+
+@pytest.mark.parametrize(
+    "job_id",
+    ["a%00b", "a%ED%A0%80", "a%FF", "x" * 5000, "..", "-leading-dash"],
+)
+def test_a_path_id_no_job_can_have_is_404_on_every_route(api: Api, job_id: str) -> None:
+    for method, path in [
+        ("GET", f"/v1/jobs/{job_id}"),
+        ("POST", f"/v1/jobs/{job_id}/cancel"),
+        ("GET", f"/v1/jobs/{job_id}/logs"),
+        ("GET", f"/v1/jobs/{job_id}/events"),
+    ]:
+        response = api.client.request(method, path)
+        if job_id == "..":  # the client resolves it to /v1/jobs, /v1/cancel, ...
+            assert response.status_code in (200, 404, 405), (method, path)
+            continue
+        assert response.status_code == 404, (method, path)
+        assert error_of(response)["code"] == "job_not_found"
+
+
+def test_an_idempotency_key_with_a_control_character_is_400(api: Api) -> None:
+    response = api.client.post("/v1/jobs", json=LM, headers={"Idempotency-Key": "a\x00b"})
+    assert response.status_code == 400
+    assert error_of(response)["code"] == "invalid_idempotency_key"
+    assert api.store.list() == []
+
+
+@pytest.mark.parametrize(
+    ("last_event_id", "seqs"),
+    [
+        (b"9" * 5000, []),  # past every event
+        ("\u00b2".encode("latin-1"), [1, 2]),  # '²' is not a seq: the stream starts at the top
+        (b"not-a-number", [1, 2]),
+    ],
+)
+def test_an_odd_last_event_id_is_never_a_500(
+    api: Api, last_event_id: bytes, seqs: list[int]
+) -> None:
+    job_id = JobId(api.client.post("/v1/jobs", json=LM).json()["id"])
+    api.store.cancel(job_id)  # events 1 queued, 2 cancelled; the stream ends
+    response = api.client.get(
+        f"/v1/jobs/{job_id.value}/events", headers={"Last-Event-ID": last_event_id}
+    )
+    assert response.status_code == 200
+    assert [e["data"]["seq"] for e in sse_events(response.text)] == seqs
+
+
+def test_a_non_finite_metric_is_stored_as_null_and_the_job_can_be_read(api: Api) -> None:
+    job_id = JobId(api.client.post("/v1/jobs", json=LM).json()["id"])
+    api.store.start(job_id, stage="train")
+    api.store.report_progress(job_id, progress=0.5, metrics={"loss": float("nan"), "step": 3})
+    api.store.succeed(job_id, metrics={"perplexity": float("inf")})
+    response = api.client.get(f"/v1/jobs/{job_id.value}")
+    assert response.status_code == 200
+    assert response.json()["metrics"] == {"loss": None, "step": 3, "perplexity": None}
+
+
+def test_an_unreachable_store_is_503_with_retry_after(
+    api: Api, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    def away(*args: object, **kwargs: object) -> None:
+        raise locked()
+
+    for method in ("get", "list", "submit"):
+        monkeypatch.setattr(api.store, method, away)
+    with caplog.at_level(logging.WARNING, logger="training.api"):
+        responses = [
+            api.client.get("/v1/jobs/job-1"),
+            api.client.get("/v1/jobs"),
+            api.client.post("/v1/jobs", json=LM),
+        ]
+    for response in responses:
+        assert response.status_code == 503
+        assert response.headers["retry-after"] == "1"
+        assert error_of(response)["code"] == "store_unavailable"
+    assert len([r for r in caplog.records if "unavailable" in r.getMessage()]) == 3
+
+
+def test_the_largest_after_the_api_takes_reads_nothing_on_either_database(api: Api) -> None:
+    job_id = JobId(api.client.post("/v1/jobs", json=LM).json()["id"])
+    api.store.log(job_id, "one line")
+    after = {"after": 2**62}  # past the store's 4-byte seq: Postgres would overflow on it
+    logs = api.client.get(f"/v1/jobs/{job_id.value}/logs", params=after)
+    assert (logs.status_code, logs.json()["data"]) == (200, [])
+    api.store.cancel(job_id)
+    events = api.client.get(f"/v1/jobs/{job_id.value}/events", params=after)
+    assert (events.status_code, sse_events(events.text)) == (200, [])
+
+
+def test_text_with_a_nul_is_stored_on_either_database(api: Api) -> None:
+    job_id = JobId(api.client.post("/v1/jobs", json=LM).json()["id"])
+    api.store.log(job_id, "read 'a\x00b' from the corpus")
+    api.store.fail(job_id, "OSError: bad path '/data/\x00'")
+    lines = api.client.get(f"/v1/jobs/{job_id.value}/logs").json()["data"]
+    assert [line["message"] for line in lines] == ["read 'a\\x00b' from the corpus"]
+    assert api.client.get(f"/v1/jobs/{job_id.value}").json()["error"] == (
+        "OSError: bad path '/data/\\x00'"
+    )
