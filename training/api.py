@@ -116,7 +116,7 @@ _ERROR_TYPES = {
     409: "conflict_error",
     413: "invalid_request_error",
     422: "invalid_request_error",
-    503: "server_error",
+    503: "overloaded_error",  # the type the gateway gives every 503 (docs/api.md#errors)
 }
 
 
