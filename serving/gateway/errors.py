@@ -135,9 +135,11 @@ def wrong_route(name: str, task: str, route: str) -> ApiError:
 def api_error(exc: BaseException) -> ApiError | None:
     """The client's answer to what a replica or router raised; None for anything else (a bug:
     500). One place, so a status means the same on every route."""
+    # built from the fields, never str(exc): through Ray, str() is the remote traceback
     if isinstance(exc, Overloaded):
+        message = f"model {exc.model} is overloaded; retry after {exc.retry_after_s} s"
         return ApiError(
-            503, str(exc), code="overloaded", headers={"Retry-After": str(exc.retry_after_s)}
+            503, message, code="overloaded", headers={"Retry-After": str(exc.retry_after_s)}
         )
     if isinstance(exc, InputRefused):
         return bad_request(exc.message, param="inputs")
@@ -149,7 +151,9 @@ def api_error(exc: BaseException) -> ApiError | None:
     if isinstance(exc, ReplicaUnavailable):  # its generation loop died; Serve replaces it
         return ApiError(503, exc.message, code="replica_unavailable", headers={"Retry-After": "1"})
     if isinstance(exc, InjectedFault):  # config ``faults``: on purpose, so retry-able
-        return ApiError(503, str(exc), code="injected_fault")
+        return ApiError(
+            503, f"model {exc.model} failed the call (injected fault)", code="injected_fault"
+        )
     if isinstance(exc, DeadlineExceeded):
         return deadline_exceeded(exc.model)
     if isinstance(exc, QuorumNotMet):
