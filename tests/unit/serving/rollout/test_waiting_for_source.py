@@ -7,12 +7,15 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 from rollout_fakes import FakeApps, FakeBoard, actions, reconciler
+from safetensors.torch import save_file
 
 from models.errors import ModelNotFound, StoreError
 from models.store import ModelStore
 from serving.config import ModelConfig, parse_config
-from serving.rollout.plan import AppState, unresolved_reason
+from serving.rollout.plan import AppState, VersionKey, unresolved_reason
+from serving.rollout.reconciler import AppStatus
 from serving.server import check_sources
 
 
@@ -107,9 +110,14 @@ def test_the_first_version_appearing_starts_it_and_clears_its_reason(
 def test_waiting_is_a_settled_state_read_from_the_store_each_tick_and_said_once(
     store: Store, apps: FakeApps, board: FakeBoard
 ) -> None:
-    calls = []
+    calls: list[int] = []
     states = apps.states
-    apps.states = lambda: calls.append(1) or states()  # type: ignore[method-assign]
+
+    def counted_states() -> dict[VersionKey, AppStatus]:  # a controller call, counted
+        calls.append(1)
+        return states()
+
+    apps.states = counted_states  # type: ignore[method-assign]
     rec = reconciler([ModelConfig(name="later", source="later")], store, apps, board)
 
     for _ in range(6):
@@ -273,3 +281,40 @@ def test_the_server_starts_with_sources_that_do_not_resolve_and_names_them(
     )
 
     assert check_sources(config, ModelStore(tmp_path / "models")) == ["later", "canary"]
+
+
+def test_a_real_store_holding_a_version_folder_named_aliases_json_breaks_no_step(
+    tmp_path: Path, apps: FakeApps, board: FakeBoard
+) -> None:
+    """What an old store may hold: ``enc/aliases.json/`` (a version named like the store's
+    file). The store answers a StoreError, so the model waits and the other one serves."""
+    store = ModelStore(tmp_path / "models")
+    source = tmp_path / "enc-src"
+    source.mkdir()
+    save_file({"w": torch.zeros(2)}, str(source / "model.safetensors"))
+    store.register("enc", source, task="embed")
+    store.register("ok", source, task="embed")
+    (store.root / "enc" / "aliases.json").mkdir()
+    models = [ModelConfig(name="enc", source="enc"), ModelConfig(name="ok", source="ok")]
+    rec = reconciler(models, RealStore(store), apps, board)
+
+    for _ in range(3):
+        rec.step()
+
+    assert actions(apps)[0] == "deploy loom.ok@1"
+    assert rec.waiting == {
+        "enc": "enc cannot be read from the model store (the server log says why)"
+    }
+    told = [e for e in events(apps) if e.startswith("enc:")]
+    assert len(told) == 1
+    assert "aliases.json is a folder" in told[0]
+
+
+class RealStore:
+    """``resolve`` as ``LoomServer`` builds it over a real store."""
+
+    def __init__(self, store: ModelStore) -> None:
+        self.store = store
+
+    def resolve(self, source: str) -> str:
+        return self.store.resolve(source).version
