@@ -1,4 +1,5 @@
-"""The ``server:`` section: where the gateway listens, its keys, body limit and deadline."""
+"""The ``server:`` section: where the gateway listens, its keys, body limit, deadline, and how
+long and how many clients its HTTP server holds (read timeouts, idle timeout, connection cap)."""
 
 from __future__ import annotations
 
@@ -37,6 +38,40 @@ class ServerConfig(BaseModel):
         gt=0,
         description="Deadline of one request, carried to the replica; past it the answer is "
         "504 and what the replica had not started is not computed.",
+    )
+
+    header_read_timeout_s: float = Field(
+        10.0,
+        gt=0,
+        description="A request's line and headers must arrive within this many seconds of its "
+        "first byte; else 408 and the connection is closed. The key is in the headers, so this "
+        "bounds what a client without one can hold.",
+    )
+    body_read_timeout_s: float = Field(
+        30.0,
+        gt=0,
+        description="A request's whole body must arrive within this many seconds of its "
+        "headers (a deadline, not a per-chunk timeout: a body trickled a byte at a time is cut "
+        "too); else 408 and the connection is closed.",
+    )
+    idle_timeout_s: int = Field(
+        15,
+        ge=1,
+        description="A connection with no request under way (just opened, or kept alive after "
+        "an answer) is closed after this many whole seconds.",
+    )
+    max_connections: int = Field(
+        1000,
+        ge=1,
+        description="Open connections the HTTP server serves at once. One more is answered 503 "
+        "(with Retry-After) as soon as its headers arrive and closed, never reaching a route; "
+        "it waits at most header_read_timeout_s for them.",
+    )
+    max_header_bytes: int = Field(
+        65536,
+        ge=1024,
+        description="A request line and headers larger than this are refused with 431 and the "
+        "connection closed.",
     )
 
     @property

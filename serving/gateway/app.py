@@ -15,9 +15,10 @@ import logging
 from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 
+from serving.gateway.body import client_gone
 from serving.gateway.core import GatewayCore
 from serving.gateway.endpoint import REQUEST_ID_HEADER, Endpoints
 from serving.gateway.errors import ApiError, error_response
@@ -64,6 +65,12 @@ def _add_error_handlers(app: FastAPI) -> None:
     async def on_validation_error(request: Request, exc: RequestValidationError) -> Response:
         error = ApiError(400, f"invalid request: {exc.errors()[0]['msg']}")
         return error_response(error, request.url.path)
+
+    @app.exception_handler(ClientDisconnect)
+    async def on_client_gone(request: Request, exc: ClientDisconnect) -> Response:
+        # a body cut for time or left half-sent (a route outside the endpoint wrapper, the
+        # jobs router, read it): not a bug, and nobody is there to read the answer
+        return error_response(client_gone(request), request.url.path)
 
     @app.exception_handler(Exception)
     async def on_unexpected(request: Request, exc: Exception) -> Response:

@@ -1,24 +1,40 @@
-"""Reading a request body safely: size limit, UTF-8, JSON, then a pydantic schema.
+"""Reading a request body safely: size limit, deadline, UTF-8, JSON, then a pydantic schema.
 
 Every failure is an ``ApiError`` with a message a client can act on; nothing here raises
 anything else, so a bad body can never become a 500.
+
+The body's deadline: the gateway's HTTP server (``http_server``) cuts a body that is not in
+within ``server.body_read_timeout_s`` of its headers, answers 408 itself and marks the request
+(``READ_TIMED_OUT`` in its state); the route reading it then sees the client gone. Behind Ray
+Serve's proxy (``ingress: proxy``) that server is not in the path, so ``read_body`` keeps a
+deadline of its own, the request's ``BODY_READ_TIMEOUT_S`` (the endpoint wrapper sets it).
 """
 
 from __future__ import annotations
 
+import asyncio
 from typing import TypeVar
 
 import orjson
 from pydantic import BaseModel, ValidationError
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 
 from serving.gateway.errors import ApiError, bad_request
 
 M = TypeVar("M", bound=BaseModel)
 
+READ_TIMED_OUT = "loom_read_timed_out"
+"""Key in a request's ASGI ``state``: True once the HTTP server cut its body for time."""
+BODY_READ_TIMEOUT_S = "loom_body_read_timeout_s"
+"""Key in a request's ASGI ``state``: seconds ``read_body`` waits for the whole body."""
+CLIENT_GONE = 499
+"""The status counted for a request whose client left before its body was in (nginx's
+"client closed request"); nobody receives it."""
+
 
 async def read_body(request: Request, max_bytes: int) -> bytes:
-    """The raw body, refused with 413 as soon as it passes ``max_bytes``."""
+    """The raw body, refused with 413 as soon as it passes ``max_bytes``, 408 when it is not
+    all in within the request's ``BODY_READ_TIMEOUT_S``."""
     declared = request.headers.get("content-length")
     if declared is not None:
         try:
@@ -27,14 +43,42 @@ async def read_body(request: Request, max_bytes: int) -> bytes:
             raise bad_request("Content-Length is not a number") from None
         if declared_bytes > max_bytes:
             raise _too_large(declared_bytes, max_bytes)
+    timeout_s: float | None = request.scope.get("state", {}).get(BODY_READ_TIMEOUT_S)
     chunks: list[bytes] = []
     received = 0
-    async for chunk in request.stream():
-        received += len(chunk)
-        if received > max_bytes:
-            raise _too_large(received, max_bytes)
-        chunks.append(chunk)
+    try:
+        async with asyncio.timeout(timeout_s):
+            async for chunk in request.stream():
+                received += len(chunk)
+                if received > max_bytes:
+                    raise _too_large(received, max_bytes)
+                chunks.append(chunk)
+    except TimeoutError:
+        raise body_timed_out(timeout_s) from None
+    except ClientDisconnect:
+        raise client_gone(request) from None
     return b"".join(chunks)
+
+
+def body_timed_out(timeout_s: float | None) -> ApiError:
+    return ApiError(
+        408,
+        f"the request's body did not arrive within {timeout_s} s",
+        code="body_timeout",
+        headers={"Connection": "close"},  # the rest of the body is not worth reading
+    )
+
+
+def client_gone(request: Request) -> ApiError:
+    """What a route answers (for its count; nobody receives it) when the body stopped: 408
+    when the HTTP server cut it for time, else 499, the client left."""
+    if request.scope.get("state", {}).get(READ_TIMED_OUT):
+        return body_timed_out(request.scope["state"].get(BODY_READ_TIMEOUT_S))
+    return ApiError(
+        CLIENT_GONE,
+        "the client closed the connection before its body arrived",
+        code="client_closed_request",
+    )
 
 
 def _too_large(size: int, max_bytes: int) -> ApiError:

@@ -22,7 +22,7 @@ from models.store import ModelStore
 from serving.config import LoomConfig
 from serving.gateway.app import build_http_app
 from serving.gateway.core import GatewayCore
-from serving.gateway.http_server import HttpServer
+from serving.gateway.http_server import HttpLimits, HttpServer
 from serving.gateway.routes.jobs import JobsSettings, build_jobs_service
 from serving.rollout.route_table import (
     BOARD_NAMESPACE,
@@ -67,7 +67,8 @@ class Gateway:
         self._http: HttpServer | None = None
         server = loom_config.server
         if server.ingress == "direct":
-            self._http = HttpServer(self._app, host=server.host, port=server.port)
+            limits = HttpLimits.of(server)
+            self._http = HttpServer(self._app, host=server.host, port=server.port, limits=limits)
             await self._http.start()
 
     def __serve_build_asgi_app__(self) -> FastAPI:

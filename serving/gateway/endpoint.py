@@ -31,6 +31,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from serving import metrics
+from serving.gateway.body import BODY_READ_TIMEOUT_S
 from serving.gateway.core import GatewayCore
 from serving.gateway.errors import ApiError, api_error, error_response
 
@@ -119,6 +120,9 @@ class Endpoints:
         id_prefix: str,
     ) -> Response:
         started = time.perf_counter()
+        # the body's deadline under any ingress (``body.read_body``)
+        state = request.scope.setdefault("state", {})
+        state[BODY_READ_TIMEOUT_S] = self._core.config.server.body_read_timeout_s
         given_id = request.headers.get(REQUEST_ID_HEADER)
         scope = Scope(request, request_id(given_id, id_prefix), time.time())
         try:
