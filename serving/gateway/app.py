@@ -28,6 +28,7 @@ from serving.gateway.routes.generation import add_generation_routes
 from serving.gateway.routes.inference import SERVER_VERSION, add_inference_routes
 from serving.gateway.routes.jobs import add_jobs_routes
 from serving.gateway.routes.monitoring import add_monitoring_routes
+from serving.gateway.routes.openapi import add_openapi_route
 
 logger = logging.getLogger(__name__)
 
@@ -45,6 +46,7 @@ def build_http_app(gw: GatewayCore) -> FastAPI:
     add_admin_routes(endpoints, gw)
     add_jobs_routes(app, gw)
     add_monitoring_routes(endpoints, gw)
+    add_openapi_route(endpoints, app, gw, SERVER_VERSION)  # last: it lists every route
     return app
 
 

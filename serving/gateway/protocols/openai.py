@@ -1,8 +1,13 @@
-"""OpenAI-compatible embeddings and model listing.
+"""OpenAI-compatible embeddings and model listing, and OpenAI's error shape.
 
 Input is a string or a list of strings (token-id arrays are refused: the server tokenises);
 ``encoding_format`` is ``float`` (JSON numbers) or ``base64`` (little-endian float32 bytes, what
 the OpenAI SDK asks for by default).
+
+The answers are written with orjson from plain values (fast: numpy rows go straight in); the
+models at the end (``EmbeddingsResponse``, ``ModelList``, ``OpenAIError``, ...) are their
+shapes for the OpenAPI document (``routes.openapi``), checked against real answers by the
+schema fuzz test.
 """
 
 from __future__ import annotations
@@ -71,3 +76,59 @@ def embeddings_response(
 
 def model_card(name: str, created_s: int) -> dict:
     return {"id": name, "object": "model", "created": created_s, "owned_by": "loom"}
+
+
+# ---- the answers' shapes (for the OpenAPI document) ---------------------------------------
+
+
+class Embedding(BaseModel):
+    object: Literal["embedding"]
+    index: int = Field(ge=0)
+    embedding: list[float] | str = Field(
+        description="The vector: numbers, or base64 of little-endian float32 bytes."
+    )
+
+
+class EmbeddingsUsage(BaseModel):
+    prompt_tokens: int = Field(ge=0)
+    total_tokens: int = Field(ge=0)
+
+
+class EmbeddingsResponse(BaseModel):
+    object: Literal["list"]
+    data: list[Embedding]
+    model: str
+    usage: EmbeddingsUsage
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"]
+    created: int = Field(description="When this gateway started, in seconds since the epoch.")
+    owned_by: str
+
+
+class ModelList(BaseModel):
+    object: Literal["list"]
+    data: list[ModelCard]
+
+
+class FieldProblem(BaseModel):
+    field: str = Field(description="Dotted path into the request, e.g. hyperparameters.lr.")
+    message: str
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str = Field(description="By status: invalid_request_error, not_found_error, ...")
+    param: str | None = Field(description="The request field at fault, when one is.")
+    code: str | None = Field(description="What went wrong, e.g. model_not_found.")
+    fields: list[FieldProblem] | None = Field(
+        None, description="Every field error of a refused job spec (422 only)."
+    )
+
+
+class OpenAIError(BaseModel):
+    """Every 4xx and 5xx of an OpenAI-shaped route (``/v1/...``, ``/metrics``, ...)."""
+
+    error: ErrorDetail

@@ -5,11 +5,15 @@ Embedding models take one input ``text`` (``BYTES``, shape ``[n]``) and give one
 ``probabilities`` (``FP32``, ``[n, classes]``) from either ``text`` (text classifiers) or
 ``input`` (``FP32``, ``[n, features]``: tensor classifiers such as ``digits``, 64 pixels a
 row); model metadata names each column's label.
+
+Answers are written with orjson from plain values; the models at the end (``InferResponse``,
+``ModelMetadata``, ``V2Error``, ...) are their shapes for the OpenAPI document
+(``routes.openapi``), checked against real answers by the schema fuzz test.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import orjson
@@ -191,3 +195,66 @@ def classifier_metadata(
         "inputs": [model_input],
         "outputs": [output],
     }
+
+
+# ---- the answers' shapes (for the OpenAPI document) ---------------------------------------
+
+
+class V2Error(BaseModel):
+    """Every 4xx and 5xx of a v2 route (``/v2``, ``/v2/...``)."""
+
+    error: str
+
+
+class ServerMetadata(BaseModel):
+    name: str
+    version: str
+    extensions: list[str]
+
+
+class TensorMetadata(BaseModel):
+    name: str
+    datatype: str
+    shape: list[int] = Field(description="-1 for a dimension of any size.")
+    parameters: dict[str, Any] | None = None
+
+
+class ModelMetadata(BaseModel):
+    name: str
+    versions: list[str]
+    platform: str
+    inputs: list[TensorMetadata]
+    outputs: list[TensorMetadata]
+    parameters: dict[str, Any] | None = Field(
+        None, description="An ensemble's members, combine, quorum and deadline_ms."
+    )
+
+
+class TensorOut(BaseModel):
+    name: str
+    shape: list[int]
+    datatype: Literal["FP32"]
+    data: list[float] = Field(description="Row-major, flat.")
+
+
+class InferResponse(BaseModel):
+    model_name: str
+    model_version: str
+    id: str | None = Field(None, description="The request's id, when it gave one.")
+    outputs: list[TensorOut]
+    parameters: dict[str, Any] | None = Field(
+        None, description="An ensemble's gather: partial, answered, failed, timed_out, hedged."
+    )
+
+
+class ModelReady(BaseModel):
+    name: str
+    ready: bool
+
+
+class ServerReady(BaseModel):
+    ready: bool
+
+
+class ServerLive(BaseModel):
+    live: bool

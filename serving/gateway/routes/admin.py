@@ -23,7 +23,7 @@ server restarts: put the count in the config to keep it.
 from __future__ import annotations
 
 import asyncio
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.responses import JSONResponse, Response
@@ -50,6 +50,36 @@ class PromoteRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     version: str = Field(min_length=1, description="The store version the alias moves to.")
+
+
+class PromoteResponse(BaseModel):
+    model: str
+    store_model: str = Field(description="The store model whose alias moved.")
+    alias: str
+    version: str
+    previous: str | None = Field(description="The version the alias named before, if any.")
+
+
+class ReshardResponse(BaseModel):
+    model: str
+    shards: int
+    previous: int
+
+
+class ShardMap(BaseModel):
+    model: str
+    key: str = Field(description="What places a request: model, header or request_id.")
+    virtual_nodes: int
+    routed_shards: int
+    requested_shards: int
+    epoch: int
+    shards: dict[str, Any] = Field(description="Shard -> its versions, apps and keys.")
+    placed: dict[str, Any] | None = Field(None, description="Where ?key=K goes.")
+
+
+class ShardMapList(BaseModel):
+    object: Literal["list"]
+    data: list[ShardMap]
 
 
 def promotion_target(model: ModelConfig) -> tuple[str, str]:
