@@ -43,7 +43,7 @@ import logging
 import socket
 import time
 from dataclasses import dataclass
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal, cast
 
 import uvicorn
 from starlette.types import ASGIApp
@@ -119,8 +119,9 @@ class GuardedHttpProtocol(HttpToolsProtocol):
     # ---- the connection ----------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        super().connection_made(transport)
+        # not an isinstance check: uvloop's transports (the gateway replica's loop under Ray)
+        # are not asyncio.Transport subclasses
+        super().connection_made(cast(asyncio.Transport, transport))
         if len(self.admitted) >= self.limits.max_connections:
             self._over_cap = True  # answered 503 once its head is in; no longer than that
             self._start_reading("head", self.limits.header_read_timeout_s)

@@ -11,7 +11,7 @@ it wants the slow clients held)."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Coroutine
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -19,6 +19,8 @@ from typing import Any
 import httpx
 import numpy as np
 import orjson
+import pytest
+import uvloop
 from inprocess import InProcessHandle, gateway_over
 from prometheus_client import REGISTRY
 
@@ -29,6 +31,16 @@ from serving.gateway.routes.jobs import JobsSettings, build_jobs_service
 from serving.messages import EmbedReply, InferCall, InferReply
 from training.api import JobsService
 from training.spec import ClusterCapacity
+
+Runner = Callable[[Coroutine[Any, Any, None]], None]
+
+
+@pytest.fixture(params=["asyncio", "uvloop"])
+def run(request: pytest.FixtureRequest) -> Runner:
+    """Each scenario on both event loops: asyncio's, and uvloop's, which the gateway replica
+    runs under Ray (its transports are not ``asyncio.Transport`` subclasses)."""
+    return asyncio.run if request.param == "asyncio" else uvloop.run
+
 
 MODEL = "enc-slow"
 EMBED = orjson.dumps({"model": MODEL, "input": ["hello"]})
@@ -139,7 +151,7 @@ def openai_error(body: bytes) -> dict[str, Any]:
     return dict(error)
 
 
-def test_a_half_sent_header_is_cut_with_408_in_each_protocols_shape() -> None:
+def test_a_half_sent_header_is_cut_with_408_in_each_protocols_shape(run: Runner) -> None:
     async def scenario() -> None:
         async with serving(HttpLimits(header_read_timeout_s=0.2)) as http:
             v1 = await RawClient.connect(http.port)
@@ -154,10 +166,10 @@ def test_a_half_sent_header_is_cut_with_408_in_each_protocols_shape() -> None:
             assert status == 408
             assert "headers did not arrive" in orjson.loads(body)["error"]
 
-    asyncio.run(scenario())
+    run(scenario())
 
 
-def test_a_body_trickled_a_byte_at_a_time_is_cut_with_408(tmp_path: Path) -> None:
+def test_a_body_trickled_a_byte_at_a_time_is_cut_with_408(run: Runner, tmp_path: Path) -> None:
     """Every body reader is cut: the routes' own (``body.read_body``) and the jobs router's."""
 
     async def scenario() -> None:
@@ -179,7 +191,7 @@ def test_a_body_trickled_a_byte_at_a_time_is_cut_with_408(tmp_path: Path) -> Non
             assert await eventually(lambda: counted("embeddings", "408") == before + 1)
             assert counted("embeddings", "500") == before_500
 
-    asyncio.run(scenario())
+    run(scenario())
 
 
 async def eventually(condition: Any) -> bool:
@@ -193,7 +205,7 @@ async def eventually(condition: Any) -> bool:
     return True
 
 
-def test_an_idle_connection_is_closed_and_a_kept_alive_one_too() -> None:
+def test_an_idle_connection_is_closed_and_a_kept_alive_one_too(run: Runner) -> None:
     async def scenario() -> None:
         async with serving(HttpLimits(idle_timeout_s=1)) as http:
             silent = await RawClient.connect(http.port)
@@ -207,10 +219,10 @@ def test_an_idle_connection_is_closed_and_a_kept_alive_one_too() -> None:
             await asyncio.wait_for(kept.reader.readexactly(length), GUARD_S)
             assert await kept.answer() == (0, {}, b"")  # then idle: closed
 
-    asyncio.run(scenario())
+    run(scenario())
 
 
-def test_headers_over_the_limit_are_refused_with_431_complete_or_still_coming() -> None:
+def test_headers_over_the_limit_are_refused_with_431_complete_or_still_coming(run: Runner) -> None:
     async def scenario() -> None:
         limits = HttpLimits(header_read_timeout_s=HOLD_S, max_header_bytes=4096)
         async with serving(limits) as http:
@@ -226,10 +238,10 @@ def test_headers_over_the_limit_are_refused_with_431_complete_or_still_coming() 
             assert status == 431
             assert isinstance(orjson.loads(body)["error"], str)
 
-    asyncio.run(scenario())
+    run(scenario())
 
 
-def test_slow_clients_are_held_while_others_are_served() -> None:
+def test_slow_clients_are_held_while_others_are_served(run: Runner) -> None:
     """Header and body deadlines far beyond the test: the slow clients are held the whole
     time, and every other client is answered meanwhile."""
 
@@ -254,10 +266,12 @@ def test_slow_clients_are_held_while_others_are_served() -> None:
             for slow in (half_header, trickle, idle):
                 slow.close()
 
-    asyncio.run(scenario())
+    run(scenario())
 
 
-def test_past_the_connection_cap_a_new_client_is_refused_503_and_served_once_one_leaves() -> None:
+def test_past_the_connection_cap_a_new_client_is_refused_503_and_served_once_one_leaves(
+    run: Runner,
+) -> None:
     async def scenario() -> None:
         async with serving(HttpLimits(max_connections=3)) as http:
             held = [await RawClient.connect(http.port) for _ in range(3)]
@@ -283,10 +297,10 @@ def test_past_the_connection_cap_a_new_client_is_refused_503_and_served_once_one
             for client_ in held:
                 client_.close()
 
-    asyncio.run(scenario())
+    run(scenario())
 
 
-def test_a_request_the_parser_cannot_read_is_400_in_shape() -> None:
+def test_a_request_the_parser_cannot_read_is_400_in_shape(run: Runner) -> None:
     async def scenario() -> None:
         async with serving(HttpLimits()) as http:
             client = await RawClient.connect(http.port)
@@ -295,4 +309,4 @@ def test_a_request_the_parser_cannot_read_is_400_in_shape() -> None:
             assert status == 400
             assert openai_error(body)["code"] == "bad_http"
 
-    asyncio.run(scenario())
+    run(scenario())
