@@ -41,6 +41,7 @@ from serving.messages import (
     InferCall,
     InferenceRequest,
     ModelInfo,
+    ReplicaUnavailable,
 )
 from serving.rollout.route_table import NotRouted, RouteFollower, VersionRoute
 from serving.routing.ensemble_router import EnsembleRouter, MemberLine, Sent
@@ -59,9 +60,19 @@ queues behind its running batch. Measured at concurrency 8: 2 per replica ~70 re
 
 T = TypeVar("T")
 
-REPLICA_LOST: tuple[type[Exception], ...] = (RayActorError, DeploymentUnavailableError)
+REPLICA_LOST: tuple[type[Exception], ...] = (
+    RayActorError,
+    DeploymentUnavailableError,
+    ReplicaUnavailable,
+)
 """What a call raises when the replica answering it died or went away (its process was
-killed, its node lost): not the request's fault, and an idempotent call may go again."""
+killed, its node lost) or is going (a generation replica whose loop died refuses every call
+and exits): not the request's fault, and an idempotent call may go again."""
+
+
+def lost_reason(lost: Exception) -> str:
+    """``loom_retries_total``'s reason: the replica died, or it refused as it goes."""
+    return "replica_unavailable" if isinstance(lost, ReplicaUnavailable) else "replica_lost"
 
 
 def model_unavailable(model: str) -> ApiError:
@@ -92,11 +103,13 @@ async def send_once_more_if_lost(
         ids = [envelope.request_id for envelope in envelopes]
         if not retry or all(envelope.expired() for envelope in envelopes):
             logger.warning("model %s: replica lost (%r) under requests %s", model, lost, ids)
+            if isinstance(lost, ReplicaUnavailable):
+                raise  # its own 503, which says why the replica went
             raise model_unavailable(model) from lost
         logger.warning(
             "model %s: replica lost (%r) under requests %s; sending once more", model, lost, ids
         )
-        metrics.RETRIES.labels(model, "replica_lost").inc()
+        metrics.RETRIES.labels(model, lost_reason(lost)).inc()
     try:
         return await send()
     except REPLICA_LOST as lost_again:

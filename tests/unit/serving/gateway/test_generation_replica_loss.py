@@ -1,16 +1,18 @@
-"""A completion whose replica is lost: greedy or seeded it goes once more (it would answer
-the same), sampled it is a 503 (a second run would answer differently); a stream whose
-replica is lost before its first chunk starts again, since the client has heard nothing.
+"""A completion whose replica is lost (died, or refusing as it leaves after its engine loop
+died): greedy or seeded it goes once more (it would answer the same), sampled it is a 503 (a
+second run would answer differently); a stream whose replica is lost before its first chunk
+starts again, since the client has heard nothing.
 No Ray processes: the version app is a stand-in raising Ray's own error."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
 from inprocess import Method
+from prometheus_client import REGISTRY
 from ray.exceptions import ActorDiedError
 
 from models.engines.sampling import MIN_SAMPLING_TEMPERATURE
@@ -22,6 +24,7 @@ from serving.messages import (
     ChoiceDelta,
     GenerateCall,
     GenerateChunk,
+    ReplicaUnavailable,
 )
 from serving.rollout.route_table import RouteFollower, RouteTable, VersionRoute
 
@@ -45,11 +48,22 @@ class Stream:
         self.cancelled = True
 
 
-class GenerationApp:
-    """A generation version app whose first ``lose`` calls land on a replica that dies."""
+def died() -> Exception:
+    return ActorDiedError()
 
-    def __init__(self, lose: int) -> None:
+
+def going() -> Exception:
+    """A replica whose engine loop died: it refuses every call as it exits."""
+    return ReplicaUnavailable(MODEL, "the engine's loop died")
+
+
+class GenerationApp:
+    """A generation version app whose first ``lose`` calls land on a replica that dies (or,
+    with ``error=going``, refuses as it leaves)."""
+
+    def __init__(self, lose: int, error: Callable[[], Exception] = died) -> None:
         self.lose = lose
+        self.error = error
         self.calls = 0
         self.complete = Method(self._complete)
         self.generate = Method(self._generate)
@@ -63,7 +77,7 @@ class GenerationApp:
 
     async def _complete(self, call: GenerateCall) -> GenerateChunk:
         if self._lost():
-            raise ActorDiedError()
+            raise self.error()
         return GenerateChunk("1", (ChoiceDelta(0, "hello", 1, "stop"),), (2,))
 
     def _generate(self, call: GenerateCall) -> Stream:
@@ -71,7 +85,7 @@ class GenerationApp:
 
         async def chunks() -> AsyncIterator[GenerateChunk]:
             if lost:
-                raise ActorDiedError()
+                raise self.error()
             yield GenerateChunk("1", prompt_tokens=(2,))
             yield GenerateChunk("1", (ChoiceDelta(0, "hello", 1, "stop"),))
 
@@ -97,26 +111,56 @@ def complete(http: TestClient, **params: Any) -> Any:
     )
 
 
+LOSSES = pytest.mark.parametrize("error", [died, going], ids=["died", "going"])
+
+
+def retries(reason: str) -> float:
+    labels = {"model": MODEL, "reason": reason}
+    return REGISTRY.get_sample_value("loom_retries_total", labels) or 0.0
+
+
+@LOSSES
 @pytest.mark.parametrize("params", [{"temperature": 0}, {"seed": 7}], ids=["greedy", "seeded"])
-def test_a_repeatable_completion_goes_once_more(params: dict[str, Any]) -> None:
-    app = GenerationApp(lose=1)
+def test_a_repeatable_completion_goes_once_more(
+    params: dict[str, Any], error: Callable[[], Exception]
+) -> None:
+    reason = "replica_lost" if error is died else "replica_unavailable"
+    before = retries(reason)
+    app = GenerationApp(lose=1, error=error)
     answer = complete(client(app), **params)
     assert answer.status_code == 200
     assert answer.json()["choices"][0]["text"] == "hello"
     assert app.calls == 2
+    assert retries(reason) == before + 1
 
 
-def test_a_sampled_completion_is_not_run_twice_but_answered_503() -> None:
-    app = GenerationApp(lose=1)
+@LOSSES
+def test_a_sampled_completion_is_not_run_twice_but_answered_503(
+    error: Callable[[], Exception],
+) -> None:
+    app = GenerationApp(lose=1, error=error)
     answer = complete(client(app), temperature=0.8)
     assert answer.status_code == 503
     assert answer.headers["retry-after"] == "1"
-    assert answer.json()["error"]["code"] == "model_unavailable"
+    code = "model_unavailable" if error is died else "replica_unavailable"
+    assert answer.json()["error"]["code"] == code
     assert app.calls == 1
 
 
-def test_a_stream_lost_before_its_first_chunk_starts_again() -> None:
-    app = GenerationApp(lose=1)
+def test_lost_twice_is_a_503_with_retry_after() -> None:
+    app = GenerationApp(lose=2, error=going)
+    answer = complete(client(app), temperature=0)
+    assert answer.status_code == 503
+    assert answer.headers["retry-after"] == "1"
+    assert answer.json()["error"]["code"] == "model_unavailable"
+    assert app.calls == 2
+
+
+@LOSSES
+def test_a_stream_lost_before_its_first_chunk_starts_again(
+    error: Callable[[], Exception],
+) -> None:
+    app = GenerationApp(lose=1, error=error)
     answer = complete(client(app), temperature=0.8, stream=True)
     assert answer.status_code == 200
     assert "hello" in answer.text
