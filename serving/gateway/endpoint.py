@@ -13,8 +13,9 @@ of ours, so an unknown name never becomes a metric label) and returns a response
         ...
 
 An ``ApiError`` (or a replica's refusal, ``errors.api_error``) is answered in the route's
-protocol; any other exception is a bug: answered 500 in the protocol's shape, logged once
-with the request id and its traceback. Every answer carries ``x-request-id`` and is counted
+protocol, and logged once with the request id when it is a 5xx (a 503, a 504); any other
+exception is a bug: answered 500 in the protocol's shape, logged once with the request id and
+its traceback. Every answer carries ``x-request-id`` and is counted
 in ``loom_requests_total`` by model, route and status, 500s included.
 """
 
@@ -129,15 +130,22 @@ class Endpoints:
             if auth:
                 self._core.authorize(request)
             response = await handler(scope)
-        except ApiError as exc:
-            response = error_response(exc, request.url.path)
         except Exception as exc:
-            error = api_error(exc)
+            error = exc if isinstance(exc, ApiError) else api_error(exc)
             if error is None:  # a bug: the client gets a 500, the operator the traceback
                 logger.exception(
                     "request %s: %s %s failed", scope.request_id, request.method, request.url.path
                 )
                 error = ApiError(500, f"internal error ({type(exc).__name__})")
+            elif error.status >= 500:  # every 5xx is in the log with its request id
+                logger.warning(
+                    "request %s: %s %s answered %d: %s",
+                    scope.request_id,
+                    request.method,
+                    request.url.path,
+                    error.status,
+                    error.message,
+                )
             response = error_response(error, request.url.path)
         response.headers[REQUEST_ID_HEADER] = scope.request_id
         if not counted:

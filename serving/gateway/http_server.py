@@ -164,7 +164,12 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         if head_bytes > self.limits.max_header_bytes:
             self._refuse_head_too_large()
             return
-        if self._over_cap:
+        if self._over_cap:  # a 5xx no route sees: logged here, by the client's address
+            logger.warning(
+                "%s: refused 503, the server holds its limit of %d connections",
+                self._peer(),
+                self.limits.max_connections,
+            )
             self._answer_and_close(
                 ApiError(
                     503,

@@ -18,7 +18,7 @@ from prometheus_client import REGISTRY
 
 from serving.config import parse_config
 from serving.gateway.app import build_http_app
-from serving.messages import InferCall
+from serving.messages import InferCall, Overloaded
 
 MODEL = "enc-endpoints"
 EMBED = {"model": MODEL, "input": ["hello"]}
@@ -74,6 +74,33 @@ def test_a_request_past_its_deadline_is_504_in_each_protocols_shape() -> None:
     assert openai.headers["x-request-id"] == "slow-1"
     assert isinstance(v2.json()["error"], str)
     assert requests_counted("embeddings", "504") - before == 1
+
+
+async def overloaded(call: InferCall) -> Any:
+    raise Overloaded(MODEL, 1)
+
+
+def test_every_5xx_is_logged_once_with_its_request_id_and_counted(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Not only bugs: a 504 and a replica's 503 are in the log too, without a traceback."""
+    before_503 = requests_counted("embeddings", "503")
+    with caplog.at_level(logging.WARNING, logger="serving"):
+        late = client(hang, request_timeout_s=0.05).post(
+            "/v1/embeddings", json=EMBED, headers={"x-request-id": "late-3"}
+        )
+        shed = client(overloaded).post(
+            "/v1/embeddings", json=EMBED, headers={"x-request-id": "shed-4"}
+        )
+
+    assert (late.status_code, shed.status_code) == (504, 503)
+    assert shed.headers["retry-after"] == "1"
+    for request_id, status in (("late-3", "504"), ("shed-4", "503")):
+        lines = [r for r in caplog.records if request_id in r.getMessage()]
+        assert len(lines) == 1, request_id
+        assert status in lines[0].getMessage()
+        assert lines[0].exc_info is None
+    assert requests_counted("embeddings", "503") - before_503 == 1
 
 
 def test_a_bug_is_a_500_in_shape_logged_once_with_the_request_id_and_counted(
