@@ -11,17 +11,24 @@ client went away) or whose deadline passed while it queued here is left out of t
 no replica computes what nobody reads. Each request crosses the hop as its own part of the
 call (``messages.InferCall``), with its envelope, so the replica can skip it too.
 
-The queue is bounded: past ``max_waiting_inputs`` queued a request is refused at once with
-``Overloaded`` (503, Retry-After), since the replicas behind it are already full.
+The queue is bounded twice, and both bounds shed with ``Overloaded`` (503, Retry-After):
+past ``max_waiting_inputs`` queued a request is refused at once, since the replicas behind it
+are already full; and with ``max_wait_s`` a request that has waited here that long is not
+sent but shed, so no request the replicas compute spent more than ``max_wait_s`` in this
+queue (the replica's admission bounds the wait in its own, ``replicas.admission``). Shedding
+here costs no hop: under overload the replicas' CPU goes to requests that can still be
+answered in time, not to refusing calls.
 
     coalescer = Coalescer(call=lambda call: handle.infer.remote(call), max_batch_inputs=32,
-                          max_in_flight=2, max_waiting_inputs=64, model="minilm")
+                          max_in_flight=2, max_waiting_inputs=64, max_wait_s=0.05,
+                          model="minilm")
     rows = await coalescer.submit(envelope, ["hello"])
 """
 
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
@@ -39,6 +46,7 @@ class _Waiting(Generic[R]):
     envelope: Envelope
     inputs: Sequence[Any]
     future: asyncio.Future[R]
+    enqueued_s: float
 
 
 class Coalescer(Generic[R]):
@@ -55,12 +63,21 @@ class Coalescer(Generic[R]):
         max_in_flight: int,
         model: str,
         max_waiting_inputs: int | None = None,
+        max_wait_s: float | None = None,
+        on_shed: Callable[[int], None] | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        """``max_waiting_inputs``: the most inputs queued here (None: unbounded)."""
+        """``max_waiting_inputs``: the most inputs queued here (None: unbounded);
+        ``max_wait_s``: the longest a request waits here before it is shed rather than sent
+        (None: until its deadline), on ``clock``; ``on_shed(inputs)`` hears of every request
+        shed."""
         self._call = call
         self._max_batch_inputs = max_batch_inputs
         self._max_in_flight = max_in_flight
         self._max_waiting_inputs = max_waiting_inputs
+        self._max_wait_s = max_wait_s
+        self._on_shed = on_shed
+        self._clock = clock
         self._model = model
         self._waiting: deque[_Waiting[R]] = deque()
         self._in_flight = 0
@@ -73,16 +90,19 @@ class Coalescer(Generic[R]):
         if self._in_flight >= self._max_in_flight and self._max_waiting_inputs is not None:
             self._drop_gone()
             if self.waiting_inputs + len(inputs) > self._max_waiting_inputs:
+                self._shed(len(inputs))
                 raise Overloaded(self._model, retry_after_s=1)
         future: asyncio.Future[R] = asyncio.get_running_loop().create_future()
-        self._waiting.append(_Waiting(envelope, inputs, future))
+        self._waiting.append(_Waiting(envelope, inputs, future, self._clock()))
         if self._in_flight < self._max_in_flight:
             self._send_next()
         return await future
 
     def _drop_gone(self) -> None:
-        """Leave out waiters nobody waits for: cancelled, or past their deadline."""
+        """Leave out waiters nobody waits for (cancelled, or past their deadline) and shed
+        those that waited ``max_wait_s``."""
         now_s = time.time()
+        shed_before = -math.inf if self._max_wait_s is None else self._clock() - self._max_wait_s
         kept: deque[_Waiting[R]] = deque()
         for w in self._waiting:
             if w.future.done():
@@ -90,8 +110,16 @@ class Coalescer(Generic[R]):
             if w.envelope.expired(now_s):
                 w.future.set_exception(DeadlineExceeded(self._model, w.envelope.request_id))
                 continue
+            if w.enqueued_s < shed_before:
+                self._shed(len(w.inputs))
+                w.future.set_exception(Overloaded(self._model, retry_after_s=1))
+                continue
             kept.append(w)
         self._waiting = kept
+
+    def _shed(self, inputs: int) -> None:
+        if self._on_shed is not None:
+            self._on_shed(inputs)
 
     def _send_next(self) -> None:
         self._drop_gone()

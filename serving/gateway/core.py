@@ -325,6 +325,7 @@ class GatewayCore:
                 del self._member_handles[old]
             model = self.plain_model(route.model)
             handle = route.handle
+            wait_ms = model.limits.max_queue_wait_ms
 
             def send(infer_call: InferCall) -> Any:
                 return handle.infer.remote(infer_call)
@@ -341,6 +342,9 @@ class GatewayCore:
                 max_waiting_inputs=CALLS_PER_REPLICA
                 * model.max_replicas
                 * model.batching.max_batch_size,
+                # the replica's wait budget holds here too, where shedding costs no hop
+                max_wait_s=None if wait_ms is None else wait_ms / 1000,
+                on_shed=metrics.REJECTED.labels(route.model).inc,
                 model=route.model,
             )
             self._coalescers[key] = coalescer

@@ -150,3 +150,49 @@ def test_past_its_bound_the_queue_refuses_at_once_with_retry_after():
         assert await asyncio.gather(*queued) == [items("B")] * 3
 
     asyncio.run(scenario())
+
+
+def test_a_request_that_waited_past_the_budget_is_shed_not_sent():
+    """With ``max_wait_s``, what queued longer than that while the replicas were busy is
+    answered 503 when the next call goes, and only what is still in time is in that call."""
+
+    async def scenario() -> None:
+        gate = asyncio.Event()
+        calls: list[list[str]] = []
+        shed: list[int] = []
+        now = [0.0]  # the coalescer's clock, moved by the test
+
+        async def call(infer_call: InferCall) -> InferReply[Items]:
+            calls.append(list(infer_call.inputs))
+            await gate.wait()
+            return upper(infer_call)
+
+        coalescer = Coalescer(
+            call=call,
+            max_batch_inputs=4,
+            max_in_flight=1,
+            max_wait_s=0.05,
+            on_shed=shed.append,
+            clock=lambda: now[0],
+            model="m",
+        )
+        sent = asyncio.create_task(coalescer.submit(envelope(0), ["a"]))  # goes at once
+        stale = [asyncio.create_task(coalescer.submit(envelope(i), ["b", "c"])) for i in (1, 2)]
+        while coalescer.waiting_inputs < 4:
+            await asyncio.sleep(0)
+        now[0] = 0.04
+        fresh = asyncio.create_task(coalescer.submit(envelope(3), ["d"]))
+        while coalescer.waiting_inputs < 5:
+            await asyncio.sleep(0)
+        now[0] = 0.06  # the first two have waited 60 ms, the last 20 ms
+        gate.set()
+        assert await sent == items("A")
+        for task in stale:
+            with pytest.raises(Overloaded) as refused:
+                await task
+            assert refused.value.retry_after_s == 1
+        assert await fresh == items("D")
+        assert calls == [["a"], ["d"]]
+        assert shed == [2, 2]
+
+    asyncio.run(scenario())
