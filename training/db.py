@@ -40,6 +40,13 @@ from sqlalchemy import (
     event,
     make_url,
 )
+from sqlalchemy.exc import (
+    DBAPIError,
+    DisconnectionError,
+    InterfaceError,
+    OperationalError,
+)
+from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 
 metadata = MetaData()
 
@@ -172,6 +179,29 @@ def _configure_sqlite(engine: Engine, *, busy_timeout_ms: int) -> None:
     def _on_begin(conn: Connection) -> None:
         mode = conn.get_execution_options().get(_SQLITE_BEGIN_OPTION, "DEFERRED")
         conn.exec_driver_sql(f"BEGIN {mode}")
+
+
+def is_transient_error(exc: BaseException) -> bool:
+    """True when a later try of the same statement may succeed: the database was away, locked
+    or busy, or dropped the connection (``OperationalError``, a connection SQLAlchemy marked
+    invalidated, the pool timing out, a socket error). False for what will fail the same way
+    every time: a refused row (``IntegrityError``), bad SQL or data (``ProgrammingError``,
+    ``DataError``), a value the driver cannot bind, any other exception (a bug).
+
+    SQLite reports a lock wait past its busy timeout and a missing table alike as
+    ``OperationalError``; both count as transient (the tables are made at start).
+    """
+    if isinstance(exc, DBAPIError) and exc.connection_invalidated:
+        return True
+    transient = (
+        OperationalError,
+        InterfaceError,  # psycopg: the connection was closed under the statement
+        DisconnectionError,
+        PoolTimeoutError,
+        ConnectionError,
+        TimeoutError,
+    )
+    return isinstance(exc, transient)
 
 
 def create_tables(engine: Engine) -> None:

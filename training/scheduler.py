@@ -20,13 +20,22 @@ start the runner) is a failed run too: its reservation is released at once and t
 began).
 
 No job is lost to a failed write. A run's outcome is kept in the scheduler's books
-(``settling``) until the store has the state change it leads to; a write that raises (a
-SQLite lock wait past its busy timeout, Postgres restarting) is logged with the job id and
-tried again at later ticks, after 0.5, 1, 2, ... s (capped at 30 s), for as long as it takes.
-A retry after a write that did land changes nothing: the transition table refuses the same
-move twice (``JobConflict``), and a settling job is never started meanwhile. A start
-(QUEUED -> RUNNING) whose write raised keeps its reservation; the next tick reads the job and
+(``settling``) until the store has the state change it leads to; a write that raises a
+transient error (``training.db.is_transient_error``: a SQLite lock wait past its busy
+timeout, Postgres restarting, a dropped connection) is logged with the job id and tried again
+at later ticks, after 0.5, 1, 2, ... s (capped at 30 s), for as long as it takes. A retry
+after a write that did land changes nothing: the transition table refuses the same move twice
+(``JobConflict``), and a settling job is never started meanwhile. A start (QUEUED -> RUNNING)
+whose write raised a transient error keeps its reservation; the next tick reads the job and
 launches it if the write did land.
+
+A write refused for good (an ``IntegrityError``, a value the database cannot hold, a bug: it
+would fail the same way at every try) is not retried. It is logged once, at ERROR with its
+traceback and the job id, and the job is failed instead, naming the refused write (a start's
+reservation is released first); that write is retried while its errors are transient. If the
+store refuses that one for good too, the job is ``abandoned``: logged once more and left as
+the store has it, untouched by this scheduler (never started or retried again); a restarted
+scheduler's recovery settles a RUNNING one by its ``on_restart``.
 
 After a restart, RUNNING jobs have lost their runner (it died with the old scheduler, its
 owner). By the spec's ``on_restart``: ``resume`` queues the job again, and its pipeline skips
@@ -49,6 +58,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
 
+from training.db import is_transient_error
 from training.jobs import Job, JobConflict, JobId, JobNotFound, JobState, JobStore
 from training.runner import JobRunner, RunnerSettings, RunOutcome
 from training.work_queue import WorkQueue, retry_delay_s
@@ -128,6 +138,27 @@ class _Settling:
     failed_writes: int = 0
     retry_at_s: float = 0.0
     """On the scheduler's clock: the write is not tried again before this."""
+    failing_instead: str | None = None
+    """Set once the outcome's own write was refused for good: the job is failed with this
+    reason instead, from ``require``."""
+    require: JobState = JobState.RUNNING
+    """The state the job must still be in for the write (QUEUED for a refused start)."""
+
+    @property
+    def write(self) -> str:
+        """The write, as the log names it."""
+        if self.failing_instead is not None:
+            return "marking it failed"
+        return f"writing the end of its run ({self.outcome.status})"
+
+
+def error_text(exc: BaseException) -> str:
+    """``IntegrityError: UNIQUE constraint failed: ...``: the driver's own error when SQLAlchemy
+    wraps one (its text would repeat the statement and its parameters), cut to 300 chars."""
+    orig = getattr(exc, "orig", None)
+    shown = orig if isinstance(orig, BaseException) else exc
+    text = f"{type(exc).__name__}: {shown}"
+    return text if len(text) <= 300 else text[:297] + "..."
 
 
 class Scheduler(Generic[Reservation, Run]):
@@ -152,6 +183,8 @@ class Scheduler(Generic[Reservation, Run]):
         self.running: dict[str, _Running[Reservation, Run]] = {}
         # jobs whose run ended (or failed to launch) and whose state change is still unwritten
         self.settling: dict[str, _Settling] = {}
+        # jobs whose every write was refused for good: left as the store has them
+        self.abandoned: set[str] = set()
         # (job id, reservation) of the head of the queue, while it waits for the cluster
         self.pending: tuple[str, Reservation] | None = None
         # the pending job's start was written but the write raised: it may have landed
@@ -171,7 +204,7 @@ class Scheduler(Generic[Reservation, Run]):
         raises is logged and left for the next call."""
         settled = []
         complete = True
-        ours = set(self.running) | set(self.settling)
+        ours = set(self.running) | set(self.settling) | self.abandoned
         if self.pending is not None and self._start_unconfirmed:
             ours.add(self.pending[0])
         for job in self.store.list(JobState.RUNNING):
@@ -188,8 +221,12 @@ class Scheduler(Generic[Reservation, Run]):
                     self.store.fail(job.id, "lost when the scheduler restarted (on_restart: fail)")
             except (JobConflict, JobNotFound):
                 continue  # cancelled meanwhile
-            except Exception as exc:  # the store, for now: the next tick tries again
-                complete = False
+            except Exception as exc:
+                if not is_transient_error(exc):
+                    lost = RunOutcome(status="error", error="lost when the scheduler restarted")
+                    self._refused_for_good(job, lost, "its recovery after the restart", exc)
+                    continue
+                complete = False  # the store is away: the next tick tries again
                 logger.warning(
                     "job %s: could not settle it after the restart (%s: %s); retrying",
                     job.id.value,
@@ -243,36 +280,96 @@ class Scheduler(Generic[Reservation, Run]):
     def _settle_due(self) -> None:
         """Write the state change of each ended run that is due; a failed write waits."""
         for job_id, settling in list(self.settling.items()):
-            if self._clock() < settling.retry_at_s:
-                continue
-            try:
-                self._apply(settling.job, settling.outcome)
-            except Exception as exc:  # the store, for now: keep the job and try again later
-                settling.failed_writes += 1
-                delay_s = retry_delay_s(
-                    settling.failed_writes,
-                    base_s=self._write_retry_base_s,
-                    cap_s=self._write_retry_cap_s,
-                )
-                settling.retry_at_s = self._clock() + delay_s
-                logger.warning(
-                    "job %s: writing the end of its run (%s) failed (%s: %s); try %d again in "
-                    "%.1f s",
-                    job_id,
-                    settling.outcome.status,
-                    type(exc).__name__,
-                    exc,
-                    settling.failed_writes + 1,
-                    delay_s,
-                )
-                continue
-            del self.settling[job_id]
-            if settling.failed_writes:
-                logger.info(
-                    "job %s: the end of its run is written (after %d failed writes)",
-                    job_id,
-                    settling.failed_writes,
-                )
+            if self._clock() >= settling.retry_at_s:
+                self._settle(job_id, settling)
+
+    def _settle(self, job_id: str, settling: _Settling) -> None:
+        """Try ``settling``'s write once: done, or retried later (transient), or the job
+        failed instead (refused for good), or abandoned (failing it refused for good too)."""
+        try:
+            self._write(settling)
+        except Exception as exc:
+            if is_transient_error(exc):
+                self._retry_later(job_id, settling, exc)
+            elif settling.failing_instead is None:
+                what = f"the end of its run ({settling.outcome.status})"
+                self._refused_for_good(settling.job, settling.outcome, what, exc)
+            else:
+                self._abandon(job_id, settling, exc)
+            return
+        del self.settling[job_id]
+        if settling.failed_writes:
+            logger.info(
+                "job %s: %s is written (after %d failed writes)",
+                job_id,
+                "its failure" if settling.failing_instead else "the end of its run",
+                settling.failed_writes,
+            )
+
+    def _write(self, settling: _Settling) -> None:
+        if settling.failing_instead is None:
+            self._apply(settling.job, settling.outcome)
+            return
+        with contextlib.suppress(JobConflict, JobNotFound):  # cancelled, or already written
+            self.store.transition(
+                settling.job.id,
+                JobState.FAILED,
+                error=settling.failing_instead,
+                require=settling.require,
+            )
+
+    def _retry_later(self, job_id: str, settling: _Settling, exc: Exception) -> None:
+        settling.failed_writes += 1
+        delay_s = retry_delay_s(
+            settling.failed_writes,
+            base_s=self._write_retry_base_s,
+            cap_s=self._write_retry_cap_s,
+        )
+        settling.retry_at_s = self._clock() + delay_s
+        logger.warning(
+            "job %s: %s failed (%s); try %d again in %.1f s",
+            job_id,
+            settling.write,
+            error_text(exc),
+            settling.failed_writes + 1,
+            delay_s,
+        )
+
+    def _refused_for_good(
+        self,
+        job: Job,
+        outcome: RunOutcome,
+        what: str,
+        exc: Exception,
+        *,
+        require: JobState = JobState.RUNNING,
+    ) -> None:
+        """The store refused ``what`` with an error no retry can pass: log it once, then fail
+        the job instead (from ``require``), through the books like any other write."""
+        job_id = job.id.value
+        reason = f"the scheduler could not record {what}: {error_text(exc)}"
+        logger.error(
+            "job %s: the store refused %s for good (%s); failing the job instead",
+            job_id,
+            what,
+            error_text(exc),
+            exc_info=exc,
+        )
+        settling = _Settling(job, outcome, failing_instead=reason, require=require)
+        self.settling[job_id] = settling
+        self._settle(job_id, settling)
+
+    def _abandon(self, job_id: str, settling: _Settling, exc: Exception) -> None:
+        del self.settling[job_id]
+        self.abandoned.add(job_id)
+        logger.error(
+            "job %s: the store refused marking it failed for good too (%s); it stays %s in "
+            "the store and this scheduler leaves it (a restarted scheduler settles a running "
+            "job by its on_restart)",
+            job_id,
+            error_text(exc),
+            settling.require,
+        )
 
     def _apply(self, job: Job, outcome: RunOutcome) -> None:
         """Write the state change ``outcome`` leads to, from RUNNING only; raises what the
@@ -325,7 +422,9 @@ class Scheduler(Generic[Reservation, Run]):
             # a settling job may already be QUEUED in the store (its requeue landed but
             # reported failure): it starts again only once its own write is settled
             queued = [
-                job for job in self.store.list(JobState.QUEUED) if job.id.value not in self.settling
+                job
+                for job in self.store.list(JobState.QUEUED)
+                if job.id.value not in self.settling and job.id.value not in self.abandoned
             ]
             ordered = queue_order(queued)
             head = ordered[0] if ordered else None
@@ -346,7 +445,14 @@ class Scheduler(Generic[Reservation, Run]):
                 self.pending = None
                 self._release(head.id.value, reservation)
                 continue
-            except Exception as exc:  # it may have landed: the next tick reads the job
+            except Exception as exc:
+                if not is_transient_error(exc):  # nothing landed, and nothing ever will
+                    self.pending = None
+                    self._release(head.id.value, reservation)
+                    never = RunOutcome(status="error", error="its start was refused")
+                    self._refused_for_good(head, never, "its start", exc, require=JobState.QUEUED)
+                    continue
+                # it may have landed: the next tick reads the job
                 self._start_unconfirmed = True
                 logger.warning(
                     "job %s: writing its start failed (%s: %s); the next tick checks it",
@@ -396,6 +502,7 @@ class Scheduler(Generic[Reservation, Run]):
             "running": sorted(self.running),
             "settling": sorted(self.settling),
             "pending": self.pending and self.pending[0],
+            "abandoned": sorted(self.abandoned),
         }
 
     def stop_all(self) -> None:

@@ -8,7 +8,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import IntegrityError, OperationalError
 
 from training.jobs import Job, JobStore
 from training.runner import RunOutcome
@@ -87,20 +87,35 @@ def locked() -> OperationalError:
     return OperationalError("UPDATE jobs ...", {}, sqlite3.OperationalError("database is locked"))
 
 
+def refused() -> IntegrityError:
+    """A write no retry can pass: the database refuses the row itself."""
+    return IntegrityError(
+        "UPDATE jobs ...", {}, sqlite3.IntegrityError("CHECK constraint failed: state")
+    )
+
+
 class FlakyStore:
-    """A ``JobStore`` whose named methods raise ``locked()`` the next N times they are called
-    (``break_next``); the store's own calls between its methods are not seen.
+    """A ``JobStore`` whose named methods raise ``locked()`` (or ``error()``) the next N times
+    they are called (``break_next``; faults asked for one after another queue up, in order);
+    the store's own calls between its methods are not seen.
 
     ``after_write=True`` makes the call write first and raise after: a commit whose answer
     was lost (the connection dropped as it committed)."""
 
     def __init__(self, store: JobStore) -> None:
         self._store = store
-        self._faults: dict[str, tuple[int, bool]] = {}
+        self._faults: dict[str, list[tuple[bool, Callable[[], Exception]]]] = {}
         self.calls: dict[str, int] = {}
 
-    def break_next(self, method: str, times: int = 1, *, after_write: bool = False) -> None:
-        self._faults[method] = (times, after_write)
+    def break_next(
+        self,
+        method: str,
+        times: int = 1,
+        *,
+        after_write: bool = False,
+        error: Callable[[], Exception] = locked,
+    ) -> None:
+        self._faults.setdefault(method, []).extend([(after_write, error)] * times)
 
     def __getattr__(self, name: str) -> Any:
         real = getattr(self._store, name)
@@ -109,13 +124,13 @@ class FlakyStore:
 
         def call(*args: Any, **kwargs: Any) -> Any:
             self.calls[name] = self.calls.get(name, 0) + 1
-            times, after_write = self._faults.get(name, (0, False))
-            if times <= 0:
+            faults = self._faults.get(name)
+            if not faults:
                 return real(*args, **kwargs)
-            self._faults[name] = (times - 1, after_write)
+            after_write, error = faults.pop(0)
             if after_write:
                 real(*args, **kwargs)
-            raise locked()
+            raise error()
 
         wrapped: Callable[..., Any] = call
         return wrapped

@@ -1,7 +1,8 @@
 """The scheduler loses no job to a failed write or a failed launch, and a restarted one picks
 up what the store holds: a fake launcher for Ray, a ``FlakyStore`` for the database's faults
-(an ``OperationalError``, as SQLite raises past its busy timeout), a hand-moved clock for the
-retry times. Every case runs on SQLite and on PostgreSQL."""
+(an ``OperationalError``, as SQLite raises past its busy timeout; an ``IntegrityError`` for a
+write refused for good, which is never retried), a hand-moved clock for the retry times.
+Every case runs on SQLite and on PostgreSQL."""
 
 from __future__ import annotations
 
@@ -10,9 +11,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from scheduler_fakes import Clock, FakeLauncher, FlakyStore, HandClock, lm_spec
+from scheduler_fakes import Clock, FakeLauncher, FlakyStore, HandClock, lm_spec, locked, refused
 from sqlalchemy import Engine
+from sqlalchemy.exc import DataError, IntegrityError, OperationalError, ProgrammingError
+from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 
+from training.db import is_transient_error
 from training.jobs import Job, JobState, JobStore
 from training.runner import RunOutcome
 from training.scheduler import Scheduler
@@ -53,6 +57,10 @@ def warnings_in(caplog: pytest.LogCaptureFixture) -> list[str]:
     return [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
 
 
+def errors_in(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+
+
 # --- a run's end whose write fails ------------------------------------------------------------
 
 
@@ -90,7 +98,9 @@ def test_an_outcome_whose_write_fails_is_kept_and_retried_with_backoff_until_it_
     assert done.metrics["loss"] == 1.5
     assert parts.scheduler.settling == {}
     assert parts.events(job) == ["queued", "running", "succeeded"]
-    assert parts.scheduler.status() == {"running": [], "settling": [], "pending": None}
+    assert parts.scheduler.status() == {
+        "running": [], "settling": [], "pending": None, "abandoned": []
+    }  # fmt: skip
 
 
 def test_a_requeue_that_landed_but_raised_is_not_applied_twice(parts: Parts) -> None:
@@ -242,3 +252,163 @@ def test_recovery_whose_write_fails_is_finished_by_a_later_tick(
     parts.scheduler.tick()
     assert parts.launcher.launched == [lost.id.value]
     assert parts.events(lost) == ["queued", "running", "queued", "running"]
+
+
+# --- a write refused for good ----------------------------------------------------------------
+
+
+def _sqlalchemy(error: type[Exception]) -> Exception:
+    return error("UPDATE jobs ...", {}, Exception("driver"))
+
+
+@pytest.mark.parametrize(
+    ("error", "transient"),
+    [
+        (_sqlalchemy(OperationalError), True),  # a lock wait, a server away
+        (PoolTimeoutError("no connection free in the pool"), True),
+        (ConnectionResetError(), True),
+        (_sqlalchemy(IntegrityError), False),  # the row itself is refused
+        (_sqlalchemy(ProgrammingError), False),
+        (_sqlalchemy(DataError), False),
+        (TypeError("Object of type set is not JSON serializable"), False),  # a bug
+    ],
+)
+def test_only_errors_a_later_try_may_pass_count_as_transient(
+    error: Exception, transient: bool
+) -> None:
+    assert is_transient_error(error) is transient
+
+
+def test_a_dropped_connection_counts_as_transient_whatever_its_class() -> None:
+    dropped = ProgrammingError("SELECT 1", {}, Exception("closed"), connection_invalidated=True)
+    assert is_transient_error(dropped)
+
+
+def test_an_outcome_refused_for_good_is_not_retried_and_the_job_fails_naming_it(
+    parts: Parts, caplog: pytest.LogCaptureFixture
+) -> None:
+    job = parts.store.submit(lm_spec())
+    parts.scheduler.tick()
+    parts.launcher.outcomes[job.id.value] = RunOutcome(status="succeeded", metrics={"loss": 1.5})
+    parts.flaky.break_next("transition", error=refused)
+
+    with caplog.at_level(logging.INFO, logger="training.scheduler"):
+        parts.scheduler.tick()
+    failed = parts.store.get(job.id)
+    assert failed.state == JobState.FAILED
+    assert failed.error == (
+        "the scheduler could not record the end of its run (succeeded): "
+        "IntegrityError: CHECK constraint failed: state"
+    )
+    # two writes: the refused one, then the failure; no backoff, no retry of the first
+    assert parts.flaky.calls["transition"] == 2
+    assert parts.scheduler.settling == {}
+    assert parts.launcher.reserved == {}  # the run's reservation went back as usual
+    (error,) = errors_in(caplog)  # logged once, naming the job
+    assert error.startswith(f"job {job.id.value}: the store refused the end of its run")
+    assert not [w for w in warnings_in(caplog) if "try" in w]  # never "try N again"
+    parts.clock.now_s = 100.0
+    parts.scheduler.tick()
+    assert parts.flaky.calls["transition"] == 2
+    assert parts.events(job) == ["queued", "running", "failed"]
+
+
+def test_failing_the_job_instead_is_retried_while_its_errors_are_transient(parts: Parts) -> None:
+    job = parts.store.submit(lm_spec())
+    parts.scheduler.tick()
+    parts.launcher.outcomes[job.id.value] = RunOutcome(status="succeeded")
+    parts.flaky.break_next("transition", error=refused)
+    parts.flaky.break_next("transition", error=locked)  # then the store is away a moment
+
+    parts.scheduler.tick()
+    assert parts.store.get(job.id).state == JobState.RUNNING
+    assert list(parts.scheduler.settling) == [job.id.value]
+    parts.clock.now_s = 1.0  # the first backoff (1 s)
+    parts.scheduler.tick()
+    assert parts.store.get(job.id).state == JobState.FAILED
+    assert parts.flaky.calls["transition"] == 3  # refused, locked, landed
+    assert parts.scheduler.settling == {}
+
+
+def test_a_job_whose_failure_is_refused_too_is_left_to_a_restarted_scheduler(
+    parts: Parts, caplog: pytest.LogCaptureFixture, db_engine: Engine, tmp_path: Path
+) -> None:
+    job = parts.store.submit(lm_spec())  # on_restart: resume
+    parts.scheduler.tick()
+    parts.launcher.outcomes[job.id.value] = RunOutcome(status="succeeded")
+    parts.flaky.break_next("transition", times=2, error=refused)
+
+    with caplog.at_level(logging.INFO, logger="training.scheduler"):
+        parts.scheduler.tick()
+    assert parts.store.get(job.id).state == JobState.RUNNING  # as the store has it
+    assert parts.scheduler.status()["abandoned"] == [job.id.value]
+    assert parts.scheduler.settling == {}
+    first, second = errors_in(caplog)  # one line for each refusal, both naming the job
+    assert first.startswith(f"job {job.id.value}: the store refused the end of its run")
+    assert second.startswith(f"job {job.id.value}: the store refused marking it failed")
+    for now_s in (10.0, 100.0, 1000.0):  # never tried again by this scheduler
+        parts.clock.now_s = now_s
+        parts.scheduler.tick()
+    assert parts.flaky.calls["transition"] == 2
+    assert parts.launcher.launched == [job.id.value]
+
+    restarted = Scheduler(
+        parts.store, WorkQueue(db_engine), FakeLauncher(), jobs_dir=tmp_path / "jobs"
+    )
+    restarted.tick()  # its recovery resumes the job (on_restart: resume), which runs again
+    assert parts.store.get(job.id).state == JobState.RUNNING
+    assert parts.events(job) == ["queued", "running", "queued", "running"]
+
+
+def test_a_start_refused_for_good_fails_that_job_and_the_next_one_starts(
+    parts: Parts, caplog: pytest.LogCaptureFixture
+) -> None:
+    refused_job = parts.store.submit(lm_spec("refused"))
+    next_job = parts.store.submit(lm_spec("next"))
+    parts.flaky.break_next("start", error=refused)
+
+    with caplog.at_level(logging.INFO, logger="training.scheduler"):
+        parts.scheduler.tick()
+    failed = parts.store.get(refused_job.id)
+    assert failed.state == JobState.FAILED
+    assert (failed.error or "").startswith("the scheduler could not record its start: ")
+    assert parts.launcher.launched == [next_job.id.value]  # in the same tick
+    assert parts.launcher.released == 1  # the refused job's reservation
+    assert parts.scheduler.pending is None
+    (error,) = errors_in(caplog)
+    assert error.startswith(f"job {refused_job.id.value}: the store refused its start")
+    assert parts.flaky.calls["start"] == 2  # the refused one and the next job's; no retry
+
+
+def test_a_start_whose_failure_is_refused_too_is_never_picked_again(parts: Parts) -> None:
+    stuck = parts.store.submit(lm_spec("stuck", priority=5))
+    other = parts.store.submit(lm_spec("other"))
+    parts.flaky.break_next("start", error=refused)
+    parts.flaky.break_next("transition", error=refused)  # failing it from QUEUED
+
+    parts.scheduler.tick()
+    parts.scheduler.tick()
+    assert parts.store.get(stuck.id).state == JobState.QUEUED  # as the store has it
+    assert parts.scheduler.status()["abandoned"] == [stuck.id.value]
+    # the head of the queue by priority, yet not tried again, and not blocking the queue
+    assert parts.flaky.calls["start"] == 2
+    assert parts.launcher.launched == [other.id.value]
+
+
+def test_recovery_refused_for_good_fails_the_lost_job_once(
+    parts: Parts, caplog: pytest.LogCaptureFixture
+) -> None:
+    lost = parts.store.submit(lm_spec("lost"))
+    parts.store.start(lost.id, stage="train")
+    parts.flaky.break_next("requeue", error=refused)
+    with caplog.at_level(logging.INFO, logger="training.scheduler"):
+        parts.scheduler.tick()
+        parts.scheduler.tick()
+    failed = parts.store.get(lost.id)
+    assert failed.state == JobState.FAILED
+    assert (failed.error or "").startswith(
+        "the scheduler could not record its recovery after the restart: IntegrityError"
+    )
+    assert parts.flaky.calls["requeue"] == 1  # recovery is complete: not tried again
+    assert len(errors_in(caplog)) == 1
+    assert parts.launcher.launched == []
