@@ -15,8 +15,8 @@ written to one JSON file (``benchmarks/results/faults-<time>.json`` unless ``--o
   and the resident memory of the gateway and the replicas before and after (goal: within
   10 %).
 
-``loom serve`` killed with jobs queued and running is the third figure issue 12 names; it is
-not measured here yet (see docs/reliability.md).
+A third, **``loom serve`` SIGKILLed with jobs queued and running** (``--scenarios restart``,
+not in the default run), starts a server of its own with training on: ``benchmarks.restart``.
 
 Every request's start, end and outcome is kept, so the windows are cut after the run. The
 load generator is this package's raw HTTP/1.1 client (``benchmarks.loadgen``).
@@ -55,6 +55,7 @@ from benchmarks.loadgen import (
 from benchmarks.machine import machine_facts
 from benchmarks.processes import ServerProcess
 from benchmarks.report import latency_ms
+from benchmarks.restart import add_restart_args, restart_scenario
 from benchmarks.setups import EMBEDDINGS_PATH, stack_spec
 from serving.replicas.deployment import model_deployment_name
 
@@ -355,7 +356,9 @@ def overload_scenario(port: int, server: ServerProcess, bodies: Sequence[bytes],
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--scenarios", default="kill,overload", help="kill, overload or both")
+    parser.add_argument(
+        "--scenarios", default="kill,overload", help="kill, overload, restart (comma-separated)"
+    )
     parser.add_argument("--kill-concurrency", type=int, default=32)
     parser.add_argument("--warmup-s", type=float, default=5.0, help="load before measuring")
     parser.add_argument("--before-s", type=float, default=20.0, help="load before the kill")
@@ -375,6 +378,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         'limits={"max_queue_wait_ms": 50}',
     )  # fmt: skip
     parser.add_argument("--out", type=Path, default=None)
+    add_restart_args(parser)
     return parser.parse_args(argv)
 
 
@@ -395,6 +399,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     results: dict[str, Any] = {"machine": facts, "args": vars(args) | {"out": str(args.out)}}
     with tempfile.TemporaryDirectory(prefix="loom-bench-faults-") as tmp:
         for scenario in scenarios:
+            if scenario == "restart":  # its own server: training on, killed and started again
+                results["restart"] = restart_scenario(Path(tmp) / scenario, args)
+                continue
             spec = stack_spec(
                 work_dir=Path(tmp) / scenario,
                 config_path=None,
