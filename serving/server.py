@@ -33,6 +33,13 @@ from serving.config import ConfigError, LoomConfig, ModelConfig
 from serving.gateway.deployment import Gateway
 from serving.gateway.http_server import bind_socket
 from serving.gateway.readiness import APP_NAME
+from serving.gcs_fault_tolerance import (
+    GcsWatchdog,
+    delete_namespace,
+    head_env,
+    redis_reachable,
+    storage_namespace,
+)
 from serving.rollout.plan import follows_alias
 from serving.rollout.reconciler import ActorBoard, Reconciler, ServeVersionApps
 from serving.rollout.route_table import create_board
@@ -148,6 +155,8 @@ class LoomServer:
         self._scheduler: ActorHandle[SchedulerService] | None = None
         self.reconciler: Reconciler | None = None
         self.run_records = RunRecords(env.run_dir)
+        self.gcs_watchdog: GcsWatchdog | None = None
+        self._gcs_env: dict[str, str] = {}  # set for the Ray it starts; taken back at stop
 
     def prepare(self) -> None:
         """Check the port is free and no pool mixes tasks (registering the bundled model on
@@ -170,6 +179,7 @@ class LoomServer:
         if not ray.is_initialized():
             for key, value in ray_serve_env().items():
                 os.environ.setdefault(key, value)
+            self._use_gcs_redis()
             gpus = None if self.config.training.gpus is None else int(self.config.training.gpus)
             context = ray.init(
                 num_cpus=required_cpus(self.config),
@@ -184,6 +194,11 @@ class LoomServer:
             # a RayContext here (Ray types ray.init's answer as its base class)
             address_info: dict[str, Any] = getattr(context, "address_info", {})
             session_dir = address_info.get("session_dir")
+            if self._gcs_env and session_dir:
+                gcs_port = int(ray.get_runtime_context().gcs_address.rsplit(":", 1)[1])
+                self.gcs_watchdog = GcsWatchdog.for_session(session_dir, gcs_port)
+                if self.gcs_watchdog is not None:
+                    self.gcs_watchdog.start()
         else:
             session_dir = None  # a Ray it joined is not its to clean
         # written before anything slow: a kill from here on leaves what the next start cleans
@@ -225,6 +240,37 @@ class LoomServer:
                 runner_settings(self.env), tick_s=self.config.training.tick_s
             )
 
+    def _use_gcs_redis(self) -> None:
+        """With ``ray.gcs_redis_address`` set: the environment that makes the head about to
+        start keep its GCS in Redis, under this server's namespace, after removing what a
+        killed run on the same home and port left there (no server of it runs now: ``prepare``
+        found its port free)."""
+        redis = self.config.ray.gcs_redis()
+        if redis is None:
+            return
+        if not redis_reachable(redis):
+            raise RuntimeError(
+                f"ray.gcs_redis_address: no Redis answers at {redis.url()} (GCS fault tolerance)"
+            )
+        namespace = storage_namespace(self.env.home, self.config.server.port)
+        delete_namespace(redis, namespace)
+        self._gcs_env = head_env(redis, namespace)
+        os.environ.update(self._gcs_env)
+        logger.info("Ray's GCS keeps its state in Redis at %s (%s)", redis.url(), namespace)
+
+    def _drop_gcs_state(self) -> None:
+        """After Ray has stopped: end a restarted GCS, remove this server's keys in Redis."""
+        if self.gcs_watchdog is not None:
+            self.gcs_watchdog.close()
+            self.gcs_watchdog = None
+        redis = self.config.ray.gcs_redis()
+        namespace = self._gcs_env.get("RAY_external_storage_namespace")
+        if redis is not None and namespace is not None and delete_namespace(redis, namespace):
+            logger.info("removed the GCS state of %s from Redis", namespace)
+        for key in self._gcs_env:
+            os.environ.pop(key, None)
+        self._gcs_env = {}
+
     def stop(self) -> None:
         try:
             if self.reconciler is not None:
@@ -238,6 +284,9 @@ class LoomServer:
                     ray.kill(self._board)
         finally:
             self._board = None
+            if self.gcs_watchdog is not None:
+                self.gcs_watchdog.stop()  # Ray's shutdown ends the GCS: not to be restarted
             if self._started_ray and ray.is_initialized():
                 ray.shutdown()
+            self._drop_gcs_state()
             self.run_records.remove(self.config.server.port)  # stopped: nothing to clean

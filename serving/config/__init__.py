@@ -24,6 +24,7 @@ from serving.config.model import (
     parse_entry,
 )
 from serving.config.pool import POOL_VERSION, PoolMember
+from serving.config.ray_head import RayConfig, RedisAddress
 
 __all__ = [
     "POOL_VERSION",
@@ -34,6 +35,8 @@ __all__ = [
     "ModelConfig",
     "PoolConfig",
     "PoolMember",
+    "RayConfig",
+    "RedisAddress",
     "RolloutConfig",
     "ServedEntry",
     "TrainingConfig",

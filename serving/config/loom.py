@@ -28,6 +28,7 @@ from serving.config.model import (
     ServedEntry,
 )
 from serving.config.pool import PoolMember
+from serving.config.ray_head import RayConfig
 from serving.config.server import ServerConfig
 
 
@@ -107,6 +108,7 @@ class LoomConfig(_Strict):
     models: tuple[ModelEntry, ...] = Field(min_length=1)
     rollout: RolloutConfig = Field(default_factory=RolloutConfig)
     training: TrainingConfig = Field(default_factory=TrainingConfig)
+    ray: RayConfig = Field(default_factory=RayConfig)
 
     @model_validator(mode="after")
     def _names_unique(self) -> LoomConfig:
