@@ -27,7 +27,7 @@ SERVING_FLOORS = (
     ("serving.replicas",),
     ("serving.rollout",),
     ("serving.gateway",),
-    ("serving.server", "serving.run_record"),
+    ("serving.server", "serving.run_record", "serving.gcs_fault_tolerance"),
     ("serving.cli",),
 )
 
