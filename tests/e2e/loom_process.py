@@ -13,6 +13,9 @@ from pathlib import Path
 import httpx
 import yaml
 
+from models.settings import LoomEnv
+from serving.run_record import RunRecord, end_processes, session_processes
+
 REPO = Path(__file__).resolve().parents[2]
 API_KEY = "test-key-123"
 """The key the keyed server takes from ``LOOM_API_KEYS`` (``keyed_server`` in conftest)."""
@@ -29,6 +32,18 @@ class LoomProcess:
 
     def log_tail(self, chars: int = 4000) -> str:
         return self.log.read_text(errors="replace")[-chars:]
+
+    def ray_session(self) -> str | None:
+        """The Ray session this server started, from its run record (``serving.run_record``);
+        None before the record is written, after a clean stop removed it, when the server
+        joined a Ray it did not start, or when the record is another process's."""
+        port = int(self.url.rsplit(":", 1)[1])
+        path = LoomEnv.from_environ({"LOOM_HOME": str(self.home)}).run_dir / f"serve-{port}.json"
+        try:
+            record = RunRecord.from_json(path.read_text())
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+        return record.ray_session_dir if record.pid == self.process.pid else None
 
 
 def start_loom(
@@ -82,11 +97,14 @@ def _group_alive(pgid: int) -> bool:
 
 
 def stop_loom(loom: LoomProcess) -> tuple[int | None, bool]:
-    """Ctrl-C, as a user would. Returns the exit code and whether any process of the server's
-    group (Ray's included) outlived it by 15 s; those are then killed, so none is left.
+    """Ctrl-C, as a user would. Returns the exit code and whether any process of the server
+    outlived it by 15 s: of its process group (Ray's head processes), or of the Ray session it
+    started (Ray's actor workers, the Serve replicas among them, each lead a process group of
+    their own, so the group alone misses them). Those are then ended, so none is left.
     Stopping it again returns what the first stop found."""
     if loom.stopped is not None:
         return loom.stopped
+    session = loom.ray_session()  # read first: a clean stop removes the record
     if loom.process.poll() is None:
         loom.process.send_signal(signal.SIGINT)
         try:
@@ -94,12 +112,18 @@ def stop_loom(loom: LoomProcess) -> tuple[int | None, bool]:
         except subprocess.TimeoutExpired:
             loom.process.kill()
             loom.process.wait(timeout=10)
+
+    def left() -> bool:
+        return _group_alive(loom.process.pid) or bool(session and session_processes(session))
+
     deadline = time.monotonic() + 15
-    while _group_alive(loom.process.pid) and time.monotonic() < deadline:
+    while left() and time.monotonic() < deadline:
         time.sleep(0.25)
-    leftovers = _group_alive(loom.process.pid)
-    if leftovers:
+    leftovers = left()
+    if _group_alive(loom.process.pid):
         os.killpg(loom.process.pid, signal.SIGKILL)
+    if session:
+        end_processes(session_processes(session))  # SIGTERM, then SIGKILL after 5 s
     loom.stopped = (loom.process.returncode, leftovers)
     return loom.stopped
 
