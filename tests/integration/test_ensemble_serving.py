@@ -16,6 +16,7 @@ import httpx
 import numpy as np
 import pytest
 import torch
+from serving_stack import without_wait_budget
 
 from models.settings import LoomEnv
 from models.store import ModelStore
@@ -108,6 +109,7 @@ def served(
             "digits-hedged", deadline_ms=HEDGE_DEADLINE_MS, quorum=2, hedge_after_ms=HEDGE_AFTER_MS
         ),
     ]  # fmt: skip
+    models = [without_wait_budget(model) for model in models]
     config = parse_config(
         {"training": {"enabled": False}, "server": {"port": port}, "models": models}
     )
