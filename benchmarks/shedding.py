@@ -17,7 +17,8 @@ For each design: its unloaded p50/p99 (closed loop, c=1), its own capacity (clos
 c=64), then open-loop Poisson arrivals at the common offered rate: share shed (503), share
 failed otherwise, accepted rate, accepted p99 / the design's unloaded p99, where the time
 went (the gateway's mean handling time of accepted and shed requests together, the mean
-batch size and engine time per batch from ``/metrics``), and RSS before and after. JSON to
+batch size and engine time per batch from ``/metrics``, and the CPU cores the gateway, the
+replicas and the load generator each used), and RSS before and after. JSON to
 ``benchmarks/results/shedding-<time>.json`` unless ``--out``.
 """
 
@@ -27,9 +28,12 @@ import argparse
 import datetime as dt
 import json
 import tempfile
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+import psutil
 
 from benchmarks.corpus import request_bodies, take_cycled
 from benchmarks.embeddings import say, warn_if_busy
@@ -98,6 +102,18 @@ def where_time_went(before: dict[str, float], after: dict[str, float]) -> dict[s
     }
 
 
+def cpu_s(processes: Sequence[psutil.Process]) -> float:
+    """CPU seconds (user + system) the processes have used so far."""
+    total = 0.0
+    for process in processes:
+        try:
+            times = process.cpu_times()
+        except psutil.Error:
+            continue
+        total += times.user + times.system
+    return total
+
+
 def design_run(
     port: int, bodies: Sequence[bytes], offered_per_s: float | None, args: Any
 ) -> dict[str, Any]:
@@ -110,10 +126,19 @@ def design_run(
     gateway, replicas = server_processes(GATEWAY_MARK), server_processes(REPLICA_MARK)
     rss_before = {"gateway": rss_mib(gateway), "replicas": rss_mib(replicas)}
     metrics_before = server_metrics(port)
+    parts = {"gateway": gateway, "replicas": replicas, "load_generator": [psutil.Process()]}
+    cpu_before = {part: cpu_s(processes) for part, processes in parts.items()}
+    started = time.perf_counter()
     outcomes = run(
         open_loop(port, requests, rate, args.overload_s, max_connections=args.max_connections)
     )
-    breakdown = where_time_went(metrics_before, server_metrics(port))
+    elapsed_s = time.perf_counter() - started
+    cpu_cores = {
+        part: (cpu_s(processes) - cpu_before[part]) / elapsed_s for part, processes in parts.items()
+    }
+    breakdown = where_time_went(metrics_before, server_metrics(port)) | {
+        "cpu_cores_used": cpu_cores
+    }
     rss_after = {"gateway": rss_mib(gateway), "replicas": rss_mib(replicas)}
     loaded = summarise(outcomes)
     shed = loaded["not_ok"].get("503", 0)
@@ -161,7 +186,9 @@ def summary_line(name: str, figures: dict[str, Any]) -> str:
         f"{loaded['not_ok']}, accepted {figures['accepted_req_per_s']:.0f} req/s at p99 "
         f"{loaded['p99_ms'] or float('nan'):.1f} ms = "
         f"{figures['accepted_p99_over_unloaded_p99'] or float('nan'):.1f} x unloaded; "
-        f"batches {spent['mean_batch_size'] or 0:.1f} inputs / {spent['mean_batch_ms'] or 0:.1f} ms"
+        f"batches {spent['mean_batch_size'] or 0:.1f} inputs / "
+        f"{spent['mean_batch_ms'] or 0:.1f} ms; CPU cores used: "
+        + ", ".join(f"{part} {cores:.2f}" for part, cores in spent["cpu_cores_used"].items())
     )
 
 
