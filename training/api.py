@@ -57,6 +57,8 @@ from training.jobs import (
     LogLine,
 )
 from training.spec import ClusterCapacity, FieldError, JobSpecInvalid, validate_job_spec
+from training.webhook_addresses import WebhookAddressPolicy, webhook_url_refusal
+from training.webhook_signing import new_webhook_secret
 
 logger = logging.getLogger(__name__)
 
@@ -86,6 +88,8 @@ class JobsService:
     """How often the SSE stream reads the store for new events."""
     keep_alive_interval_s: float = 15.0
     """Idle seconds before the SSE stream sends a comment, so proxies keep it open."""
+    webhook_policy: WebhookAddressPolicy = WebhookAddressPolicy()
+    """Where a job's ``webhook_url`` may point (checked at submit; 422 otherwise)."""
 
 
 class JobsApiError(Exception):
@@ -302,17 +306,23 @@ def build_jobs_router(service: JobsService, *, authorize: Callable[[Request], No
                 raise JobsApiError(
                     422, f"invalid job spec: {exc}", "invalid_job_spec", fields=exc.errors
                 ) from None
+            secret = await _vet_webhook(spec.webhook_url, service.webhook_policy)
             if job_id is None:
                 # our own id, so a repeat under the key shows as a job with another id
                 job_id, repeat_possible = f"job-{uuid.uuid4().hex}", False
             else:
                 repeat_possible = True
             existed = repeat_possible and await asyncio.to_thread(_exists, store, job_id)
-            job = await asyncio.to_thread(store.submit, spec, job_id=job_id, idempotency_key=key)
+            job = await asyncio.to_thread(
+                store.submit, spec, job_id=job_id, idempotency_key=key, webhook_secret=secret
+            )
             created = job.id.value == job_id and not existed
             if created:
                 await wake()
-            return JSONResponse(job_json(job), status_code=201 if created else 200)
+            answer = job_json(job)
+            if created and secret is not None:  # shown this once: no later read has it
+                answer["webhook_secret"] = secret
+            return JSONResponse(answer, status_code=201 if created else 200)
 
         return await answer(request, handle)
 
@@ -372,6 +382,23 @@ def build_jobs_router(service: JobsService, *, authorize: Callable[[Request], No
         return await answer(request, handle)
 
     return router
+
+
+async def _vet_webhook(url: object, policy: WebhookAddressPolicy) -> str | None:
+    """A new signing secret for a job with a webhook the policy allows; None without one;
+    422 on ``webhook_url`` for a URL whose host resolves to a refused address, or not at all."""
+    if url is None:
+        return None
+    refusal = await asyncio.to_thread(webhook_url_refusal, str(url), policy)
+    if refusal is not None:
+        message = f"webhook_url: {refusal}"
+        raise JobsApiError(
+            422,
+            f"invalid job spec: {message}",
+            "invalid_job_spec",
+            fields=[FieldError("webhook_url", refusal)],
+        )
+    return new_webhook_secret()
 
 
 def _exists(store: JobStore, job_id: str) -> bool:

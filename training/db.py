@@ -117,6 +117,16 @@ job_events = Table(
     Column("data", JSON, nullable=False),
 )
 
+# A job's webhook signing secret (``training.webhook_signing``), apart from ``jobs`` so no read
+# of a job selects it by accident; only the deliverer reads it. A table of its own is also
+# created in a store made before it existed (``create_tables`` adds missing tables only).
+job_webhook_secrets = Table(
+    "job_webhook_secrets",
+    metadata,
+    Column("job_id", String(64), ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True),
+    Column("secret", Text, nullable=False),
+)
+
 # The job's log: lines its stages and workers write, numbered 1, 2, 3, ... within the job
 # (``GET /v1/jobs/{id}/logs?after=seq``).
 job_logs = Table(

@@ -29,7 +29,7 @@ from typing import Any
 from sqlalchemy import Connection, Engine, Row, Table, and_, or_, select, update
 from sqlalchemy.exc import IntegrityError
 
-from training.db import job_events, job_logs, jobs, transaction
+from training.db import job_events, job_logs, job_webhook_secrets, jobs, transaction
 from training.spec import JobSpec, parse_job_spec
 
 MAX_SEQ = 2**31 - 1
@@ -146,11 +146,13 @@ class JobStore:
         *,
         job_id: str | None = None,
         idempotency_key: str | None = None,
+        webhook_secret: str | None = None,
     ) -> Job:
         """Queue a job for ``spec`` (already validated); the new job, or the one it repeats.
 
         With ``job_id`` or ``idempotency_key``, a job already stored under either with the same
         spec is returned and nothing is written; with a different spec, ``JobConflict``.
+        ``webhook_secret`` is stored with a new job (``webhook_secret``), never with a repeat.
         """
         spec_json = spec.model_dump(mode="json")
         existing = self._find_repeat(job_id, idempotency_key, spec_json)
@@ -179,6 +181,10 @@ class JobStore:
                         updated_at=now,
                     )
                 )
+                if webhook_secret is not None:
+                    conn.execute(
+                        job_webhook_secrets.insert().values(job_id=new_id, secret=webhook_secret)
+                    )
                 self._append_event(conn, new_id, JobState.QUEUED, now, {"state": "queued"})
         except IntegrityError:
             # a concurrent submit took the id or key between our look and our insert
@@ -422,6 +428,15 @@ class JobStore:
             )
             backlog.append((job, event))
         return backlog
+
+    def webhook_secret(self, job_id: JobId) -> str | None:
+        """The secret the job's deliveries are signed with; None for a job stored without one."""
+        with transaction(self._engine, write=False) as conn:
+            return conn.execute(
+                select(job_webhook_secrets.c.secret).where(
+                    job_webhook_secrets.c.job_id == job_id.value
+                )
+            ).scalar_one_or_none()
 
     def webhook_done(self, job_id: JobId, seq: int) -> bool:
         """Move the job's webhook cursor past event ``seq`` (delivered, or given up on).

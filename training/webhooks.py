@@ -24,8 +24,16 @@ Contract:
 - Anything a send raises (non-2xx, refused, timed out, unresolvable, an answer that is not
   HTTP) is that job's failed attempt, retried after ``retry_delay_s(attempt)`` (1, 2, 4, ...
   s, capped), per job: other jobs' events go on.
-- After ``max_attempts`` the event is given up on: the cursor moves past it and the job's
-  log says so (``webhook: gave up on event 3 after 8 attempts: HTTP 503``).
+- Each failed attempt is a line in the job's log that says only that it failed and which
+  attempt it was (``webhook delivery failed (attempt 2 of 8) for event 3``), never the
+  network's answer; the reason goes to the server's log, with the job id. After
+  ``max_attempts`` the event is given up on (the line ends ``; given up``) and the cursor
+  moves past it.
+- Where it may send: ``training.webhook_addresses`` (no loopback, private, link-local, ...
+  address unless the operator allows its network), checked on the addresses the connection
+  uses; no redirect is followed (a 3xx is a failed attempt).
+- Each delivery is signed (``Loom-Signature``, ``training.webhook_signing``) with the job's
+  own secret.
 - The backlog is read page by page, oldest event first, and a job waiting for its retry or
   with a send in flight is passed over, so however many jobs fail, later ones are reached.
 - Retry times live in this object, not the store: a restarted deliverer tries each pending
@@ -37,7 +45,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import http.client
-import ipaddress
 import json
 import logging
 import socket
@@ -52,6 +59,8 @@ from typing import Any
 
 from training.events import CLOUDEVENTS_CONTENT_TYPE, cloud_event
 from training.jobs import Job, JobEvent, JobStore
+from training.webhook_addresses import WebhookAddressPolicy, resolve, vet
+from training.webhook_signing import SIGNATURE_HEADER, signature_header
 from training.work_queue import retry_delay_s
 
 POST_TIMEOUT_S = 5.0
@@ -64,7 +73,7 @@ PostJson = Callable[[str, bytes, Mapping[str, str]], int]
 """``post(url, body, headers) -> HTTP status``; raises when no HTTP answer came. Whatever it
 raises counts as a failed attempt."""
 
-GetAddrInfo = Callable[..., list[tuple[Any, ...]]]
+_DEFAULT_POLICY = WebhookAddressPolicy()
 
 
 def post_json(
@@ -73,16 +82,23 @@ def post_json(
     headers: Mapping[str, str],
     *,
     timeout_s: float = POST_TIMEOUT_S,
-    getaddrinfo: GetAddrInfo = socket.getaddrinfo,
+    policy: WebhookAddressPolicy = _DEFAULT_POLICY,
 ) -> int:
     """POST ``body`` to ``url`` with ``headers``; the HTTP status, whatever it is.
 
+    The host is resolved (``policy.getaddrinfo``) and every address it gives is vetted by
+    ``policy`` (``training.webhook_addresses``: ``WebhookRefused`` for a loopback, private,
+    link-local, ... one not in its allowed networks); the socket then connects to a vetted
+    address itself, never through a second lookup, while the request's Host header and TLS
+    SNI name the URL's host. So a name rebound to a private address after the submit's check
+    is refused here, at delivery.
+
     The whole attempt ends within ``timeout_s``: name resolution runs on a helper thread that
-    is waited for no longer than what is left, and a watchdog shuts the socket at the
-    deadline, so an endpoint that trickles its answer a byte at a time cannot outlast it
-    either (``TimeoutError``). Redirects are not followed, so a 3xx is returned (and counts as
-    a failure). ``ValueError`` for a URL that is not http(s); ``http.client`` errors (e.g.
-    ``BadStatusLine``) for an answer that is not HTTP.
+    is waited for no longer than what is left, connecting is bounded by what is left, and a
+    watchdog shuts the socket at the deadline, so an endpoint that trickles its answer a byte
+    at a time cannot outlast it either (``TimeoutError``). Redirects are not followed, so a
+    3xx is returned (and counts as a failure). ``ValueError`` for a URL that is not http(s);
+    ``http.client`` errors (e.g. ``BadStatusLine``) for an answer that is not HTTP.
     """
     deadline_s = time.monotonic() + timeout_s
     parts = urllib.parse.urlsplit(url)
@@ -90,7 +106,10 @@ def post_json(
         raise ValueError(f"not an http(s) URL: {url!r}")
     host = parts.hostname
     port = parts.port or (443 if parts.scheme == "https" else 80)
-    addresses = resolve(host, port, timeout_s=_left_s(deadline_s), getaddrinfo=getaddrinfo)
+    addresses = vet(
+        resolve(host, port, timeout_s=_left_s(deadline_s), getaddrinfo=policy.getaddrinfo),
+        policy,
+    )
     sock = _connect(addresses, deadline_s)
     watchdog = _Watchdog(sock, _left_s(deadline_s))
     connection: http.client.HTTPConnection
@@ -122,40 +141,6 @@ def post_json(
     finally:
         watchdog.cancel()
         sock.close()
-
-
-def resolve(
-    host: str, port: int, *, timeout_s: float, getaddrinfo: GetAddrInfo = socket.getaddrinfo
-) -> list[tuple[Any, ...]]:
-    """``getaddrinfo(host, port)`` for a TCP connection, waited for at most ``timeout_s``.
-
-    The system resolver takes no timeout, so it runs on a daemon thread; one that outlives
-    ``timeout_s`` is left to finish on its own, and the caller gets ``TimeoutError``."""
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        pass
-    else:  # a literal address: nothing to look up
-        return getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    found: dict[str, Any] = {}
-
-    def look_up() -> None:
-        try:
-            found["addresses"] = getaddrinfo(host, port, type=socket.SOCK_STREAM)
-        except Exception as exc:  # handed to the caller's thread
-            found["error"] = exc
-
-    thread = threading.Thread(target=look_up, name="loom-webhook-dns", daemon=True)
-    thread.start()
-    thread.join(timeout_s)
-    if thread.is_alive():
-        raise TimeoutError(f"resolving {host!r} took over {timeout_s:.1f} s")
-    if "error" in found:
-        raise found["error"]
-    addresses: list[tuple[Any, ...]] = found["addresses"]
-    if not addresses:
-        raise OSError(f"{host!r} resolved to no address")
-    return addresses
 
 
 def _left_s(deadline_s: float) -> float:
@@ -206,6 +191,12 @@ class _Watchdog:
         self._timer.cancel()
 
 
+def failure_log_line(seq: int, attempt: int, max_attempts: int) -> str:
+    """The job log's line for a failed delivery: the count, never the network's answer."""
+    line = f"webhook delivery failed (attempt {attempt} of {max_attempts}) for event {seq}"
+    return line + "; given up" if attempt >= max_attempts else line
+
+
 @dataclass(frozen=True, kw_only=True)
 class _Pending:
     """A job's event that failed at least once: when to try it again."""
@@ -230,20 +221,25 @@ class WebhookDeliverer:
     """POSTs each job's events to its webhook in order, with per-job backoff, on a bounded
     pool of send threads (module docstring).
 
-    ``post`` is the one I/O edge (``post_json``; a test passes a fake); ``clock`` is
-    monotonic seconds, used only for retry times. The store is read and written only by the
-    thread that calls ``deliver_due``/``step``/``run_forever``; the pool's threads only send.
+    ``policy`` says which addresses a webhook may reach (``training.webhook_addresses``);
+    ``post`` is the one I/O edge (``post_json`` under ``policy``; a test passes a fake);
+    ``clock`` is monotonic seconds, used only for retry times; ``wall_clock`` is unix seconds,
+    the time each delivery is signed at (``Loom-Signature``). The store is read and written
+    only by the thread that calls ``deliver_due``/``step``/``run_forever``; the pool's threads
+    only send.
     """
 
     def __init__(
         self,
         store: JobStore,
         *,
-        post: PostJson = post_json,
+        policy: WebhookAddressPolicy = _DEFAULT_POLICY,
+        post: PostJson | None = None,
         max_attempts: int = 8,
         base_delay_s: float = 1.0,
         cap_delay_s: float = 60.0,
         clock: Callable[[], float] = time.monotonic,
+        wall_clock: Callable[[], float] = time.time,
         max_concurrent_sends: int = MAX_CONCURRENT_SENDS,
         backlog_page: int = 200,
     ) -> None:
@@ -252,7 +248,8 @@ class WebhookDeliverer:
         if max_concurrent_sends < 1:
             raise ValueError(f"max_concurrent_sends must be at least 1, got {max_concurrent_sends}")
         self._store = store
-        self._post = post
+        self._post = post if post is not None else functools.partial(post_json, policy=policy)
+        self._wall_clock = wall_clock
         self._max_attempts = max_attempts
         self._base_delay_s = base_delay_s
         self._cap_delay_s = cap_delay_s
@@ -362,7 +359,8 @@ class WebhookDeliverer:
     def _start(self, job: Job, event: JobEvent) -> None:
         url = job.spec.webhook_url
         assert url is not None  # the backlog holds only jobs with a webhook
-        future = self._pool.submit(self._send, str(url), job, event)
+        secret = self._store.webhook_secret(job.id)  # read here: pool threads only send
+        future = self._pool.submit(self._send, str(url), job, event, secret)
         self._sending[job.id.value] = _Sending(job, event, future)
         future.add_done_callback(lambda _: self._wake.set())
 
@@ -398,29 +396,36 @@ class WebhookDeliverer:
             return "delivered"
         pending = self._pending.get(job_id)
         attempts = (pending.attempts if pending and pending.seq == event.seq else 0) + 1
+        # the job's log (any reader of the job sees it) says that it failed and how often,
+        # never why: the network's answer ("connection refused", "HTTP 503") would make the
+        # webhook a port scanner. The reason goes to the server's log only.
+        message = failure_log_line(event.seq, attempts, self._max_attempts)
+        _log.info("job %s: %s: %s", job_id, message, reason)
         if attempts >= self._max_attempts:
             self._pending.pop(job_id, None)
             self._store.webhook_done(job.id, event.seq)
-            message = f"webhook: gave up on event {event.seq} after {attempts} attempts: {reason}"
             self._store.log(job.id, message)
-            _log.info("job %s: %s", job_id, message)
             return "given_up"
         # attempt 1 failed -> wait 1 s, attempt 2 -> 2 s, 3 -> 4 s, ... up to the cap
         delay_s = retry_delay_s(attempts, base_s=self._base_delay_s, cap_s=self._cap_delay_s)
         self._pending[job_id] = _Pending(
             seq=event.seq, attempts=attempts, retry_at_s=self._clock() + delay_s
         )
-        _log.debug("job %s: webhook event %d failed (%s)", job_id, event.seq, reason)
+        self._store.log(job.id, message)  # after the retry time is set: a failed write delays
         return "failed"
 
     # --- a pool thread's side ---------------------------------------------------------------
 
-    def _send(self, url: str, job: Job, event: JobEvent) -> str | None:
-        """None when the endpoint answered 2xx, else why not (for the give-up log line).
+    def _send(self, url: str, job: Job, event: JobEvent, secret: str | None) -> str | None:
+        """None when the endpoint answered 2xx, else why not (for the server's log).
         Never raises: whatever went wrong is this job's failed attempt."""
         try:
             body = json.dumps(cloud_event(job, event)).encode()
             headers = {"Content-Type": CLOUDEVENTS_CONTENT_TYPE, "User-Agent": USER_AGENT}
+            if secret is not None:  # a job stored before secrets existed goes unsigned
+                headers[SIGNATURE_HEADER] = signature_header(
+                    body, secret, timestamp_s=self._wall_clock()
+                )
             status = self._post(url, body, headers)
         except Exception as exc:  # refused, timed out, unresolvable, not HTTP, a bad URL, ...
             return f"{type(exc).__name__}: {exc}"
