@@ -73,8 +73,17 @@ def build_application(config: LoomConfig, env: LoomEnv, metrics_dir: Path) -> se
     )(Gateway)
     jobs = None
     if config.training.enabled:
-        jobs = {"db_url": env.db_url, "dataset_roots": [str(p) for p in env.dataset_roots]}
+        jobs = {
+            "db_url": env.db_url,
+            "dataset_roots": [str(p) for p in env.dataset_roots],
+            "webhook_allowed_networks": allowed_networks(config),
+        }
     return gateway.bind(config.model_dump(), str(env.models_dir), BOARD_NAME, jobs=jobs)
+
+
+def allowed_networks(config: LoomConfig) -> list[str]:
+    """``training.webhook_allowed_networks`` as CIDR strings, for the gateway and scheduler."""
+    return [str(network) for network in config.training.webhook_allowed_networks]
 
 
 def ray_serve_env() -> dict[str, str]:
@@ -237,7 +246,9 @@ class LoomServer:
         if self.config.training.enabled:
             self.env.jobs_dir.mkdir(parents=True, exist_ok=True)
             self._scheduler = start_scheduler(
-                runner_settings(self.env), tick_s=self.config.training.tick_s
+                runner_settings(self.env),
+                tick_s=self.config.training.tick_s,
+                webhook_allowed_networks=allowed_networks(self.config),
             )
 
     def _use_gcs_redis(self) -> None:

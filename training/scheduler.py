@@ -53,7 +53,7 @@ import contextlib
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
@@ -607,10 +607,18 @@ class RayLauncher:
 class SchedulerService:
     """The scheduler actor's body: ``start_scheduler`` makes it the named actor
     ``loom-scheduler``. A loop thread ticks every ``tick_s`` or when woken (a submit or a
-    cancel calls ``wake``); a second thread delivers webhooks."""
+    cancel calls ``wake``); a second thread delivers webhooks, to addresses that are public
+    or in ``webhook_allowed_networks`` (CIDR strings, ``training.webhook_addresses``)."""
 
-    def __init__(self, settings: RunnerSettings, *, tick_s: float = 0.5) -> None:
+    def __init__(
+        self,
+        settings: RunnerSettings,
+        *,
+        tick_s: float = 0.5,
+        webhook_allowed_networks: Sequence[str] = (),
+    ) -> None:
         from training.db import create_db_engine, create_tables
+        from training.webhook_addresses import WebhookAddressPolicy, parse_networks
         from training.webhooks import WebhookDeliverer
 
         engine = create_db_engine(settings.db_url, schema=settings.db_schema)
@@ -626,7 +634,8 @@ class SchedulerService:
         self._lock = threading.Lock()
         self._loop = threading.Thread(target=self._run, name="loom-scheduler", daemon=True)
         self._loop.start()
-        self._webhooks = WebhookDeliverer(self.store)
+        policy = WebhookAddressPolicy(allowed_networks=parse_networks(webhook_allowed_networks))
+        self._webhooks = WebhookDeliverer(self.store, policy=policy)
         self._webhook_thread = threading.Thread(
             target=self._webhooks.run_forever,
             args=(self._stop, 1.0),
@@ -664,7 +673,7 @@ class SchedulerService:
 
 
 def start_scheduler(
-    settings: RunnerSettings, *, tick_s: float = 0.5
+    settings: RunnerSettings, *, tick_s: float = 0.5, webhook_allowed_networks: Sequence[str] = ()
 ) -> ActorHandle[SchedulerService]:
     """The scheduler actor, started unless one is alive (``get_if_exists``: exactly one).
 
@@ -682,7 +691,7 @@ def start_scheduler(
             max_restarts=-1,
             max_concurrency=8,
         )
-        .remote(settings, tick_s=tick_s)
+        .remote(settings, tick_s=tick_s, webhook_allowed_networks=tuple(webhook_allowed_networks))
     )
     ray.get(actor.ping.remote())
     return actor

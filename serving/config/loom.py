@@ -14,7 +14,14 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    IPvAnyNetwork,
+    ValidationError,
+    model_validator,
+)
 
 from models.bundled import BUNDLED_EMBEDDING_MODEL
 from models.settings import LoomEnv
@@ -68,6 +75,14 @@ class TrainingConfig(_Strict):
     )
     tick_s: float = Field(
         0.5, gt=0, le=60, description="How often the scheduler looks at the queue unprompted."
+    )
+    webhook_allowed_networks: tuple[IPvAnyNetwork, ...] = Field(
+        (),
+        description="Networks (CIDR, e.g. 127.0.0.1/32, 10.20.0.0/16) a job's webhook_url may "
+        "reach although they are not public. Webhooks to loopback, private, link-local (the "
+        "cloud metadata address included), multicast and reserved addresses are refused, at "
+        "submit (422) and again at delivery, unless their network is listed here. Default: "
+        "none.",
     )
 
 

@@ -52,7 +52,8 @@ def _start_keyed(tmp_path_factory: pytest.TempPathFactory, port: int) -> LoomPro
              "generation": {"max_sequences": 2, "stream_interval_ms": 0}},
         ],
         "rollout": {"poll_interval_s": 0.2, "drain_timeout_s": 5},
-        "training": {"tick_s": 0.2},
+        # the test's webhook receiver listens on 127.0.0.1, which must be allowed explicitly
+        "training": {"tick_s": 0.2, "webhook_allowed_networks": ["127.0.0.1/32"]},
     }  # fmt: skip
     return start_loom(home, port, config, env={"LOOM_API_KEYS": API_KEY})
 

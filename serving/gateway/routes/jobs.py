@@ -24,6 +24,7 @@ from training.db import create_db_engine, create_tables
 from training.jobs import JobStore
 from training.scheduler import NAMESPACE, SCHEDULER_NAME
 from training.spec import ClusterCapacity
+from training.webhook_addresses import WebhookAddressPolicy, parse_networks
 
 
 class JobsSettings(BaseModel):
@@ -34,6 +35,11 @@ class JobsSettings(BaseModel):
     db_url: str = Field(description="The job store's SQLAlchemy URL (``LoomEnv.db_url``).")
     dataset_roots: list[str] = Field(
         default_factory=list, description="Folders a job's dataset may lie under."
+    )
+    webhook_allowed_networks: list[str] = Field(
+        default_factory=list,
+        description="CIDRs a webhook may reach though not public "
+        "(training.webhook_allowed_networks).",
     )
 
 
@@ -67,6 +73,9 @@ def build_jobs_service(settings: JobsSettings, *, max_body_bytes: int) -> JobsSe
         dataset_roots=tuple(Path(root) for root in settings.dataset_roots),
         wake=wake_scheduler,
         max_body_bytes=max_body_bytes,
+        webhook_policy=WebhookAddressPolicy(
+            allowed_networks=parse_networks(settings.webhook_allowed_networks)
+        ),
     )
 
 
