@@ -65,17 +65,15 @@ def address_refusal(address: IPAddress, allowed: Sequence[IPNetwork] = ()) -> st
     """Why ``address`` may not receive a webhook (``"loopback"``, ``"private"``, ...), or None.
 
     An address inside one of ``allowed`` is allowed whatever its class. An IPv6 address that
-    carries an IPv4 one (mapped, compatible, 6to4, NAT64) is judged as that IPv4 address too:
-    ``::ffff:127.0.0.1`` is loopback."""
+    carries an IPv4 one (mapped, compatible, 6to4, NAT64) is judged as that IPv4 address:
+    ``::ffff:127.0.0.1`` is loopback, ``::ffff:8.8.8.8`` public."""
     if any(address in network for network in allowed if network.version == address.version):
         return None
     embedded = _embedded_ipv4(address)
-    if embedded is not None:
+    if embedded is not None:  # the IPv6 wrapper's own prefix is reserved: judge what it carries
         if any(embedded in network for network in allowed if network.version == 4):
             return None
-        reason = _class_refusal(embedded)
-        if reason is not None:
-            return reason
+        return _class_refusal(embedded)
     return _class_refusal(address)
 
 
