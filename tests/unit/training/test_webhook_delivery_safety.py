@@ -231,3 +231,23 @@ def test_a_name_rebound_to_loopback_after_the_submit_is_refused_at_delivery(
     allowed = WebhookDeliverer(store, policy=loopback_allowed(resolver))
     assert allowed.deliver_due() == 1
     assert [d.path for d in receiver.received] == ["/hook"]
+
+
+def test_the_verification_recipe_in_training_md_accepts_a_delivery_and_refuses_a_forgery() -> None:
+    page = (Path(__file__).parents[3] / "docs" / "training.md").read_text(encoding="utf-8")
+    (recipe,) = [
+        block.split("\n", 1)[1]
+        for block in page.split("```python")[1:]
+        if "def verify_loom_webhook" in block
+    ]
+    namespace: dict = {}
+    exec(recipe.split("```")[0], namespace)  # the page's own code, as a receiver would paste it
+    verify = namespace["verify_loom_webhook"]
+    body = b'{"id": "job-a-1"}'
+    header = signature_header(body, "whsec_k", timestamp_s=time.time())
+
+    assert verify(body, header, "whsec_k") is True
+    assert verify(body + b" ", header, "whsec_k") is False
+    assert verify(body, header, "whsec_other") is False
+    old = signature_header(body, "whsec_k", timestamp_s=time.time() - 3600)  # an hour ago
+    assert verify(body, old, "whsec_k") is False
