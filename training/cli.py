@@ -171,6 +171,12 @@ def run_submit(args: argparse.Namespace) -> int:
     if status == 200:
         print(f"(an existing job: {job['id']} is {job['state']})", file=sys.stderr)
     print(job["id"], flush=True)
+    if job.get("webhook_secret"):  # the one answer that shows it; stdout stays the id alone
+        print(
+            f"webhook secret (shown once; a receiver checks Loom-Signature with it): "
+            f"{job['webhook_secret']}",
+            file=sys.stderr,
+        )
     if not args.follow:
         return 0
     return follow_job(client, job["id"], poll_interval_s=args.poll_interval_s)

@@ -21,6 +21,7 @@ from training.api import JobsService, build_jobs_router
 from training.db import create_db_engine, create_tables
 from training.jobs import JobId, JobStore
 from training.spec import ClusterCapacity
+from training.webhook_addresses import WebhookAddressPolicy, parse_networks
 
 API_KEY = "cli-test-key"
 
@@ -44,6 +45,8 @@ def server(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Server]:
         store=store,
         capacity=lambda: ClusterCapacity(total_cpus=4, total_gpus=0),
         dataset_roots=(tmp_path,),
+        # a webhook may name 127.0.0.1 here (nothing is delivered: there is no deliverer)
+        webhook_policy=WebhookAddressPolicy(allowed_networks=parse_networks(["127.0.0.1/32"])),
     )
 
     def authorize(request: Request) -> None:  # the CLI sends LOOM_API_KEYS' first key
@@ -97,6 +100,19 @@ def test_submit_prints_the_new_job_id(
     assert capsys.readouterr().out == "j-1\n"
     (job,) = server.store.list()
     assert (job.id.value, job.name, job.state) == ("j-1", "tiny-lm", "queued")
+
+
+def test_submit_shows_the_webhook_secret_once_on_stderr(
+    server: Server, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    spec = write_spec(tmp_path, "name: tiny-lm\ntrainer: lm\nwebhook_url: http://127.0.0.1:9/h\n")
+    assert main(["train", "submit", spec, "--url", server.url, "--job-id", "j-w"]) == 0
+    out = capsys.readouterr()
+    assert out.out == "j-w\n"  # stdout is the id alone, for scripts
+    assert "webhook secret (shown once" in out.err
+    assert "whsec_" in out.err
+    assert main(["train", "submit", spec, "--url", server.url, "--job-id", "j-w"]) == 0
+    assert "whsec_" not in capsys.readouterr().err  # a repeat does not show it again
 
 
 def test_submit_with_the_same_idempotency_key_returns_the_same_job(
