@@ -55,6 +55,12 @@ class LoomEnv:
         return (self.home / "datasets",)
 
     @property
+    def ca_file(self) -> str | None:
+        """``LOOM_CA_FILE``: a CA certificate (PEM) the ``loom`` client commands trust for an
+        https server, beside the system's (a self-signed server's own certificate)."""
+        return self.extra.get("LOOM_CA_FILE") or None
+
+    @property
     def run_dir(self) -> Path:
         """Runtime files of a running server (metrics shards, pid files)."""
         return self.home / "run"

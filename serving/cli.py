@@ -5,11 +5,14 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import signal
+import ssl
 import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Mapping
 from pathlib import Path
 
 from models.errors import StoreError
@@ -33,6 +36,12 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
         "--url", default=None, help="server address (default http://127.0.0.1:8000)"
     )
     status_cmd.add_argument("--json", action="store_true", help="machine-readable output")
+    status_cmd.add_argument(
+        "--cacert",
+        default=None,
+        help="CA certificate (PEM) to trust for an https --url, e.g. a self-signed server's "
+        "own certificate (default: $LOOM_CA_FILE, else the system's CAs)",
+    )
     status_cmd.set_defaults(func=run_status)
 
 
@@ -57,6 +66,26 @@ def resolve_config(args: argparse.Namespace, env: LoomEnv) -> LoomConfig:
     return with_overrides(config, env=env, host=args.host, port=args.port)
 
 
+def loopback_ray_env(config: LoomConfig, environ: Mapping[str, str]) -> dict[str, str]:
+    """Environment that makes the Ray ``loom serve`` starts listen on 127.0.0.1 only, when
+    Loom's own host is loopback and no ``RAY_ADDRESS`` names a cluster to join.
+
+    Ray takes its node address from the network unless it runs "without cluster support",
+    and binds every port to it (GCS, raylet, workers, agents: seen here on the machine's
+    routable address); this switch makes that address 127.0.0.1. It is read when Ray is
+    imported, so it must be set before that. A Ray of several nodes needs routable
+    addresses: bind Loom to one (with keys and TLS), or join a cluster with RAY_ADDRESS."""
+    if not config.server.is_loopback or environ.get("RAY_ADDRESS"):
+        return {}
+    return {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+
+
+def client_ssl_context(cacert: str | None) -> ssl.SSLContext | None:
+    """What ``loom status`` trusts for https: ``cacert`` as well as the system's CAs; None
+    (urllib's default context) without one."""
+    return ssl.create_default_context(cafile=cacert) if cacert else None
+
+
 def configure_logging() -> None:
     """What ``loom serve`` prints of Loom's own logs: rollout steps, model loads, warnings and
     errors (with request or job ids), each line ``loom: ...`` on stderr."""
@@ -76,6 +105,10 @@ def run_serve(args: argparse.Namespace) -> int:
     except ConfigError as exc:  # refused before anything heavy is imported: at once
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    for key, value in loopback_ray_env(config, os.environ).items():  # before Ray's import
+        os.environ.setdefault(key, value)
+    # read above: Ray's processes (replicas included) inherit this environment, keys not
+    os.environ.pop("LOOM_API_KEYS", None)
     from serving.gateway.http_server import PortUnavailable, bind_socket
     from serving.run_record import RunRecords
 
@@ -101,8 +134,10 @@ def run_serve(args: argparse.Namespace) -> int:
     host, port = config.server.host, config.server.port
     names = ", ".join(m.name for m in config.models)
     auth = "on" if config.server.keys_on else "off"
+    scheme = config.server.scheme
     print(
-        f"loom: serving {names} on http://{host}:{port} (API keys {auth}); Ctrl-C stops", flush=True
+        f"loom: serving {names} on {scheme}://{host}:{port} (API keys {auth}); Ctrl-C stops",
+        flush=True,
     )
     try:
         while not stop.requested:
@@ -119,8 +154,10 @@ def run_status(args: argparse.Namespace) -> int:
     request = urllib.request.Request(url)
     if env.api_keys:
         request.add_header("Authorization", f"Bearer {env.api_keys[0]}")
+    cacert = args.cacert or env.ca_file
     try:
-        with urllib.request.urlopen(request, timeout=10) as response:
+        context = client_ssl_context(cacert)
+        with urllib.request.urlopen(request, timeout=10, context=context) as response:
             status = json.load(response)
     except urllib.error.HTTPError as exc:
         print(

@@ -12,6 +12,7 @@ A start first cleans up after a run on the same home that was killed instead of 
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import os
 import time
@@ -32,6 +33,7 @@ from serving import metrics
 from serving.config import ConfigError, LoomConfig, ModelConfig
 from serving.gateway.deployment import Gateway
 from serving.gateway.http_server import bind_socket
+from serving.gateway.keys import hash_server_keys
 from serving.gateway.readiness import APP_NAME
 from serving.gcs_fault_tolerance import (
     GcsWatchdog,
@@ -78,7 +80,26 @@ def build_application(config: LoomConfig, env: LoomEnv, metrics_dir: Path) -> se
             "dataset_roots": [str(p) for p in env.dataset_roots],
             "webhook_allowed_networks": allowed_networks(config),
         }
-    return gateway.bind(config.model_dump(), str(env.models_dir), BOARD_NAME, jobs=jobs)
+    return gateway.bind(gateway_config(config), str(env.models_dir), BOARD_NAME, jobs=jobs)
+
+
+def gateway_config(config: LoomConfig) -> dict[str, Any]:
+    """The config the gateway deployment is given: its keys replaced by salted digests
+    (``gateway.keys``), so no key is in Ray's state (the deployment's arguments)."""
+    server = hash_server_keys(config.server)
+    return config.model_copy(update={"server": server}).model_dump()
+
+
+def plaintext_warning(config: LoomConfig) -> str | None:
+    """What to warn of when the gateway listens beyond this machine without TLS; None when it
+    binds loopback or serves HTTPS."""
+    server = config.server
+    if server.is_loopback or server.tls is not None:
+        return None
+    return (
+        f"serving plain HTTP on {server.host}: API keys and request data cross the network "
+        "in clear; set server.tls (certfile, keyfile) or bind 127.0.0.1 behind a TLS proxy"
+    )
 
 
 def allowed_networks(config: LoomConfig) -> list[str]:
@@ -184,6 +205,9 @@ class LoomServer:
     def start(self, *, ready_timeout_s: float = 600.0) -> None:
         self.prepare()
         server = self.config.server
+        warning = plaintext_warning(self.config)
+        if warning is not None:
+            logger.warning("%s", warning)
         metrics_dir = metrics.prepare_multiproc_dir(self.env.run_dir / f"metrics-{server.port}")
         if not ray.is_initialized():
             for key, value in ray_serve_env().items():
@@ -200,6 +224,9 @@ class LoomServer:
                 _system_config={"worker_niceness": 0},
             )
             self._started_ray = True
+            node_ip = ray.util.get_node_ip_address()
+            if server.is_loopback and not ipaddress.ip_address(node_ip).is_loopback:
+                logger.info("Ray's ports listen on %s (this node's address)", node_ip)
             # a RayContext here (Ray types ray.init's answer as its base class)
             address_info: dict[str, Any] = getattr(context, "address_info", {})
             session_dir = address_info.get("session_dir")
@@ -219,7 +246,15 @@ class LoomServer:
         if server.ingress == "direct":  # the gateway serves HTTP itself: no proxy actor
             serve.start(proxy_location="Disabled")
         else:
-            serve.start(http_options=HTTPOptions(host=server.host, port=server.port))
+            tls = server.tls
+            serve.start(
+                http_options=HTTPOptions(
+                    host=server.host,
+                    port=server.port,
+                    ssl_certfile=tls.certfile if tls else None,
+                    ssl_keyfile=tls.keyfile if tls else None,
+                )
+            )
         started = time.monotonic()
         store = ModelStore(self.env.models_dir)
         self._board = create_board(BOARD_NAME)

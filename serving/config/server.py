@@ -1,14 +1,40 @@
-"""The ``server:`` section: where the gateway listens, its keys, body limit, deadline, and how
-long and how many clients its HTTP server holds (read timeouts, idle timeout, connection cap)."""
+"""The ``server:`` section: where the gateway listens, its keys, TLS, body limit, deadline, and
+how long and how many clients its HTTP server holds (read timeouts, idle timeout, connection
+cap)."""
 
 from __future__ import annotations
 
 import ipaddress
+import os
+from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 LOOPBACK_HOSTS = frozenset({"localhost"})
+
+
+class TlsConfig(BaseModel):
+    """``server.tls``: the gateway serves HTTPS (TLS 1.2 or later) with this certificate."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    certfile: str = Field(
+        description="PEM file with the server's certificate (and any intermediates after it); "
+        "read on the node the gateway runs on."
+    )
+    keyfile: str = Field(
+        description="PEM file with the certificate's private key (unencrypted); read on the "
+        "node the gateway runs on."
+    )
+
+    @field_validator("certfile", "keyfile")
+    @classmethod
+    def _readable(cls, value: str) -> str:
+        path = Path(value).expanduser()
+        if not path.is_file() or not os.access(path, os.R_OK):
+            raise ValueError(f"{value} is not a readable file")
+        return str(path)
 
 
 class ServerConfig(BaseModel):
@@ -24,6 +50,12 @@ class ServerConfig(BaseModel):
         (),
         description="Bearer keys that may also use /v1/admin routes (any route, too). With keys "
         "on, an admin route refuses an ordinary key with 403; with no keys at all it is open.",
+    )
+    tls: TlsConfig | None = Field(
+        None,
+        description="certfile and keyfile (PEM): the gateway serves HTTPS (TLS 1.2 or later), "
+        "under either ingress. null: plain HTTP, fit for 127.0.0.1 only (a warning at start "
+        "otherwise: keys and data would cross the network in clear).",
     )
     max_body_bytes: int = Field(
         1 << 20, ge=1024, description="Requests with a larger body are refused with 413."
@@ -74,10 +106,37 @@ class ServerConfig(BaseModel):
         "connection closed.",
     )
 
+    cors_allow_origins: tuple[str, ...] = Field(
+        (),
+        description="Web origins (scheme://host[:port], e.g. https://app.example.com) that may "
+        "call Loom from a browser: CORS answers for exactly these, and they may call "
+        "state-changing routes. Empty (the default): CORS is off, and a request with an Origin "
+        "header of another site is refused 403 on POST, PUT, PATCH and DELETE routes. '*' is "
+        "refused: list each origin.",
+    )
+
+    @field_validator("cors_allow_origins")
+    @classmethod
+    def _origins_are_origins(cls, origins: tuple[str, ...]) -> tuple[str, ...]:
+        for origin in origins:
+            scheme, sep, rest = origin.partition("://")
+            bad = not sep or not rest or any(c in rest for c in "/?#@* ")
+            if scheme not in ("http", "https") or bad:
+                raise ValueError(
+                    f"{origin!r} is not an origin: write scheme://host[:port] ('*' is not "
+                    "allowed), e.g. https://app.example.com"
+                )
+        return origins
+
     @property
     def keys_on(self) -> bool:
         """True when any route but health and metrics needs a key."""
         return bool(self.api_keys or self.admin_api_keys)
+
+    @property
+    def scheme(self) -> str:
+        """``https`` with ``tls`` set, else ``http``."""
+        return "https" if self.tls is not None else "http"
 
     @property
     def is_loopback(self) -> bool:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
 import logging
 import time
 from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
@@ -32,6 +31,7 @@ from serving import metrics
 from serving.config import EnsembleEntry, LoomConfig, ModelConfig, ServedEntry
 from serving.gateway.coalescer import Coalescer
 from serving.gateway.errors import ApiError, model_not_found, model_not_ready
+from serving.gateway.keys import KeyCheck
 from serving.gateway.readiness import ReadinessCache
 from serving.messages import (
     ClassifyReply,
@@ -149,16 +149,17 @@ class GatewayCore:
         store: ModelStore | None,
         jobs: JobsService | None = None,
         shard_board: ShardBoard | None = None,
+        keys: KeyCheck | None = None,
     ) -> None:
         """``routes`` picks each request's model version (``rollout.route_table``); ``store``
         is the model store the admin routes move aliases in; ``jobs``, when given, serves the
         ``/v1/jobs`` routes (``training.api``); ``shard_board`` takes resharding requests to
-        the reconciler."""
+        the reconciler; ``keys`` are the key digests (default: the config's keys, hashed
+        here; the gateway deployment is given digests only, ``gateway.keys``)."""
         self.config = config
         self.jobs = jobs
         server = config.server
-        self._keys = tuple(k.encode() for k in (*server.api_keys, *server.admin_api_keys))
-        self._admin_keys = tuple(k.encode() for k in server.admin_api_keys)
+        self._keys = keys if keys is not None else KeyCheck.hashing(server)
         self.max_body_bytes = server.max_body_bytes
         self.timeout_s = server.request_timeout_s
         self.routes = routes
@@ -182,9 +183,9 @@ class GatewayCore:
 
     def authorize(self, request: Request) -> None:
         """401 unless keys are off or the request's bearer key is one of them."""
-        if not self._keys:
+        if not self._keys.on:
             return
-        if not self._given_key_in(request, self._keys):
+        if not self._given_key_in(request):
             scheme, _, token = request.headers.get("authorization", "").partition(" ")
             if scheme.lower() != "bearer" or not token:
                 raise ApiError(
@@ -196,20 +197,18 @@ class GatewayCore:
 
     def require_admin(self, request: Request) -> None:
         """403 unless the request's key is an admin key (after ``authorize``'s 401)."""
-        if self._keys and not self._given_key_in(request, self._admin_keys):
+        if self._keys.on and not self._given_key_in(request, admin=True):
             raise ApiError(
                 403,
                 "this route needs an admin API key (server.admin_api_keys)",
                 code="admin_required",
             )
 
-    @staticmethod
-    def _given_key_in(request: Request, keys: tuple[bytes, ...]) -> bool:
+    def _given_key_in(self, request: Request, *, admin: bool = False) -> bool:
         scheme, _, token = request.headers.get("authorization", "").partition(" ")
         if scheme.lower() != "bearer" or not token:
             return False
-        given = token.strip().encode()
-        return any(hmac.compare_digest(given, key) for key in keys)
+        return self._keys.accepts(token.strip(), admin=admin)
 
     # ---- the model table ---------------------------------------------------------------------
 

@@ -2,8 +2,9 @@
 
 It follows the route table the reconciler publishes on the named board, builds one
 ``GatewayCore`` and the HTTP app over it, and with ``server.ingress: direct`` serves HTTP
-itself on its own event loop (``HttpServer``); with ``proxy`` Ray Serve's HTTP proxy forwards
-to it (``serve.ingress``).
+itself on its own event loop (``HttpServer``, over TLS with ``server.tls``); with ``proxy``
+Ray Serve's HTTP proxy forwards to it (``serve.ingress``). Its config's keys are digests
+(``gateway.keys.hash_server_keys``): no key is in its arguments.
 
     serve.deployment(Gateway).bind(config_dict, models_dir, board_name, jobs=...)
 """
@@ -22,7 +23,8 @@ from models.store import ModelStore
 from serving.config import LoomConfig
 from serving.gateway.app import build_http_app
 from serving.gateway.core import GatewayCore
-from serving.gateway.http_server import HttpLimits, HttpServer
+from serving.gateway.http_server import HttpLimits, HttpServer, server_ssl_context
+from serving.gateway.keys import KeyCheck
 from serving.gateway.routes.jobs import JobsSettings, build_jobs_service
 from serving.rollout.route_table import (
     BOARD_NAMESPACE,
@@ -60,6 +62,7 @@ class Gateway:
             ModelStore(Path(models_dir)),
             jobs_service,
             shard_board=BoardShardRequests(board),
+            keys=KeyCheck.from_digests(loom_config.server),
         )
         self._routes.warm_up = core.warm
         self._routes.start()
@@ -68,7 +71,11 @@ class Gateway:
         server = loom_config.server
         if server.ingress == "direct":
             limits = HttpLimits.of(server)
-            self._http = HttpServer(self._app, host=server.host, port=server.port, limits=limits)
+            tls = server.tls
+            context = None if tls is None else server_ssl_context(tls.certfile, tls.keyfile)
+            self._http = HttpServer(
+                self._app, host=server.host, port=server.port, limits=limits, ssl_context=context
+            )
             await self._http.start()
 
     def __serve_build_asgi_app__(self) -> FastAPI:

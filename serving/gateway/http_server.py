@@ -32,6 +32,9 @@ the deadlines and the cap are what bound a client without a key.
     server = HttpServer(app, host="127.0.0.1", port=8000, limits=HttpLimits.of(config.server))
     await server.start()   # returns once the port is bound and serving, or raises why not
     await server.stop()
+
+With ``ssl_context`` (``server_ssl_context``, from ``server.tls``) it serves HTTPS; the limits
+above apply to the decrypted stream, after the TLS handshake.
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ import contextlib
 import http
 import logging
 import socket
+import ssl
 import time
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal, cast
@@ -72,6 +76,16 @@ def bind_socket(host: str, port: int) -> socket.socket:
     sock.listen(2048)
     sock.setblocking(False)
     return sock
+
+
+def server_ssl_context(certfile: str, keyfile: str) -> ssl.SSLContext:
+    """A server-side TLS context for the certificate chain in ``certfile`` and its key:
+    TLS 1.2 at least, the library's default ciphers. Raises ``ssl.SSLError`` or ``OSError``
+    for a file that is not a PEM certificate or key, or a key that does not match."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.load_cert_chain(certfile, keyfile)
+    return context
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -294,7 +308,13 @@ def guarded_protocol(limits: HttpLimits) -> type[GuardedHttpProtocol]:
 
 class HttpServer:
     def __init__(
-        self, app: ASGIApp, *, host: str, port: int, limits: HttpLimits | None = None
+        self,
+        app: ASGIApp,
+        *,
+        host: str,
+        port: int,
+        limits: HttpLimits | None = None,
+        ssl_context: ssl.SSLContext | None = None,
     ) -> None:
         limits = limits or HttpLimits()
         self._protocol = guarded_protocol(limits)
@@ -306,6 +326,7 @@ class HttpServer:
             access_log=False,  # requests are counted in /metrics instead
             log_level="warning",
             timeout_keep_alive=limits.idle_timeout_s,
+            ssl_context_factory=None if ssl_context is None else lambda _c, _d: ssl_context,
         )
         self._host, self._port = host, port
         self._server = uvicorn.Server(config)
