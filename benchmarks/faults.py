@@ -53,11 +53,13 @@ from benchmarks.loadgen import (
     event_loop_factory,
 )
 from benchmarks.machine import machine_facts
-from benchmarks.processes import ServerProcess
+from benchmarks.processes import ServerProcess, ServerSpec
 from benchmarks.report import latency_ms
 from benchmarks.restart import add_restart_args, restart_scenario
 from benchmarks.setups import EMBEDDINGS_PATH, stack_spec
+from models.settings import LoomEnv
 from serving.replicas.deployment import model_deployment_name
+from serving.run_record import RunRecords, session_processes
 
 REPO = Path(__file__).resolve().parents[1]
 MODEL = "minilm"
@@ -91,14 +93,36 @@ class Outcome:
 # ---- load -------------------------------------------------------------------------------------
 
 
+STALE = (asyncio.IncompleteReadError, ConnectionResetError, BrokenPipeError)
+"""What a request sent on a kept-alive connection meets when the server closed that
+connection for idleness as the request went: no byte of an answer."""
+
+
 async def _send(connection: RawHttpConnection, request: bytes) -> int | str:
+    """Send on ``connection`` (reopened first if closed). A kept-alive connection that the
+    server closed for idleness as this request went is a race every HTTP/1.1 client meets;
+    like the OpenAI SDK, the request goes once more on a new connection (``stale_retries``
+    counts it); a second failure is the outcome."""
+    reused = connection.is_open
     try:
-        if not connection.is_open:
-            await connection.open()
+        await connection.reopen_if_closed()
+        return await connection.send(request)
+    except CONNECTION_ERRORS as exc:
+        await connection.close()
+        nothing_heard = not isinstance(exc, asyncio.IncompleteReadError) or not exc.partial
+        if not (reused and isinstance(exc, STALE) and nothing_heard):
+            return type(exc).__name__
+        STALE_RETRIES[0] += 1
+    try:
+        await connection.open()
         return await connection.send(request)
     except CONNECTION_ERRORS as exc:
         await connection.close()
         return type(exc).__name__
+
+
+STALE_RETRIES = [0]
+"""Requests sent once more after a kept-alive connection closed under them (this run)."""
 
 
 async def closed_loop(
@@ -197,15 +221,28 @@ def run(coro: Any) -> Any:
 # ---- the server's processes -------------------------------------------------------------------
 
 
-def server_processes(mark: str) -> list[psutil.Process]:
+def server_processes(mark: str, session_dir: str | None = None) -> list[psutil.Process]:
     """Ray processes whose title holds ``mark`` (Ray's workers are not below ``loom serve``
-    in the process tree: the raylet starts them)."""
+    in the process tree: the raylet starts them); with ``session_dir``, only that Ray
+    session's, so another stack on the machine is never counted."""
+    ours = None if session_dir is None else set(session_processes(session_dir))
     found = []
     for process in psutil.process_iter(["cmdline"]):
         cmdline = " ".join(process.info.get("cmdline") or ())
-        if mark in cmdline:
+        if mark in cmdline and (ours is None or process.pid in ours):
             found.append(process)
     return found
+
+
+def ray_session(spec: ServerSpec) -> str | None:
+    """The Ray session of the server ``spec`` started, from its run record."""
+    records = RunRecords(LoomEnv.from_environ({"LOOM_HOME": spec.env["LOOM_HOME"]}).run_dir)
+    try:
+        record = json.loads(records.path(spec.port).read_text())
+    except (OSError, ValueError):
+        return None
+    session = record.get("ray_session_dir")
+    return session if isinstance(session, str) else None
 
 
 def metric_total(port: int, name: str) -> float:
@@ -257,7 +294,8 @@ def ratio(numerator: float | None, denominator: float | None) -> float | None:
 
 def kill_scenario(port: int, server: ServerProcess, bodies: Sequence[bytes], args: Any) -> dict:
     requests = build_requests(LOCALHOST, port, EMBEDDINGS_PATH, bodies)
-    replicas = server_processes(REPLICA_MARK)
+    session = ray_session(server.spec)
+    replicas = server_processes(REPLICA_MARK, session)
     if len(replicas) < 2:
         raise RuntimeError(f"expected 2 replica processes of {MODEL}, found {len(replicas)}")
     victim = replicas[0]
@@ -291,7 +329,7 @@ def kill_scenario(port: int, server: ServerProcess, bodies: Sequence[bytes], arg
         "before": before,
         "after_kill": after,
         "p99_after_over_before": ratio(after["p99_ms"], before["p99_ms"]),
-        "replicas_after": len(server_processes(REPLICA_MARK)),
+        "replicas_after": len(server_processes(REPLICA_MARK, session)),
         "gateway_retries": metric_total(port, "loom_retries_total") - retries_before,
     }
     say(
@@ -312,18 +350,20 @@ def overload_scenario(port: int, server: ServerProcess, bodies: Sequence[bytes],
         f"overload: unloaded p99 {unloaded['p99_ms']:.1f} ms; capacity {capacity:.0f} req/s "
         f"(closed loop c=64, p99 {saturated['p99_ms']:.1f} ms)"
     )
-    gateway = server_processes(GATEWAY_MARK)
-    replicas = server_processes(REPLICA_MARK)
+    session = ray_session(server.spec)
+    gateway = server_processes(GATEWAY_MARK, session)
+    replicas = server_processes(REPLICA_MARK, session)
     rss_before = {"gateway": rss_mib(gateway), "replicas": rss_mib(replicas)}
     rate = args.overload_x * capacity
     say(
         f"overload: open loop at {rate:.0f} req/s ({args.overload_x:g} x) for {args.overload_s:g} s"
     )
+    stale_before = STALE_RETRIES[0]
     outcomes = run(
         open_loop(port, requests, rate, args.overload_s, max_connections=args.max_connections)
     )
     rss_after = {"gateway": rss_mib(gateway), "replicas": rss_mib(replicas)}
-    loaded = summarise(outcomes)
+    loaded = summarise(outcomes) | {"stale_connection_retries": STALE_RETRIES[0] - stale_before}
     shed = loaded["not_ok"].get("503", 0)
     other = sum(n for kind, n in loaded["not_ok"].items() if kind != "503")
     result = {

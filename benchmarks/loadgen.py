@@ -129,7 +129,19 @@ class RawHttpConnection:
 
     @property
     def is_open(self) -> bool:
-        return self._writer is not None
+        """Open, and not closed by the server while idle: a server's FIN already seen makes
+        the connection unusable, and a pooling client (httpcore, urllib3) checks for it
+        before reuse rather than send a request into it."""
+        if self._writer is None:
+            return False
+        return self._reader is None or not self._reader.at_eof()
+
+    async def reopen_if_closed(self) -> None:
+        """A fresh connection when this one is not open (never opened, or closed by either
+        side)."""
+        if not self.is_open:
+            await self.close()
+            await self.open()
 
     async def send(self, request: bytes) -> int:
         """Send ``request`` (a complete HTTP/1.1 message); returns the answer's status code."""
@@ -214,8 +226,7 @@ async def _user(
             if start_ns >= recorder.window_end_ns or recorder.full:
                 return
             try:
-                if not connection.is_open:
-                    await connection.open()
+                await connection.reopen_if_closed()
                 status = await connection.send(requests[index % len(requests)])
             except (
                 OSError,

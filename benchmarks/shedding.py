@@ -41,10 +41,12 @@ from benchmarks.faults import (
     GATEWAY_MARK,
     MODEL,
     REPLICA_MARK,
+    STALE_RETRIES,
     closed_loop,
     metric_total,
     open_loop,
     ratio,
+    ray_session,
     rss_mib,
     run,
     server_processes,
@@ -52,7 +54,7 @@ from benchmarks.faults import (
 )
 from benchmarks.loadgen import LOCALHOST, build_requests
 from benchmarks.machine import machine_facts
-from benchmarks.processes import ServerProcess
+from benchmarks.processes import ServerProcess, ServerSpec
 from benchmarks.setups import EMBEDDINGS_PATH, stack_spec
 
 REPO = Path(__file__).resolve().parents[1]
@@ -115,20 +117,24 @@ def cpu_s(processes: Sequence[psutil.Process]) -> float:
 
 
 def design_run(
-    port: int, bodies: Sequence[bytes], offered_per_s: float | None, args: Any
+    spec: ServerSpec, bodies: Sequence[bytes], offered_per_s: float | None, args: Any
 ) -> dict[str, Any]:
     """One design's figures; ``offered_per_s`` None: 3 x this design's own capacity."""
+    port = spec.port
     requests = build_requests(LOCALHOST, port, EMBEDDINGS_PATH, bodies)
     unloaded = summarise(run(closed_loop(port, requests, 1, args.measure_s)))
     saturated = summarise(run(closed_loop(port, requests, 64, args.measure_s)))
     capacity = saturated["ok"] / args.measure_s
     rate = offered_per_s if offered_per_s is not None else args.overload_x * capacity
-    gateway, replicas = server_processes(GATEWAY_MARK), server_processes(REPLICA_MARK)
+    session = ray_session(spec)
+    gateway = server_processes(GATEWAY_MARK, session)
+    replicas = server_processes(REPLICA_MARK, session)
     rss_before = {"gateway": rss_mib(gateway), "replicas": rss_mib(replicas)}
     metrics_before = server_metrics(port)
     parts = {"gateway": gateway, "replicas": replicas, "load_generator": [psutil.Process()]}
     cpu_before = {part: cpu_s(processes) for part, processes in parts.items()}
     started = time.perf_counter()
+    stale_before = STALE_RETRIES[0]
     outcomes = run(
         open_loop(port, requests, rate, args.overload_s, max_connections=args.max_connections)
     )
@@ -140,7 +146,7 @@ def design_run(
         "cpu_cores_used": cpu_cores
     }
     rss_after = {"gateway": rss_mib(gateway), "replicas": rss_mib(replicas)}
-    loaded = summarise(outcomes)
+    loaded = summarise(outcomes) | {"stale_connection_retries": STALE_RETRIES[0] - stale_before}
     shed = loaded["not_ok"].get("503", 0)
     other = sum(n for kind, n in loaded["not_ok"].items() if kind != "503")
     return {
@@ -217,7 +223,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
             with ServerProcess(spec) as server:
                 say(f"{name}: loom serve ready in {server.ready_s:.1f} s")
-                figures = design_run(spec.port, bodies, offered, args)
+                figures = design_run(spec, bodies, offered, args)
             offered = figures["offered_req_per_s"]  # the first design's sets the rest's
             designs[name] = {"overrides": DESIGNS[name], **figures}
             say(summary_line(name, figures))
