@@ -411,7 +411,8 @@ class WebhookDeliverer:
         self._pending[job_id] = _Pending(
             seq=event.seq, attempts=attempts, retry_at_s=self._clock() + delay_s
         )
-        self._store.log(job.id, message)  # after the retry time is set: a failed write delays
+        # written after the retry time is set: should the write fail, the retry still waits
+        self._store.log(job.id, message)
         return "failed"
 
     # --- a pool thread's side ---------------------------------------------------------------
