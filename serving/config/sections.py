@@ -57,7 +57,8 @@ class LimitsConfig(_Section):
         description="Embed and classify: the longest an input may expect to wait for its engine "
         "run (inputs admitted ahead of it / the measured drain rate); a call that would wait "
         "longer is refused with 503 and Retry-After, so overload is shed rather than queued. "
-        "null: only max_queued bounds the queue.",
+        "The gateway holds the same budget in its own queue: a request that waited there that "
+        "long is shed (503) before any hop. null: only max_queued bounds the queue.",
     )
 
 
