@@ -15,12 +15,14 @@ import logging
 from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 
 from serving.gateway.body import client_gone
+from serving.gateway.browser_guard import BrowserGuard
 from serving.gateway.core import GatewayCore
-from serving.gateway.endpoint import REQUEST_ID_HEADER, Endpoints
+from serving.gateway.endpoint import REQUEST_ID_HEADER, VERSION_HEADER, Endpoints
 from serving.gateway.errors import ApiError, error_response
 from serving.gateway.routes.admin import add_admin_routes
 from serving.gateway.routes.ensembles import add_ensemble_routes
@@ -39,6 +41,7 @@ def build_http_app(gw: GatewayCore) -> FastAPI:
         title="Loom", version=SERVER_VERSION, docs_url=None, redoc_url=None, openapi_url=None
     )
     _add_error_handlers(app)
+    _add_cors(app, BrowserGuard.of(gw.config.server).cors_allow_origins)
     endpoints = Endpoints(app, gw)
     add_generation_routes(endpoints, gw)
     add_ensemble_routes(endpoints, gw)  # literal /v2/models/<ensemble>/... before the generic
@@ -48,6 +51,22 @@ def build_http_app(gw: GatewayCore) -> FastAPI:
     add_monitoring_routes(endpoints, gw)
     add_openapi_route(endpoints, app, gw, SERVER_VERSION)  # last: it lists every route
     return app
+
+
+def _add_cors(app: FastAPI, origins: frozenset[str]) -> None:
+    """CORS for exactly ``server.cors_allow_origins``; none at all when it is empty (no
+    Access-Control-* header, and a preflight is a 405: nothing is allowed). Bearer keys, not
+    cookies: no credentials mode."""
+    if not origins:
+        return
+    app.add_middleware(
+        CORSMiddleware,
+        allow_origins=sorted(origins),
+        allow_methods=["GET", "POST", "PUT", "PATCH", "DELETE"],
+        allow_headers=["Authorization", "Content-Type", "Idempotency-Key", "X-Request-Id"],
+        expose_headers=[REQUEST_ID_HEADER, VERSION_HEADER, "Retry-After"],
+        max_age=600,
+    )
 
 
 def _add_error_handlers(app: FastAPI) -> None:

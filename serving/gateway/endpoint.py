@@ -33,6 +33,7 @@ from starlette.responses import Response
 
 from serving import metrics
 from serving.gateway.body import BODY_READ_TIMEOUT_S
+from serving.gateway.browser_guard import BrowserGuard
 from serving.gateway.core import GatewayCore
 from serving.gateway.errors import ApiError, api_error, error_response
 
@@ -76,6 +77,7 @@ class Endpoints:
     def __init__(self, app: FastAPI, core: GatewayCore) -> None:
         self._app = app
         self._core = core
+        self._guard = BrowserGuard.of(core.config.server)
 
     def get(
         self, path: str, route: str, *, auth: bool = True, counted: bool = True
@@ -83,7 +85,7 @@ class Endpoints:
         return self.add("GET", path, route, auth=auth, counted=counted)
 
     def post(self, path: str, route: str, *, id_prefix: str = "") -> Callable[[Handler], Handler]:
-        return self.add("POST", path, route, id_prefix=id_prefix)
+        return self.add("POST", path, route, id_prefix=id_prefix, json_body=True)
 
     def add(
         self,
@@ -94,15 +96,23 @@ class Endpoints:
         auth: bool = True,
         counted: bool = True,
         id_prefix: str = "",
+        json_body: bool = False,
     ) -> Callable[[Handler], Handler]:
         """Register ``METHOD path`` (``route`` names it in metrics). Health and metrics routes
-        take ``auth=False, counted=False`` (probes and scrapes are not traffic); ``id_prefix``
-        starts the ids made for requests that bring none."""
+        take ``auth=False, counted=False`` (probes and scrapes are not traffic, and skip the
+        Host rule of ``browser_guard``); ``id_prefix`` starts the ids made for requests that
+        bring none; ``json_body`` routes refuse a Content-Type other than JSON (415)."""
 
         def register(handler: Handler) -> Handler:
             async def endpoint(request: Request) -> Response:
                 return await self._run(
-                    handler, request, route, auth=auth, counted=counted, id_prefix=id_prefix
+                    handler,
+                    request,
+                    route,
+                    auth=auth,
+                    counted=counted,
+                    id_prefix=id_prefix,
+                    json_body=json_body,
                 )
 
             self._app.add_route(path, endpoint, methods=[method], name=route)
@@ -119,6 +129,7 @@ class Endpoints:
         auth: bool,
         counted: bool,
         id_prefix: str,
+        json_body: bool,
     ) -> Response:
         started = time.perf_counter()
         # the body's deadline under any ingress (``body.read_body``)
@@ -127,7 +138,8 @@ class Endpoints:
         given_id = request.headers.get(REQUEST_ID_HEADER)
         scope = Scope(request, request_id(given_id, id_prefix), time.time())
         try:
-            if auth:
+            if auth:  # Host, Origin and Content-Type first: a web page gets no further
+                self._guard.check(request, json_body=json_body)
                 self._core.authorize(request)
             response = await handler(scope)
         except Exception as exc:

@@ -17,7 +17,9 @@ from pathlib import Path
 import ray
 from fastapi import FastAPI
 from pydantic import BaseModel, ConfigDict, Field
+from starlette.requests import Request
 
+from serving.gateway.browser_guard import BrowserGuard
 from serving.gateway.core import GatewayCore
 from training.api import JobsService, build_jobs_router
 from training.db import create_db_engine, create_tables
@@ -79,8 +81,21 @@ def build_jobs_service(settings: JobsSettings, *, max_body_bytes: int) -> JobsSe
     )
 
 
+JSON_BODY_ROUTES = frozenset({("POST", "/v1/jobs")})
+"""The jobs routes that read a JSON body (a cancel takes none)."""
+
+
 def add_jobs_routes(app: FastAPI, gw: GatewayCore) -> None:
     """Mount ``/v1/jobs`` when the gateway has a jobs service. Its router answers its own
-    errors; ``authorize``'s ``ApiError`` reaches the app's error handler."""
-    if gw.jobs is not None:
-        app.include_router(build_jobs_router(gw.jobs, authorize=gw.authorize))
+    errors; ``authorize``'s ``ApiError`` reaches the app's error handler. Every jobs route
+    passes ``browser_guard``'s rules first, as the gateway's own routes do."""
+    if gw.jobs is None:
+        return
+    guard = BrowserGuard.of(gw.config.server)
+
+    def authorize(request: Request) -> None:
+        json_body = (request.method, request.url.path.rstrip("/")) in JSON_BODY_ROUTES
+        guard.check(request, json_body=json_body)
+        gw.authorize(request)
+
+    app.include_router(build_jobs_router(gw.jobs, authorize=authorize))

@@ -12,6 +12,10 @@ from serving.gateway.core import GatewayCore
 from serving.messages import InferCall, InferReply, ModelInfo
 from serving.rollout.route_table import RouteFollower, RouteTable, VersionRoute
 
+LOOPBACK_URL = "http://127.0.0.1"
+"""The base URL of an in-process client: with no keys the gateway answers only a loopback
+``Host`` (``serving.gateway.browser_guard``), and a test client's default is ``testserver``."""
+
 
 class Method:
     """``handle.<method>.remote(...)``: here the coroutine itself, awaited by the caller."""

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 from fastapi.testclient import TestClient
+from inprocess import LOOPBACK_URL
 from safetensors.torch import save_file
 
 from models.store import ModelStore
@@ -48,7 +49,9 @@ def client(store: ModelStore, **server: object) -> TestClient:
     async def never(*args: object) -> None:
         return None
 
-    return TestClient(build_http_app(GatewayCore(config, RouteFollower(never), store)))
+    return TestClient(
+        build_http_app(GatewayCore(config, RouteFollower(never), store)), base_url=LOOPBACK_URL
+    )
 
 
 @pytest.fixture

@@ -13,7 +13,7 @@ from typing import Any
 import orjson
 import pytest
 from fastapi.testclient import TestClient
-from inprocess import InProcessHandle, gateway_over
+from inprocess import LOOPBACK_URL, InProcessHandle, gateway_over
 from prometheus_client import REGISTRY
 
 from serving.config import parse_config
@@ -31,7 +31,9 @@ def client(infer: Callable[[InferCall], Awaitable[Any]], **server: object) -> Te
     model = {"name": MODEL, "source": MODEL, "task": "embed", "limits": LIMITS}
     config = parse_config({"server": server, "models": [model]})
 
-    return TestClient(build_http_app(gateway_over(config, MODEL, InProcessHandle(infer))))
+    return TestClient(
+        build_http_app(gateway_over(config, MODEL, InProcessHandle(infer))), base_url=LOOPBACK_URL
+    )
 
 
 async def hang(call: InferCall) -> Any:

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
+from inprocess import LOOPBACK_URL
 
 from models.store import ModelStore
 from serving.config import parse_config
@@ -28,7 +29,7 @@ def gateway(tmp_path: Path, jobs: JobsService | None) -> TestClient:
         {"server": {"api_keys": ["user-key"]}, "models": [{"name": "enc", "source": "enc"}]}
     )
     core = GatewayCore(config, RouteFollower(never), ModelStore(tmp_path / "models"), jobs)
-    return TestClient(build_http_app(core))
+    return TestClient(build_http_app(core), base_url=LOOPBACK_URL)
 
 
 @pytest.fixture

@@ -23,7 +23,7 @@ from typing import Any
 import httpx
 import pytest
 import torch
-from inprocess import gateway_over
+from inprocess import LOOPBACK_URL, gateway_over
 from model_folders import make_tiny_gpt2_folder
 
 from models.engines import sampling
@@ -100,7 +100,7 @@ def replica(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GenerationRepl
 def gateway(replica: GenerationReplica, name: str = MODEL) -> httpx.AsyncClient:
     config = parse_config({"models": [{"name": name, "source": name, "task": "generate"}]})
     app = build_http_app(gateway_over(config, name, GenerationHandle(replica)))  # type: ignore[arg-type]
-    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://loom")
+    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url=LOOPBACK_URL)
 
 
 def run(scenario: Callable[[httpx.AsyncClient], Awaitable[Any]], replica: GenerationReplica) -> Any:

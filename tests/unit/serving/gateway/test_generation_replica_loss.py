@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
-from inprocess import Method
+from inprocess import LOOPBACK_URL, Method
 from prometheus_client import REGISTRY
 from ray.exceptions import ActorDiedError
 
@@ -102,7 +102,9 @@ def client(app: GenerationApp) -> TestClient:
     follower.table = RouteTable(
         epoch=1, routes={MODEL: (VersionRoute(MODEL, "1", 1.0, f"{MODEL}-v1", app),)}
     )
-    return TestClient(build_http_app(GatewayCore(config, follower, store=None)))
+    return TestClient(
+        build_http_app(GatewayCore(config, follower, store=None)), base_url=LOOPBACK_URL
+    )
 
 
 def complete(http: TestClient, **params: Any) -> Any:

@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
-from inprocess import InProcessHandle
+from inprocess import LOOPBACK_URL, InProcessHandle
 
 import serving.gateway.readiness as readiness
 from serving.config import parse_config
@@ -51,7 +51,9 @@ def http(monkeypatch: pytest.MonkeyPatch) -> TestClient:
     running = ServeDeployment("HEALTHY", {"RUNNING": 1}, "")
     apps = {f"loom.{READY}@1": ServeApp("RUNNING", "", {"model": running})}
     monkeypatch.setattr(readiness, "read_serve_apps", lambda: apps)  # Serve's status, faked
-    return TestClient(build_http_app(GatewayCore(config, follower, store=None)))
+    return TestClient(
+        build_http_app(GatewayCore(config, follower, store=None)), base_url=LOOPBACK_URL
+    )
 
 
 def test_a_waiting_models_requests_are_503_naming_the_missing_alias_in_each_shape(
@@ -95,7 +97,9 @@ def test_a_model_starting_without_a_reason_still_holds_back_the_server(
     config = parse_config({"models": [{"name": READY, "source": READY, "task": "embed"}]})
     follower = RouteFollower(no_board)  # no route, no reason: it is deploying
     monkeypatch.setattr(readiness, "read_serve_apps", dict)
-    http = TestClient(build_http_app(GatewayCore(config, follower, store=None)))
+    http = TestClient(
+        build_http_app(GatewayCore(config, follower, store=None)), base_url=LOOPBACK_URL
+    )
 
     assert http.get("/v2/health/ready").status_code == 503
     answer = http.post("/v1/embeddings", json={"model": READY, "input": ["hi"]})

@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 import schemathesis
 from fastapi.testclient import TestClient
+from inprocess import LOOPBACK_URL
 from live_gateway import MODELS, gateway_core
 
 from serving.gateway.app import build_http_app
@@ -27,7 +28,7 @@ def document(tmp_path: Path, **server: Any) -> tuple[Any, dict[str, Any]]:
     core = gateway_core(tmp_path, **server)
     app = build_http_app(core)
     headers = {"Authorization": f"Bearer {KEY}"} if server else {}
-    answer = TestClient(app).get("/openapi.json", headers=headers)
+    answer = TestClient(app, base_url=LOOPBACK_URL).get("/openapi.json", headers=headers)
     assert answer.status_code == 200, answer.text
     return app, answer.json()
 
@@ -85,7 +86,7 @@ def test_the_document_is_valid_openapi_and_each_protocol_names_its_error_shape(
 
 def test_with_keys_on_the_document_needs_a_key_and_says_which_routes_do(tmp_path: Path) -> None:
     core = gateway_core(tmp_path, api_keys=[KEY])
-    refused = TestClient(build_http_app(core)).get("/openapi.json")
+    refused = TestClient(build_http_app(core), base_url=LOOPBACK_URL).get("/openapi.json")
     assert refused.status_code == 401
     assert refused.json()["error"]["code"] == "missing_api_key"
 

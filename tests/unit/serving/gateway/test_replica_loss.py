@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
-from inprocess import InProcessHandle, gateway_over
+from inprocess import LOOPBACK_URL, InProcessHandle, gateway_over
 from model_folders import make_digits_folder
 from prometheus_client import REGISTRY
 from ray.exceptions import ActorDiedError
@@ -62,7 +62,7 @@ def retries() -> Iterator[Any]:
 def client(replicas: Replicas) -> TestClient:
     config = parse_config({"models": [{"name": MODEL, "source": MODEL, "task": "classify"}]})
     handle = InProcessHandle(replicas.infer, replicas.replica.info)
-    return TestClient(build_http_app(gateway_over(config, MODEL, handle)))
+    return TestClient(build_http_app(gateway_over(config, MODEL, handle)), base_url=LOOPBACK_URL)
 
 
 def test_a_call_whose_replica_died_is_answered_by_another(replica, retries) -> None:
@@ -98,7 +98,8 @@ def test_the_embeddings_route_retries_too() -> None:
 
     config = parse_config({"models": [{"name": "enc-lost", "source": "enc", "task": "embed"}]})
     http = TestClient(
-        build_http_app(gateway_over(config, "enc-lost", InProcessHandle(always_lost)))
+        build_http_app(gateway_over(config, "enc-lost", InProcessHandle(always_lost))),
+        base_url=LOOPBACK_URL,
     )
     answer = http.post("/v1/embeddings", json={"model": "enc-lost", "input": "hi"})
     assert answer.status_code == 503

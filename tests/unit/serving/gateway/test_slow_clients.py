@@ -118,7 +118,7 @@ class RawClient:
 
 def post_head(path: str, length: int) -> bytes:
     return (
-        f"POST {path} HTTP/1.1\r\nHost: loom\r\nContent-Type: application/json\r\n"
+        f"POST {path} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
         f"Content-Length: {length}\r\n\r\n"
     ).encode()
 
@@ -155,7 +155,7 @@ def test_a_half_sent_header_is_cut_with_408_in_each_protocols_shape(run: Runner)
     async def scenario() -> None:
         async with serving(HttpLimits(header_read_timeout_s=0.2)) as http:
             v1 = await RawClient.connect(http.port)
-            await v1.send(b"POST /v1/embeddings HTTP/1.1\r\nHost: loom\r\nContent-Le")
+            await v1.send(b"POST /v1/embeddings HTTP/1.1\r\nHost: localhost\r\nContent-Le")
             v2 = await RawClient.connect(http.port)
             await v2.send(b"POST /v2/models/enc-slow/infer HTTP/1.1\r\nHost: lo")
             status, headers, body = await v1.answer()
@@ -257,7 +257,11 @@ def test_slow_clients_are_held_while_others_are_served(run: Runner) -> None:
             async with httpx.AsyncClient(base_url=url, timeout=GUARD_S) as client:
                 for i in range(20):
                     await trickle.send(EMBED[1 + i : 2 + i])  # one more byte each time
-                    answer = await client.post("/v1/embeddings", content=EMBED)
+                    answer = await client.post(
+                        "/v1/embeddings",
+                        content=EMBED,
+                        headers={"Content-Type": "application/json"},
+                    )
                     assert answer.status_code == 200
                     assert answer.json()["data"][0]["embedding"] == [1.0] * 4
             assert half_header.nothing_received()
@@ -278,13 +282,13 @@ def test_past_the_connection_cap_a_new_client_is_refused_503_and_served_once_one
             assert await eventually(lambda: http.connections == 3)
 
             refused = await RawClient.connect(http.port)
-            await refused.send(b"GET /v2/health/live HTTP/1.1\r\nHost: loom\r\n\r\n")
+            await refused.send(b"GET /v2/health/live HTTP/1.1\r\nHost: localhost\r\n\r\n")
             status, headers, body = await refused.answer()
             assert status == 503
             assert headers["retry-after"] == "1"
             assert "limit of 3 connections" in orjson.loads(body)["error"]
             v1 = await RawClient.connect(http.port)
-            await v1.send(b"GET /v1/models HTTP/1.1\r\nHost: loom\r\n\r\n")
+            await v1.send(b"GET /v1/models HTTP/1.1\r\nHost: localhost\r\n\r\n")
             status, _, body = await v1.answer()
             assert status == 503
             assert openai_error(body)["code"] == "too_many_connections"
