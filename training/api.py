@@ -62,8 +62,9 @@ from training.webhook_signing import new_webhook_secret
 
 logger = logging.getLogger(__name__)
 
-JOB_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
-"""A client-chosen job id: it is a URL path segment and the store's 64-character key."""
+JOB_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+"""A client-chosen job id: it is a URL path segment and the store's 64-character key. Always
+``fullmatch``ed: ``match`` with ``$`` let a trailing newline through."""
 MAX_IDEMPOTENCY_KEY_CHARS = 200
 MAX_LOG_LINES = 10_000
 MAX_EVENT_SEQ = 2**62
@@ -232,7 +233,7 @@ def submit_names(body: dict[str, Any], request: Request) -> tuple[str | None, st
     """(client job id, idempotency key) from the body's ``job_id`` and the ``Idempotency-Key``
     header; ``job_id`` is removed from ``body`` (it is not a spec field)."""
     job_id = body.pop("job_id", None)
-    if job_id is not None and not (isinstance(job_id, str) and JOB_ID_PATTERN.match(job_id)):
+    if job_id is not None and not (isinstance(job_id, str) and JOB_ID_PATTERN.fullmatch(job_id)):
         message = "job_id must be 1-64 letters, digits, '.', '_' or '-', starting alphanumeric"
         raise JobsApiError(422, message, "invalid_job_spec", fields=[FieldError("job_id", message)])
     key = request.headers.get("idempotency-key")
@@ -245,7 +246,7 @@ def submit_names(body: dict[str, Any], request: Request) -> tuple[str | None, st
 def job_id_from_path(raw: str) -> JobId:
     """The path's job id; 404 without asking the store when no job can have it (every id is
     a client's ``JOB_ID_PATTERN`` or ours, ``job-<hex>``, which matches it too)."""
-    if not JOB_ID_PATTERN.match(raw):
+    if not JOB_ID_PATTERN.fullmatch(raw):
         raise JobNotFound(raw)
     return JobId(raw)
 

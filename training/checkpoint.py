@@ -41,7 +41,7 @@ OPTIMIZER_FILE = "optimizer.pt"
 META_FILE = "meta.json"
 FINAL_WEIGHTS_FILE = "final.safetensors"
 
-_STEP_DIR = re.compile(r"^step-(\d{8})$")
+_STEP_DIR = re.compile(r"step-(\d{8})")  # fullmatch
 
 
 @dataclass(frozen=True)
@@ -88,7 +88,7 @@ def checkpoint_steps(checkpoint_dir: Path) -> list[Path]:
     found = [
         path
         for path in Path(checkpoint_dir).iterdir()
-        if _STEP_DIR.match(path.name) and (path / META_FILE).is_file()
+        if _STEP_DIR.fullmatch(path.name) and (path / META_FILE).is_file()
     ]
     return sorted(found, key=lambda path: path.name)  # zero-padded: name order = step order
 

@@ -31,6 +31,7 @@ from typing import Annotated, Any, Union
 import yaml
 from pydantic import Field, TypeAdapter, ValidationError
 
+from training.datasets import TEXT_SUFFIXES, dataset_files, first_escaping_file
 from training.spec_fields import JobSpec, WorkerResources
 from training.trainers.digits_spec import (
     DigitsArch,
@@ -190,6 +191,12 @@ def dataset_errors(spec: JobSpec, allowed_roots: Iterable[Path]) -> list[FieldEr
             return [FieldError("dataset", message)]
         if not resolved.is_dir():
             return [FieldError("dataset", f"{path} is not a folder")]
+        # and each file on its own: a link inside the folder must not lead out of it
+        escaped = first_escaping_file(dataset_files(resolved, suffixes=TEXT_SUFFIXES), resolved)
+        if escaped is not None:
+            link, target = escaped
+            message = f"{link} leads to {target}, outside the dataset folder {resolved}"
+            return [FieldError("dataset", message)]
     except OSError as exc:  # a name too long, a loop of links, no permission, ...
         return [FieldError("dataset", f"{path} cannot be read: {exc.strerror or exc}")]
     return []

@@ -21,7 +21,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-_JOB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+_JOB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")  # fullmatch: "$" passes "id\n"
 
 
 @dataclass(frozen=True)
@@ -31,7 +31,7 @@ class JobWorkspace:
     job_id: str
 
     def __post_init__(self) -> None:
-        if not _JOB_ID.match(self.job_id) or self.job_id in (".", ".."):
+        if not _JOB_ID.fullmatch(self.job_id) or self.job_id in (".", ".."):
             raise ValueError(f"not a job id: {self.job_id!r}")
 
     @property

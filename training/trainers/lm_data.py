@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
+from training.datasets import TEXT_SUFFIXES, dataset_files, first_escaping_file
 from training.workspace import atomic_path
 
 EOS_TOKEN = "<|endoftext|>"
@@ -51,10 +52,12 @@ def corpus_files(dataset: str, *, max_bytes: int) -> list[Path]:
 
     ``"stdlib"``: the running interpreter's standard library ``.py`` files; anything else: an
     absolute folder, already validated (``training.spec.dataset_errors``), whose ``.txt`` and
-    ``.jsonl`` files are read, recursively. Files are sorted by path relative to the root and
-    taken in that order while their total size stays within ``max_bytes`` (whole files: a
-    budget of 200 KB of stdlib stops before ``_pydecimal.py``, 228 KB). Raises ``ValueError``
-    when there are no files, or when the first file alone is larger than ``max_bytes``.
+    ``.jsonl`` files are read, recursively (not into linked folders; a file that resolves
+    outside the folder is a ``ValueError``, ``training.datasets``). Files are sorted by path
+    relative to the root and taken in that order while their total size stays within
+    ``max_bytes`` (whole files: a budget of 200 KB of stdlib stops before ``_pydecimal.py``,
+    228 KB). Raises ``ValueError`` when there are no files, or when the first file alone is
+    larger than ``max_bytes``.
     """
     if max_bytes <= 0:
         raise ValueError(f"max_bytes must be positive, not {max_bytes}")
@@ -69,7 +72,10 @@ def corpus_files(dataset: str, *, max_bytes: int) -> list[Path]:
         root = Path(dataset)
         if not root.is_absolute() or not root.is_dir():
             raise ValueError(f"dataset {dataset!r} is neither 'stdlib' nor an absolute folder")
-        candidates = [p for p in root.rglob("*") if p.suffix in (".txt", ".jsonl")]
+        candidates = dataset_files(root, suffixes=TEXT_SUFFIXES)
+        escaped = first_escaping_file(candidates, root)  # a link made after the job's submit
+        if escaped is not None:
+            raise ValueError(f"{escaped[0]} leads to {escaped[1]}, outside the dataset {root}")
     files = sorted((p for p in candidates if p.is_file()), key=lambda p: p.relative_to(root))
     if not files:
         raise ValueError(f"dataset {dataset!r} has no .txt or .jsonl files (.py for stdlib)")
