@@ -26,7 +26,7 @@ def dataset_files(folder: Path, *, suffixes: Iterable[str]) -> list[Path]:
     """Every file (or link to one) under ``folder`` with one of ``suffixes``, sorted by path
     relative to ``folder``; linked folders are not walked into."""
     wanted = tuple(suffixes)
-    found = []
+    found: list[Path] = []
     for dirpath, _dirnames, filenames in os.walk(folder, followlinks=False):
         found.extend(Path(dirpath, name) for name in filenames if name.endswith(wanted))
     return sorted(found, key=lambda path: path.relative_to(folder))
