@@ -359,10 +359,23 @@ def overload_scenario(port: int, server: ServerProcess, bodies: Sequence[bytes],
         f"overload: open loop at {rate:.0f} req/s ({args.overload_x:g} x) for {args.overload_s:g} s"
     )
     stale_before = STALE_RETRIES[0]
-    outcomes = run(
-        open_loop(port, requests, rate, args.overload_s, max_connections=args.max_connections)
-    )
+    timeline: list[dict[str, float]] = []
+
+    async def overload() -> list[Outcome]:
+        load = asyncio.create_task(
+            open_loop(port, requests, rate, args.overload_s, max_connections=args.max_connections)
+        )
+        began = time.monotonic()
+        while not load.done():  # RSS over time: a leak grows on, a high-water mark levels off
+            await asyncio.wait([load], timeout=args.rss_every_s)
+            sample = {"gateway": rss_mib(gateway), "replicas": rss_mib(replicas)}
+            timeline.append({"t_s": round(time.monotonic() - began, 1), **sample})
+        return await load
+
+    outcomes = run(overload())
     rss_after = {"gateway": rss_mib(gateway), "replicas": rss_mib(replicas)}
+    time.sleep(args.settle_s)  # the load's connections closed, then once more
+    rss_settled = {"gateway": rss_mib(gateway), "replicas": rss_mib(replicas)}
     loaded = summarise(outcomes) | {"stale_connection_retries": STALE_RETRIES[0] - stale_before}
     shed = loaded["not_ok"].get("503", 0)
     other = sum(n for kind, n in loaded["not_ok"].items() if kind != "503")
@@ -382,6 +395,8 @@ def overload_scenario(port: int, server: ServerProcess, bodies: Sequence[bytes],
         "rss_after_over_before": {
             k: ratio(rss_after[k], rss_before[k]) for k in ("gateway", "replicas")
         },
+        "rss_mib_settled": rss_settled,
+        "rss_timeline": timeline,
     }
     say(
         f"overload: {loaded['requests']} arrivals, {result['shed_share']:.1%} shed (503), "
@@ -389,7 +404,8 @@ def overload_scenario(port: int, server: ServerProcess, bodies: Sequence[bytes],
         f"{result['accepted_req_per_s']:.0f} req/s, p99 {loaded['p99_ms'] or float('nan'):.1f} ms "
         f"= {result['accepted_p99_over_unloaded_p99'] or float('nan'):.2f} x unloaded; RSS "
         f"gateway {rss_before['gateway']:.0f} -> {rss_after['gateway']:.0f} MiB, replicas "
-        f"{rss_before['replicas']:.0f} -> {rss_after['replicas']:.0f} MiB"
+        f"{rss_before['replicas']:.0f} -> {rss_after['replicas']:.0f} MiB; over time "
+        + ", ".join(f"{p['t_s']:.0f}s {p['gateway']:.0f}/{p['replicas']:.0f}" for p in timeline)
     )
     return result
 
@@ -411,6 +427,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--overload-x", type=float, default=3.0, help="offered / capacity")
     parser.add_argument("--overload-s", type=float, default=60.0, help="300 for issue 12's 5 min")
     parser.add_argument("--max-connections", type=int, default=1024)
+    parser.add_argument("--rss-every-s", type=float, default=15.0, help="RSS sampled this often")
+    parser.add_argument(
+        "--settle-s", type=float, default=10.0, help="after the overload, before RSS once more"
+    )
     parser.add_argument("--replicas", type=int, default=2)
     parser.add_argument(
         "--model", action="append", default=[], metavar="FIELD=VALUE",
