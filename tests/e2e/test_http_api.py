@@ -134,7 +134,9 @@ def test_malformed_json_is_400(loom_server) -> None:
 
 def test_invalid_utf8_is_400(loom_server) -> None:
     response = httpx.post(
-        f"{loom_server.url}/v1/embeddings", content=b'{"model": "minilm", "input": "\xff\xfe"}'
+        f"{loom_server.url}/v1/embeddings",
+        content=b'{"model": "minilm", "input": "\xff\xfe"}',
+        headers={"content-type": "application/json"},
     )
     assert "UTF-8" in openai_error(response, 400)["message"]
 
@@ -189,7 +191,11 @@ def test_too_many_inputs_and_too_long_an_input_are_413(loom_server) -> None:
 
 def test_body_over_the_size_limit_is_413_before_it_is_read(loom_server) -> None:
     big = b'{"model": "minilm", "input": "' + b"a" * (1 << 20) + b'"}'
-    response = httpx.post(f"{loom_server.url}/v1/embeddings", content=big)
+    response = httpx.post(
+        f"{loom_server.url}/v1/embeddings",
+        content=big,
+        headers={"content-type": "application/json"},
+    )
     assert openai_error(response, 413)["code"] == "body_too_large"
 
 
@@ -209,7 +215,11 @@ def test_v2_wrong_tensor_is_400_in_v2_shape(loom_server, tensor, words) -> None:
 
 
 def test_v2_malformed_json_is_400_in_v2_shape(loom_server) -> None:
-    response = httpx.post(f"{loom_server.url}/v2/models/minilm/infer", content=b"{nope")
+    response = httpx.post(
+        f"{loom_server.url}/v2/models/minilm/infer",
+        content=b"{nope",
+        headers={"content-type": "application/json"},
+    )
     assert "malformed JSON" in v2_error(response, 400)
 
 
