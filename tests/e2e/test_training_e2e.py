@@ -23,19 +23,22 @@ import yaml
 from loom_process import API_KEY, LoomProcess, run_loom
 
 from training.trainers.digits import load_digits_split
+from training.webhook_signing import SIGNATURE_HEADER, verify_signature
 
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
 KEY_ENV = {"LOOM_API_KEYS": API_KEY}
 
 
 class Receiver(BaseHTTPRequestHandler):
-    """A client's webhook endpoint: keeps each CloudEvent POSTed to it."""
+    """A client's webhook endpoint: keeps each CloudEvent POSTed to it, and its signature."""
 
     received: list[dict[str, Any]] = []
+    signed: list[tuple[bytes, str | None]] = []
 
     def do_POST(self) -> None:  # noqa: N802 - http.server's naming
         body = self.rfile.read(int(self.headers["Content-Length"]))
         Receiver.received.append(json.loads(body))
+        Receiver.signed.append((body, self.headers.get(SIGNATURE_HEADER)))
         self.send_response(204)
         self.end_headers()
 
@@ -46,6 +49,7 @@ class Receiver(BaseHTTPRequestHandler):
 @pytest.fixture
 def webhook() -> Iterator[str]:
     Receiver.received = []
+    Receiver.signed = []
     server = HTTPServer(("127.0.0.1", 0), Receiver)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
@@ -129,6 +133,19 @@ def test_a_submitted_digits_job_trains_and_the_served_model_follows_it(
     while len(Receiver.received) < len(frames) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert [event["id"] for event in Receiver.received] == [frame["id"] for frame in frames]
+    # each delivery is signed with the secret the submit showed once (on the CLI's stderr)
+    secret = done.stderr.split("webhook secret (shown once", 1)[1].split(": ", 1)[1].split()[0]
+    for body, signature in Receiver.signed:
+        assert signature is not None
+        verify_signature(body, signature, secret, now_s=time.time(), tolerance_s=600)
+    # 127.0.0.1 is allowed by this server's config; the cloud metadata address is not
+    refused = httpx.post(
+        f"{url}/v1/jobs",
+        json={**spec, "webhook_url": "http://169.254.169.254/latest/meta-data/"},
+        headers=AUTH,
+    )
+    assert refused.status_code == 422, refused.text
+    assert [f["field"] for f in refused.json()["error"]["fields"]] == ["webhook_url"]
 
 
 def test_a_bad_spec_is_refused_with_field_errors_before_anything_is_queued(
