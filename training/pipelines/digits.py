@@ -16,6 +16,7 @@ The ``digits`` record in ``training.trainers.registry`` names ``stages``, the qu
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -42,10 +43,12 @@ def member_names(archs: Sequence[str]) -> list[str]:
     """One name per member: the arch, numbered when a sweep repeats it.
 
     ["mlp", "cnn"] -> ["mlp", "cnn"]; ["mlp", "mlp"] -> ["mlp-1", "mlp-2"]."""
+    totals = Counter(archs)  # one pass to count, one to name: linear in the sweep's size
+    seen: Counter[str] = Counter()
     names = []
-    for i, arch in enumerate(archs):
-        repeats = archs.count(arch)
-        names.append(arch if repeats == 1 else f"{arch}-{archs[: i + 1].count(arch)}")
+    for arch in archs:
+        seen[arch] += 1
+        names.append(arch if totals[arch] == 1 else f"{arch}-{seen[arch]}")
     return names
 
 

@@ -11,6 +11,11 @@ from pydantic import Field
 
 from training.spec_fields import JobSpec, StrictModel
 
+MAX_STEPS = 100_000
+"""Most optimiser steps one job may ask for: with batch_size and seq_len bounded too, the
+bound on a job's compute (a tiny preset trains ~5 steps/s on 2 cores: 100,000 is ~6 hours)."""
+MAX_BATCH_SIZE = 4096
+
 
 class LmHyperparameters(StrictModel):
     preset: Literal["tiny", "small", "base"] = Field(
@@ -18,12 +23,21 @@ class LmHyperparameters(StrictModel):
     )
     learning_rate: float = Field(3e-4, gt=0, description="Peak AdamW learning rate.")
     batch_size: int = Field(
-        16, ge=1, description="Global batch, in sequences per optimiser step, over all workers."
+        16,
+        ge=1,
+        le=MAX_BATCH_SIZE,
+        description="Global batch, in sequences per optimiser step, over all workers (at most "
+        "4096).",
     )
-    max_steps: int = Field(200, ge=1, description="Optimiser steps to train for.")
+    max_steps: int = Field(
+        200, ge=1, le=MAX_STEPS, description="Optimiser steps to train for (at most 100,000)."
+    )
     seq_len: int = Field(128, ge=8, le=4096, description="Tokens per training sequence.")
     checkpoint_every_steps: int = Field(
-        50, ge=1, description="Steps between checkpoints; a lost worker restarts from the last."
+        50,
+        ge=1,
+        le=MAX_STEPS,
+        description="Steps between checkpoints; a lost worker restarts from the last.",
     )
     max_corpus_mb: float = Field(
         8.0, gt=0, le=100_000, description="Read at most this much of the corpus, in MB."

@@ -22,6 +22,7 @@ from sqlalchemy import Engine
 from starlette.responses import JSONResponse
 
 from training.api import JobsService, build_jobs_router
+from training.callers import LOCAL_CALLER, Caller
 from training.jobs import JobId, JobStore
 from training.spec import ClusterCapacity, JobSpecInvalid, parse_job_spec, validate_job_spec
 
@@ -47,9 +48,10 @@ def api(db_engine: Engine, tmp_path: Path) -> Iterator[Api]:
     keys: set[str] = set()
     (tmp_path / "datasets" / "corpus").mkdir(parents=True)
 
-    def authorize(request: Request) -> None:
+    def authorize(request: Request) -> Caller:
         if keys and request.headers.get("authorization") not in {f"Bearer {k}" for k in keys}:
             raise Denied()
+        return LOCAL_CALLER
 
     service = JobsService(
         store=store,
@@ -484,3 +486,22 @@ def test_text_with_a_nul_is_stored_on_either_database(api: Api) -> None:
     assert api.client.get(f"/v1/jobs/{job_id.value}").json()["error"] == (
         "OSError: bad path '/data/\\x00'"
     )
+
+
+@pytest.mark.parametrize(
+    ("spec", "field"),
+    [
+        (
+            {"name": "d", "trainer": "digits", "hyperparameters": {"arch": ["mlp"] * 65}},
+            "hyperparameters.arch",
+        ),
+        ({**LM, "hyperparameters": {"max_steps": 10**9}}, "hyperparameters.max_steps"),
+    ],
+)
+def test_a_spec_past_a_cost_ceiling_is_422_naming_the_field(
+    api: Api, spec: dict, field: str
+) -> None:
+    response = api.client.post("/v1/jobs", json=spec)
+    assert response.status_code == 422
+    assert [f["field"] for f in error_of(response)["fields"]] == [field]
+    assert api.store.list() == []
