@@ -437,6 +437,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="override a field of the served model's config (JSON values), e.g. "
         'limits={"max_queue_wait_ms": 50}',
     )  # fmt: skip
+    parser.add_argument(
+        "--env", action="append", default=[], metavar="NAME=VALUE",
+        help="an environment variable for loom serve (and so Ray's processes), e.g. a Ray flag",
+    )  # fmt: skip
     parser.add_argument("--out", type=Path, default=None)
     add_restart_args(parser)
     return parser.parse_args(argv)
@@ -466,7 +470,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 work_dir=Path(tmp) / scenario,
                 config_path=None,
                 model_name=MODEL,
-                extra_env={},
+                extra_env=dict(pair.partition("=")[::2] for pair in args.env),
                 ready_timeout_s=600.0,
                 num_cpus=1,
                 model_overrides=model_overrides(args.model, args.replicas),
