@@ -60,10 +60,13 @@ def serve_env_vars(metrics_dir: Path) -> dict[str, str]:
     return {metrics.MULTIPROC_ENV: str(metrics_dir)}
 
 
-def build_application(config: LoomConfig, env: LoomEnv, metrics_dir: Path) -> serve.Application:
+def build_application(
+    config: LoomConfig, env: LoomEnv, metrics_dir: Path, *, local_ray: bool = False
+) -> serve.Application:
     """The gateway application. Model versions are applications of their own, deployed by the
     reconciler (``serving.rollout.reconciler``); the gateway finds them in the route table on
-    the board ``BOARD_NAME``, so a rollout never redeploys (restarts) the gateway."""
+    the board ``BOARD_NAME``, so a rollout never redeploys (restarts) the gateway.
+    ``local_ray``: Loom started the Ray it runs on (``training_cpus``)."""
     gateway = serve.deployment(
         name="gateway",
         num_replicas=1,
@@ -79,6 +82,8 @@ def build_application(config: LoomConfig, env: LoomEnv, metrics_dir: Path) -> se
             "db_url": env.db_url,
             "dataset_roots": [str(p) for p in env.dataset_roots],
             "webhook_allowed_networks": allowed_networks(config),
+            "training_cpus": training_cpus(config, local_ray=local_ray),
+            "training_gpus": config.training.gpus,
         }
     return gateway.bind(gateway_config(config), str(env.models_dir), BOARD_NAME, jobs=jobs)
 
@@ -100,6 +105,15 @@ def plaintext_warning(config: LoomConfig) -> str | None:
         f"serving plain HTTP on {server.host}: API keys and request data cross the network "
         "in clear; set server.tls (certfile, keyfile) or bind 127.0.0.1 behind a TLS proxy"
     )
+
+
+def training_cpus(config: LoomConfig, *, local_ray: bool) -> float | None:
+    """The CPUs one job may reserve at most: ``training.cpus``; unset, on a local Ray the
+    machine's count (what ``required_cpus`` adds beside serving's), on a cluster None (its
+    whole total). A job asking for more is refused at submit: it could never be placed."""
+    if config.training.cpus is not None:
+        return config.training.cpus
+    return float(os.cpu_count() or 1) if local_ray else None
 
 
 def allowed_networks(config: LoomConfig) -> list[str]:
@@ -274,7 +288,7 @@ class LoomServer:
             on_event=logger.info,
         )
         self.reconciler.step()  # the first versions start loading beside the gateway
-        app = build_application(self.config, self.env, metrics_dir)
+        app = build_application(self.config, self.env, metrics_dir, local_ray=self._started_ray)
         serve.run(app, name=APP_NAME, route_prefix="/", blocking=False)  # waits for RUNNING
         self.reconciler.wait_until_serving(ready_timeout_s - (time.monotonic() - started))
         self.reconciler.start()
@@ -284,6 +298,7 @@ class LoomServer:
                 runner_settings(self.env),
                 tick_s=self.config.training.tick_s,
                 webhook_allowed_networks=allowed_networks(self.config),
+                max_placement_wait_s=self.config.training.max_placement_wait_s,
             )
 
     def _use_gcs_redis(self) -> None:

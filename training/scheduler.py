@@ -174,6 +174,7 @@ class Scheduler(Generic[Reservation, Run]):
         sweep_interval_s: float = 10.0,
         write_retry_base_s: float = 0.5,
         write_retry_cap_s: float = 30.0,
+        max_placement_wait_s: float = 600.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.store = store
@@ -187,6 +188,9 @@ class Scheduler(Generic[Reservation, Run]):
         self.abandoned: set[str] = set()
         # (job id, reservation) of the head of the queue, while it waits for the cluster
         self.pending: tuple[str, Reservation] | None = None
+        # when the pending job's reservation was asked for, on the scheduler's clock
+        self._pending_since_s = 0.0
+        self._max_placement_wait_s = max_placement_wait_s
         # the pending job's start was written but the write raised: it may have landed
         self._start_unconfirmed = False
         self._recovered = False
@@ -436,9 +440,14 @@ class Scheduler(Generic[Reservation, Run]):
                 return
             if self.pending is None:
                 self.pending = (head.id.value, self.launcher.reserve(head))
+                self._pending_since_s = self._clock()
             reservation = self.pending[1]
             if not self.launcher.is_ready(reservation):
-                return  # the cluster cannot place it yet; nothing behind it may overtake
+                # the cluster cannot place it yet; nothing behind it may overtake, so a head
+                # that waits too long is failed rather than stopping the queue for everyone
+                if self._fail_unplaceable(head, reservation):
+                    continue
+                return
             try:
                 job = self.store.start(head.id, stage="starting")
             except JobConflict:  # cancelled between the list and now
@@ -464,6 +473,35 @@ class Scheduler(Generic[Reservation, Run]):
             self.pending = None
             if not self._launch(job, reservation):
                 return  # the next tick goes on (a requeued job is not relaunched at once)
+
+    def _fail_unplaceable(self, head: Job, reservation: Reservation) -> bool:
+        """Fail the head of the queue once it has waited ``max_placement_wait_s`` for its
+        reservation: True when it is no longer the head (failed, or cancelled meanwhile)."""
+        waited_s = self._clock() - self._pending_since_s
+        if waited_s < self._max_placement_wait_s:
+            return False
+        spec = head.spec
+        reason = (
+            f"could not be placed for {waited_s:.0f} s (training.max_placement_wait_s is "
+            f"{self._max_placement_wait_s:g}): {spec.workers} workers x "
+            f"{spec.resources.cpu:g} CPUs, {spec.resources.gpu:g} GPUs each did not fit what "
+            "the cluster had free"
+        )
+        try:
+            self.store.transition(head.id, JobState.FAILED, error=reason, require=JobState.QUEUED)
+        except (JobConflict, JobNotFound):
+            pass  # cancelled meanwhile: the next look at the queue moves on
+        except Exception as exc:
+            if is_transient_error(exc):  # the reservation is kept; the next tick tries again
+                logger.warning("job %s: failing it failed (%s)", head.id.value, error_text(exc))
+                return False
+            logger.error("job %s: failing it was refused (%s)", head.id.value, error_text(exc))
+            self.abandoned.add(head.id.value)
+        else:
+            logger.warning("job %s: %s; failed", head.id.value, reason)
+        self.pending = None
+        self._release(head.id.value, reservation)
+        return True
 
     def _confirm_start(self) -> bool:
         """After a start whose write raised: launch the job if the write landed. False when
@@ -616,6 +654,7 @@ class SchedulerService:
         *,
         tick_s: float = 0.5,
         webhook_allowed_networks: Sequence[str] = (),
+        max_placement_wait_s: float = 600.0,
     ) -> None:
         from training.db import create_db_engine, create_tables
         from training.webhook_addresses import WebhookAddressPolicy, parse_networks
@@ -626,7 +665,11 @@ class SchedulerService:
         self.store = JobStore(engine)
         # its first tick settles the jobs a previous scheduler was running (``recover``)
         self.scheduler = Scheduler(
-            self.store, WorkQueue(engine), RayLauncher(settings), jobs_dir=Path(settings.jobs_dir)
+            self.store,
+            WorkQueue(engine),
+            RayLauncher(settings),
+            jobs_dir=Path(settings.jobs_dir),
+            max_placement_wait_s=max_placement_wait_s,
         )
         self._tick_s = tick_s
         self._wake = threading.Event()
@@ -673,7 +716,11 @@ class SchedulerService:
 
 
 def start_scheduler(
-    settings: RunnerSettings, *, tick_s: float = 0.5, webhook_allowed_networks: Sequence[str] = ()
+    settings: RunnerSettings,
+    *,
+    tick_s: float = 0.5,
+    webhook_allowed_networks: Sequence[str] = (),
+    max_placement_wait_s: float = 600.0,
 ) -> ActorHandle[SchedulerService]:
     """The scheduler actor, started unless one is alive (``get_if_exists``: exactly one).
 
@@ -691,7 +738,12 @@ def start_scheduler(
             max_restarts=-1,
             max_concurrency=8,
         )
-        .remote(settings, tick_s=tick_s, webhook_allowed_networks=tuple(webhook_allowed_networks))
+        .remote(
+            settings,
+            tick_s=tick_s,
+            webhook_allowed_networks=tuple(webhook_allowed_networks),
+            max_placement_wait_s=max_placement_wait_s,
+        )
     )
     ray.get(actor.ping.remote())
     return actor

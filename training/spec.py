@@ -92,7 +92,9 @@ class JobSpecInvalid(ValueError):
 
 @dataclass(frozen=True, kw_only=True)
 class ClusterCapacity:
-    """What the cluster can place at once, the bound on one job's reservation."""
+    """What training may place at once, the bound on one job's reservation: the CPUs and GPUs
+    set aside for training (``training.cpus`` / ``training.gpus``), never more than the
+    cluster holds, whose total includes what the serving replicas reserve."""
 
     total_cpus: float
     total_gpus: float
@@ -135,20 +137,22 @@ def validate_job_spec(
 def placement_errors(
     workers: int, resources: WorkerResources, capacity: ClusterCapacity
 ) -> list[FieldError]:
-    """Why ``workers`` x ``resources`` cannot fit ``capacity``; empty when it fits."""
+    """Why ``workers`` x ``resources`` cannot fit ``capacity``; empty when it fits. Each error
+    names the resource field (``resources.cpu``, ``resources.gpu``): a job that asks for
+    more than training has could never be placed, and would hold the head of the queue."""
     errors = []
-    # 3 workers x 4 CPUs = 12 CPUs > 8 on the cluster -> refused
-    for unit, per_worker, total in (
-        ("CPUs", resources.cpu, capacity.total_cpus),
-        ("GPUs", resources.gpu, capacity.total_gpus),
+    # 3 workers x 4 CPUs = 12 CPUs > 8 set aside for training -> refused on resources.cpu
+    for field, unit, per_worker, total, setting in (
+        ("resources.cpu", "CPUs", resources.cpu, capacity.total_cpus, "training.cpus"),
+        ("resources.gpu", "GPUs", resources.gpu, capacity.total_gpus, "training.gpus"),
     ):
         needed = workers * per_worker
         if needed > total:
             errors.append(
                 FieldError(
-                    "workers",
+                    field,
                     f"{workers} workers x {per_worker:g} {unit} = {needed:g} {unit}, "
-                    f"more than the cluster's {total:g}",
+                    f"more than the {total:g} set aside for training ({setting})",
                 )
             )
     return errors

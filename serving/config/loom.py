@@ -66,15 +66,26 @@ class TrainingConfig(_Strict):
     cpus: float | None = Field(
         None,
         ge=0,
-        description="Logical CPUs a local Ray started by `loom serve` adds for training jobs, "
-        "beside the serving replicas' own; None: as many as the machine has. Ignored on a "
-        "cluster, whose nodes say what they hold.",
+        description="CPUs set aside for training jobs: a local Ray started by `loom serve` adds "
+        "this many beside the serving replicas' own, and a job whose workers x resources.cpu is "
+        "larger is refused at submit (422 on resources.cpu); None: as many as the machine has "
+        "on a local Ray, the cluster's total on a cluster (whose nodes say what they hold).",
     )
     gpus: float | None = Field(
-        None, ge=0, description="GPUs a local Ray offers to training jobs; None: Ray's count."
+        None,
+        ge=0,
+        description="GPUs a local Ray offers to training jobs, and the most one job may reserve "
+        "(else 422 on resources.gpu); None: Ray's count.",
     )
     tick_s: float = Field(
         0.5, gt=0, le=60, description="How often the scheduler looks at the queue unprompted."
+    )
+    max_placement_wait_s: float = Field(
+        600.0,
+        gt=0,
+        description="Longest the head of the queue may wait for the cluster to place its "
+        "reservation; past it the job is failed with the reason, and the jobs behind it go on "
+        "(the head is never overtaken, so a job that cannot be placed would stop the queue).",
     )
     webhook_allowed_networks: tuple[IPvAnyNetwork, ...] = Field(
         (),

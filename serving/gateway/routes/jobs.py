@@ -12,6 +12,7 @@ module gives them what only a Ray process knows: the cluster's CPUs and GPUs
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import ray
@@ -43,13 +44,24 @@ class JobsSettings(BaseModel):
         description="CIDRs a webhook may reach though not public "
         "(training.webhook_allowed_networks).",
     )
+    training_cpus: float | None = Field(
+        None, description="CPUs set aside for training (a job's bound); None: the cluster's."
+    )
+    training_gpus: float | None = Field(
+        None, description="GPUs set aside for training (a job's bound); None: the cluster's."
+    )
 
 
-def ray_capacity() -> ClusterCapacity:
-    """The cluster's CPU and GPU totals now: the bound on one job's reservation."""
+def ray_capacity(
+    training_cpus: float | None = None, training_gpus: float | None = None
+) -> ClusterCapacity:
+    """What one job may reserve: the CPUs and GPUs set aside for training, never more than
+    the cluster holds now (whose total counts the serving replicas' reservations too)."""
     resources = ray.cluster_resources()
+    cpus, gpus = float(resources.get("CPU", 0.0)), float(resources.get("GPU", 0.0))
     return ClusterCapacity(
-        total_cpus=float(resources.get("CPU", 0.0)), total_gpus=float(resources.get("GPU", 0.0))
+        total_cpus=cpus if training_cpus is None else min(cpus, training_cpus),
+        total_gpus=gpus if training_gpus is None else min(gpus, training_gpus),
     )
 
 
@@ -71,7 +83,7 @@ def build_jobs_service(settings: JobsSettings, *, max_body_bytes: int) -> JobsSe
     create_tables(engine)
     return JobsService(
         store=JobStore(engine),
-        capacity=ray_capacity,
+        capacity=functools.partial(ray_capacity, settings.training_cpus, settings.training_gpus),
         dataset_roots=tuple(Path(root) for root in settings.dataset_roots),
         wake=wake_scheduler,
         max_body_bytes=max_body_bytes,

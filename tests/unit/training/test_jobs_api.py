@@ -133,7 +133,7 @@ def test_the_same_idempotency_key_with_another_spec_is_409(api: Api) -> None:
         ({"name": "x", "trainer": "rm -rf"}, "trainer"),
         ({**LM, "hyperparameters": {"learning_rate": -0.1}}, "hyperparameters.learning_rate"),
         # 8 workers x 1 CPU = 8 CPUs > the 4 the cluster has (the batch of 16 divides by 8)
-        ({**LM, "workers": 8}, "workers"),
+        ({**LM, "workers": 8}, "resources.cpu"),
         ({**LM, "dataset": "/etc"}, "dataset"),
     ],
 )
@@ -368,7 +368,7 @@ def test_a_body_the_parser_refuses_is_400_in_the_error_shape(api: Api, body: byt
         ({**LM, "hyperparameters": {"seed": 2**64 - 1}}, "hyperparameters.seed"),
         ({**LM, "dataset": "/data/\u0000x"}, "dataset"),
         ({**LM, "dataset": "/" + "a" * 300}, "dataset"),  # a name too long for the OS
-        ({**LM, "resources": {"cpu": 1e308, "gpu": 1e308}}, "workers"),
+        ({**LM, "resources": {"cpu": 1e308, "gpu": 1e308}}, "resources.cpu"),
     ],
 )
 def test_extreme_but_well_formed_values_are_422_naming_the_field(

@@ -62,12 +62,12 @@ def test_a_hyperparameter_of_another_trainer_is_refused_as_an_extra_field() -> N
     assert [e.field for e in errors] == ["hyperparameters.epochs"]
 
 
-def test_more_workers_than_the_cluster_can_place_are_refused_on_workers() -> None:
+def test_more_workers_than_training_can_place_are_refused_on_each_resource_field() -> None:
     # 4 workers x 4 CPUs = 16 CPUs > 8; 4 x 1 GPU = 4 GPUs > 1: both said
     errors = refusal(lm_raw(workers=4, resources={"cpu": 4, "gpu": 1}))
-    assert [e.field for e in errors] == ["workers", "workers"]
-    assert "= 16 CPUs, more than the cluster's 8" in errors[0].message
-    assert "= 4 GPUs, more than the cluster's 1" in errors[1].message
+    assert [e.field for e in errors] == ["resources.cpu", "resources.gpu"]
+    assert "= 16 CPUs, more than the 8 set aside for training (training.cpus)" in errors[0].message
+    assert "= 4 GPUs, more than the 1 set aside for training (training.gpus)" in errors[1].message
 
 
 def test_workers_that_exactly_fill_the_cluster_are_accepted() -> None:

@@ -70,7 +70,7 @@ def test_a_422_keeps_its_field_errors_through_the_gateway(
         headers={"Authorization": "Bearer user-key"},
     )
     assert response.status_code == 422
-    assert [f["field"] for f in response.json()["error"]["fields"]] == ["workers"]
+    assert [f["field"] for f in response.json()["error"]["fields"]] == ["resources.cpu"]
 
 
 def test_without_a_jobs_service_the_gateway_has_no_jobs_routes(tmp_path: Path) -> None:
