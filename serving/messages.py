@@ -372,6 +372,19 @@ class GenerationRefused(ReplicaError):
         return (GenerationRefused, (self.message, self.param))
 
 
+class RequestTooLarge(ReplicaError):
+    """One call would take more than its share of the replica's admission budget
+    (``generation.max_request_share``): it can never be served whole, so 413, not 503."""
+
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (RequestTooLarge, (self.message, self.param))
+
+
 class GenerationFailed(ReplicaError):
     """One of the call's sequences failed inside the engine (its sampling or its decoding);
     the other sequences in the batch went on (500)."""

@@ -79,6 +79,22 @@ class GenerationSettings(_Section):
         ge=64,
         description="KV cache size in tokens; default: max_sequences full contexts.",
     )
+    max_queued_tokens: int = Field(
+        262_144,
+        ge=64,
+        description="Tokens a replica admits at once, counting each sequence's prompt tokens "
+        "plus its max_tokens (a prompt x n x max_tokens product, not a count of prompts); past "
+        "it a call is refused with 503 and Retry-After. 262,144: 1024 sequences of 256.",
+    )
+    max_request_share: float = Field(
+        0.5,
+        gt=0,
+        le=1,
+        description="The most of the replica's admission budget (limits.max_queued sequences, "
+        "max_queued_tokens tokens) one request may take; a larger request is refused with 413 "
+        "request_too_large, naming its prompts x n x max_tokens (it could never be served "
+        "whole). One sequence of a full context is always allowed.",
+    )
     stream_interval_ms: float = Field(
         100.0,
         ge=0,

@@ -27,6 +27,7 @@ from serving.messages import (
     InputRefused,
     Overloaded,
     ReplicaUnavailable,
+    RequestTooLarge,
 )
 from serving.routing.ensemble_router import MemberWidthUnknown, QuorumNotMet
 
@@ -150,6 +151,8 @@ def api_error(exc: BaseException) -> ApiError | None:
         return bad_request(exc.message, param="inputs")
     if isinstance(exc, GenerationRefused):
         return bad_request(exc.message, param=exc.param)
+    if isinstance(exc, RequestTooLarge):  # more than a request's share: never servable whole
+        return ApiError(413, exc.message, code="request_too_large", param=exc.param)
     # .message, not str(exc): through Ray, str() is the remote traceback (pids, reprs)
     if isinstance(exc, GenerationFailed):  # one sequence's fault; the replica logged it
         return ApiError(500, exc.message, code="generation_failed")

@@ -30,6 +30,45 @@ def retry_after_s(queued: int, per_s: float) -> int:
     return max(1, math.ceil(queued / per_s))
 
 
+def share_refusal(
+    *,
+    prompts: int,
+    n: int,
+    tokens: int,
+    max_tokens: int | None,
+    max_queued: int,
+    max_queued_tokens: int,
+    share: float,
+    context_length: int,
+) -> str | None:
+    """Why one generation call may not be admitted at all (it takes more than ``share`` of a
+    replica's budget: ``max_queued`` sequences, ``max_queued_tokens`` tokens); None when it
+    may. ``tokens``: the call's prompt tokens plus ``max_tokens`` per sequence, summed.
+
+    64 prompts x n 16 = 1024 sequences > 0.5 x 1024 = 512 -> refused; one sequence, and one
+    full context of tokens, always fit whatever the share (else a small budget refuses all).
+    """
+    sequences = prompts * n
+    allowed_sequences = max(1, int(share * max_queued))
+    shape = f"{prompts} prompts x n {n}"
+    if sequences > allowed_sequences:
+        return (
+            f"{shape} = {sequences} sequences, more than one request may take "
+            f"({allowed_sequences}: generation.max_request_share {share:g} of the replica's "
+            f"limits.max_queued {max_queued}); send fewer prompts or a smaller n"
+        )
+    allowed_tokens = max(context_length, int(share * max_queued_tokens))
+    if tokens > allowed_tokens:
+        shown = "max_tokens" if max_tokens is None else f"max_tokens {max_tokens}"
+        return (
+            f"{shape} x (prompt tokens + {shown}) = {tokens} tokens, more than one request "
+            f"may take ({allowed_tokens}: generation.max_request_share {share:g} of the "
+            f"replica's generation.max_queued_tokens {max_queued_tokens}); send fewer prompts, "
+            "a smaller n or a smaller max_tokens"
+        )
+    return None
+
+
 class RateMeter:
     """Exponentially weighted events-per-second, updated as events happen."""
 

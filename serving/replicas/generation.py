@@ -12,8 +12,12 @@ token yet (queued behind a full batch, say), its sequences are cancelled and the
 with ``DeadlineExceeded``, so a slot never goes to a client that stopped waiting. A call
 whose deadline passed before it reached the replica is refused before it touches the engine.
 
-Admission counts sequences (``limits.max_queued``): a call that would pass it is refused with
-``Overloaded`` and a Retry-After from the measured rate at which sequences finish.
+Admission counts sequences (``limits.max_queued``) and tokens (``generation.max_queued_tokens``:
+each sequence's prompt tokens plus its ``max_tokens``, so ``prompts x n x max_tokens`` is what a
+call costs, not its number of prompts): a call that would pass either is refused with
+``Overloaded`` and a Retry-After from the measured rate at which sequences finish. One call may
+take at most ``generation.max_request_share`` of either budget; a larger one is refused with
+``RequestTooLarge`` (413): it could never be served whole.
 
 Faults stay with their call: a sequence whose sampling or decoding failed ends its call with
 ``GenerationFailed`` (500; a stream ends with an error event) and the batch goes on. If the
@@ -62,8 +66,10 @@ from serving.messages import (
     GenerationRefused,
     ModelInfo,
     ReplicaUnavailable,
+    RequestTooLarge,
     render_plain_chat,
 )
+from serving.replicas.admission import Admission, share_refusal
 from serving.replicas.core import LoadedModel, load_model
 
 logger = logging.getLogger(__name__)
@@ -171,6 +177,8 @@ class GenerationReplica:
         self._engine = self._model.engine
         self._version = self._model.version
         self._admission = self._model.admission  # counts sequences
+        # and tokens: prompt + max_tokens per sequence, what a call will hold of the engine
+        self._token_admission = Admission(config.name, settings.max_queued_tokens)
         name = config.name
         self._ttft = metrics.TIME_TO_FIRST_TOKEN.labels(name)
         self._itl = metrics.INTER_TOKEN_LATENCY.labels(name)
@@ -209,7 +217,7 @@ class GenerationReplica:
         if call.envelope.expired():  # it waited in Serve's queue past its deadline
             self._expired.inc(wanted)
             raise DeadlineExceeded(self._config.name, call.request_id)
-        self._admission.admit(wanted)  # or Overloaded, with a measured Retry-After
+        tokens = self._admit(call, prompts)  # or RequestTooLarge, or Overloaded
         inbox = _Inbox(asyncio.get_running_loop(), wanted, interval_s)
         seq_ids: list[str] = []
         self._calls += 1
@@ -240,7 +248,39 @@ class GenerationReplica:
             for seq_id in seq_ids:
                 self._engine.cancel(seq_id)  # a no-op for finished ones; frees the rest
             self._admission.release(wanted)
+            self._token_admission.release(tokens)
             self._calls -= 1
+
+    def _admit(self, call: GenerateCall, prompts: list[list[int]]) -> int:
+        """Admit the call's sequences and tokens (each prompt's tokens + its max_tokens, n
+        times): the tokens taken. ``RequestTooLarge`` (413) for a call larger than its share
+        of either budget; ``Overloaded`` (503, Retry-After) while the replica is full."""
+        settings = self._config.generation
+        context = self.context_length
+        # a sequence holds at most the context: prompt + max_tokens (checked <= context)
+        per_prompt = [min(context, len(ids) + (call.max_tokens or context)) for ids in prompts]
+        tokens = call.n * sum(per_prompt)
+        refusal = share_refusal(
+            prompts=len(prompts),
+            n=call.n,
+            tokens=tokens,
+            max_tokens=call.max_tokens,
+            max_queued=self._admission.limit,
+            max_queued_tokens=self._token_admission.limit,
+            share=settings.max_request_share,
+            context_length=context,
+        )
+        if refusal is not None:
+            raise RequestTooLarge(refusal, param="n" if call.n > 1 else "prompt")
+        wanted = len(prompts) * call.n
+        self._admission.admit(wanted)  # or Overloaded, with a measured Retry-After
+        try:
+            # a call of one full context on a budget smaller than that waits for an empty one
+            self._token_admission.admit(min(tokens, self._token_admission.limit))
+        except BaseException:
+            self._admission.release(wanted)
+            raise
+        return min(tokens, self._token_admission.limit)
 
     async def complete(self, call: GenerateCall) -> GenerateChunk:
         """The whole answer in one reply: ``prompt_tokens`` and one delta per choice."""
