@@ -10,7 +10,9 @@ Routes (errors in OpenAI's shape, ``{"error": {"message", "type", "param", "code
 
     POST /v1/jobs                  201 new job | 200 idempotent repeat | 400 bad JSON
                                    | 409 job_conflict | 413 too large | 422 invalid_job_spec
-    GET  /v1/jobs?state=queued     200 {"object": "list", "data": [job, ...]} | 400 bad state
+    GET  /v1/jobs?state=queued&limit=100&cursor=C
+                                   200 {"object": "list", "data": [job, ...], "next_cursor"}
+                                   | 400 bad state, limit or cursor (``training.pagination``)
     GET  /v1/jobs/{id}             200 job | 404 job_not_found
     POST /v1/jobs/{id}/cancel      200 job | 404 | 409 job_conflict (already final)
     GET  /v1/jobs/{id}/logs?after=N&limit=M   200 {"object": "list", "data": [line, ...]}
@@ -31,6 +33,7 @@ numbers are parsed with bounds.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import re
 import time
@@ -56,6 +59,7 @@ from training.jobs import (
     JobStore,
     LogLine,
 )
+from training.pagination import BadPageQuery, page_answer, page_request
 from training.spec import ClusterCapacity, FieldError, JobSpecInvalid, validate_job_spec
 from training.webhook_addresses import WebhookAddressPolicy, webhook_url_refusal
 from training.webhook_signing import new_webhook_secret
@@ -337,8 +341,15 @@ def build_jobs_router(service: JobsService, *, authorize: Callable[[Request], No
                 known = ", ".join(s.value for s in JobState)
                 message = f"unknown state {raw!r}; one of {known}"
                 raise JobsApiError(400, message, "invalid_query", param="state") from None
-            jobs = await asyncio.to_thread(store.list, state)
-            return JSONResponse({"object": "list", "data": [job_json(j) for j in jobs]})
+            try:
+                cursor, limit = page_request(request.query_params)
+            except BadPageQuery as exc:
+                raise JobsApiError(400, exc.message, "invalid_query", param=exc.param) from None
+            after = None if cursor is None else (cursor.created_at, cursor.job_id)
+            # one more than the page: whether a next page exists
+            read = functools.partial(store.page, state, after=after, limit=limit + 1)
+            jobs = await asyncio.to_thread(read)
+            return JSONResponse(page_answer(jobs, limit, render=job_json))
 
         return await answer(request, handle)
 

@@ -20,6 +20,7 @@ import json
 import sys
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from datetime import datetime
 from pathlib import Path
@@ -226,12 +227,11 @@ def metrics_text(metrics: dict[str, Any], max_items: int = 4) -> str:
 
 
 def run_list(args: argparse.Namespace) -> int:
-    path = "/v1/jobs" + (f"?state={args.state}" if args.state else "")
+    client = client_for(args)
     try:
-        _, listing = client_for(args).call("GET", path)
+        jobs = list_all_jobs(client, args.state)
     except RequestFailed as exc:
         return report_failure(exc)
-    jobs = listing["data"]
     if args.json:
         print(json.dumps(jobs, indent=2))
         return 0
@@ -242,6 +242,22 @@ def run_list(args: argparse.Namespace) -> int:
             f"{job['stage'] or '-':<12} {job['progress']:>7.0%}"
         )
     return 0
+
+
+def list_all_jobs(
+    client: JobsClient, state: str | None, *, page_size: int = 1000
+) -> list[dict[str, Any]]:
+    """Every job, page by page: ``GET /v1/jobs`` answers at most ``limit`` jobs and a
+    ``next_cursor`` while more follow (``training.pagination``)."""
+    query = {"limit": str(page_size), **({"state": state} if state else {})}
+    jobs: list[dict[str, Any]] = []
+    while True:
+        _, listing = client.call("GET", "/v1/jobs?" + urllib.parse.urlencode(query))
+        jobs.extend(listing["data"])
+        cursor = listing.get("next_cursor")
+        if not cursor:
+            return jobs
+        query["cursor"] = cursor
 
 
 def run_status(args: argparse.Namespace) -> int:

@@ -225,6 +225,45 @@ class JobStore:
             rows = conn.execute(query).all()
         return [_job_from_row(row) for row in rows]
 
+    def page(
+        self,
+        state: JobState | None = None,
+        *,
+        after: tuple[float, str] | None = None,
+        limit: int,
+    ) -> builtins.list[Job]:
+        """At most ``limit`` jobs in submit order after ``after`` (a job's ``(created_at,
+        id)``: keyset pagination, ``training.pagination``), only those in ``state`` if given."""
+        query = select(jobs).order_by(jobs.c.created_at, jobs.c.id).limit(limit)
+        if state is not None:
+            query = query.where(jobs.c.state == state.value)
+        if after is not None:
+            created_at, job_id = after
+            query = query.where(
+                or_(
+                    jobs.c.created_at > created_at,
+                    and_(jobs.c.created_at == created_at, jobs.c.id > job_id),
+                )
+            )
+        with transaction(self._engine, write=False) as conn:
+            rows = conn.execute(query).all()
+        return [_job_from_row(row) for row in rows]
+
+    def drop_history_before(self, finished_before: float) -> builtins.list[str]:
+        """Delete the events and log lines of jobs that finished before ``finished_before``
+        (epoch seconds; the retention sweep): the ids of the jobs that had any. The job rows
+        stay, so ``GET /v1/jobs/{id}`` still shows how each ended."""
+        final = [state.value for state in FINAL_STATES]
+        old = select(jobs.c.id).where(jobs.c.state.in_(final), jobs.c.finished_at < finished_before)
+        with transaction(self._engine) as conn:
+            with_events = select(job_events.c.job_id).where(job_events.c.job_id.in_(old))
+            with_logs = select(job_logs.c.job_id).where(job_logs.c.job_id.in_(old))
+            ids = {row[0] for row in conn.execute(with_events.union(with_logs)).all()}
+            if ids:
+                conn.execute(job_events.delete().where(job_events.c.job_id.in_(ids)))
+                conn.execute(job_logs.delete().where(job_logs.c.job_id.in_(ids)))
+        return sorted(ids)
+
     # --- state changes: each one transaction, each one event ----------------------------------
 
     def start(self, job_id: JobId, *, stage: str) -> Job:

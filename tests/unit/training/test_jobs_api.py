@@ -451,7 +451,7 @@ def test_an_unreachable_store_is_503_with_retry_after(
     def away(*args: object, **kwargs: object) -> None:
         raise locked()
 
-    for method in ("get", "list", "submit"):
+    for method in ("get", "list", "page", "submit"):
         monkeypatch.setattr(api.store, method, away)
     with caplog.at_level(logging.WARNING, logger="training.api"):
         responses = [
