@@ -299,6 +299,7 @@ class LoomServer:
                 tick_s=self.config.training.tick_s,
                 webhook_allowed_networks=allowed_networks(self.config),
                 max_placement_wait_s=self.config.training.max_placement_wait_s,
+                retention_days=self.config.training.retention_days,
             )
 
     def _use_gcs_redis(self) -> None:

@@ -175,7 +175,10 @@ class Scheduler(Generic[Reservation, Run]):
         write_retry_base_s: float = 0.5,
         write_retry_cap_s: float = 30.0,
         max_placement_wait_s: float = 600.0,
+        retention_days: float = 7.0,
+        retention_sweep_interval_s: float = 600.0,
         clock: Callable[[], float] = time.monotonic,
+        wall_clock: Callable[[], float] = time.time,
     ) -> None:
         self.store = store
         self.queue = queue
@@ -199,6 +202,11 @@ class Scheduler(Generic[Reservation, Run]):
         self._write_retry_cap_s = write_retry_cap_s
         self._clock = clock
         self._last_sweep_s = -float("inf")
+        self._retention_s = retention_days * 86_400.0
+        self._retention_sweep_interval_s = retention_sweep_interval_s
+        self._last_retention_sweep_s = -float("inf")
+        # finished_at is epoch seconds: the retention cut-off is on the wall clock
+        self._wall_clock = wall_clock
         self._swept: set[str] = set()
 
     def recover(self) -> list[str]:
@@ -254,6 +262,9 @@ class Scheduler(Generic[Reservation, Run]):
         if now - self._last_sweep_s >= self._sweep_interval_s:
             self._last_sweep_s = now
             self.sweep_cancelled()
+        if now - self._last_retention_sweep_s >= self._retention_sweep_interval_s:
+            self._last_retention_sweep_s = now  # a sweep that raises waits for the next turn
+            self.sweep_retention()
 
     # --- running jobs -------------------------------------------------------------------
 
@@ -416,6 +427,19 @@ class Scheduler(Generic[Reservation, Run]):
         for job in self.store.list(JobState.CANCELLED):
             if job.id.value not in self._swept and job.id.value not in self.running:
                 self.clean_up(job.id.value)
+
+    def sweep_retention(self) -> list[str]:
+        """Remove what finished jobs keep past the retention period (``retention_days`` after
+        they finished): their events, log lines, workspace files and queue items; the job
+        rows stay. The ids swept."""
+        cutoff = self._wall_clock() - self._retention_s
+        swept = self.store.drop_history_before(cutoff)
+        for job_id in swept:
+            JobWorkspace(self.jobs_dir, job_id).remove()
+            self.queue.purge(f"{job_id}/")
+        if swept:
+            logger.info("retention: swept %d finished jobs (%s)", len(swept), ", ".join(swept))
+        return swept
 
     # --- starting jobs ------------------------------------------------------------------
 
@@ -655,6 +679,7 @@ class SchedulerService:
         tick_s: float = 0.5,
         webhook_allowed_networks: Sequence[str] = (),
         max_placement_wait_s: float = 600.0,
+        retention_days: float = 7.0,
     ) -> None:
         from training.db import create_db_engine, create_tables
         from training.webhook_addresses import WebhookAddressPolicy, parse_networks
@@ -670,6 +695,7 @@ class SchedulerService:
             RayLauncher(settings),
             jobs_dir=Path(settings.jobs_dir),
             max_placement_wait_s=max_placement_wait_s,
+            retention_days=retention_days,
         )
         self._tick_s = tick_s
         self._wake = threading.Event()
@@ -721,6 +747,7 @@ def start_scheduler(
     tick_s: float = 0.5,
     webhook_allowed_networks: Sequence[str] = (),
     max_placement_wait_s: float = 600.0,
+    retention_days: float = 7.0,
 ) -> ActorHandle[SchedulerService]:
     """The scheduler actor, started unless one is alive (``get_if_exists``: exactly one).
 
@@ -743,6 +770,7 @@ def start_scheduler(
             tick_s=tick_s,
             webhook_allowed_networks=tuple(webhook_allowed_networks),
             max_placement_wait_s=max_placement_wait_s,
+            retention_days=retention_days,
         )
     )
     ray.get(actor.ping.remote())

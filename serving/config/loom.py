@@ -87,6 +87,13 @@ class TrainingConfig(_Strict):
         "reservation; past it the job is failed with the reason, and the jobs behind it go on "
         "(the head is never overtaken, so a job that cannot be placed would stop the queue).",
     )
+    retention_days: float = Field(
+        7.0,
+        gt=0,
+        description="Days a finished job's events, log lines and workspace files are kept "
+        "after it finished; the scheduler sweeps older ones (every 10 minutes), keeping the "
+        "job's row (its state, metrics and error).",
+    )
     webhook_allowed_networks: tuple[IPvAnyNetwork, ...] = Field(
         (),
         description="Networks (CIDR, e.g. 127.0.0.1/32, 10.20.0.0/16) a job's webhook_url may "
