@@ -17,6 +17,7 @@ from pathlib import Path
 
 from models.errors import StoreError
 from models.settings import LoomEnv
+from serving import keys_cli
 from serving.config import ConfigError, LoomConfig, default_config, load_config, with_overrides
 
 
@@ -43,6 +44,7 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
         "own certificate (default: $LOOM_CA_FILE, else the system's CAs)",
     )
     status_cmd.set_defaults(func=run_status)
+    keys_cli.add_commands(subparsers)
 
 
 class StopRequest:

@@ -36,6 +36,17 @@ REQUESTS = Counter(
     "HTTP requests answered, by model, route and status.",
     ["model", "route", "status"],
 )
+REQUESTS_BY_PRINCIPAL = Counter(
+    "loom_requests_by_principal",
+    "Authenticated requests, by principal (the key's name) and route family (the scope the "
+    "route needs, or 'any').",
+    ["principal", "route_family"],
+)
+AUDIT_EVENTS = Counter(
+    "loom_audit_events",
+    "State-changing calls written to the audit log, by route and outcome (the HTTP status).",
+    ["route", "outcome"],
+)
 REQUEST_LATENCY = Histogram(
     "loom_request_duration_seconds",
     "Time from request received to response sent, by model and route.",

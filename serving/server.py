@@ -30,6 +30,7 @@ from models.refs import ModelRef
 from models.settings import LoomEnv
 from models.store import ModelStore
 from serving import metrics
+from serving.audit import AUDIT_FILE_NAME
 from serving.config import ConfigError, LoomConfig, ModelConfig
 from serving.gateway.deployment import Gateway
 from serving.gateway.http_server import bind_socket
@@ -85,7 +86,10 @@ def build_application(
             "training_cpus": training_cpus(config, local_ray=local_ray),
             "training_gpus": config.training.gpus,
         }
-    return gateway.bind(gateway_config(config), str(env.models_dir), BOARD_NAME, jobs=jobs)
+    audit_log = str(env.home / AUDIT_FILE_NAME)  # serving.audit: state-changing calls
+    return gateway.bind(
+        gateway_config(config), str(env.models_dir), BOARD_NAME, jobs=jobs, audit_log=audit_log
+    )
 
 
 def gateway_config(config: LoomConfig) -> dict[str, Any]:

@@ -4,7 +4,7 @@
 ``authorize`` (which raises the gateway's error type, rendered by the gateway's app) and a
 ``JobsService`` with the store and what the cluster offers.
 
-    app.include_router(build_jobs_router(service, authorize=gw.authorize))
+    app.include_router(build_jobs_router(service, authorize=authorize))  # -> a Caller
 
 Routes (errors in OpenAI's shape, ``{"error": {"message", "type", "param", "code"}}``):
 
@@ -21,6 +21,12 @@ Routes (errors in OpenAI's shape, ``{"error": {"message", "type", "param", "code
                                    unreachable
 
 A 422 adds ``"fields": [{"field": "hyperparameters.learning_rate", "message": ...}, ...]``.
+
+Ownership: ``authorize`` returns the ``Caller``; a job belongs to the principal that submitted
+it. List, get, cancel, logs and events show a caller its own jobs only (another's is a 404, as
+if it did not exist), unless it holds ``admin``. An ``Idempotency-Key`` is the caller's own.
+A job named after a served model (``JobsService.is_served``) or with ``promote: true`` needs the
+``models`` scope (403 ``insufficient_scope``). ``spec.webhook_url`` is shown to the owner only.
 Every store call runs in a worker thread (``asyncio.to_thread``): the store blocks.
 
 No input is a 500: a body is parsed by orjson (nesting deeper than 1024, numbers beyond a
@@ -48,6 +54,7 @@ from fastapi import APIRouter, Request
 from sqlalchemy.exc import OperationalError
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
+from training.callers import LOCAL_CALLER, Caller
 from training.events import SSE_KEEP_ALIVE, cloud_event, sse_message
 from training.jobs import (
     FINAL_STATES,
@@ -95,6 +102,12 @@ class JobsService:
     """Idle seconds before the SSE stream sends a comment, so proxies keep it open."""
     webhook_policy: WebhookAddressPolicy = WebhookAddressPolicy()
     """Where a job's ``webhook_url`` may point (checked at submit; 422 otherwise)."""
+    audit: Callable[[Caller, str, str, int, dict[str, Any]], None] | None = None
+    """Takes a line per submit and cancel: (caller, route, target job id, status, details such
+    as the job's name and whether it promotes); the gateway's audit log."""
+    is_served: Callable[[str], bool] = lambda name: False
+    """Whether a store name is served (a served model's name or its source's store name): a
+    job may register under it only with the ``models`` scope."""
 
 
 class JobsApiError(Exception):
@@ -121,6 +134,7 @@ class JobsApiError(Exception):
 
 _ERROR_TYPES = {
     400: "invalid_request_error",
+    403: "permission_error",
     404: "not_found_error",
     409: "conflict_error",
     413: "invalid_request_error",
@@ -142,8 +156,12 @@ def error_response(error: JobsApiError) -> JSONResponse:
     return JSONResponse({"error": body}, status_code=error.status, headers=error.headers)
 
 
-def job_json(job: Job) -> dict[str, Any]:
-    """A job as the API shows it; times are float seconds since the epoch."""
+def job_json(job: Job, caller: Caller | None = None) -> dict[str, Any]:
+    """A job as the API shows ``caller`` (default: its owner); times are float seconds since
+    the epoch. Anyone but the owner (an admin) sees ``spec.webhook_url`` as null."""
+    spec = job.spec.model_dump(mode="json")
+    if caller is not None and caller.principal != job.owner and spec.get("webhook_url"):
+        spec["webhook_url"] = None
     return {
         "id": job.id.value,
         "name": job.name,
@@ -157,7 +175,8 @@ def job_json(job: Job) -> dict[str, Any]:
         "created_at": job.created_at,
         "started_at": job.started_at,
         "finished_at": job.finished_at,
-        "spec": job.spec.model_dump(mode="json"),
+        "owner": job.owner,
+        "spec": spec,
     }
 
 
@@ -258,17 +277,35 @@ def job_id_from_path(raw: str) -> JobId:
 # --- the router ---------------------------------------------------------------------------
 
 
-def build_jobs_router(service: JobsService, *, authorize: Callable[[Request], None]) -> APIRouter:
+def build_jobs_router(
+    service: JobsService, *, authorize: Callable[[Request], Caller | None]
+) -> APIRouter:
     """The ``/v1/jobs`` routes over ``service`` (module docstring). ``authorize(request)`` runs
-    first in every route; whatever it raises propagates to the app's own handlers."""
+    first in every route and names the caller (None: ``LOCAL_CALLER``, every scope); whatever
+    it raises propagates to the app's own handlers."""
     router = APIRouter()
     store = service.store
 
-    async def answer(request: Request, handle: Callable[[], Awaitable[Response]]) -> Response:
+    async def answer(
+        request: Request,
+        handle: Callable[[Caller], Awaitable[Response]],
+        *,
+        audited: str | None = None,
+    ) -> Response:
+        """``handle``'s answer; with ``audited`` (a state-changing route), an audit line."""
+        caller = authorize(request) or LOCAL_CALLER
+        response = await respond(request, handle, caller)
+        if audited is not None and service.audit is not None:
+            target, details = audit_target(request, response)
+            service.audit(caller, audited, target, response.status_code, details)
+        return response
+
+    async def respond(
+        request: Request, handle: Callable[[Caller], Awaitable[Response]], caller: Caller
+    ) -> Response:
         # an APIRouter cannot register exception handlers, so each route answers its own
-        authorize(request)
         try:
-            return await handle()
+            return await handle(caller)
         except JobsApiError as exc:
             return error_response(exc)
         except JobNotFound as exc:
@@ -296,7 +333,7 @@ def build_jobs_router(service: JobsService, *, authorize: Callable[[Request], No
 
     @router.post("/v1/jobs")
     async def submit_job(request: Request) -> Response:
-        async def handle() -> Response:
+        async def handle(caller: Caller) -> Response:
             body = await read_json_object(request, service.max_body_bytes)
             job_id, key = submit_names(body, request)
             capacity = await asyncio.to_thread(service.capacity)
@@ -311,6 +348,7 @@ def build_jobs_router(service: JobsService, *, authorize: Callable[[Request], No
                 raise JobsApiError(
                     422, f"invalid job spec: {exc}", "invalid_job_spec", fields=exc.errors
                 ) from None
+            check_model_rights(caller, spec.name, promote=spec.promote, served=service.is_served)
             secret = await _vet_webhook(spec.webhook_url, service.webhook_policy)
             if job_id is None:
                 # our own id, so a repeat under the key shows as a job with another id
@@ -319,21 +357,28 @@ def build_jobs_router(service: JobsService, *, authorize: Callable[[Request], No
                 repeat_possible = True
             existed = repeat_possible and await asyncio.to_thread(_exists, store, job_id)
             job = await asyncio.to_thread(
-                store.submit, spec, job_id=job_id, idempotency_key=key, webhook_secret=secret
+                functools.partial(
+                    store.submit,
+                    spec,
+                    job_id=job_id,
+                    idempotency_key=key,
+                    webhook_secret=secret,
+                    owner=caller.principal,
+                )
             )
             created = job.id.value == job_id and not existed
             if created:
                 await wake()
-            answer = job_json(job)
+            answer = job_json(job, caller)
             if created and secret is not None:  # shown this once: no later read has it
                 answer["webhook_secret"] = secret
             return JSONResponse(answer, status_code=201 if created else 200)
 
-        return await answer(request, handle)
+        return await answer(request, handle, audited="jobs.submit")
 
     @router.get("/v1/jobs")
     async def list_jobs(request: Request) -> Response:
-        async def handle() -> Response:
+        async def handle(caller: Caller) -> Response:
             raw = request.query_params.get("state")
             try:
                 state = JobState(raw) if raw is not None else None
@@ -341,41 +386,45 @@ def build_jobs_router(service: JobsService, *, authorize: Callable[[Request], No
                 known = ", ".join(s.value for s in JobState)
                 message = f"unknown state {raw!r}; one of {known}"
                 raise JobsApiError(400, message, "invalid_query", param="state") from None
+            owner = None if caller.is_admin else caller.principal
             try:
                 cursor, limit = page_request(request.query_params)
             except BadPageQuery as exc:
                 raise JobsApiError(400, exc.message, "invalid_query", param=exc.param) from None
             after = None if cursor is None else (cursor.created_at, cursor.job_id)
             # one more than the page: whether a next page exists
-            read = functools.partial(store.page, state, after=after, limit=limit + 1)
+            read = functools.partial(store.page, state, owner=owner, after=after, limit=limit + 1)
             jobs = await asyncio.to_thread(read)
-            return JSONResponse(page_answer(jobs, limit, render=job_json))
+            return JSONResponse(page_answer(jobs, limit, render=lambda j: job_json(j, caller)))
 
         return await answer(request, handle)
 
     @router.get("/v1/jobs/{job_id}")
     async def get_job(job_id: str, request: Request) -> Response:
-        async def handle() -> Response:
-            job = await asyncio.to_thread(store.get, job_id_from_path(job_id))
-            return JSONResponse(job_json(job))
+        async def handle(caller: Caller) -> Response:
+            job = await asyncio.to_thread(visible_job, store, job_id_from_path(job_id), caller)
+            return JSONResponse(job_json(job, caller))
 
         return await answer(request, handle)
 
     @router.post("/v1/jobs/{job_id}/cancel")
     async def cancel_job(job_id: str, request: Request) -> Response:
-        async def handle() -> Response:
-            job = await asyncio.to_thread(store.cancel, job_id_from_path(job_id))
+        async def handle(caller: Caller) -> Response:
+            job_ref = job_id_from_path(job_id)
+            await asyncio.to_thread(visible_job, store, job_ref, caller)  # 404 if not theirs
+            job = await asyncio.to_thread(store.cancel, job_ref)
             await wake()  # the scheduler stops the job's run
-            return JSONResponse(job_json(job))
+            return JSONResponse(job_json(job, caller))
 
-        return await answer(request, handle)
+        return await answer(request, handle, audited="jobs.cancel")
 
     @router.get("/v1/jobs/{job_id}/logs")
     async def job_logs(job_id: str, request: Request) -> Response:
-        async def handle() -> Response:
+        async def handle(caller: Caller) -> Response:
             after = int_query(request, "after", 0, low=0, high=MAX_EVENT_SEQ)
             limit = int_query(request, "limit", 1000, low=1, high=MAX_LOG_LINES)
             job = job_id_from_path(job_id)
+            await asyncio.to_thread(visible_job, store, job, caller)
             lines = await asyncio.to_thread(store.logs, job, after=after, limit=limit)
             return JSONResponse({"object": "list", "data": [log_line_json(x) for x in lines]})
 
@@ -383,10 +432,10 @@ def build_jobs_router(service: JobsService, *, authorize: Callable[[Request], No
 
     @router.get("/v1/jobs/{job_id}/events")
     async def job_events(job_id: str, request: Request) -> Response:
-        async def handle() -> Response:
+        async def handle(caller: Caller) -> Response:
             after = event_seq_after(request)
             job = job_id_from_path(job_id)
-            await asyncio.to_thread(store.get, job)  # 404 before the stream starts
+            await asyncio.to_thread(visible_job, store, job, caller)  # 404 before the stream
             stream = event_stream(service, job, after, request.is_disconnected)
             headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
             return StreamingResponse(stream, media_type="text/event-stream", headers=headers)
@@ -411,6 +460,47 @@ async def _vet_webhook(url: object, policy: WebhookAddressPolicy) -> str | None:
             fields=[FieldError("webhook_url", refusal)],
         )
     return new_webhook_secret()
+
+
+def audit_target(request: Request, response: Response) -> tuple[str, dict[str, Any]]:
+    """What an audit line names: the path's job id, or the job a submit answered (its name and
+    ``promote`` too: what it will register and whether it moves the serving alias)."""
+    job_id = request.path_params.get("job_id")
+    if job_id is not None:
+        return str(job_id), {}
+    try:
+        body = orjson.loads(bytes(response.body))
+    except (orjson.JSONDecodeError, AttributeError, TypeError):
+        return "", {}
+    if not isinstance(body, dict) or "id" not in body:
+        return "", {}
+    return str(body["id"]), {"name": body.get("name"), "promote": body["spec"].get("promote")}
+
+
+def visible_job(store: JobStore, job_id: JobId, caller: Caller) -> Job:
+    """The job, if ``caller`` owns it or holds ``admin``; else ``JobNotFound`` (a 404, as for
+    no job at all: ids of others' jobs do not leak)."""
+    job = store.get(job_id)
+    if not caller.is_admin and job.owner != caller.principal:
+        raise JobNotFound(job_id.value)
+    return job
+
+
+def check_model_rights(
+    caller: Caller, name: str, *, promote: bool, served: Callable[[str], bool]
+) -> None:
+    """403 ``insufficient_scope`` (param ``models``) for a job that would promote, or register
+    under a served name, from a key without the ``models`` scope."""
+    if caller.has("models"):
+        return
+    if promote:
+        reason = "promote: true moves the 'serving' alias"
+    elif served(name):
+        reason = f"name '{name}' is a served model's"
+    else:
+        return
+    message = f"{reason}: this key ({caller.principal}) lacks the 'models' scope it needs"
+    raise JobsApiError(403, message, "insufficient_scope", param="models")
 
 
 def _exists(store: JobStore, job_id: str) -> bool:

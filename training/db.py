@@ -38,6 +38,7 @@ from sqlalchemy import (
     UniqueConstraint,
     create_engine,
     event,
+    inspect,
     make_url,
 )
 from sqlalchemy.exc import (
@@ -81,7 +82,11 @@ jobs = Table(
     "jobs",
     metadata,
     Column("id", String(64), primary_key=True),
+    # the client's Idempotency-Key scoped to its owner (``jobs.scoped_idempotency_key``)
     Column("idempotency_key", String(200), unique=True),
+    # the principal that submitted the job (``training.callers``); NULL: submitted before
+    # jobs had owners, seen by admin keys only. Added to an older store by ``create_tables``.
+    Column("owner", String(128)),
     Column("name", String(128), nullable=False),
     Column("trainer", String(64), nullable=False),
     Column("spec", JSON, nullable=False),
@@ -214,10 +219,24 @@ def is_transient_error(exc: BaseException) -> bool:
     return isinstance(exc, transient)
 
 
+ADDED_COLUMNS: tuple[tuple[Table, str, str], ...] = ((jobs, "owner", "VARCHAR(128)"),)
+"""Columns added after a table's first release: (table, column, SQL type). ``create_all``
+makes missing tables only, so ``create_tables`` adds these to a table that lacks them."""
+
+
 def create_tables(engine: Engine) -> None:
-    """Create every table of the store that is missing (idempotent)."""
+    """Create every table of the store that is missing, and add the columns of
+    ``ADDED_COLUMNS`` an older store's tables lack (idempotent; SQLite and Postgres)."""
+    schema = (engine.get_execution_options().get("schema_translate_map") or {}).get(None)
     with engine.begin() as conn:
         metadata.create_all(conn)
+        for table, column, sql_type in ADDED_COLUMNS:
+            present = {c["name"] for c in inspect(conn).get_columns(table.name, schema=schema)}
+            if column in present:
+                continue
+            quote = conn.dialect.identifier_preparer.quote
+            where = f"{quote(schema)}.{quote(table.name)}" if schema else quote(table.name)
+            conn.exec_driver_sql(f"ALTER TABLE {where} ADD COLUMN {quote(column)} {sql_type}")
 
 
 @contextmanager

@@ -13,11 +13,14 @@ send. Progress and metrics while running are row updates, not events.
 
 Idempotent submit: a client-chosen ``job_id`` or ``idempotency_key`` names the job; the same
 spec again returns the same job, another spec under that name raises ``JobConflict`` (409).
+A job has an ``owner`` (the principal that submitted it); an idempotency key is the owner's
+own (two owners may use the same key), and a ``job_id`` another owner took is a 409.
 """
 
 from __future__ import annotations
 
 import builtins
+import hashlib
 import math
 import time
 import uuid
@@ -100,6 +103,9 @@ class Job:
     metrics: dict[str, Any]
     error: str | None
     idempotency_key: str | None
+    """As stored: ``scoped_idempotency_key`` of the owner and the client's key."""
+    owner: str | None = None
+    """The principal that submitted the job; None for one submitted before jobs had owners."""
     created_at: float
     updated_at: float
     started_at: float | None
@@ -147,15 +153,20 @@ class JobStore:
         job_id: str | None = None,
         idempotency_key: str | None = None,
         webhook_secret: str | None = None,
+        owner: str | None = None,
     ) -> Job:
-        """Queue a job for ``spec`` (already validated); the new job, or the one it repeats.
+        """Queue a job for ``spec`` (already validated), owned by ``owner``; the new job, or the
+        one it repeats.
 
-        With ``job_id`` or ``idempotency_key``, a job already stored under either with the same
-        spec is returned and nothing is written; with a different spec, ``JobConflict``.
-        ``webhook_secret`` is stored with a new job (``webhook_secret``), never with a repeat.
+        With ``job_id`` or ``idempotency_key``, a job of ``owner``'s already stored under either
+        with the same spec is returned and nothing is written; with a different spec, or a
+        ``job_id`` another owner took, ``JobConflict``. ``webhook_secret`` is stored with a new
+        job (``webhook_secret``), never with a repeat.
         """
         spec_json = spec.model_dump(mode="json")
-        existing = self._find_repeat(job_id, idempotency_key, spec_json)
+        if idempotency_key is not None and owner is not None:
+            idempotency_key = scoped_idempotency_key(owner, idempotency_key)
+        existing = self._find_repeat(job_id, idempotency_key, spec_json, owner)
         if existing is not None:
             return existing
         new_id = job_id if job_id is not None else f"job-{uuid.uuid4().hex}"
@@ -166,6 +177,7 @@ class JobStore:
                     jobs.insert().values(
                         id=new_id,
                         idempotency_key=idempotency_key,
+                        owner=owner,
                         name=spec.name,
                         trainer=spec.trainer,
                         spec=spec_json,
@@ -188,14 +200,14 @@ class JobStore:
                 self._append_event(conn, new_id, JobState.QUEUED, now, {"state": "queued"})
         except IntegrityError:
             # a concurrent submit took the id or key between our look and our insert
-            existing = self._find_repeat(job_id, idempotency_key, spec_json)
+            existing = self._find_repeat(job_id, idempotency_key, spec_json, owner)
             if existing is None:
                 raise
             return existing
         return self.get(JobId(new_id))
 
     def _find_repeat(
-        self, job_id: str | None, key: str | None, spec_json: dict[str, Any]
+        self, job_id: str | None, key: str | None, spec_json: dict[str, Any], owner: str | None
     ) -> Job | None:
         for column, value in ((jobs.c.id, job_id), (jobs.c.idempotency_key, key)):
             if value is None:
@@ -204,6 +216,8 @@ class JobStore:
                 row = conn.execute(select(jobs).where(column == value)).one_or_none()
             if row is None:
                 continue
+            if owner is not None and row.owner != owner:  # (a scoped key is never another's)
+                raise JobConflict(f"{column.name} {value!r} is taken; choose another")
             if row.spec != spec_json:
                 raise JobConflict(f"{column.name} {value!r} already names a job with another spec")
             return _job_from_row(row)
@@ -216,11 +230,15 @@ class JobStore:
             raise JobNotFound(job_id.value)
         return _job_from_row(row)
 
-    def list(self, state: JobState | None = None) -> builtins.list[Job]:
-        """Jobs in submit order, only those in ``state`` if given."""
+    def list(
+        self, state: JobState | None = None, *, owner: str | None = None
+    ) -> builtins.list[Job]:
+        """Jobs in submit order, only those in ``state`` and of ``owner`` if given."""
         query = select(jobs).order_by(jobs.c.created_at, jobs.c.id)
         if state is not None:
             query = query.where(jobs.c.state == state.value)
+        if owner is not None:
+            query = query.where(jobs.c.owner == owner)
         with transaction(self._engine, write=False) as conn:
             rows = conn.execute(query).all()
         return [_job_from_row(row) for row in rows]
@@ -229,14 +247,18 @@ class JobStore:
         self,
         state: JobState | None = None,
         *,
+        owner: str | None = None,
         after: tuple[float, str] | None = None,
         limit: int,
     ) -> builtins.list[Job]:
         """At most ``limit`` jobs in submit order after ``after`` (a job's ``(created_at,
-        id)``: keyset pagination, ``training.pagination``), only those in ``state`` if given."""
+        id)``: keyset pagination, ``training.pagination``), only those in ``state`` and of
+        ``owner`` if given."""
         query = select(jobs).order_by(jobs.c.created_at, jobs.c.id).limit(limit)
         if state is not None:
             query = query.where(jobs.c.state == state.value)
+        if owner is not None:
+            query = query.where(jobs.c.owner == owner)
         if after is not None:
             created_at, job_id = after
             query = query.where(
@@ -527,6 +549,12 @@ def storable_json(value: Any) -> Any:
     return value
 
 
+def scoped_idempotency_key(owner: str, key: str) -> str:
+    """What the store keeps for ``owner``'s ``Idempotency-Key``: sha256 of both, 64 hex digits
+    (fits the column however long the two are; two owners' equal keys differ)."""
+    return hashlib.sha256(f"{owner}\0{key}".encode()).hexdigest()
+
+
 def _job_from_row(row: Row[Any]) -> Job:
     return Job(
         id=JobId(row.id),
@@ -539,6 +567,7 @@ def _job_from_row(row: Row[Any]) -> Job:
         metrics=dict(row.metrics),
         error=row.error,
         idempotency_key=row.idempotency_key,
+        owner=row.owner,
         created_at=row.created_at,
         updated_at=row.updated_at,
         started_at=row.started_at,

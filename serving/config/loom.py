@@ -25,6 +25,7 @@ from pydantic import (
 
 from models.bundled import BUNDLED_EMBEDDING_MODEL
 from models.settings import LoomEnv
+from serving.config.key_file import KEY_FILE_NAME, KeyFileError, read_key_file
 from serving.config.model import (
     ENTRY_TAGS,
     DeployedEntry,
@@ -264,9 +265,23 @@ def with_overrides(
     """Apply command-line and environment overrides, then enforce the bind rule."""
     server = config.server
     keys = tuple(dict.fromkeys((*server.api_keys, *env.api_keys)))
-    server = server.model_copy(
-        update={"host": host or server.host, "port": port or server.port, "api_keys": keys}
-    )
+    try:
+        filed = read_key_file(env.home / KEY_FILE_NAME)
+        # validated again, so a short LOOM_API_KEYS key or a repeated name is refused here
+        server = ServerConfig.model_validate(
+            {
+                **server.model_dump(),
+                "host": host or server.host,
+                "port": port or server.port,
+                "api_keys": keys,
+                "keys": (*server.keys, *filed),
+            }
+        )
+    except KeyFileError as exc:
+        raise ConfigError(f"invalid keys: {exc}") from None
+    except ValidationError as exc:  # the messages only: an input value may be a key
+        problems = [f"server.{_where(err['loc'])}: {err['msg']}" for err in exc.errors()]
+        raise ConfigError("invalid keys: " + "; ".join(problems)) from None
     if not server.is_loopback and not server.keys_on:
         raise ConfigError(
             f"refusing to bind {server.host} without API keys: set server.api_keys in the "

@@ -9,9 +9,83 @@ import os
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from serving.config.rate_limits import RateLimitsConfig
+from training.callers import PRINCIPAL_PATTERN, ScopeName
 
 LOOPBACK_HOSTS = frozenset({"localhost"})
+MIN_KEY_CHARS = 16
+"""A key shorter than this is refused (config, ``LOOM_API_KEYS``, ``loom keys create``)."""
+LEGACY_KEY_SCOPES: tuple[ScopeName, ...] = ("infer", "jobs", "models")
+"""What a key of ``api_keys`` (or ``LOOM_API_KEYS``) may do; an ``admin_api_keys`` key: all."""
+
+
+def check_key_length(key: str) -> str:
+    """``key`` unchanged, or ``ValueError`` when it is too short to be a secret."""
+    if len(key.strip()) < MIN_KEY_CHARS:
+        raise ValueError(f"an API key must have at least {MIN_KEY_CHARS} characters")
+    return key
+
+
+class ApiKeyConfig(BaseModel):
+    """One entry of ``server.keys``: a named key (the principal) and what it may do."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field(
+        description="The principal: who the key's calls are logged, counted and audited as, "
+        "and the owner of the jobs it submits. 1-64 letters, digits, '.', '_', '-'."
+    )
+    key: str | None = Field(
+        None,
+        description="The key itself (at least 16 characters); or give key_sha256 instead.",
+        repr=False,
+    )
+    key_sha256: str | None = Field(
+        None,
+        description="The key's sha256 as 64 hex digits (sha256 of the key alone), or "
+        "SALT:DIGEST in hex (sha256 of the salt's bytes then the key's), as keys.json holds "
+        "it: the config then holds no key.",
+    )
+    scopes: tuple[ScopeName, ...] = Field(
+        description="What the key may call: infer, jobs, models (promote; register a job "
+        "under a served name), admin (every route and every caller's jobs)."
+    )
+
+    @field_validator("name")
+    @classmethod
+    def _plain_name(cls, name: str) -> str:
+        if not PRINCIPAL_PATTERN.fullmatch(name):
+            raise ValueError("a key's name is 1-64 letters, digits, '.', '_' or '-'")
+        return name
+
+    @field_validator("key")
+    @classmethod
+    def _long_enough(cls, key: str | None) -> str | None:
+        return None if key is None else check_key_length(key)
+
+    @field_validator("key_sha256")
+    @classmethod
+    def _a_digest(cls, text: str | None) -> str | None:
+        if text is None:
+            return None
+        salt, _, digest = text.rpartition(":")
+        try:
+            bytes.fromhex(salt), bytes.fromhex(digest)
+        except ValueError:
+            salt = "-"
+        if salt == "-" or len(digest) != 64 or (":" in text and not salt):
+            raise ValueError("key_sha256 is 64 hex digits, or SALT:DIGEST in hex")
+        return text.lower()
+
+    @model_validator(mode="after")
+    def _one_key(self) -> ApiKeyConfig:
+        if (self.key is None) == (self.key_sha256 is None):
+            raise ValueError("give exactly one of key and key_sha256")
+        if not self.scopes:
+            raise ValueError("a key needs at least one scope")
+        return self
 
 
 class TlsConfig(BaseModel):
@@ -44,12 +118,21 @@ class ServerConfig(BaseModel):
     port: int = Field(8000, ge=1, le=65535, description="HTTP port.")
     api_keys: tuple[str, ...] = Field(
         (),
-        description="Bearer keys; when any are set every route but health and metrics needs one.",
+        description="Bearer keys (at least 16 characters each); when any are set every route "
+        "but health and metrics needs one. Kept for older configs: each is a principal "
+        "api-key-N (N from 1, in order) with scopes infer, jobs, models.",
     )
     admin_api_keys: tuple[str, ...] = Field(
         (),
-        description="Bearer keys that may also use /v1/admin routes (any route, too). With keys "
-        "on, an admin route refuses an ordinary key with 403; with no keys at all it is open.",
+        description="Bearer keys (at least 16 characters each) that may call every route: each "
+        "is a principal admin-key-N with the admin scope. With keys on, a route refuses a key "
+        "without its scope with 403; with no keys at all every route is open (to 127.0.0.1).",
+    )
+    keys: tuple[ApiKeyConfig, ...] = Field(
+        (),
+        description="Named keys, each {name, key or key_sha256, scopes}: the principal a "
+        "request runs as and what it may call (docs/security.md#keys-and-scopes). They add to "
+        "api_keys, admin_api_keys, LOOM_API_KEYS and $LOOM_HOME/keys.json.",
     )
     tls: TlsConfig | None = Field(
         None,
@@ -106,6 +189,12 @@ class ServerConfig(BaseModel):
         "connection closed.",
     )
 
+    rate_limits: RateLimitsConfig = Field(
+        default_factory=RateLimitsConfig,
+        description="Requests per second per client and route family, a token bucket each "
+        "({infer: {rate_per_s, burst}, jobs: {...}}); a client is its key's digest, or its "
+        "address without a key. Past it: 429 with Retry-After. Off by default.",
+    )
     cors_allow_origins: tuple[str, ...] = Field(
         (),
         description="Web origins (scheme://host[:port], e.g. https://app.example.com) that may "
@@ -114,6 +203,35 @@ class ServerConfig(BaseModel):
         "header of another site is refused 403 on POST, PUT, PATCH and DELETE routes. '*' is "
         "refused: list each origin.",
     )
+
+    @field_validator("api_keys", "admin_api_keys")
+    @classmethod
+    def _keys_long_enough(cls, keys: tuple[str, ...]) -> tuple[str, ...]:
+        for key in keys:
+            check_key_length(key)
+        return keys
+
+    @model_validator(mode="after")
+    def _names_unique(self) -> ServerConfig:
+        names = [entry.name for entry in self.principal_keys()]
+        repeated = sorted({name for name in names if names.count(name) > 1})
+        if repeated:
+            raise ValueError(f"key names must be unique: {', '.join(repeated)} repeated")
+        return self
+
+    def principal_keys(self) -> tuple[ApiKeyConfig, ...]:
+        """Every key as a named entry: ``keys``, then ``api_keys`` as ``api-key-1, 2, ...``
+        (scopes infer, jobs, models) and ``admin_api_keys`` as ``admin-key-1, 2, ...``
+        (admin)."""
+        legacy = tuple(
+            ApiKeyConfig(name=f"api-key-{n}", key=key, scopes=LEGACY_KEY_SCOPES)
+            for n, key in enumerate(self.api_keys, 1)
+        )
+        admin = tuple(
+            ApiKeyConfig(name=f"admin-key-{n}", key=key, scopes=("admin",))
+            for n, key in enumerate(self.admin_api_keys, 1)
+        )
+        return (*self.keys, *legacy, *admin)
 
     @field_validator("cors_allow_origins")
     @classmethod
@@ -131,7 +249,7 @@ class ServerConfig(BaseModel):
     @property
     def keys_on(self) -> bool:
         """True when any route but health and metrics needs a key."""
-        return bool(self.api_keys or self.admin_api_keys)
+        return bool(self.api_keys or self.admin_api_keys or self.keys)
 
     @property
     def scheme(self) -> str:

@@ -24,6 +24,7 @@ from serving.gateway.browser_guard import BrowserGuard
 from serving.gateway.core import GatewayCore
 from serving.gateway.endpoint import REQUEST_ID_HEADER, VERSION_HEADER, Endpoints
 from serving.gateway.errors import ApiError, error_response
+from serving.gateway.rate_limit import RateLimiter, RateLimitMiddleware
 from serving.gateway.routes.admin import add_admin_routes
 from serving.gateway.routes.ensembles import add_ensemble_routes
 from serving.gateway.routes.generation import add_generation_routes
@@ -42,6 +43,9 @@ def build_http_app(gw: GatewayCore) -> FastAPI:
     )
     _add_error_handlers(app)
     _add_cors(app, BrowserGuard.of(gw.config.server).cors_allow_origins)
+    limiter = RateLimiter(gw.config.server.rate_limits)
+    if limiter.enabled:  # inside CORS: a refused request still carries its CORS headers
+        app.add_middleware(RateLimitMiddleware, limiter=limiter)
     endpoints = Endpoints(app, gw)
     add_generation_routes(endpoints, gw)
     add_ensemble_routes(endpoints, gw)  # literal /v2/models/<ensemble>/... before the generic

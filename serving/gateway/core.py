@@ -28,11 +28,13 @@ from starlette.requests import Request
 
 from models.store import ModelStore
 from serving import metrics
+from serving.audit import AuditLog
 from serving.config import EnsembleEntry, LoomConfig, ModelConfig, ServedEntry
 from serving.gateway.coalescer import Coalescer
 from serving.gateway.errors import ApiError, model_not_found, model_not_ready
 from serving.gateway.keys import KeyCheck
 from serving.gateway.readiness import ReadinessCache
+from serving.gateway.scopes import require_scope, route_family
 from serving.messages import (
     ClassifyReply,
     DeadlineExceeded,
@@ -48,6 +50,7 @@ from serving.routing.ensemble_router import EnsembleRouter, MemberLine, Sent
 from serving.routing.shard_router import ShardRouter
 from serving.routing.sharding import SHARD_KEY_HEADER, parse_shard_entry, shard_key
 from training.api import JobsService
+from training.callers import LOCAL_CALLER, Caller
 
 logger = logging.getLogger(__name__)
 
@@ -150,13 +153,16 @@ class GatewayCore:
         jobs: JobsService | None = None,
         shard_board: ShardBoard | None = None,
         keys: KeyCheck | None = None,
+        audit: AuditLog | None = None,
     ) -> None:
         """``routes`` picks each request's model version (``rollout.route_table``); ``store``
         is the model store the admin routes move aliases in; ``jobs``, when given, serves the
         ``/v1/jobs`` routes (``training.api``); ``shard_board`` takes resharding requests to
         the reconciler; ``keys`` are the key digests (default: the config's keys, hashed
-        here; the gateway deployment is given digests only, ``gateway.keys``)."""
+        here; the gateway deployment is given digests only, ``gateway.keys``); ``audit``, when
+        given, takes a line per state-changing call (``serving.audit``)."""
         self.config = config
+        self.audit = audit
         self.jobs = jobs
         server = config.server
         self._keys = keys if keys is not None else KeyCheck.hashing(server)
@@ -181,34 +187,35 @@ class GatewayCore:
 
     # ---- auth --------------------------------------------------------------------------------
 
-    def authorize(self, request: Request) -> None:
-        """401 unless keys are off or the request's bearer key is one of them."""
+    def authenticate(self, request: Request) -> Caller:
+        """The caller the request's bearer key names; 401 for none, an empty one or a wrong
+        one. With no keys configured: ``LOCAL_CALLER`` (every scope; 127.0.0.1 only)."""
         if not self._keys.on:
-            return
-        if not self._given_key_in(request):
-            scheme, _, token = request.headers.get("authorization", "").partition(" ")
-            if scheme.lower() != "bearer" or not token:
-                raise ApiError(
-                    401,
-                    "missing API key: send 'Authorization: Bearer <key>'",
-                    code="missing_api_key",
-                )
-            raise ApiError(401, "invalid API key", code="invalid_api_key")
-
-    def require_admin(self, request: Request) -> None:
-        """403 unless the request's key is an admin key (after ``authorize``'s 401)."""
-        if self._keys.on and not self._given_key_in(request, admin=True):
-            raise ApiError(
-                403,
-                "this route needs an admin API key (server.admin_api_keys)",
-                code="admin_required",
-            )
-
-    def _given_key_in(self, request: Request, *, admin: bool = False) -> bool:
+            return LOCAL_CALLER
         scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        token = token.strip()
         if scheme.lower() != "bearer" or not token:
-            return False
-        return self._keys.accepts(token.strip(), admin=admin)
+            raise ApiError(
+                401,
+                "missing API key: send 'Authorization: Bearer <key>'",
+                code="missing_api_key",
+            )
+        caller = self._keys.identify(token)
+        if caller is None:
+            raise ApiError(401, "invalid API key", code="invalid_api_key")
+        return caller
+
+    def authorize(self, request: Request, route: str) -> Caller:
+        """``authenticate``, then ``permit``."""
+        caller = self.authenticate(request)
+        self.permit(caller, route)
+        return caller
+
+    def permit(self, caller: Caller, route: str) -> None:
+        """403 ``insufficient_scope`` unless ``caller`` holds the scope ``route`` needs
+        (``scopes.ROUTE_SCOPES``); counted per principal either way."""
+        metrics.REQUESTS_BY_PRINCIPAL.labels(caller.principal, route_family(route)).inc()
+        require_scope(caller, route)
 
     # ---- the model table ---------------------------------------------------------------------
 

@@ -20,6 +20,7 @@ from fastapi import FastAPI
 from ray import serve
 
 from models.store import ModelStore
+from serving.audit import AuditLog
 from serving.config import LoomConfig
 from serving.gateway.app import build_http_app
 from serving.gateway.core import GatewayCore
@@ -45,6 +46,7 @@ class Gateway:
         models_dir: str,
         board_name: str,
         jobs: dict[str, Any] | None = None,
+        audit_log: str | None = None,
     ) -> None:
         loom_config = LoomConfig.model_validate(config)
         board = await asyncio.to_thread(ray.get_actor, board_name, namespace=BOARD_NAMESPACE)
@@ -63,6 +65,7 @@ class Gateway:
             jobs_service,
             shard_board=BoardShardRequests(board),
             keys=KeyCheck.from_digests(loom_config.server),
+            audit=None if audit_log is None else AuditLog(Path(audit_log)),
         )
         self._routes.warm_up = core.warm
         self._routes.start()

@@ -2,8 +2,10 @@
 answer errors in the route's protocol, count and time the answer.
 
 A route family registers its handlers through ``Endpoints``; a handler takes a ``Scope`` (the
-Starlette request, its request id, and the model label it sets once it knows the model is one
-of ours, so an unknown name never becomes a metric label) and returns a response:
+Starlette request, its request id, the caller (principal and scopes, checked against the
+route's scope in ``scopes.ROUTE_SCOPES`` before the handler runs), and the model label it sets
+once it knows the model is one of ours, so an unknown name never becomes a metric label) and
+returns a response:
 
     endpoints = Endpoints(app, core)
 
@@ -36,9 +38,15 @@ from serving.gateway.body import BODY_READ_TIMEOUT_S
 from serving.gateway.browser_guard import BrowserGuard
 from serving.gateway.core import GatewayCore
 from serving.gateway.errors import ApiError, api_error, error_response
+from training.callers import LOCAL_CALLER, Caller
 
 logger = logging.getLogger(__name__)
 
+AUDITED_ROUTES = frozenset({"admin_promote", "admin_reshard"})
+"""The gateway's own state-changing routes: each call is a line of the audit log (the jobs
+routes write theirs from ``training.api``)."""
+ANONYMOUS = "-"
+"""The principal of an audit line whose key was missing or wrong."""
 REQUEST_ID_HEADER = "x-request-id"
 MAX_REQUEST_ID_CHARS = 128
 VERSION_HEADER = "x-loom-model-version"
@@ -63,6 +71,8 @@ class Scope:
     """When it arrived (``time.time()``): its deadline counts from here."""
     model: str = ""
     """The ``model`` label of the request's metrics; set once the name is known to be ours."""
+    caller: Caller = LOCAL_CALLER
+    """Who is calling (principal and scopes); a route with ``auth=False`` is ``LOCAL_CALLER``."""
 
     def path_param(self, name: str) -> str:
         return str(self.request.path_params[name])
@@ -137,22 +147,30 @@ class Endpoints:
         state[BODY_READ_TIMEOUT_S] = self._core.config.server.body_read_timeout_s
         given_id = request.headers.get(REQUEST_ID_HEADER)
         scope = Scope(request, request_id(given_id, id_prefix), time.time())
+        principal = ANONYMOUS if auth else scope.caller.principal  # until the key is known
         try:
             if auth:  # Host, Origin and Content-Type first: a web page gets no further
                 self._guard.check(request, json_body=json_body)
-                self._core.authorize(request)
+                scope.caller = self._core.authenticate(request)
+                principal = scope.caller.principal
+                self._core.permit(scope.caller, route)
             response = await handler(scope)
         except Exception as exc:
             error = exc if isinstance(exc, ApiError) else api_error(exc)
             if error is None:  # a bug: the client gets a 500, the operator the traceback
                 logger.exception(
-                    "request %s: %s %s failed", scope.request_id, request.method, request.url.path
+                    "request %s (%s): %s %s failed",
+                    scope.request_id,
+                    scope.caller.principal,
+                    request.method,
+                    request.url.path,
                 )
                 error = ApiError(500, f"internal error ({type(exc).__name__})")
             elif error.status >= 500:  # every 5xx is in the log with its request id
                 logger.warning(
-                    "request %s: %s %s answered %d: %s",
+                    "request %s (%s): %s %s answered %d: %s",
                     scope.request_id,
+                    scope.caller.principal,
                     request.method,
                     request.url.path,
                     error.status,
@@ -160,6 +178,10 @@ class Endpoints:
                 )
             response = error_response(error, request.url.path)
         response.headers[REQUEST_ID_HEADER] = scope.request_id
+        if route in AUDITED_ROUTES and self._core.audit is not None:
+            target = str(request.path_params.get("name", ""))
+            status = str(response.status_code)
+            self._core.audit.record(principal, route, target, status, request_id=scope.request_id)
         if not counted:
             return response
         status = str(response.status_code)

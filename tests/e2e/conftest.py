@@ -42,7 +42,7 @@ def _start_keyed(tmp_path_factory: pytest.TempPathFactory, port: int) -> LoomPro
     tinygpt = make_tiny_gpt2_folder(tmp_path_factory.mktemp("tinygpt"), n_positions=1024)
     store.register("tinygpt", tinygpt, task="generate")
     config = {
-        "server": {"api_keys": ["config-key"]},
+        "server": {"api_keys": ["config-key-0123456789"]},
         "models": [
             {"name": "minilm", "source": "minilm", "task": "embed"},
             {"name": "digits", "source": "digits", "task": "classify",
@@ -83,10 +83,10 @@ def keyed_server(
     tmp_path_factory: pytest.TempPathFactory,
     free_port: Callable[[], int],
 ) -> Iterator[LoomProcess]:
-    """API keys on (``API_KEY`` from the environment, ``config-key`` from the file), serving
-    ``minilm``, ``digits`` (version 1: untrained weights, ~10% right) and ``tinygpt`` (a tiny
-    GPT-2 with two sequence slots) with the job scheduler: the auth, training and generation
-    tests share it (one server start, not three)."""
+    """API keys on (``API_KEY`` from the environment, ``config-key-0123456789`` from the
+    file), serving ``minilm``, ``digits`` (version 1: untrained weights, ~10% right) and
+    ``tinygpt`` (a tiny GPT-2 with two sequence slots) with the job scheduler: the auth,
+    training and generation tests share it (one server start, not three)."""
     loom = _start_keyed(tmp_path_factory, free_port())
     request.config.stash.setdefault(_STARTED, {})["keyed_server"] = loom
     try:

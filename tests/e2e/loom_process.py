@@ -17,7 +17,7 @@ from models.settings import LoomEnv
 from serving.run_record import RunRecord, end_processes, session_processes
 
 REPO = Path(__file__).resolve().parents[2]
-API_KEY = "test-key-123"
+API_KEY = "test-key-0123456789"
 """The key the keyed server takes from ``LOOM_API_KEYS`` (``keyed_server`` in conftest)."""
 
 

@@ -24,7 +24,10 @@ def test_with_keys_every_model_route_needs_a_bearer_key(keyed_server: LoomProces
     assert httpx.get(f"{url}/v2/models/minilm").json() == {
         "error": "missing API key: send 'Authorization: Bearer <key>'"
     }
-    for key in (KEY, "config-key"):  # the environment's key and the config file's both work
+    for key in (
+        KEY,
+        "config-key-0123456789",
+    ):  # the environment's key and the config file's both work
         ok = httpx.post(
             f"{url}/v1/embeddings", json=body, headers={"Authorization": f"Bearer {key}"}
         )

@@ -3,9 +3,10 @@
 ``POST /v1/admin/models/{name}/promote`` with ``{"version": "4"}`` moves the store alias the
 served model ``name`` follows (its source ``NAME`` -> the ``serving`` alias, ``NAME#ALIAS`` ->
 that alias), as ``loom models promote`` does; the rollout reconciler then rolls the new
-version out. With API keys on, an admin route needs one of ``server.admin_api_keys``: no key
-is 401, an ordinary key 403. Errors come in OpenAI's shape: unknown model 404, unknown
-version 404, malformed version 400, a model pinned to a version or split by traffic 409.
+version out. With API keys on, promote needs the ``models`` scope and the shard routes
+``admin`` (``scopes.ROUTE_SCOPES``): no key is 401, a key without the scope 403. Errors come
+in OpenAI's shape: unknown model 404, unknown version 404, malformed version 400, a model
+pinned to a version or split by traffic 409.
 
     curl -X POST localhost:8000/v1/admin/models/minilm/promote -H 'Authorization: Bearer ADMIN' \\
          -d '{"version": "2"}'
@@ -105,7 +106,6 @@ def promotion_target(model: ModelConfig) -> tuple[str, str]:
 def add_admin_routes(endpoints: Endpoints, gw: GatewayCore) -> None:
     @endpoints.post("/v1/admin/models/{name}/promote", "admin_promote")
     async def promote(scope: Scope) -> Response:
-        gw.require_admin(scope.request)
         model = gw.plain_model(scope.path_param("name"))
         scope.model = model.name
         data = parse_json(await read_body(scope.request, gw.max_body_bytes))
@@ -131,7 +131,6 @@ def add_admin_routes(endpoints: Endpoints, gw: GatewayCore) -> None:
 
     @endpoints.get("/v1/admin/shards", "admin_shards")
     async def shard_map(scope: Scope) -> Response:
-        gw.require_admin(scope.request)
         requested = await gw.shard_board.requested() if gw.shard_board else {}
         key = scope.request.query_params.get("key")
         data: list[dict[str, Any]] = []
@@ -147,7 +146,6 @@ def add_admin_routes(endpoints: Endpoints, gw: GatewayCore) -> None:
 
     @endpoints.post("/v1/admin/shards/{name}", "admin_reshard")
     async def reshard(scope: Scope) -> Response:
-        gw.require_admin(scope.request)
         name = scope.path_param("name")
         model = gw.config.model(name)
         if model is None:

@@ -12,6 +12,7 @@ module gives them what only a Ray process knows: the cluster's CPUs and GPUs
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from pathlib import Path
 
@@ -20,9 +21,13 @@ from fastapi import FastAPI
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.requests import Request
 
+from models.refs import ModelRef
+from serving.config import LoomConfig, ModelConfig
 from serving.gateway.browser_guard import BrowserGuard
 from serving.gateway.core import GatewayCore
+from serving.gateway.scopes import JOBS_ROUTE
 from training.api import JobsService, build_jobs_router
+from training.callers import Caller
 from training.db import create_db_engine, create_tables
 from training.jobs import JobStore
 from training.scheduler import NAMESPACE, SCHEDULER_NAME
@@ -105,9 +110,26 @@ def add_jobs_routes(app: FastAPI, gw: GatewayCore) -> None:
         return
     guard = BrowserGuard.of(gw.config.server)
 
-    def authorize(request: Request) -> None:
+    def authorize(request: Request) -> Caller:
         json_body = (request.method, request.url.path.rstrip("/")) in JSON_BODY_ROUTES
         guard.check(request, json_body=json_body)
-        gw.authorize(request)
+        return gw.authorize(request, JOBS_ROUTE)
 
-    app.include_router(build_jobs_router(gw.jobs, authorize=authorize))
+    served = served_store_names(gw.config)
+    audit = gw.audit
+
+    def record(caller: Caller, route: str, target: str, status: int, details: dict) -> None:
+        if audit is not None:
+            audit.record(caller.principal, route, target, str(status), **details)
+
+    service = dataclasses.replace(gw.jobs, is_served=served.__contains__, audit=record)
+    app.include_router(build_jobs_router(service, authorize=authorize))
+
+
+def served_store_names(config: LoomConfig) -> frozenset[str]:
+    """The names a job may register under only with the ``models`` scope: every name clients
+    call, and the store model each served entry loads (a bare ``NAME`` source follows the
+    latest version, so a new version there is served at once)."""
+    refs = [m.source for m in config.models if isinstance(m, ModelConfig)]
+    refs += [member.ref for member in config.pool_members().values()]
+    return frozenset((*config.served_names(), *(ModelRef.parse(ref).name for ref in refs)))

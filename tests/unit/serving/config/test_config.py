@@ -25,7 +25,7 @@ def test_yaml_file_becomes_typed_config(tmp_path: Path):
     path = tmp_path / "loom.yaml"
     path.write_text(
         """
-server: {host: 127.0.0.1, port: 9000, api_keys: [k1]}
+server: {host: 127.0.0.1, port: 9000, api_keys: [k1-0123456789abcdef]}
 models:
   - name: mini
     source: minilm@1
@@ -95,7 +95,10 @@ def test_binding_a_public_address_without_keys_is_refused():
 
 def test_public_address_with_keys_from_the_environment_is_allowed():
     config = with_overrides(
-        default_config(), env=env(LOOM_API_KEYS="a, b"), host="0.0.0.0", port=9001
+        default_config(),
+        env=env(LOOM_API_KEYS="a-0123456789abcdef, b-0123456789abcdef"),
+        host="0.0.0.0",
+        port=9001,
     )
-    assert config.server.api_keys == ("a", "b")
+    assert config.server.api_keys == ("a-0123456789abcdef", "b-0123456789abcdef")
     assert config.server.port == 9001

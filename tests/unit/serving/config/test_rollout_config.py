@@ -45,7 +45,10 @@ def test_rollout_timings_have_defaults_and_bounds():
 
 def test_admin_keys_alone_turn_keys_on_so_a_public_bind_is_allowed():
     env = LoomEnv.from_environ({"LOOM_HOME": "/tmp/loom-test-home"})
-    data = {"server": {"admin_api_keys": ["a"]}, "models": [{"name": "m", "source": "m"}]}
+    data = {
+        "server": {"admin_api_keys": ["a-0123456789abcdef"]},
+        "models": [{"name": "m", "source": "m"}],
+    }
     overridden = with_overrides(parse_config(data), env=env, host="0.0.0.0")
     assert overridden.server.keys_on
     with pytest.raises(ConfigError, match="without API keys"):

@@ -7,8 +7,8 @@ Its three models answer in-process: ``enc`` (embed, 4 wide), ``digits`` (a tenso
 "x", streamed one token a chunk). Jobs go to a SQLite store with no scheduler (they queue and
 stay queued). Readiness reports every model ready (Serve's status needs Ray).
 
-    with live_gateway(tmp_path, api_keys=["k"]) as url:
-        httpx.get(f"{url}/v1/models", headers={"Authorization": "Bearer k"})
+    with live_gateway(tmp_path, api_keys=["k" * 16]) as url:
+        httpx.get(f"{url}/v1/models", headers={"Authorization": f"Bearer {'k' * 16}"})
 """
 
 from __future__ import annotations

@@ -17,8 +17,9 @@ from serving.gateway.app import build_http_app
 from serving.gateway.core import GatewayCore
 from serving.rollout.route_table import RouteFollower
 
-ADMIN = {"Authorization": "Bearer admin-key"}
-USER = {"Authorization": "Bearer user-key"}
+ADMIN = {"Authorization": "Bearer admin-key-0123456789"}
+USER = {"Authorization": "Bearer user-key-0123456789"}
+INFER_ONLY = {"Authorization": "Bearer infer-key-0123456789"}
 
 
 @pytest.fixture
@@ -56,7 +57,12 @@ def client(store: ModelStore, **server: object) -> TestClient:
 
 @pytest.fixture
 def keyed(store: ModelStore) -> TestClient:
-    return client(store, api_keys=["user-key"], admin_api_keys=["admin-key"])
+    return client(
+        store,
+        api_keys=["user-key-0123456789"],
+        admin_api_keys=["admin-key-0123456789"],
+        keys=[{"name": "app", "key": "infer-key-0123456789", "scopes": ["infer"]}],
+    )
 
 
 def promote(http: TestClient, name: str, body: object, headers: dict[str, str] | None = None):
@@ -88,10 +94,10 @@ def test_a_model_following_a_named_alias_moves_that_alias(
     [
         ({}, 401, "missing_api_key"),
         ({"Authorization": "Bearer nope"}, 401, "invalid_api_key"),
-        (USER, 403, "admin_required"),  # a good key, but not an admin's
+        (INFER_ONLY, 403, "insufficient_scope"),  # a good key, without the models scope
     ],
 )
-def test_without_an_admin_key_promote_is_refused(
+def test_without_the_models_scope_promote_is_refused(
     keyed: TestClient, store: ModelStore, headers, status, code
 ) -> None:
     response = promote(keyed, "enc", {"version": "2"}, headers)
@@ -139,3 +145,11 @@ def test_a_model_with_no_version_routed_yet_answers_503_not_500(store: ModelStor
     assert response.status_code == 503
     assert response.json()["error"]["code"] == "model_not_ready"
     assert response.headers["retry-after"] == "1"
+
+
+def test_an_api_keys_key_holds_the_models_scope_so_it_may_promote(
+    keyed: TestClient, store: ModelStore
+) -> None:
+    # server.api_keys map to principals with infer, jobs and models (docs/security.md)
+    assert promote(keyed, "enc", {"version": "2"}, USER).status_code == 200
+    assert store.aliases("enc") == {"serving": "2"}

@@ -26,7 +26,10 @@ async def never(*args: object) -> None:
 
 def gateway(tmp_path: Path, jobs: JobsService | None) -> TestClient:
     config = parse_config(
-        {"server": {"api_keys": ["user-key"]}, "models": [{"name": "enc", "source": "enc"}]}
+        {
+            "server": {"api_keys": ["user-key-0123456789"]},
+            "models": [{"name": "enc", "source": "enc"}],
+        }
     )
     core = GatewayCore(config, RouteFollower(never), ModelStore(tmp_path / "models"), jobs)
     return TestClient(build_http_app(core), base_url=LOOPBACK_URL)
@@ -53,10 +56,12 @@ def test_the_jobs_routes_answer_behind_the_gateways_api_keys(
     assert refused.status_code == 401
     assert refused.json()["error"]["code"] == "missing_api_key"  # the gateway's own shape
 
-    created = http.post("/v1/jobs", json=LM, headers={"Authorization": "Bearer user-key"})
+    created = http.post(
+        "/v1/jobs", json=LM, headers={"Authorization": "Bearer user-key-0123456789"}
+    )
     assert created.status_code == 201
     job_id = created.json()["id"]
-    listed = http.get("/v1/jobs", headers={"Authorization": "Bearer user-key"})
+    listed = http.get("/v1/jobs", headers={"Authorization": "Bearer user-key-0123456789"})
     assert [job["id"] for job in listed.json()["data"]] == [job_id]
 
 
@@ -67,7 +72,7 @@ def test_a_422_keeps_its_field_errors_through_the_gateway(
     response = http.post(
         "/v1/jobs",
         json={**LM, "workers": 8},  # 8 workers x 1 CPU > the 2 CPUs given
-        headers={"Authorization": "Bearer user-key"},
+        headers={"Authorization": "Bearer user-key-0123456789"},
     )
     assert response.status_code == 422
     assert [f["field"] for f in response.json()["error"]["fields"]] == ["resources.cpu"]
@@ -75,5 +80,5 @@ def test_a_422_keeps_its_field_errors_through_the_gateway(
 
 def test_without_a_jobs_service_the_gateway_has_no_jobs_routes(tmp_path: Path) -> None:
     http = gateway(tmp_path, None)
-    response = http.get("/v1/jobs", headers={"Authorization": "Bearer user-key"})
+    response = http.get("/v1/jobs", headers={"Authorization": "Bearer user-key-0123456789"})
     assert response.status_code == 404

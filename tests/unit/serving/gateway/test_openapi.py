@@ -21,7 +21,7 @@ ENSEMBLE = {
     "task": "classify",
     "ensemble": {"members": ["digits", "digits-2"], "combine": "mean"},
 }
-KEY = "doc-key"
+KEY = "doc-key-0123456789"
 
 
 def document(tmp_path: Path, **server: Any) -> tuple[Any, dict[str, Any]]:

@@ -32,7 +32,7 @@ from schemathesis.specs.openapi.checks import (
 
 from serving.gateway.errors import protocol_for_path
 
-ADMIN_KEY = "fuzz-admin-key"
+ADMIN_KEY = "fuzz-admin-key-0123456789"
 MAX_EXAMPLES = 60
 """Cases per operation, mode and server: 22 operations x 2 modes x 2 servers x 60, about a
 minute and a half here (2 cores)."""
@@ -78,7 +78,9 @@ def open_gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 @pytest.fixture(scope="module")
 def keyed_gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     home = tmp_path_factory.mktemp("fuzz-keyed")
-    with live_gateway(home, api_keys=["fuzz-user-key"], admin_api_keys=[ADMIN_KEY]) as url:
+    with live_gateway(
+        home, api_keys=["fuzz-user-key-0123456789"], admin_api_keys=[ADMIN_KEY]
+    ) as url:
         yield url
 
 

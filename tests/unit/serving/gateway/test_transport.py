@@ -214,7 +214,7 @@ def test_the_gateway_config_holds_digests_never_the_keys() -> None:
 
 def test_each_process_salts_differently_so_digests_do_not_repeat() -> None:
     server = ServerConfig(api_keys=("same-key-everywhere",))
-    assert hash_server_keys(server).api_keys != hash_server_keys(server).api_keys
+    assert hash_server_keys(server).keys != hash_server_keys(server).keys
 
 
 def test_digests_parse_only_in_their_own_form() -> None:
