@@ -6,7 +6,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from loom_process import API_KEY, LoomProcess, start_loom, stop_loom
+from loom_process import API_KEY, TEAM_A_KEY, TEAM_B_KEY, LoomProcess, start_loom, stop_loom
 from model_folders import make_digits_folder, make_tiny_gpt2_folder
 
 from models.settings import LoomEnv
@@ -42,7 +42,13 @@ def _start_keyed(tmp_path_factory: pytest.TempPathFactory, port: int) -> LoomPro
     tinygpt = make_tiny_gpt2_folder(tmp_path_factory.mktemp("tinygpt"), n_positions=1024)
     store.register("tinygpt", tinygpt, task="generate")
     config = {
-        "server": {"api_keys": ["config-key-0123456789"]},
+        "server": {
+            "api_keys": ["config-key-0123456789"],
+            "keys": [
+                {"name": "team-a", "key": TEAM_A_KEY, "scopes": ["infer", "jobs"]},
+                {"name": "team-b", "key": TEAM_B_KEY, "scopes": ["jobs"]},
+            ],
+        },
         "models": [
             {"name": "minilm", "source": "minilm", "task": "embed"},
             {"name": "digits", "source": "digits", "task": "classify",

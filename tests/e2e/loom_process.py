@@ -18,6 +18,10 @@ from serving.run_record import RunRecord, end_processes, session_processes
 
 REPO = Path(__file__).resolve().parents[2]
 API_KEY = "test-key-0123456789"
+TEAM_A_KEY = "team-a-key-0123456789"
+"""A named key with scopes infer and jobs (``server.keys`` in the keyed server's config)."""
+TEAM_B_KEY = "team-b-key-0123456789"
+"""A named key with the jobs scope only."""
 """The key the keyed server takes from ``LOOM_API_KEYS`` (``keyed_server`` in conftest)."""
 
 

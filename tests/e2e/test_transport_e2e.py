@@ -20,7 +20,7 @@ from serving.run_record import session_processes
 
 psutil = pytest.importorskip("psutil", reason="psutil lists each process's sockets")
 
-CONFIG_KEY = "config-key"
+CONFIG_KEY = "config-key-0123456789"
 """The key the keyed server's config file holds (``_start_keyed`` in conftest)."""
 
 
