@@ -8,6 +8,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -61,9 +62,14 @@ def test_no_process_of_the_session_listens_beyond_loopback(keyed_server: LoomPro
     public = {
         f"{pid} {_cmdline(pid)[:100]}": [a for a in addrs if not _is_loopback(a)]
         for pid, addrs in listening.items()
-        if not _cmdline(pid).startswith("ray::ServeReplica")
+        if not SERVE_REPLICA_TITLE.search(_cmdline(pid))
     }
     assert not any(public.values()), {name: a for name, a in public.items() if a}
+
+
+SERVE_REPLICA_TITLE = re.compile(r"^ray::(ServeReplica|SERVE_REPLICA|[\w.~-]+@[\w.-]+:)")
+"""A Serve replica's process title: ``ray::ServeReplica:...`` while idle, ``ray::<app>:<deployment>
+.<method>`` (``ray::digits@1:model-digits.perform_graceful_shutdown``) while it runs a task."""
 
 
 RAY_STATE_DUMP = """

@@ -22,13 +22,13 @@ FLOORS = ("models", "training", "serving", "loom")
 # deployed with); rollout deploys replicas; the gateway uses all of them; the server starts
 # the gateway and the rollout; the CLI starts the server.
 SERVING_FLOORS = (
-    ("serving", "serving.messages", "serving.metrics", "serving.config"),
+    ("serving", "serving.messages", "serving.metrics", "serving.config", "serving.audit"),
     ("serving.routing",),
     ("serving.replicas",),
     ("serving.rollout",),
     ("serving.gateway",),
     ("serving.server", "serving.run_record", "serving.gcs_fault_tolerance"),
-    ("serving.cli",),
+    ("serving.cli", "serving.keys_cli"),
 )
 
 
