@@ -281,6 +281,23 @@ def summarise(outcomes: Sequence[Outcome]) -> dict[str, Any]:
     }
 
 
+def overload_figures(
+    loaded: dict[str, Any], unloaded: dict[str, Any], overload_s: float
+) -> dict[str, Any]:
+    """What an open-loop overload window shows (``summarise``'s of it and of the unloaded
+    run): the share shed (503), the share failed otherwise, the accepted rate and the
+    accepted p99 over the unloaded p99."""
+    shed = loaded["not_ok"].get("503", 0)
+    other = sum(n for kind, n in loaded["not_ok"].items() if kind != "503")
+    return {
+        "overloaded": loaded,
+        "accepted_req_per_s": loaded["ok"] / overload_s,
+        "shed_share": shed / max(1, loaded["requests"]),
+        "failed_other_share": other / max(1, loaded["requests"]),
+        "accepted_p99_over_unloaded_p99": ratio(loaded["p99_ms"], unloaded["p99_ms"]),
+    }
+
+
 def between(outcomes: Sequence[Outcome], start_ns: int, end_ns: int) -> list[Outcome]:
     """The requests that started in [start_ns, end_ns)."""
     return [o for o in outcomes if start_ns <= o.start_ns < end_ns]
@@ -377,19 +394,13 @@ def overload_scenario(port: int, server: ServerProcess, bodies: Sequence[bytes],
     time.sleep(args.settle_s)  # the load's connections closed, then once more
     rss_settled = {"gateway": rss_mib(gateway), "replicas": rss_mib(replicas)}
     loaded = summarise(outcomes) | {"stale_connection_retries": STALE_RETRIES[0] - stale_before}
-    shed = loaded["not_ok"].get("503", 0)
-    other = sum(n for kind, n in loaded["not_ok"].items() if kind != "503")
     result = {
         "unloaded": unloaded,
         "saturated_closed_loop_c64": saturated,
         "capacity_req_per_s": capacity,
         "offered_req_per_s": rate,
         "overload_s": args.overload_s,
-        "overloaded": loaded,
-        "accepted_req_per_s": loaded["ok"] / args.overload_s,
-        "shed_share": shed / max(1, loaded["requests"]),
-        "failed_other_share": other / max(1, loaded["requests"]),
-        "accepted_p99_over_unloaded_p99": ratio(loaded["p99_ms"], unloaded["p99_ms"]),
+        **overload_figures(loaded, unloaded, args.overload_s),
         "rss_mib_before": rss_before,
         "rss_mib_after": rss_after,
         "rss_after_over_before": {

@@ -45,7 +45,7 @@ from benchmarks.faults import (
     closed_loop,
     metric_total,
     open_loop,
-    ratio,
+    overload_figures,
     ray_session,
     rss_mib,
     run,
@@ -147,18 +147,12 @@ def design_run(
     }
     rss_after = {"gateway": rss_mib(gateway), "replicas": rss_mib(replicas)}
     loaded = summarise(outcomes) | {"stale_connection_retries": STALE_RETRIES[0] - stale_before}
-    shed = loaded["not_ok"].get("503", 0)
-    other = sum(n for kind, n in loaded["not_ok"].items() if kind != "503")
     return {
         "unloaded": unloaded,
         "own_capacity_req_per_s": capacity,
         "saturated_closed_loop_c64": saturated,
         "offered_req_per_s": rate,
-        "overloaded": loaded,
-        "accepted_req_per_s": loaded["ok"] / args.overload_s,
-        "shed_share": shed / max(1, loaded["requests"]),
-        "failed_other_share": other / max(1, loaded["requests"]),
-        "accepted_p99_over_unloaded_p99": ratio(loaded["p99_ms"], unloaded["p99_ms"]),
+        **overload_figures(loaded, unloaded, args.overload_s),
         "where_time_went": breakdown,
         "rss_mib_before": rss_before,
         "rss_mib_after": rss_after,
