@@ -22,7 +22,7 @@ class StrictModel(BaseModel):
     """Frozen, a field nobody declared is refused, not ignored, and a float must be finite
     (``.inf`` in a YAML spec, or a NaN, would pass ``gt=0`` and break the job later)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False, strict=True)
 
 
 class WorkerResources(StrictModel):

@@ -24,7 +24,7 @@ from serving.messages import EmbedReply
 
 
 class EmbeddingsRequest(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True)
 
     model: str = Field(min_length=1)
     input: str | list[str]

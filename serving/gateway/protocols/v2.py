@@ -32,7 +32,7 @@ _FP32_MAX = float(np.finfo(np.float32).max)
 
 
 class TensorIn(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True)
 
     name: str
     shape: list[int]
@@ -42,7 +42,7 @@ class TensorIn(BaseModel):
 
 
 class InferRequest(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True)
 
     id: str | None = None
     inputs: list[TensorIn] = Field(min_length=1)

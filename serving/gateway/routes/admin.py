@@ -42,13 +42,13 @@ from serving.routing.ring import place
 
 
 class ReshardRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     shards: int = Field(ge=1, le=MAX_SHARDS, description="The shard count to serve.")
 
 
 class PromoteRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     version: str = Field(min_length=1, description="The store version the alias moves to.")
 

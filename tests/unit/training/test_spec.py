@@ -50,6 +50,24 @@ def test_negative_learning_rate_is_refused_on_the_hyperparameter_field() -> None
     assert "greater than 0" in errors[0].message
 
 
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("learning_rate", True), ("max_steps", False), ("max_steps", "30"), ("max_steps", 30.0)],
+)
+def test_a_number_field_takes_only_a_json_number_of_its_kind(field: str, value: object) -> None:
+    # the spec's schema says number/integer: a boolean (Python's bool is an int) or a numeric
+    # string must not be coerced into a learning rate of 1.0 or a run of one step
+    errors = refusal(lm_raw(hyperparameters={field: value}))
+    assert [e.field for e in errors] == [f"hyperparameters.{field}"]
+
+
+def test_an_integer_is_a_valid_float() -> None:
+    spec = validate_job_spec(
+        lm_raw(hyperparameters={"learning_rate": 1}), capacity=CAPACITY, allowed_dataset_roots=[]
+    )
+    assert spec.hyperparameters.learning_rate == 1.0
+
+
 def test_unknown_trainer_is_refused_on_the_trainer_field_naming_the_known_ones() -> None:
     errors = refusal(lm_raw(trainer="shell"))
     assert [e.field for e in errors] == ["trainer"]

@@ -153,6 +153,11 @@ HUGE_SAMPLING = {
     "temperature-3": {"temperature": 3},
     "top_p-0": {"top_p": 0},
     "stop-5-strings": {"stop": ["a", "b", "c", "d", "e"]},
+    # JSON's types are kept: a boolean or a numeric string is not coerced into a number
+    "max_tokens-true": {"max_tokens": True},
+    "n-string": {"n": "2"},
+    "temperature-false": {"temperature": False},
+    "stream-string": {"stream": "true"},
 }
 
 
