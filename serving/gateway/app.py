@@ -45,7 +45,8 @@ def build_http_app(gw: GatewayCore) -> FastAPI:
     _add_cors(app, BrowserGuard.of(gw.config.server).cors_allow_origins)
     limiter = RateLimiter(gw.config.server.rate_limits)
     if limiter.enabled:  # inside CORS: a refused request still carries its CORS headers
-        app.add_middleware(RateLimitMiddleware, limiter=limiter)
+        identify = gw.keys.identify if gw.keys.on else None  # per principal, else address
+        app.add_middleware(RateLimitMiddleware, limiter=limiter, identify=identify)
     endpoints = Endpoints(app, gw)
     add_generation_routes(endpoints, gw)
     add_ensemble_routes(endpoints, gw)  # literal /v2/models/<ensemble>/... before the generic

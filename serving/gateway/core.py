@@ -187,6 +187,11 @@ class GatewayCore:
 
     # ---- auth --------------------------------------------------------------------------------
 
+    @property
+    def keys(self) -> KeyCheck:
+        """The key digests requests are checked against (``on`` False: the keyless mode)."""
+        return self._keys
+
     def authenticate(self, request: Request) -> Caller:
         """The caller the request's bearer key names; 401 for none, an empty one or a wrong
         one. With no keys configured: ``LOCAL_CALLER`` (every scope; 127.0.0.1 only)."""

@@ -1,17 +1,17 @@
 """Rate limits per client and route family (``server.rate_limits``): a token bucket each,
 answered 429 with ``Retry-After`` in the route's protocol shape before the route runs.
 
-A client is an opaque string (``client_key``): the sha256 of its bearer key when it sends
-one, else its address. Keying by principal instead is a change to ``client_key`` alone.
+A client is an opaque string (``client_key``): the principal its bearer key names (every
+key of one principal shares its buckets), else its address: no key, a key nobody holds (on
+its way to a 401), or the keyless local mode.
 
     limiter = RateLimiter(config.server.rate_limits)
-    app.add_middleware(RateLimitMiddleware, limiter=limiter)
-    limiter.wait_s("infer", "key:3f2a...")   # 0.0: go on; > 0: refused, retry in that long
+    app.add_middleware(RateLimitMiddleware, limiter=limiter, identify=keys.identify)
+    limiter.wait_s("infer", "principal:ci-bot")   # 0.0: go on; > 0: refused, retry in that long
 """
 
 from __future__ import annotations
 
-import hashlib
 import math
 import time
 from collections import OrderedDict
@@ -23,8 +23,11 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from serving.config.rate_limits import RateLimit, RateLimitsConfig
 from serving.gateway.errors import ApiError, error_response
+from training.callers import Caller
 
 RouteFamily = Literal["infer", "jobs"]
+Identify = Callable[[str], Caller | None]
+"""A bearer key -> the caller it names, or None (``KeyCheck.identify``)."""
 
 INFER_PATHS = frozenset({"/v1/embeddings", "/v1/completions", "/v1/chat/completions"})
 
@@ -39,13 +42,17 @@ def route_family(path: str) -> RouteFamily | None:
     return None
 
 
-def client_key(authorization: str | None, address: str | None) -> str:
-    """Who a bucket belongs to: ``key:<sha256 of the bearer key>`` (never the key itself), or
-    ``addr:<address>`` without one."""
-    if authorization:
+def client_key(
+    authorization: str | None, address: str | None, identify: Identify | None = None
+) -> str:
+    """Who a bucket belongs to: ``principal:<name>`` when ``identify`` knows the bearer key
+    (never the key itself), else ``addr:<address>``."""
+    if authorization and identify is not None:
         scheme, _, token = authorization.partition(" ")
         if scheme.lower() == "bearer" and token.strip():
-            return "key:" + hashlib.sha256(token.strip().encode()).hexdigest()[:32]
+            caller = identify(token.strip())
+            if caller is not None:
+                return f"principal:{caller.principal}"
     return f"addr:{address or 'unknown'}"
 
 
@@ -113,9 +120,13 @@ class RateLimitMiddleware:
     """Counts each request of a limited family against its client's bucket; a refused one
     is answered 429 with ``Retry-After`` (OpenAI's error shape, or v2's under ``/v2``)."""
 
-    def __init__(self, app: ASGIApp, *, limiter: RateLimiter) -> None:
+    def __init__(
+        self, app: ASGIApp, *, limiter: RateLimiter, identify: Identify | None = None
+    ) -> None:
+        """``identify`` None (the keyless local mode): every client is its address."""
         self.app = app
         self.limiter = limiter
+        self.identify = identify
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -127,7 +138,8 @@ class RateLimitMiddleware:
             headers = dict(scope.get("headers") or [])
             authorization = headers.get(b"authorization", b"").decode("latin-1") or None
             client = scope.get("client")
-            wait_s = self.limiter.wait_s(family, client_key(authorization, client and client[0]))
+            who = client_key(authorization, client and client[0], self.identify)
+            wait_s = self.limiter.wait_s(family, who)
             if wait_s > 0:
                 retry = retry_after_header(wait_s)
                 error = ApiError(

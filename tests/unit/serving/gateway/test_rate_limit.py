@@ -3,9 +3,13 @@ client is, and the 429 with Retry-After in each route's protocol shape."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import httpx
 import pytest
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
+from live_gateway import live_gateway
 from starlette.responses import JSONResponse
 
 from serving.config.rate_limits import RateLimit, RateLimitsConfig
@@ -18,6 +22,7 @@ from serving.gateway.rate_limit import (
     retry_after_header,
     route_family,
 )
+from training.callers import Caller
 
 
 class HandClock:
@@ -61,13 +66,25 @@ def test_the_least_recently_used_client_is_dropped_past_max_clients() -> None:
     assert limiter.wait_s("infer", "a") == 0.0  # a starts full again
 
 
-def test_a_client_is_its_keys_digest_never_the_key_else_its_address() -> None:
-    key = client_key("Bearer sk-a-long-secret-key-0123", "10.0.0.1")
-    assert key.startswith("key:")
-    assert "sk-a-long" not in key
-    assert key == client_key("bearer sk-a-long-secret-key-0123", "10.0.0.2")  # same key
-    assert client_key(None, "10.0.0.1") == "addr:10.0.0.1"
-    assert client_key("Bearer ", "10.0.0.1") == "addr:10.0.0.1"  # an empty key is none
+ALICE = Caller("alice", frozenset({"infer"}))
+BOB = Caller("bob", frozenset({"infer", "jobs"}))
+KEYS = {
+    "alice-key-one-0123456789": ALICE,
+    "alice-key-two-0123456789": ALICE,  # a principal may hold several keys (rotation)
+    "bob-key-0123456789abcdef": BOB,
+}
+
+
+def test_a_client_is_the_principal_of_its_key_never_the_key_else_its_address() -> None:
+    key = client_key("Bearer alice-key-one-0123456789", "10.0.0.1", KEYS.get)
+    assert key == "principal:alice"
+    assert key == client_key("bearer alice-key-two-0123456789", "10.0.0.2", KEYS.get)
+    assert client_key("Bearer bob-key-0123456789abcdef", "10.0.0.1", KEYS.get) == "principal:bob"
+    # no key, an empty one, one nobody holds (a 401 to come), or no keys at all: the address
+    assert client_key(None, "10.0.0.1", KEYS.get) == "addr:10.0.0.1"
+    assert client_key("Bearer ", "10.0.0.1", KEYS.get) == "addr:10.0.0.1"
+    assert client_key("Bearer not-a-key-0123456789", "10.0.0.1", KEYS.get) == "addr:10.0.0.1"
+    assert client_key("Bearer alice-key-one-0123456789", "10.0.0.1") == "addr:10.0.0.1"
 
 
 @pytest.mark.parametrize(
@@ -112,7 +129,8 @@ def http() -> TestClient:
     async def ok() -> JSONResponse:
         return JSONResponse({"ok": True})
 
-    app.add_middleware(RateLimitMiddleware, limiter=RateLimiter(config, clock=HandClock()))
+    limiter = RateLimiter(config, clock=HandClock())
+    app.add_middleware(RateLimitMiddleware, limiter=limiter, identify=KEYS.get)
     return TestClient(app)
 
 
@@ -135,9 +153,38 @@ def test_past_the_burst_a_route_answers_429_with_retry_after_in_its_shape(
     assert all(http.get("/v1/models").status_code == 200 for _ in range(5))
 
 
-def test_another_key_has_its_own_bucket(http: TestClient) -> None:
-    first = {"Authorization": "Bearer key-one-0123456789"}
-    second = {"Authorization": "Bearer key-two-0123456789"}
+def test_another_principal_has_its_own_bucket_and_a_second_key_shares_its_owners(
+    http: TestClient,
+) -> None:
+    first = {"Authorization": "Bearer alice-key-one-0123456789"}
+    second = {"Authorization": "Bearer alice-key-two-0123456789"}
+    other = {"Authorization": "Bearer bob-key-0123456789abcdef"}
     assert http.post("/v1/embeddings", headers=first).status_code == 200
     assert http.post("/v1/embeddings", headers=first).status_code == 429
-    assert http.post("/v1/embeddings", headers=second).status_code == 200
+    assert http.post("/v1/embeddings", headers=second).status_code == 429  # alice's bucket
+    assert http.post("/v1/embeddings", headers=other).status_code == 200
+
+
+def test_the_gateway_counts_a_known_key_by_its_principal_and_a_wrong_one_by_its_address(
+    tmp_path: Path,
+) -> None:
+    keys = [
+        {"name": "alice", "key": "alice-key-0123456789", "scopes": ["infer"]},
+        {"name": "bob", "key": "bob-key-0123456789ab", "scopes": ["infer"]},
+    ]
+    # one request per client per ~forever: the second of each is refused
+    limits = {"infer": {"rate_per_s": 0.001, "burst": 1}}
+    body = {"model": "enc", "input": "hi"}
+    with (
+        live_gateway(tmp_path, keys=keys, rate_limits=limits) as url,
+        httpx.Client(base_url=url, timeout=60) as http,
+    ):
+
+        def embed(key: str) -> int:
+            headers = {"Authorization": f"Bearer {key}"}
+            return http.post("/v1/embeddings", json=body, headers=headers).status_code
+
+        assert [embed("alice-key-0123456789") for _ in range(2)] == [200, 429]
+        assert embed("bob-key-0123456789ab") == 200  # bob's own bucket
+        # keys nobody holds share the address's bucket: spraying them gets one 401, then 429
+        assert [embed("guess-one-0123456789"), embed("guess-two-0123456789")] == [401, 429]
