@@ -10,6 +10,7 @@ Routes (errors in OpenAI's shape, ``{"error": {"message", "type", "param", "code
 
     POST /v1/jobs                  201 new job | 200 idempotent repeat | 400 bad JSON
                                    | 409 job_conflict | 413 too large | 422 invalid_job_spec
+                                   | 429 job_quota_exceeded (max_active_jobs; Retry-After)
     GET  /v1/jobs?state=queued&limit=100&cursor=C
                                    200 {"object": "list", "data": [job, ...], "next_cursor"}
                                    | 400 bad state, limit or cursor (``training.pagination``)
@@ -62,6 +63,7 @@ from training.jobs import (
     JobConflict,
     JobId,
     JobNotFound,
+    JobQuotaExceeded,
     JobState,
     JobStore,
     LogLine,
@@ -80,6 +82,8 @@ MAX_IDEMPOTENCY_KEY_CHARS = 200
 MAX_LOG_LINES = 10_000
 MAX_EVENT_SEQ = 2**62
 STORE_RETRY_AFTER_S = 1
+QUOTA_RETRY_AFTER_S = 30
+"""A caller at its job quota waits for one of its jobs to end: seconds to minutes."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -108,6 +112,11 @@ class JobsService:
     is_served: Callable[[str], bool] = lambda name: False
     """Whether a store name is served (a served model's name or its source's store name): a
     job may register under it only with the ``models`` scope."""
+    max_active_jobs: int | None = None
+    """Jobs one caller may have queued or running at once (429 past it); None: no bound.
+    Admin keys (and so the keyless local mode) are not bound."""
+    max_priority: int = 100
+    """The highest ``priority`` a caller without ``admin`` may ask (422 on the field past it)."""
 
 
 class JobsApiError(Exception):
@@ -139,6 +148,7 @@ _ERROR_TYPES = {
     409: "conflict_error",
     413: "invalid_request_error",
     422: "invalid_request_error",
+    429: "rate_limit_error",  # as the gateway's own 429s
     503: "overloaded_error",  # the type the gateway gives every 503 (docs/api.md#errors)
 }
 
@@ -314,6 +324,11 @@ def build_jobs_router(
             )
         except JobConflict as exc:
             return error_response(JobsApiError(409, str(exc), "job_conflict"))
+        except JobQuotaExceeded as exc:
+            headers = {"Retry-After": str(QUOTA_RETRY_AFTER_S)}
+            return error_response(
+                JobsApiError(429, str(exc), "job_quota_exceeded", headers=headers)
+            )
         except OperationalError as exc:  # the database is away (restarting, locked, unreachable)
             logger.warning(
                 "%s %s: the job store is unavailable (%s)",
@@ -349,6 +364,7 @@ def build_jobs_router(
                     422, f"invalid job spec: {exc}", "invalid_job_spec", fields=exc.errors
                 ) from None
             check_model_rights(caller, spec.name, promote=spec.promote, served=service.is_served)
+            check_priority(caller, spec.priority, service.max_priority)
             secret = await _vet_webhook(spec.webhook_url, service.webhook_policy)
             if job_id is None:
                 # our own id, so a repeat under the key shows as a job with another id
@@ -364,6 +380,7 @@ def build_jobs_router(
                     idempotency_key=key,
                     webhook_secret=secret,
                     owner=caller.principal,
+                    max_active=None if caller.is_admin else service.max_active_jobs,
                 )
             )
             created = job.id.value == job_id and not existed
@@ -484,6 +501,19 @@ def visible_job(store: JobStore, job_id: JobId, caller: Caller) -> Job:
     if not caller.is_admin and job.owner != caller.principal:
         raise JobNotFound(job_id.value)
     return job
+
+
+def check_priority(caller: Caller, priority: int, ceiling: int) -> None:
+    """422 on ``priority`` when a caller without ``admin`` asks more than ``ceiling``."""
+    if priority > ceiling and not caller.is_admin:
+        message = f"at most {ceiling} without the admin scope, got {priority}"
+        raise JobsApiError(
+            422,
+            f"invalid job spec: priority: {message}",
+            "invalid_job_spec",
+            param="priority",
+            fields=[FieldError("priority", message)],
+        )
 
 
 def check_model_rights(

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
-from sqlalchemy import Connection, Engine, Row, Table, and_, or_, select, update
+from sqlalchemy import Connection, Engine, Row, Table, and_, func, or_, select, update
 from sqlalchemy.exc import IntegrityError
 
 from training.db import job_events, job_logs, job_webhook_secrets, jobs, transaction
@@ -80,6 +80,21 @@ class JobNotFound(LookupError):
 class JobConflict(Exception):
     """The request contradicts the job as stored (the 409 case): a reused id or key with
     another spec, or a state change the transition table refuses."""
+
+
+class JobQuotaExceeded(Exception):
+    """The owner already has as many jobs queued or running as it may (the 429 case)."""
+
+    def __init__(self, owner: str, active: int, limit: int) -> None:
+        super().__init__(
+            f"{owner} has {active} jobs queued or running, the most one caller may have at "
+            f"once ({limit}); wait for one to finish, or cancel one"
+        )
+        self.active = active
+        self.limit = limit
+
+
+ACTIVE_STATES = (JobState.QUEUED.value, JobState.RUNNING.value)
 
 
 @dataclass(frozen=True)
@@ -154,9 +169,15 @@ class JobStore:
         idempotency_key: str | None = None,
         webhook_secret: str | None = None,
         owner: str | None = None,
+        max_active: int | None = None,
     ) -> Job:
         """Queue a job for ``spec`` (already validated), owned by ``owner``; the new job, or the
         one it repeats.
+
+        With ``max_active``, a new job of an ``owner`` that already has that many queued or
+        running raises ``JobQuotaExceeded`` (a repeat is returned all the same). The count
+        and the insert are one transaction, serialised per owner: SQLite's write lock, a
+        Postgres advisory lock on the owner.
 
         With ``job_id`` or ``idempotency_key``, a job of ``owner``'s already stored under either
         with the same spec is returned and nothing is written; with a different spec, or a
@@ -173,6 +194,8 @@ class JobStore:
         now = self._clock()
         try:
             with transaction(self._engine) as conn:
+                if max_active is not None and owner is not None:
+                    self._check_quota(conn, owner, max_active)
                 conn.execute(
                     jobs.insert().values(
                         id=new_id,
@@ -205,6 +228,18 @@ class JobStore:
                 raise
             return existing
         return self.get(JobId(new_id))
+
+    @staticmethod
+    def _check_quota(conn: Connection, owner: str, max_active: int) -> None:
+        if conn.dialect.name == "postgresql":  # two submits of one owner count one by one
+            conn.execute(select(func.pg_advisory_xact_lock(func.hashtext(owner))))
+        active = conn.execute(
+            select(func.count())
+            .select_from(jobs)
+            .where(jobs.c.owner == owner, jobs.c.state.in_(ACTIVE_STATES))
+        ).scalar_one()
+        if active >= max_active:
+            raise JobQuotaExceeded(owner, active, max_active)
 
     def _find_repeat(
         self, job_id: str | None, key: str | None, spec_json: dict[str, Any], owner: str | None

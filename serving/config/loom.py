@@ -95,6 +95,20 @@ class TrainingConfig(_Strict):
         "after it finished; the scheduler sweeps older ones (every 10 minutes), keeping the "
         "job's row (its state, metrics and error).",
     )
+    max_active_jobs: int | None = Field(
+        16,
+        ge=1,
+        description="Jobs one principal may have queued or running at once; past it a submit "
+        "is answered 429 job_quota_exceeded with Retry-After. Admin keys (so also the keyless "
+        "local mode, whose one caller holds every scope) are not bound. None: no bound.",
+    )
+    max_priority: int = Field(
+        50,
+        ge=0,
+        le=100,
+        description="The highest priority (0-100) a job may ask without the admin scope; "
+        "past it the submit is refused, 422 on the priority field.",
+    )
     webhook_allowed_networks: tuple[IPvAnyNetwork, ...] = Field(
         (),
         description="Networks (CIDR, e.g. 127.0.0.1/32, 10.20.0.0/16) a job's webhook_url may "

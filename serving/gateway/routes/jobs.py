@@ -122,7 +122,14 @@ def add_jobs_routes(app: FastAPI, gw: GatewayCore) -> None:
         if audit is not None:
             audit.record(caller.principal, route, target, str(status), **details)
 
-    service = dataclasses.replace(gw.jobs, is_served=served.__contains__, audit=record)
+    training = gw.config.training
+    service = dataclasses.replace(
+        gw.jobs,
+        is_served=served.__contains__,
+        audit=record,
+        max_active_jobs=training.max_active_jobs,
+        max_priority=training.max_priority,
+    )
     app.include_router(build_jobs_router(service, authorize=authorize))
 
 
