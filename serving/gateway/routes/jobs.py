@@ -25,6 +25,8 @@ from models.refs import ModelRef
 from serving.config import LoomConfig, ModelConfig
 from serving.gateway.browser_guard import BrowserGuard
 from serving.gateway.core import GatewayCore
+from serving.gateway.endpoint import ANONYMOUS
+from serving.gateway.errors import ApiError
 from serving.gateway.scopes import JOBS_ROUTE
 from training.api import JobsService, build_jobs_router
 from training.callers import Caller
@@ -110,13 +112,24 @@ def add_jobs_routes(app: FastAPI, gw: GatewayCore) -> None:
         return
     guard = BrowserGuard.of(gw.config.server)
 
-    def authorize(request: Request) -> Caller:
-        json_body = (request.method, request.url.path.rstrip("/")) in JSON_BODY_ROUTES
-        guard.check(request, json_body=json_body)
-        return gw.authorize(request, JOBS_ROUTE)
-
     served = served_store_names(gw.config)
     audit = gw.audit
+
+    def authorize(request: Request) -> Caller:
+        json_body = (request.method, request.url.path.rstrip("/")) in JSON_BODY_ROUTES
+        caller = None
+        try:
+            guard.check(request, json_body=json_body)
+            caller = gw.authenticate(request)
+            gw.permit(caller, JOBS_ROUTE)
+        except ApiError as refused:  # a refused submit or cancel is audited as an allowed one
+            route = audited_route(request)
+            if route is not None and audit is not None:
+                principal = ANONYMOUS if caller is None else caller.principal
+                target = str(request.path_params.get("job_id", ""))
+                audit.record(principal, route, target, str(refused.status))
+            raise
+        return caller
 
     def record(caller: Caller, route: str, target: str, status: int, details: dict) -> None:
         if audit is not None:
@@ -131,6 +144,16 @@ def add_jobs_routes(app: FastAPI, gw: GatewayCore) -> None:
         max_priority=training.max_priority,
     )
     app.include_router(build_jobs_router(service, authorize=authorize))
+
+
+def audited_route(request: Request) -> str | None:
+    """The audit route of a state-changing jobs call (``training.api``'s names), else None."""
+    if request.method != "POST":
+        return None
+    path = request.url.path.rstrip("/")
+    if path == "/v1/jobs":
+        return "jobs.submit"
+    return "jobs.cancel" if path.endswith("/cancel") else None
 
 
 def served_store_names(config: LoomConfig) -> frozenset[str]:

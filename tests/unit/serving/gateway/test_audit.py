@@ -25,6 +25,7 @@ SERVER = {
     "keys": [
         {"name": "ops", "key": KEYS["ops"], "scopes": ["admin"]},
         {"name": "app", "key": KEYS["app"], "scopes": ["infer", "jobs"]},
+        {"name": "reader", "key": "infer-key-0123456789", "scopes": ["infer"]},
     ]
 }
 
@@ -95,6 +96,26 @@ def test_jobs_submit_and_cancel_are_audited_with_their_outcome(
         ("app", "jobs.cancel", job_id, "200"),
     ]
     assert lines(path)[0]["name"] == "tiny-lm"
+
+
+def test_a_jobs_call_refused_before_its_route_runs_is_audited_too(
+    audited: tuple[TestClient, Path],
+) -> None:
+    http, path = audited
+    spec = {"name": "tiny-lm", "trainer": "lm"}
+    infer_only = {"Authorization": "Bearer infer-key-0123456789"}
+    http.post("/v1/jobs", json=spec)  # no key: 401
+    http.post("/v1/jobs/job-1/cancel", headers={"Authorization": "Bearer wrong-0123456789"})
+    http.post("/v1/jobs", content=b"{}", headers={**bearer("app"), "content-type": "text/plain"})
+    http.post("/v1/jobs/job-1/cancel", headers=infer_only)  # a key without the jobs scope
+    http.get("/v1/jobs")  # a refused read: not audited
+    got = [(e["principal"], e["route"], e["target"], e["outcome"]) for e in lines(path)]
+    assert got == [
+        ("-", "jobs.submit", "", "401"),
+        ("-", "jobs.cancel", "job-1", "401"),
+        ("-", "jobs.submit", "", "415"),  # the browser guard runs before the key is read
+        ("reader", "jobs.cancel", "job-1", "403"),
+    ]
 
 
 def test_promote_and_reshard_are_audited_refusals_too(audited: tuple[TestClient, Path]) -> None:
