@@ -324,6 +324,10 @@ class HttpServer:
             ws="none",  # no route speaks WebSocket: an upgrade is an ordinary request
             lifespan="off",
             access_log=False,  # requests are counted in /metrics instead
+            # no logging.config.dictConfig: it closes every handler of the process, and in a
+            # Serve replica that left Serve's log buffer without a target, keeping every
+            # record from then on (the gateway grew ~3.5 KiB per request)
+            log_config=None,
             log_level="warning",
             timeout_keep_alive=limits.idle_timeout_s,
             ssl_context_factory=None if ssl_context is None else lambda _c, _d: ssl_context,
