@@ -192,8 +192,8 @@ class ServerConfig(BaseModel):
     rate_limits: RateLimitsConfig = Field(
         default_factory=RateLimitsConfig,
         description="Requests per second per client and route family, a token bucket each "
-        "({infer: {rate_per_s, burst}, jobs: {...}}); a client is its key's digest, or its "
-        "address without a key. Past it: 429 with Retry-After. Off by default.",
+        "({infer: {rate_per_s, burst}, jobs: {...}}); a client is its key's principal, or its "
+        "address (no key, or a key nobody holds). Past it: 429 with Retry-After. Off by default.",
     )
     cors_allow_origins: tuple[str, ...] = Field(
         (),

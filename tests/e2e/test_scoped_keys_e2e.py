@@ -58,3 +58,23 @@ def test_two_keys_walk_the_opening_cases(keyed_server: LoomProcess) -> None:
     assert (empty.status_code, error(empty)["code"]) == (401, "missing_api_key")
     shards = httpx.get(f"{url}/v1/admin/shards", headers=A)
     assert (shards.status_code, error(shards)["param"]) == (403, "admin")
+
+    # no limits per caller: a priority past the ceiling, a sweep of 140,000 members, a
+    # max_steps of a billion, a job larger than training's share of the cluster: each a 422
+    # naming its field, before anything is queued
+    refusals = {
+        "priority": {"name": "p", "trainer": "lm", "priority": 90},
+        "hyperparameters.arch": {
+            "name": "sweep", "trainer": "digits", "hyperparameters": {"arch": ["mlp"] * 140_000}
+        },
+        "hyperparameters.max_steps": {
+            "name": "long", "trainer": "lm", "hyperparameters": {"max_steps": 10**9}
+        },
+        "resources.cpu": {"name": "big", "trainer": "lm", "workers": 256},
+    }  # fmt: skip
+    before = len(httpx.get(f"{url}/v1/jobs", headers=B).json()["data"])
+    for field, spec in refusals.items():
+        refused = httpx.post(f"{url}/v1/jobs", json=spec, headers=B, timeout=30)
+        assert refused.status_code == 422, (field, refused.text)
+        assert field in [f["field"] for f in error(refused)["fields"]], (field, refused.text)
+    assert len(httpx.get(f"{url}/v1/jobs", headers=B).json()["data"]) == before  # none queued

@@ -291,7 +291,7 @@ OPERATIONS: dict[str, Operation] = {
         answer=Job,
         status=201,
         also=(200,),
-        errors=(400, 409, 413, 422),
+        errors=(400, 409, 413, 422, 429),
         params=(
             Param(
                 name="Idempotency-Key",
@@ -483,6 +483,7 @@ _ERROR_MEANINGS = {
     409: "conflict with the current state",
     413: "body, inputs or an input too large",
     422: "job spec refused; every field error listed",
+    429: "a rate limit or the caller's job quota reached; Retry-After says when to retry",
     503: "overloaded or not ready; Retry-After says when to retry",
     504: "no answer within the request's deadline",
 }
