@@ -144,6 +144,19 @@ job_logs = Table(
     Column("message", Text, nullable=False),
 )
 
+# Ownership election (``training.leases``): one row per role, its holder until expires_at;
+# epoch grows with every change of holder (the fencing token).
+leases = Table(
+    "leases",
+    metadata,
+    Column("name", String(64), primary_key=True),
+    Column("holder", String(200), nullable=False),
+    Column("epoch", BigInteger, nullable=False),
+    Column("acquired_at", Float, nullable=False),
+    Column("renewed_at", Float, nullable=False),
+    Column("expires_at", Float, nullable=False),
+)
+
 _SQLITE_BEGIN_OPTION = "loom_sqlite_begin"
 POSTGRES_CONNECT_TIMEOUT_S = 10
 
