@@ -23,7 +23,7 @@ FLOORS = ("models", "training", "serving", "loom")
 # the gateway and the rollout; the CLI starts the server.
 SERVING_FLOORS = (
     ("serving", "serving.messages", "serving.metrics", "serving.config", "serving.audit"),
-    ("serving.routing",),
+    ("serving.routing", "serving.autoscaling"),
     ("serving.replicas",),
     ("serving.rollout",),
     ("serving.gateway",),

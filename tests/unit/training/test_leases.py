@@ -61,7 +61,8 @@ def test_renewing_keeps_the_epoch_and_a_lost_term_cannot_renew(
     assert store.acquire("scheduler", "a", duration_s=10) == Term("scheduler", "a", 1, 1018.0)
     clock.now = 1030.0  # a's pause outlived its lease; b took it over
     taken = store.acquire("scheduler", "b", duration_s=10)
-    assert taken is not None and taken.epoch == 2
+    assert taken is not None
+    assert taken.epoch == 2
     assert store.renew(renewed, duration_s=10) is None  # a's epoch is over
     assert not store.release(renewed)
     assert store.current("scheduler") == taken
@@ -76,7 +77,8 @@ def test_a_released_lease_is_taken_at_once_with_the_next_epoch(
     store: LeaseStore, clock: HandClock
 ) -> None:
     term = store.acquire("scheduler", "a", duration_s=10)
-    assert term is not None and store.release(term)
+    assert term is not None
+    assert store.release(term)
     assert store.current("scheduler") is None
     taken = store.acquire("scheduler", "b", duration_s=10)
     assert taken == Term("scheduler", "b", 2, 1010.0)
@@ -146,7 +148,7 @@ def test_concurrent_contenders_elect_exactly_one(db_engine: Engine) -> None:
 def test_timings_that_would_let_two_holders_act_are_refused(
     duration_s: float, renew_deadline_s: float, retry_period_s: float
 ) -> None:
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="must"):
         ElectionTimings(duration_s, renew_deadline_s, retry_period_s)
 
 
@@ -192,7 +194,8 @@ def test_a_standby_takes_over_when_the_holder_dies(contenders: tuple[Contender, 
     assert a.lost.is_set()
     assert b.elected.wait(30)
     assert (a.epochs, b.epochs) == ([1], [2])
-    assert b.elector.term is not None and b.elector.term.holder == "b"
+    assert b.elector.term is not None
+    assert b.elector.term.holder == "b"
 
 
 def test_a_holder_stopping_cleanly_hands_over_at_once(
@@ -218,6 +221,7 @@ def test_a_holder_whose_lease_was_taken_gives_the_role_up(
     late = HandClock()
     late.now = 10**10
     taken = LeaseStore(db_engine, clock=late).acquire("reconciler", "c", duration_s=10**9)
-    assert taken is not None and taken.epoch == 2
+    assert taken is not None
+    assert taken.epoch == 2
     assert a.lost.wait(30)  # its next renewal failed
     assert a.elector.term is None

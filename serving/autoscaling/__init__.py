@@ -1,0 +1,1 @@
+"""Autoscaling (issue 14): the decision, a pure function of observed signals (``policy``)."""
