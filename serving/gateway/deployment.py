@@ -27,6 +27,7 @@ from serving.gateway.core import GatewayCore
 from serving.gateway.http_server import HttpLimits, HttpServer, server_ssl_context
 from serving.gateway.keys import KeyCheck
 from serving.gateway.routes.jobs import JobsSettings, build_jobs_service
+from serving.replica_logging import route_to_serve_log
 from serving.rollout.route_table import (
     BOARD_NAMESPACE,
     BoardShardRequests,
@@ -48,6 +49,7 @@ class Gateway:
         jobs: dict[str, Any] | None = None,
         audit_log: str | None = None,
     ) -> None:
+        route_to_serve_log()
         loom_config = LoomConfig.model_validate(config)
         board = await asyncio.to_thread(ray.get_actor, board_name, namespace=BOARD_NAMESPACE)
         self._routes = RouteFollower(board_poller(board))

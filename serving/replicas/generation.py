@@ -69,6 +69,7 @@ from serving.messages import (
     RequestTooLarge,
     render_plain_chat,
 )
+from serving.replica_logging import route_to_serve_log
 from serving.replicas.admission import Admission, share_refusal
 from serving.replicas.core import LoadedModel, load_model
 
@@ -160,6 +161,7 @@ class GenerationReplica:
     """Serves one generate model: ``generate`` (streamed chunks) and ``complete`` (whole)."""
 
     def __init__(self, model: dict[str, Any], models_dir: str) -> None:
+        route_to_serve_log()
         config = parse_entry(model)
         if not isinstance(config, ModelConfig) or config.task != "generate":
             raise ValueError(f"model {config.name} is not a generate model")

@@ -29,6 +29,7 @@ from serving import metrics
 from serving.config.model import ModelConfig, PoolConfig, parse_entry
 from serving.config.pool import POOL_VERSION
 from serving.messages import InferCall, InferReply, ModelInfo, Rows
+from serving.replica_logging import route_to_serve_log
 from serving.replicas.batcher import engine_thread
 from serving.replicas.core import RowModel, load_model
 
@@ -40,6 +41,7 @@ class InferenceReplica:
     ``pool_replica_class(n)``, which adds the multiplexed loader."""
 
     def __init__(self, model: dict[str, Any], models_dir: str) -> None:
+        route_to_serve_log()
         config = parse_entry(model)
         if not isinstance(config, ModelConfig | PoolConfig) or config.task == "generate":
             raise ValueError(f"model {config.name} is not an embed or classify model or pool")

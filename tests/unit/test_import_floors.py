@@ -22,7 +22,14 @@ FLOORS = ("models", "training", "serving", "loom")
 # deployed with); rollout deploys replicas; the gateway uses all of them; the server starts
 # the gateway and the rollout; the CLI starts the server.
 SERVING_FLOORS = (
-    ("serving", "serving.messages", "serving.metrics", "serving.config", "serving.audit"),
+    (
+        "serving",
+        "serving.messages",
+        "serving.metrics",
+        "serving.config",
+        "serving.audit",
+        "serving.replica_logging",
+    ),
     ("serving.routing", "serving.autoscaling"),
     ("serving.replicas",),
     ("serving.rollout",),
