@@ -7,8 +7,9 @@ replica down or answered 500, sent to a real generation replica.
 
 Jobs the fuzz submits are real: each is cancelled as soon as the submit operation is done (a
 job's event stream also lasts until the job is final), so none keeps the scheduler busy for
-the tests after this one. The unit tier fuzzes the same document with more cases against
-in-process models (``tests/unit/serving/gateway/test_openapi_fuzz.py``)."""
+the tests after this one. The loop and its checks are ``tests/api_fuzz.py``; the unit tier
+runs it with more cases against in-process models
+(``tests/unit/serving/gateway/test_openapi_fuzz.py``)."""
 
 from __future__ import annotations
 
@@ -16,118 +17,34 @@ import json
 from typing import Any
 
 import httpx
-from hypothesis import HealthCheck, given, settings
-from hypothesis.errors import Unsatisfiable
+from api_fuzz import CHECKS, fuzz
 from loom_process import API_KEY, LoomProcess
-from schemathesis import GenerationMode
-from schemathesis.checks import not_a_server_error
-from schemathesis.core.parameters import ParameterLocation
-from schemathesis.openapi import from_url
-from schemathesis.specs.openapi.checks import (
-    content_type_conformance,
-    ignored_auth,
-    negative_data_rejection,
-    response_schema_conformance,
-    status_code_conformance,
-)
+from schemathesis.specs.openapi.checks import ignored_auth
 
 MAX_EXAMPLES = 6
 """Cases per operation and mode: 22 operations x 2 modes x 2 servers x 6. At 12 the keyless
 server alone took 163 s here (real models on 2 cores, a loaded machine; a completion may
 generate up to the model's context); the unit tier runs 60 per operation and mode against
 in-process models."""
-FUZZ_SETTINGS = settings(
-    max_examples=MAX_EXAMPLES,
-    deadline=None,
-    suppress_health_check=list(HealthCheck),
-    database=None,
-)
-CHECKS = [
-    not_a_server_error,
-    status_code_conformance,
-    content_type_conformance,
-    response_schema_conformance,
-    negative_data_rejection,
-]
-
-
-def assert_error_in_shape(path: str, response: Any) -> None:
-    """A 4xx/5xx answer is its protocol's error (``response`` is schemathesis': each header a
-    list): ``{"error": "..."}`` under ``/v2``, else ``{"error": {"message", ...}}``."""
-    if response.status_code < 400:
-        return
-    headers = {name.lower(): values for name, values in response.headers.items()}
-    assert headers["content-type"][0].startswith("application/json"), response.text
-    error = response.json()["error"]
-    if path.startswith("/v2"):
-        assert isinstance(error, str), error
-    else:
-        assert {"message", "type", "param", "code"} <= set(error), error
-
-
-def job_ids(client: httpx.Client) -> set[str]:
-    return {job["id"] for job in client.get("/v1/jobs").json()["data"]}
-
-
-def cancel_jobs_since(client: httpx.Client, before: set[str]) -> None:
-    for job in client.get("/v1/jobs").json()["data"]:
-        if job["id"] not in before and job["state"] in ("queued", "running"):
-            answer = client.post(f"/v1/jobs/{job['id']}/cancel")
-            assert answer.status_code in (200, 409), answer.text  # 409: it just finished
-
-
-def auth_left_out(case: Any) -> bool:
-    """A case that breaks its headers by leaving out the required ``Authorization`` is sent
-    with no key (the key would make it valid again)."""
-    given = {name.lower() for name in case.headers or {}}
-    return case.meta.is_negative_at(ParameterLocation.HEADER) and "authorization" not in given
-
-
-def fuzz(url: str, headers: dict[str, str], checks: list[Any]) -> list[str]:
-    schema = from_url(f"{url}/openapi.json", headers=headers)
-    operations = [result.ok() for result in schema.get_all_operations()]
-    assert len(operations) >= 20
-    failures = []
-    with httpx.Client(base_url=url, headers=headers, timeout=60) as client:
-        before = job_ids(client)
-        try:
-            for operation in operations:
-                if operation.path.endswith("/events"):
-                    cancel_jobs_since(client, before)
-                for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE):
-
-                    @FUZZ_SETTINGS
-                    @given(case=operation.as_strategy(generation_mode=mode))
-                    def one_case(case: Any) -> None:
-                        sent = {} if auth_left_out(case) else headers
-                        response = case.call(headers=sent, timeout=120)
-                        assert_error_in_shape(case.path, response)
-                        case.validate_response(response, checks=checks, headers=sent)
-
-                    try:
-                        one_case()
-                    except Unsatisfiable:  # nothing of it can be broken
-                        assert mode is GenerationMode.NEGATIVE, operation.label
-                    except (Exception, BaseExceptionGroup) as exc:  # noqa: BLE001
-                        failures.append(f"{operation.label} ({mode.value}): {exc}")
-                if operation.label == "POST /v1/jobs":
-                    cancel_jobs_since(client, before)
-        finally:
-            cancel_jobs_since(client, before)
-    return failures
+TIMEOUT_S = 120
+"""A completion on a real replica may run to the model's context."""
 
 
 def test_the_embedded_default_fuzzed_from_its_document_answers_no_5xx(
     loom_server: LoomProcess,
 ) -> None:
-    assert fuzz(loom_server.url, {}, CHECKS) == []
+    assert fuzz(loom_server.url, {}, CHECKS, max_examples=MAX_EXAMPLES, timeout_s=TIMEOUT_S) == []
 
 
 def test_a_keyed_server_fuzzed_from_its_document_answers_no_5xx(
     keyed_server: LoomProcess,
 ) -> None:
     headers = {"Authorization": f"Bearer {API_KEY}"}
-    assert fuzz(keyed_server.url, headers, [*CHECKS, ignored_auth]) == []
+    checks = [*CHECKS, ignored_auth]
+    failures = fuzz(
+        keyed_server.url, headers, checks, max_examples=MAX_EXAMPLES, timeout_s=TIMEOUT_S
+    )
+    assert failures == []
 
 
 def test_extreme_generation_parameters_reach_a_real_replica_without_a_5xx(
