@@ -24,12 +24,11 @@ import httpx
 import pytest
 import torch
 from inprocess import LOOPBACK_URL, gateway_over
-from model_folders import make_tiny_gpt2_folder
+from tiny_replicas import tiny_generation_replica
 
 from models.engines import sampling
 from models.engines.generate import SamplingParams
 from models.engines.sampling import SEED_MAX, SEED_MIN, SequenceSampler
-from models.store import ModelStore
 from serving.config import parse_config
 from serving.gateway.app import build_http_app
 from serving.messages import GenerateCall, GenerateChunk
@@ -78,16 +77,7 @@ class GenerationHandle:
 
 
 def make_replica(root: Path, name: str = MODEL) -> GenerationReplica:
-    store = ModelStore(root / "store")
-    store.register(name, make_tiny_gpt2_folder(root / "gpt2"), task="generate")
-    config = {
-        "name": name,
-        "source": name,
-        "task": "generate",
-        "device": "cpu",
-        "generation": {"max_sequences": 4},
-    }
-    return GenerationReplica(config, str(store.root))
+    return tiny_generation_replica(root, name, generation={"max_sequences": 4})
 
 
 @pytest.fixture(scope="module")

@@ -7,9 +7,8 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-from model_folders import make_tiny_gpt2_folder
+from tiny_replicas import tiny_generation_replica
 
-from models.store import ModelStore
 from serving.gateway.errors import api_error
 from serving.messages import Envelope, GenerateCall, Overloaded, RequestTooLarge
 from serving.replicas.admission import share_refusal
@@ -64,18 +63,12 @@ def test_a_request_too_large_is_a_413_naming_the_product() -> None:
 
 @pytest.fixture(scope="module")
 def replica(tmp_path_factory: pytest.TempPathFactory) -> GenerationReplica:
-    root = tmp_path_factory.mktemp("gen")
-    store = ModelStore(root / "store")
-    store.register(MODEL, make_tiny_gpt2_folder(root / "gpt2"), task="generate")
-    config = {
-        "name": MODEL,
-        "source": MODEL,
-        "task": "generate",
-        "device": "cpu",
-        "generation": {"max_sequences": 4, "max_queued_tokens": 64, "max_request_share": 0.5},
-        "limits": {"max_queued": 8},
-    }
-    return GenerationReplica(config, str(store.root))
+    return tiny_generation_replica(
+        tmp_path_factory.mktemp("gen"),
+        MODEL,
+        generation={"max_sequences": 4, "max_queued_tokens": 64, "max_request_share": 0.5},
+        limits={"max_queued": 8},
+    )
 
 
 def call(prompts: int, n: int, max_tokens: int) -> GenerateCall:

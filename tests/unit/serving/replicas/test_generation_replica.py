@@ -12,11 +12,10 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
-from model_folders import make_tiny_gpt2_folder
 from prometheus_client import REGISTRY
+from tiny_replicas import tiny_generation_replica
 
 from models.engines.generate import GenerationEngine, SamplingParams, SequenceUpdate
-from models.store import ModelStore
 from serving.messages import DeadlineExceeded, Envelope, GenerateCall, Overloaded
 from serving.replicas.generation import GenerationReplica
 
@@ -64,18 +63,12 @@ def stalled(replica: GenerationReplica) -> Iterator[StalledEngine]:
 
 @pytest.fixture(scope="module")
 def replica(tmp_path_factory: pytest.TempPathFactory) -> GenerationReplica:
-    root = tmp_path_factory.mktemp("gen")
-    store = ModelStore(root / "store")
-    store.register(MODEL, make_tiny_gpt2_folder(root / "gpt2"), task="generate")
-    config = {
-        "name": MODEL,
-        "source": MODEL,
-        "task": "generate",
-        "device": "cpu",
-        "generation": {"max_sequences": 1},
-        "limits": {"max_queued": 1},  # one sequence admitted at a time
-    }
-    return GenerationReplica(config, str(store.root))
+    return tiny_generation_replica(
+        tmp_path_factory.mktemp("gen"),
+        MODEL,
+        generation={"max_sequences": 1},
+        limits={"max_queued": 1},  # one sequence admitted at a time
+    )
 
 
 def expired_count() -> float:
