@@ -98,18 +98,7 @@ class LeaseStore:
         """``term`` extended by ``duration_s`` from now; None when it is no longer the lease's
         (expired, or another holder's epoch)."""
         now = self._clock()
-        with transaction(self._engine) as conn:
-            done = conn.execute(
-                update(leases)
-                .where(
-                    leases.c.name == term.name,
-                    leases.c.holder == term.holder,
-                    leases.c.epoch == term.epoch,
-                    leases.c.expires_at > now,
-                )
-                .values(renewed_at=now, expires_at=now + duration_s)
-            )
-        if done.rowcount != 1:
+        if not self._update_while_held(term, now, renewed_at=now, expires_at=now + duration_s):
             return None
         return Term(term.name, term.holder, term.epoch, now + duration_s)
 
@@ -117,6 +106,10 @@ class LeaseStore:
         """Give the lease up now, so a contender need not wait for it to expire; False when
         ``term`` had lost it already."""
         now = self._clock()
+        return self._update_while_held(term, now, expires_at=now)
+
+    def _update_while_held(self, term: Term, now: float, **values: float) -> bool:
+        """One conditional write of ``values``, "where ``term`` still holds the lease"."""
         with transaction(self._engine) as conn:
             done = conn.execute(
                 update(leases)
@@ -126,7 +119,7 @@ class LeaseStore:
                     leases.c.epoch == term.epoch,
                     leases.c.expires_at > now,
                 )
-                .values(expires_at=now)
+                .values(**values)
             )
         return done.rowcount == 1
 

@@ -89,13 +89,13 @@ class Limits:
 
 @dataclass(frozen=True)
 class WindowState:
-    """The open stabilisation window, if any: since when proposals have stayed above
-    (below) the current count, and the lowest (highest) of them."""
+    """The open stabilisation window, if any: which way it points (1 up, -1 down, 0 none),
+    since when proposals have stayed on that side of the current count, and the lowest (up)
+    or highest (down) of them."""
 
-    up_since_s: float | None = None
-    up_to: int | None = None
-    down_since_s: float | None = None
-    down_to: int | None = None
+    direction: int = 0
+    since_s: float | None = None
+    to: int | None = None
 
 
 @dataclass(frozen=True)
@@ -160,21 +160,14 @@ def decide(
         reason, proposal = HOLD, current
     proposal = limits.clamp(proposal)
     if proposal == current:
-        return Decision(
-            current, HOLD if proposal == current else reason, proposal, WindowState(), stale
-        )
+        return Decision(current, HOLD, proposal, WindowState(), stale)
 
-    if proposal > current:
-        since = state.up_since_s if state.up_since_s is not None else now_s
-        up_to = proposal if state.up_to is None else min(state.up_to, proposal)
-        window = WindowState(up_since_s=since, up_to=up_to)
-        if now_s - since >= limits.upscale_delay_s:
-            return Decision(up_to, reason, proposal, WindowState(), stale)
-        return Decision(current, reason, proposal, window, stale)
-
-    since = state.down_since_s if state.down_since_s is not None else now_s
-    down_to = proposal if state.down_to is None else max(state.down_to, proposal)
-    window = WindowState(down_since_s=since, down_to=down_to)
-    if now_s - since >= limits.downscale_delay_s:
-        return Decision(down_to, reason, proposal, WindowState(), stale)
-    return Decision(current, reason, proposal, window, stale)
+    direction = 1 if proposal > current else -1
+    if state.direction == direction and state.since_s is not None and state.to is not None:
+        since, agreed = state.since_s, (min if direction > 0 else max)(state.to, proposal)
+    else:  # a new window: the other way's (if any) is closed
+        since, agreed = now_s, proposal
+    delay_s = limits.upscale_delay_s if direction > 0 else limits.downscale_delay_s
+    if now_s - since >= delay_s:
+        return Decision(agreed, reason, proposal, WindowState(), stale)
+    return Decision(current, reason, proposal, WindowState(direction, since, agreed), stale)
