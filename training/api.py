@@ -82,6 +82,9 @@ MAX_IDEMPOTENCY_KEY_CHARS = 200
 MAX_LOG_LINES = 10_000
 MAX_EVENT_SEQ = 2**62
 STORE_RETRY_AFTER_S = 1
+SUBMIT_AUDIT = "jobs.submit"
+CANCEL_AUDIT = "jobs.cancel"
+"""The audit log's route names of the two state-changing jobs calls."""
 QUOTA_RETRY_AFTER_S = 30
 """A caller at its job quota waits for one of its jobs to end: seconds to minutes."""
 
@@ -391,7 +394,7 @@ def build_jobs_router(
                 answer["webhook_secret"] = secret
             return JSONResponse(answer, status_code=201 if created else 200)
 
-        return await answer(request, handle, audited="jobs.submit")
+        return await answer(request, handle, audited=SUBMIT_AUDIT)
 
     @router.get("/v1/jobs")
     async def list_jobs(request: Request) -> Response:
@@ -433,7 +436,7 @@ def build_jobs_router(
             await wake()  # the scheduler stops the job's run
             return JSONResponse(job_json(job, caller))
 
-        return await answer(request, handle, audited="jobs.cancel")
+        return await answer(request, handle, audited=CANCEL_AUDIT)
 
     @router.get("/v1/jobs/{job_id}/logs")
     async def job_logs(job_id: str, request: Request) -> Response:
@@ -477,6 +480,16 @@ async def _vet_webhook(url: object, policy: WebhookAddressPolicy) -> str | None:
             fields=[FieldError("webhook_url", refusal)],
         )
     return new_webhook_secret()
+
+
+def audited_route(method: str, path: str) -> str | None:
+    """The audit route name of a state-changing jobs call (submit, cancel), else None."""
+    if method != "POST":
+        return None
+    path = path.rstrip("/")
+    if path == "/v1/jobs":
+        return SUBMIT_AUDIT
+    return CANCEL_AUDIT if path.startswith("/v1/jobs/") and path.endswith("/cancel") else None
 
 
 def audit_target(request: Request, response: Response) -> tuple[str, dict[str, Any]]:

@@ -28,7 +28,7 @@ from serving.gateway.core import GatewayCore
 from serving.gateway.endpoint import ANONYMOUS
 from serving.gateway.errors import ApiError
 from serving.gateway.scopes import JOBS_ROUTE
-from training.api import JobsService, build_jobs_router
+from training.api import JobsService, audited_route, build_jobs_router
 from training.callers import Caller
 from training.db import create_db_engine, create_tables
 from training.jobs import JobStore
@@ -123,7 +123,7 @@ def add_jobs_routes(app: FastAPI, gw: GatewayCore) -> None:
             caller = gw.authenticate(request)
             gw.permit(caller, JOBS_ROUTE)
         except ApiError as refused:  # a refused submit or cancel is audited as an allowed one
-            route = audited_route(request)
+            route = audited_route(request.method, request.url.path)
             if route is not None and audit is not None:
                 principal = ANONYMOUS if caller is None else caller.principal
                 target = str(request.path_params.get("job_id", ""))
@@ -144,16 +144,6 @@ def add_jobs_routes(app: FastAPI, gw: GatewayCore) -> None:
         max_priority=training.max_priority,
     )
     app.include_router(build_jobs_router(service, authorize=authorize))
-
-
-def audited_route(request: Request) -> str | None:
-    """The audit route of a state-changing jobs call (``training.api``'s names), else None."""
-    if request.method != "POST":
-        return None
-    path = request.url.path.rstrip("/")
-    if path == "/v1/jobs":
-        return "jobs.submit"
-    return "jobs.cancel" if path.endswith("/cancel") else None
 
 
 def served_store_names(config: LoomConfig) -> frozenset[str]:
