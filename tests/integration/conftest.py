@@ -63,6 +63,19 @@ def ray_session() -> Iterator[None]:
         ray.shutdown()
 
 
+@pytest.fixture(scope="module")
+def serve_running(ray_session: None) -> Iterator[None]:
+    """Serve started on the session's Ray, no HTTP proxy (the module's apps are called by
+    handle), and shut down after the module."""
+    from ray import serve
+
+    serve.start(proxy_location="Disabled")
+    try:
+        yield
+    finally:
+        serve.shutdown()
+
+
 @pytest.fixture(scope="session")
 def serving_stack(
     request: pytest.FixtureRequest,

@@ -6,9 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Iterator
 
-import pytest
 from ray import serve
 from ray.serve.config import RequestRouterConfig
 
@@ -34,15 +32,6 @@ class Where:
     async def __call__(self, hold_s: float) -> str:
         await asyncio.sleep(hold_s)
         return serve.get_replica_context().replica_id.unique_id
-
-
-@pytest.fixture(scope="module")
-def serve_running(ray_session: None) -> Iterator[None]:
-    serve.start(proxy_location="Disabled")
-    try:
-        yield
-    finally:
-        serve.shutdown()
 
 
 def run(replicas: int) -> serve.handle.DeploymentHandle:

@@ -5,10 +5,8 @@ call changes nothing."""
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
 import ray
 from ray import serve
 from ray.serve._private.logging_utils import get_component_logger_file_path
@@ -30,15 +28,6 @@ class Logs:
         assert relative is not None
         logs_dir = ray._private.worker._global_node.get_logs_dir_path()
         return {"routed": self.routed, "file": str(Path(logs_dir + relative))}
-
-
-@pytest.fixture(scope="module")
-def serve_running(ray_session: None) -> Iterator[None]:
-    serve.start(proxy_location="Disabled")
-    try:
-        yield
-    finally:
-        serve.shutdown()
 
 
 def test_a_replicas_loom_lines_are_in_serves_log_at_their_level(serve_running: None) -> None:

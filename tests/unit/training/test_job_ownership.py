@@ -10,11 +10,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from fastapi import FastAPI, Request
 from fastapi.testclient import TestClient
+from named_callers import jobs_client
 from sqlalchemy import Engine, inspect
 
-from training.api import JobsService, build_jobs_router
+from training.api import JobsService
 from training.callers import Caller
 from training.db import create_tables
 from training.jobs import JobStore
@@ -46,12 +46,7 @@ def http(db_engine: Engine, tmp_path: Path) -> Iterator[TestClient]:
         is_served=SERVED.__contains__,
     )
 
-    def authorize(request: Request) -> Caller:
-        return CALLERS[request.headers["x-caller"]]
-
-    app = FastAPI()
-    app.include_router(build_jobs_router(service, authorize=authorize))
-    with TestClient(app) as client:
+    with jobs_client(service, CALLERS) as client:
         yield client
 
 
