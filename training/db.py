@@ -157,6 +157,15 @@ leases = Table(
     Column("expires_at", Float, nullable=False),
 )
 
+# Fencing tokens for leases that live outside the store (``training.fences``; Kubernetes
+# ``Lease`` objects): one row per role, the highest epoch that has written on its behalf.
+fences = Table(
+    "fences",
+    metadata,
+    Column("name", String(64), primary_key=True),
+    Column("epoch", BigInteger, nullable=False),
+)
+
 _SQLITE_BEGIN_OPTION = "loom_sqlite_begin"
 POSTGRES_CONNECT_TIMEOUT_S = 10
 
@@ -209,12 +218,19 @@ def _configure_sqlite(engine: Engine, *, busy_timeout_ms: int) -> None:
         conn.exec_driver_sql(f"BEGIN {mode}")
 
 
+class TransientError(Exception):
+    """A failure of a service other than the database that a later try may get past (the
+    Kubernetes API server answering 503, say). Their clients raise subclasses of it, so
+    ``is_transient_error`` knows them without this module importing those clients."""
+
+
 def is_transient_error(exc: BaseException) -> bool:
     """True when a later try of the same statement may succeed: the database was away, locked
     or busy, or dropped the connection (``OperationalError``, a connection SQLAlchemy marked
     invalidated, the pool timing out, a socket error). False for what will fail the same way
     every time: a refused row (``IntegrityError``), bad SQL or data (``ProgrammingError``,
-    ``DataError``), a value the driver cannot bind, any other exception (a bug).
+    ``DataError``), a value the driver cannot bind, any other exception (a bug). A
+    ``TransientError`` (another service away or busy) counts as transient too.
 
     SQLite reports a lock wait past its busy timeout and a missing table alike as
     ``OperationalError``; both count as transient (the tables are made at start).
@@ -228,6 +244,7 @@ def is_transient_error(exc: BaseException) -> bool:
         PoolTimeoutError,
         ConnectionError,
         TimeoutError,
+        TransientError,
     )
     return isinstance(exc, transient)
 

@@ -29,7 +29,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from sqlalchemy import Connection, Engine, Row, select, update
 from sqlalchemy.exc import IntegrityError
@@ -51,6 +51,19 @@ class Term:
     holder: str
     epoch: int
     expires_at: float
+
+
+class LeaseBackend(Protocol):
+    """Where leases live: the job store (``LeaseStore``) or Kubernetes ``Lease`` objects
+    (``training.k8s_leases``). ``Elector`` contends through this and nothing else."""
+
+    def acquire(self, name: str, holder: str, *, duration_s: float) -> Term | None: ...
+
+    def renew(self, term: Term, *, duration_s: float) -> Term | None: ...
+
+    def release(self, term: Term) -> bool: ...
+
+    def current(self, name: str) -> Term | None: ...
 
 
 class LeaseStore:
@@ -199,7 +212,7 @@ class Elector:
 
     def __init__(
         self,
-        store: LeaseStore,
+        store: LeaseBackend,
         name: str,
         holder: str,
         *,
