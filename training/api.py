@@ -257,12 +257,14 @@ def int_query(request: Request, name: str, default: int, *, low: int, high: int)
 def event_seq_after(request: Request) -> int:
     """Where an event stream starts: ``Last-Event-ID`` (a reconnecting EventSource) when it
     is a seq, else ``?after=`` (the first request; an integer 0..2**62, else 400)."""
+    # ?after= is checked even when the header wins: a bad one is a 400 either way
+    after = int_query(request, "after", 0, low=0, high=MAX_EVENT_SEQ)
     resume = request.headers.get("last-event-id", "").strip()
     # ASCII digits only ('²' is a digit to str.isdigit, and int() refuses it); past 2**62
     # is past every event (int() of thousands of digits raises, so it is never called)
     if resume.isascii() and resume.isdigit():
         return int(resume) if len(resume) <= 18 else MAX_EVENT_SEQ
-    return int_query(request, "after", 0, low=0, high=MAX_EVENT_SEQ)
+    return after
 
 
 def submit_names(body: dict[str, Any], request: Request) -> tuple[str | None, str | None]:

@@ -505,3 +505,13 @@ def test_a_spec_past_a_cost_ceiling_is_422_naming_the_field(
     assert response.status_code == 422
     assert [f["field"] for f in error_of(response)["fields"]] == [field]
     assert api.store.list() == []
+
+
+def test_a_bad_after_is_a_400_even_beside_a_last_event_id(api: Api) -> None:
+    """Found by the API fuzz: the header used to win before ``?after=`` was read at all."""
+    job_id = JobId(api.client.post("/v1/jobs", json=LM).json()["id"])
+    response = api.client.get(
+        f"/v1/jobs/{job_id.value}/events?after=-1", headers={"Last-Event-ID": "0"}
+    )
+    assert response.status_code == 400
+    assert response.json()["error"]["param"] == "after"
