@@ -45,17 +45,20 @@ class FenceStore:
         row stays locked until the block ends, so no newer epoch writes in between; a block
         that raises rolls the recorded epoch back with the rest of its writes."""
         with transaction(self._engine) as conn:
-            highest = _locked_epoch(conn, term)
-            if highest > term.epoch:
-                raise LeaseLost(
-                    f"fence {term.name!r}: epoch {term.epoch} of {term.holder} is over "
-                    f"(epoch {highest} has written)"
-                )
-            if highest < term.epoch:
-                conn.execute(
-                    update(fences).where(fences.c.name == term.name).values(epoch=term.epoch)
-                )
+            self.check(conn, term)
             yield conn
+
+    def check(self, conn: Connection, term: Term) -> None:
+        """In the caller's write transaction: ``LeaseLost`` when a newer epoch has written,
+        else ``term.epoch`` recorded as the highest (rolled back with the transaction)."""
+        highest = _locked_epoch(conn, term)
+        if highest > term.epoch:
+            raise LeaseLost(
+                f"fence {term.name!r}: epoch {term.epoch} of {term.holder} is over "
+                f"(epoch {highest} has written)"
+            )
+        if highest < term.epoch:
+            conn.execute(update(fences).where(fences.c.name == term.name).values(epoch=term.epoch))
 
 
 def _locked_epoch(conn: Connection, term: Term) -> int:

@@ -24,7 +24,8 @@ import hashlib
 import math
 import time
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
@@ -157,9 +158,26 @@ class JobStore:
     ``clock`` returns seconds (``time.time`` by default); every time written comes from it.
     """
 
-    def __init__(self, engine: Engine, *, clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        *,
+        clock: Callable[[], float] = time.time,
+        fence: Callable[[Connection], None] | None = None,
+    ) -> None:
+        """``fence``, when given, runs first in every write transaction and raises to refuse
+        the write: the scheduler's store checks its lease term there (``LeaseStore.check``),
+        so a scheduler that lost its role changes no job's state."""
         self._engine = engine
         self._clock = clock
+        self._fence = fence
+
+    @contextmanager
+    def _writing(self) -> Iterator[Connection]:
+        with transaction(self._engine) as conn:
+            if self._fence is not None:
+                self._fence(conn)
+            yield conn
 
     def submit(
         self,
@@ -193,7 +211,7 @@ class JobStore:
         new_id = job_id if job_id is not None else f"job-{uuid.uuid4().hex}"
         now = self._clock()
         try:
-            with transaction(self._engine) as conn:
+            with self._writing() as conn:
                 if max_active is not None and owner is not None:
                     self._check_quota(conn, owner, max_active)
                 conn.execute(
@@ -312,7 +330,7 @@ class JobStore:
         stay, so ``GET /v1/jobs/{id}`` still shows how each ended."""
         final = [state.value for state in FINAL_STATES]
         old = select(jobs.c.id).where(jobs.c.state.in_(final), jobs.c.finished_at < finished_before)
-        with transaction(self._engine) as conn:
+        with self._writing() as conn:
             with_events = select(job_events.c.job_id).where(job_events.c.job_id.in_(old))
             with_logs = select(job_logs.c.job_id).where(job_logs.c.job_id.in_(old))
             ids = {row[0] for row in conn.execute(with_events.union(with_logs)).all()}
@@ -363,7 +381,7 @@ class JobStore:
         now = self._clock()
         error = storable_text(error) if error is not None else None
         metrics = storable_json(dict(metrics)) if metrics else None
-        with transaction(self._engine) as conn:
+        with self._writing() as conn:
             # FOR UPDATE: a concurrent change of this job waits, then sees our state
             row = conn.execute(
                 select(jobs).where(jobs.c.id == job_id.value).with_for_update()
@@ -415,7 +433,7 @@ class JobStore:
             raise ValueError(f"progress is a fraction 0..1, got {progress}")
         metrics = storable_json(dict(metrics)) if metrics else None
         now = self._clock()
-        with transaction(self._engine) as conn:
+        with self._writing() as conn:
             row = conn.execute(
                 select(jobs.c.metrics)
                 .where(jobs.c.id == job_id.value, jobs.c.state == JobState.RUNNING.value)
@@ -463,7 +481,7 @@ class JobStore:
         """Append one line to the job's log; its seq. ``JobNotFound`` for an unknown job."""
         message = storable_text(message)
         now = self._clock()
-        with transaction(self._engine) as conn:
+        with self._writing() as conn:
             seq = conn.execute(
                 update(jobs)
                 .where(jobs.c.id == job_id.value)
@@ -538,7 +556,7 @@ class JobStore:
         """Move the job's webhook cursor past event ``seq`` (delivered, or given up on).
 
         Only from ``seq - 1``: a second deliverer that raced us changes nothing (False)."""
-        with transaction(self._engine) as conn:
+        with self._writing() as conn:
             moved = conn.execute(
                 update(jobs)
                 .where(jobs.c.id == job_id.value, jobs.c.webhook_seq == seq - 1)

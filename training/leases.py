@@ -150,19 +150,24 @@ class LeaseStore:
         ``LeaseLost`` (and writes nothing) otherwise. The lease's row stays locked until the
         block ends, so no contender takes it over between the check and the writes."""
         with transaction(self._engine) as conn:
-            row = _locked(conn, term.name)
-            if (
-                row is None
-                or row.holder != term.holder
-                or row.epoch != term.epoch
-                or row.expires_at <= self._clock()
-            ):
-                current = "nobody" if row is None else f"{row.holder} at epoch {row.epoch}"
-                raise LeaseLost(
-                    f"lease {term.name!r}: epoch {term.epoch} of {term.holder} is over "
-                    f"(held by {current})"
-                )
+            self.check(conn, term)
             yield conn
+
+    def check(self, conn: Connection, term: Term) -> None:
+        """In the caller's write transaction: ``LeaseLost`` unless ``term`` is still the
+        lease's; the lease's row stays locked until that transaction ends."""
+        row = _locked(conn, term.name)
+        if (
+            row is None
+            or row.holder != term.holder
+            or row.epoch != term.epoch
+            or row.expires_at <= self._clock()
+        ):
+            current = "nobody" if row is None else f"{row.holder} at epoch {row.epoch}"
+            raise LeaseLost(
+                f"lease {term.name!r}: epoch {term.epoch} of {term.holder} is over "
+                f"(held by {current})"
+            )
 
 
 def _locked(conn: Connection, name: str) -> Row[Any] | None:

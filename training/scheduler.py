@@ -50,6 +50,7 @@ ownership election.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import threading
 import time
@@ -58,8 +59,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
 
+from sqlalchemy import Connection
+
 from training.db import is_transient_error
 from training.jobs import Job, JobConflict, JobId, JobNotFound, JobState, JobStore
+from training.leases import LeaseLost, Term
 from training.runner import JobRunner, RunnerSettings, RunOutcome
 from training.work_queue import WorkQueue, retry_delay_s
 from training.workspace import JobWorkspace
@@ -233,6 +237,8 @@ class Scheduler(Generic[Reservation, Run]):
                     self.store.fail(job.id, "lost when the scheduler restarted (on_restart: fail)")
             except (JobConflict, JobNotFound):
                 continue  # cancelled meanwhile
+            except LeaseLost:
+                raise  # the role is another server's now: stop, change nothing
             except Exception as exc:
                 if not is_transient_error(exc):
                     lost = RunOutcome(status="error", error="lost when the scheduler restarted")
@@ -303,6 +309,8 @@ class Scheduler(Generic[Reservation, Run]):
         failed instead (refused for good), or abandoned (failing it refused for good too)."""
         try:
             self._write(settling)
+        except LeaseLost:
+            raise  # the role is another server's now: its scheduler settles the run
         except Exception as exc:
             if is_transient_error(exc):
                 self._retry_later(job_id, settling, exc)
@@ -478,6 +486,10 @@ class Scheduler(Generic[Reservation, Run]):
                 self.pending = None
                 self._release(head.id.value, reservation)
                 continue
+            except LeaseLost:
+                self.pending = None
+                self._release(head.id.value, reservation)
+                raise
             except Exception as exc:
                 if not is_transient_error(exc):  # nothing landed, and nothing ever will
                     self.pending = None
@@ -515,6 +527,8 @@ class Scheduler(Generic[Reservation, Run]):
             self.store.transition(head.id, JobState.FAILED, error=reason, require=JobState.QUEUED)
         except (JobConflict, JobNotFound):
             pass  # cancelled meanwhile: the next look at the queue moves on
+        except LeaseLost:
+            raise
         except Exception as exc:
             if is_transient_error(exc):  # the reservation is kept; the next tick tries again
                 logger.warning("job %s: failing it failed (%s)", head.id.value, error_text(exc))
@@ -680,14 +694,28 @@ class SchedulerService:
         webhook_allowed_networks: Sequence[str] = (),
         max_placement_wait_s: float = 600.0,
         retention_days: float = 7.0,
+        term: Term | None = None,
+        lease_backend: str = "store",
     ) -> None:
+        """``term``: the control-plane lease this scheduler acts under (None: it acts
+        unelected, one server alone); every job state it writes is fenced by it, so once
+        another holder's epoch has begun this one changes nothing and stops ticking.
+        ``lease_backend``: where the lease lives (``store``: checked in the write's own
+        transaction; ``kubernetes``: through the store's fencing tokens)."""
         from training.db import create_db_engine, create_tables
+        from training.fences import FenceStore
+        from training.leases import LeaseStore
         from training.webhook_addresses import WebhookAddressPolicy, parse_networks
         from training.webhooks import WebhookDeliverer
 
         engine = create_db_engine(settings.db_url, schema=settings.db_schema)
         create_tables(engine)
-        self.store = JobStore(engine)
+        fence = None
+        if term is not None:
+            checker = LeaseStore(engine) if lease_backend == "store" else FenceStore(engine)
+            fence = functools.partial(_check_term, checker, term)
+        self.term = term
+        self.store = JobStore(engine, fence=fence)
         # its first tick settles the jobs a previous scheduler was running (``recover``)
         self.scheduler = Scheduler(
             self.store,
@@ -718,6 +746,10 @@ class SchedulerService:
             try:
                 with self._lock:
                     self.scheduler.tick()
+            except LeaseLost as lost:  # another server holds the role: its scheduler acts
+                logger.warning("scheduler stops: %s", lost)
+                self._stop.set()
+                return
             except Exception:  # a database hiccup must not end the loop
                 logger.exception("scheduler tick failed; the next tick tries again")
             self._wake.wait(self._tick_s)
@@ -748,6 +780,8 @@ def start_scheduler(
     webhook_allowed_networks: Sequence[str] = (),
     max_placement_wait_s: float = 600.0,
     retention_days: float = 7.0,
+    term: Term | None = None,
+    lease_backend: str = "store",
 ) -> ActorHandle[SchedulerService]:
     """The scheduler actor, started unless one is alive (``get_if_exists``: exactly one).
 
@@ -771,6 +805,8 @@ def start_scheduler(
             webhook_allowed_networks=tuple(webhook_allowed_networks),
             max_placement_wait_s=max_placement_wait_s,
             retention_days=retention_days,
+            term=term,
+            lease_backend=lease_backend,
         )
     )
     ray.get(actor.ping.remote())
@@ -785,3 +821,12 @@ def stop_scheduler(actor: ActorHandle[SchedulerService]) -> None:
     except Exception as exc:  # already gone, or stuck: killed either way
         logger.info("scheduler did not shut down cleanly (%s); killing it", type(exc).__name__)
     ray.kill(actor, no_restart=True)
+
+
+class _TermChecker(Protocol):
+    def check(self, conn: Connection, term: Term) -> None: ...
+
+
+def _check_term(checker: _TermChecker, term: Term, conn: Connection) -> None:
+    """A ``JobStore`` fence: ``LeaseLost`` unless ``term`` still holds the role."""
+    checker.check(conn, term)
