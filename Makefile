@@ -8,7 +8,7 @@ PIP := $(BIN)/python -m pip
 # Packages mypy checks (config: pyproject.toml [tool.mypy]): all of them.
 TYPED := models training serving loom
 
-.PHONY: install run test lint bench bench-generation bench-training bench-ensemble bench-sharding bench-faults clean
+.PHONY: install run test lint bench bench-generation bench-training bench-ensemble bench-sharding bench-faults bench-autoscaling clean
 
 install: $(STAMP)
 
@@ -47,6 +47,9 @@ bench-sharding: $(STAMP)
 
 bench-faults: $(STAMP)
 	$(BIN)/python -m benchmarks.faults
+
+bench-autoscaling: $(STAMP)
+	$(BIN)/python -m benchmarks.autoscaling
 
 clean:
 	rm -rf $(VENV) build *.egg-info

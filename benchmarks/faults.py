@@ -246,14 +246,14 @@ def ray_session(spec: ServerSpec) -> str | None:
 
 
 def metric_total(port: int, name: str) -> float:
-    """The sum of a metric's samples on the server's ``/metrics`` (0 when absent)."""
-    with urllib.request.urlopen(f"http://{LOCALHOST}:{port}/metrics", timeout=10) as answer:
+    """The sum of a metric's samples on the gateway's ``/metrics`` and every monitoring
+    sidecar's (the replicas' series), 0 when absent."""
+    from serving.monitoring.scrape import scrape_sidecars, total
+
+    url = f"http://{LOCALHOST}:{port}"
+    with urllib.request.urlopen(f"{url}/metrics", timeout=10) as answer:
         text = answer.read().decode()
-    total = 0.0
-    for line in text.splitlines():
-        if line.startswith(name) and line[len(name) : len(name) + 1] in ("{", " "):
-            total += float(line.rsplit(" ", 1)[1])
-    return total
+    return total(text, name) + total(scrape_sidecars(url), name)
 
 
 def rss_mib(processes: Sequence[psutil.Process]) -> float:

@@ -20,9 +20,9 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import random
-import re
 import sys
 import tempfile
+import time
 import urllib.request
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -106,12 +106,17 @@ def mixed_requests(
     ]
 
 
-LOADS_LINE = re.compile(r'^loom_model_loads_total\{model="([^"]+)"\} ([0-9.e+]+)$', re.M)
-
-
 def loads_by_model(metrics_text: str) -> dict[str, float]:
-    """``loom_model_loads_total`` per member from a Prometheus text page."""
-    return {model: float(value) for model, value in LOADS_LINE.findall(metrics_text)}
+    """``loom_model_loads_total`` per member (summed over replicas) from Prometheus text."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    loads: dict[str, float] = {}
+    for family in text_string_to_metric_families(metrics_text):
+        for sample in family.samples:
+            if sample.name == "loom_model_loads_total" and "model" in sample.labels:
+                model = sample.labels["model"]
+                loads[model] = loads.get(model, 0.0) + sample.value
+    return loads
 
 
 def loads_of(loads: dict[str, float], names: Sequence[str]) -> float:
@@ -140,8 +145,12 @@ def make_models(models_dir: Path, workdir: Path, models: int, hidden: int) -> No
 
 
 def scrape_loads(port: int) -> dict[str, float]:
-    with urllib.request.urlopen(f"http://{LOCALHOST}:{port}/metrics", timeout=30) as response:
-        return loads_by_model(response.read().decode())
+    """Loads so far, from the replicas' sidecars (a replica writes its stats every second:
+    read after a second's pause, so the last requests' loads are in)."""
+    from serving.monitoring.scrape import scrape_sidecars
+
+    time.sleep(1.5)
+    return loads_by_model(scrape_sidecars(f"http://{LOCALHOST}:{port}"))
 
 
 def warm(port: int, names: Sequence[str], body: bytes) -> None:

@@ -1,4 +1,4 @@
-"""``loom serve`` and ``loom status``."""
+"""``loom serve``, ``loom status`` and ``loom top``."""
 
 from __future__ import annotations
 
@@ -33,18 +33,63 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     status_cmd = subparsers.add_parser(
         "status", help="what a running server has deployed, and whether it is ready"
     )
-    status_cmd.add_argument(
-        "--url", default=None, help="server address (default http://127.0.0.1:8000)"
-    )
+    add_server_options(status_cmd)
     status_cmd.add_argument("--json", action="store_true", help="machine-readable output")
-    status_cmd.add_argument(
+    status_cmd.set_defaults(func=run_status)
+
+    top_cmd = subparsers.add_parser(
+        "top", help="a live table of each model's replicas, traffic, latency and queue (q quits)"
+    )
+    add_server_options(top_cmd)
+    top_cmd.add_argument(
+        "--interval-s",
+        type=positive_seconds,
+        default=1.0,
+        help="seconds between redraws (default 1)",
+    )
+    top_cmd.set_defaults(func=run_top)
+    keys_cli.add_commands(subparsers)
+
+
+DEFAULT_URL = "http://127.0.0.1:8000"
+
+
+def add_server_options(command: argparse.ArgumentParser) -> None:
+    """``--url`` and ``--cacert``: where a client command finds the running server and
+    what it trusts there (``loom status``, ``loom top``)."""
+    command.add_argument("--url", default=None, help=f"server address (default {DEFAULT_URL})")
+    command.add_argument(
         "--cacert",
         default=None,
         help="CA certificate (PEM) to trust for an https --url, e.g. a self-signed server's "
         "own certificate (default: $LOOM_CA_FILE, else the system's CAs)",
     )
-    status_cmd.set_defaults(func=run_status)
-    keys_cli.add_commands(subparsers)
+
+
+def server_url(args: argparse.Namespace) -> str:
+    """The server's base address from ``--url``, without a trailing slash."""
+    return str(args.url or DEFAULT_URL).rstrip("/")
+
+
+def client_api_key(env: LoomEnv) -> str | None:
+    """The key a client command sends as its bearer token: the first of ``LOOM_API_KEYS``."""
+    return env.api_keys[0] if env.api_keys else None
+
+
+def client_cacert(args: argparse.Namespace, env: LoomEnv) -> str | None:
+    """``--cacert``, else ``LOOM_CA_FILE``."""
+    return args.cacert or env.ca_file
+
+
+def positive_seconds(text: str) -> float:
+    """An argparse type: a number of seconds above 0."""
+    try:
+        seconds = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not seconds > 0 or seconds == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number of seconds above 0: {text}")
+    return seconds
 
 
 class StopRequest:
@@ -83,8 +128,8 @@ def loopback_ray_env(config: LoomConfig, environ: Mapping[str, str]) -> dict[str
 
 
 def client_ssl_context(cacert: str | None) -> ssl.SSLContext | None:
-    """What ``loom status`` trusts for https: ``cacert`` as well as the system's CAs; None
-    (urllib's default context) without one."""
+    """What ``loom status`` and ``loom top`` trust for https: ``cacert`` as well as the
+    system's CAs; None (urllib's default context) without one."""
     return ssl.create_default_context(cafile=cacert) if cacert else None
 
 
@@ -117,7 +162,8 @@ def run_serve(args: argparse.Namespace) -> int:
     # a run on this home killed without stopping may have left processes holding the port
     RunRecords(env.run_dir).clean_dead_runs()
     try:  # a taken port, too, is said before the heavy imports (LoomServer checks it again)
-        bind_socket(config.server.host, config.server.port).close()
+        if not os.environ.get("RAY_ADDRESS"):  # joining a cluster: it may be Loom's gateway's
+            bind_socket(config.server.host, config.server.port).close()
     except PortUnavailable as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
@@ -137,10 +183,17 @@ def run_serve(args: argparse.Namespace) -> int:
     names = ", ".join(m.name for m in config.models)
     auth = "on" if config.server.keys_on else "off"
     scheme = config.server.scheme
-    print(
-        f"loom: serving {names} on {scheme}://{host}:{port} (API keys {auth}); Ctrl-C stops",
-        flush=True,
-    )
+    if server.role == "standby":
+        print(
+            "loom: standing by (another loom serve holds the control plane); it takes over "
+            "if that one stops answering. Ctrl-C stops",
+            flush=True,
+        )
+    else:
+        print(
+            f"loom: serving {names} on {scheme}://{host}:{port} (API keys {auth}); Ctrl-C stops",
+            flush=True,
+        )
     try:
         while not stop.requested:
             time.sleep(0.2)
@@ -152,13 +205,12 @@ def run_serve(args: argparse.Namespace) -> int:
 
 def run_status(args: argparse.Namespace) -> int:
     env = LoomEnv.from_environ()
-    url = (args.url or "http://127.0.0.1:8000").rstrip("/") + "/v1/status"
+    url = server_url(args) + "/v1/status"
     request = urllib.request.Request(url)
-    if env.api_keys:
-        request.add_header("Authorization", f"Bearer {env.api_keys[0]}")
-    cacert = args.cacert or env.ca_file
+    if (key := client_api_key(env)) is not None:
+        request.add_header("Authorization", f"Bearer {key}")
     try:
-        context = client_ssl_context(cacert)
+        context = client_ssl_context(client_cacert(args, env))
         with urllib.request.urlopen(request, timeout=10, context=context) as response:
             status = json.load(response)
     except urllib.error.HTTPError as exc:
@@ -184,3 +236,17 @@ def run_status(args: argparse.Namespace) -> int:
             label = f"  @{version} weight {app['weight']:g}"
             print(f"{label:<28} {app['status']:<12} {app['running_replicas']:>7}")
     return 0
+
+
+def run_top(args: argparse.Namespace) -> int:
+    env = LoomEnv.from_environ()
+    try:
+        context = client_ssl_context(client_cacert(args, env))
+    except OSError as exc:  # an unreadable or malformed --cacert (ssl.SSLError is an OSError)
+        print(f"error: cannot use the CA certificate: {exc}", file=sys.stderr)
+        return 1
+    from serving.top import GatewayClient
+    from serving.top import run_top as run_top_loop  # rich's import: only when top runs
+
+    client = GatewayClient(server_url(args), api_key=client_api_key(env), ssl_context=context)
+    return run_top_loop(client, interval_s=args.interval_s)

@@ -434,3 +434,17 @@ class DeadlineExceeded(ReplicaError):
 
     def __reduce__(self) -> tuple[Any, ...]:
         return (DeadlineExceeded, (self.model, self.request_id))
+
+
+class ColdStart(ReplicaError):
+    """The model was scaled to zero and no replica started within the request's deadline
+    (503, Retry-After: the replica is on its way)."""
+
+    def __init__(self, model: str, request_id: str = "") -> None:
+        self.message = f"model {model} is starting a replica (it was scaled to zero); retry"
+        super().__init__(self.message)
+        self.model = model
+        self.request_id = request_id
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (ColdStart, (self.model, self.request_id))

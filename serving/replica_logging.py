@@ -20,6 +20,18 @@ PACKAGES = ("models", "training", "serving")
 SERVE_LOGGER = "ray.serve"
 
 
+def _in_serve_controller() -> bool:
+    import ray
+    from ray.serve._private.constants import SERVE_CONTROLLER_NAME
+
+    if not ray.is_initialized():  # never start a Ray to ask
+        return False
+    try:
+        return bool(ray.get_runtime_context().get_actor_name() == SERVE_CONTROLLER_NAME)
+    except Exception:  # a driver, not an actor
+        return False
+
+
 class _ToServeLogger(logging.Handler):
     """Hands each record, level and all, to Serve's logger (its file, buffer and filters)."""
 
@@ -31,14 +43,19 @@ class _ToServeLogger(logging.Handler):
         self.target.handle(record)
 
 
-def route_to_serve_log() -> bool:
-    """In a Serve replica: Loom's package loggers log at INFO into Serve's logger, and not
-    to the root logger. False, and nothing changed, outside a replica (a test running a
-    replica class in-process keeps its own logging)."""
-    try:
-        serve.get_replica_context()
-    except RayServeException:
-        return False
+def route_to_serve_log(*, in_controller: bool = False) -> bool:
+    """In a Serve replica (or, with ``in_controller``, in Serve's controller, where the
+    autoscaling policy runs): Loom's package loggers log at INFO into Serve's logger, and
+    not to the root logger. False, and nothing changed, elsewhere (a test running a replica
+    class in-process keeps its own logging)."""
+    if in_controller:
+        if not _in_serve_controller():
+            return False
+    else:
+        try:
+            serve.get_replica_context()
+        except RayServeException:
+            return False
     target = logging.getLogger(SERVE_LOGGER)
     for package in PACKAGES:
         package_logger = logging.getLogger(package)

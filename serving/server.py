@@ -12,6 +12,7 @@ A start first cleans up after a run on the same home that was killed instead of 
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import logging
 import os
@@ -29,9 +30,10 @@ from models.errors import StoreError
 from models.refs import ModelRef
 from models.settings import LoomEnv
 from models.store import ModelStore
-from serving import metrics
 from serving.audit import AUDIT_FILE_NAME
+from serving.autoscaling.pollers import Source
 from serving.config import ConfigError, LoomConfig, ModelConfig
+from serving.control_plane import ControlPlane, lease_backend
 from serving.gateway.deployment import Gateway
 from serving.gateway.http_server import bind_socket
 from serving.gateway.keys import hash_server_keys
@@ -43,10 +45,13 @@ from serving.gcs_fault_tolerance import (
     redis_reachable,
     storage_namespace,
 )
-from serving.rollout.plan import follows_alias
+from serving.monitoring.sidecar_actor import ReplicaMonitoring, stop_sidecars
+from serving.rollout.plan import AppState, follows_alias
 from serving.rollout.reconciler import ActorBoard, Reconciler, ServeVersionApps
-from serving.rollout.route_table import create_board
+from serving.rollout.route_table import open_board
+from serving.rollout.serve_status import read_serve_apps
 from serving.run_record import RunRecord, RunRecords
+from training.leases import Term
 from training.runner import RunnerSettings
 from training.scheduler import SchedulerService, start_scheduler, stop_scheduler
 
@@ -56,13 +61,44 @@ BOARD_NAME = "loom-routes"
 """The named actor holding the route table (namespace ``loom``)."""
 
 
-def serve_env_vars(metrics_dir: Path) -> dict[str, str]:
-    """Environment of every Loom replica: where its metrics go."""
-    return {metrics.MULTIPROC_ENV: str(metrics_dir)}
+def with_stats_dir(config: LoomConfig, env: LoomEnv) -> LoomConfig:
+    """``config`` with ``monitoring.stats_dir`` resolved (default ``$LOOM_HOME/run/stats``),
+    so the gateway, the replicas and the policy name one folder."""
+    monitoring = config.monitoring
+    if monitoring.stats_dir is not None:
+        return config
+    stats_dir = env.run_dir / "stats"
+    return config.model_copy(
+        update={"monitoring": monitoring.model_copy(update={"stats_dir": stats_dir})}
+    )
+
+
+def replica_monitoring(config: LoomConfig) -> ReplicaMonitoring:
+    """Where every replica reports its stats, and its node's sidecar."""
+    monitoring = config.monitoring
+    return ReplicaMonitoring(
+        stats_dir=str(monitoring.stats_dir),
+        sidecar_host=monitoring.sidecar_host,
+        sidecar_port=monitoring.sidecar_port,
+        interval_s=monitoring.stats_interval_s,
+        start_actor=monitoring.sidecar_actor,
+    )
+
+
+def scaling_source(config: LoomConfig) -> Source:
+    """Where an autoscaled model's policy reads its signals."""
+    monitoring = config.monitoring
+    url = monitoring.prometheus_url
+    return Source(
+        stats_dir=str(monitoring.stats_dir),
+        prometheus_url=None if url is None else str(url),
+        interval_s=monitoring.poll_interval_s,
+        window_s=monitoring.rate_window_s,
+    )
 
 
 def build_application(
-    config: LoomConfig, env: LoomEnv, metrics_dir: Path, *, local_ray: bool = False
+    config: LoomConfig, env: LoomEnv, *, local_ray: bool = False
 ) -> serve.Application:
     """The gateway application. Model versions are applications of their own, deployed by the
     reconciler (``serving.rollout.reconciler``); the gateway finds them in the route table on
@@ -72,10 +108,7 @@ def build_application(
         name="gateway",
         num_replicas=1,
         max_ongoing_requests=4096,  # admission happens per model, behind the gateway
-        ray_actor_options={
-            "num_cpus": 0,
-            "runtime_env": {"env_vars": serve_env_vars(metrics_dir)},
-        },
+        ray_actor_options={"num_cpus": 0},
     )(Gateway)
     jobs = None
     if config.training.enabled:
@@ -188,6 +221,11 @@ def required_cpus(config: LoomConfig) -> int:
     return serving + int(extra + 0.999)
 
 
+def joins_a_cluster() -> bool:
+    """``RAY_ADDRESS`` names a running Ray cluster for `loom serve` to join."""
+    return bool(os.environ.get("RAY_ADDRESS"))
+
+
 def runner_settings(env: LoomEnv) -> RunnerSettings:
     return RunnerSettings(
         db_url=env.db_url, models_dir=str(env.models_dir), jobs_dir=str(env.jobs_dir)
@@ -196,12 +234,14 @@ def runner_settings(env: LoomEnv) -> RunnerSettings:
 
 class LoomServer:
     def __init__(self, config: LoomConfig, env: LoomEnv) -> None:
+        config = with_stats_dir(config, env)
         self.config = config
         self.env = env
         self._started_ray = False
         self._board: Any = None  # the route board actor
         self._scheduler: ActorHandle[SchedulerService] | None = None
         self.reconciler: Reconciler | None = None
+        self.control_plane: ControlPlane | None = None
         self.run_records = RunRecords(env.run_dir)
         self.gcs_watchdog: GcsWatchdog | None = None
         self._gcs_env: dict[str, str] = {}  # set for the Ray it starts; taken back at stop
@@ -212,7 +252,8 @@ class LoomServer:
         yet is not a reason to stop: it waits."""
         server = self.config.server
         self.run_records.clean_dead_runs()  # a killed run's leftovers may hold the port
-        bind_socket(server.host, server.port).close()  # a taken port: a clear error, now
+        if not joins_a_cluster():  # joining: the port may be the running gateway's, rightly
+            bind_socket(server.host, server.port).close()  # a taken port: a clear error, now
         store = ModelStore(self.env.models_dir)  # opening it clears killed registrations
         try:
             ensure_bundled(store)
@@ -226,8 +267,14 @@ class LoomServer:
         warning = plaintext_warning(self.config)
         if warning is not None:
             logger.warning("%s", warning)
-        metrics_dir = metrics.prepare_multiproc_dir(self.env.run_dir / f"metrics-{server.port}")
-        if not ray.is_initialized():
+        stats_dir = Path(str(self.config.monitoring.stats_dir))
+        stats_dir.mkdir(parents=True, exist_ok=True)
+        if not ray.is_initialized() and joins_a_cluster():
+            # RAY_ADDRESS: the cluster says what it holds; a second `loom serve` joins the
+            # first's cluster this way and stands by (``serving.control_plane``)
+            ray.init(log_to_driver=False, configure_logging=False)
+            session_dir = None  # a Ray it joined is not its to clean
+        elif not ray.is_initialized():
             for key, value in ray_serve_env().items():
                 os.environ.setdefault(key, value)
             self._use_gcs_redis()
@@ -258,7 +305,7 @@ class LoomServer:
         # written before anything slow: a kill from here on leaves what the next start cleans
         self.run_records.write(
             RunRecord.for_this_process(
-                port=server.port, ray_session_dir=session_dir, metrics_dir=str(metrics_dir)
+                port=server.port, ray_session_dir=session_dir, metrics_dir=str(stats_dir)
             )
         )
         if server.ingress == "direct":  # the gateway serves HTTP itself: no proxy actor
@@ -273,29 +320,69 @@ class LoomServer:
                     ssl_keyfile=tls.keyfile if tls else None,
                 )
             )
+        self.control_plane = ControlPlane(
+            self.config.control_plane,
+            lease_backend(self.config.control_plane, self.env.db_url),
+            take_over=functools.partial(self._take_over, ready_timeout_s=ready_timeout_s),
+            step_down=self._step_down,
+        )
+        self.control_plane.start()
+        self._wait_for_a_role(ready_timeout_s)
+
+    def _wait_for_a_role(self, timeout_s: float) -> None:
+        """Until this server holds the control plane and serves, or stands by for another
+        that holds it; the take-over's error if it failed, ``TimeoutError`` past
+        ``timeout_s``."""
+        plane = self.control_plane
+        assert plane is not None
+        deadline = time.monotonic() + timeout_s
+        while not plane.ready.wait(0.1):
+            if plane.failed is not None:
+                raise plane.failed
+            if plane.term is None and plane.role == "standby":
+                logger.info(
+                    "standing by: %s holds the control plane", plane.current_holder() or "?"
+                )
+                return
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"not serving within {timeout_s:.0f} s")
+
+    @property
+    def role(self) -> str:
+        """``holder`` (this server reconciles and schedules), ``standby`` or ``starting``."""
+        return "starting" if self.control_plane is None else self.control_plane.role
+
+    def _take_over(self, term: Term, *, ready_timeout_s: float) -> None:
+        """Run the control plane under ``term``: the route board, the reconciler (its first
+        versions), the gateway (unless it runs: a standby taking over leaves it be) and the
+        scheduler, each fenced by the term's epoch."""
         started = time.monotonic()
         store = ModelStore(self.env.models_dir)
-        self._board = create_board(BOARD_NAME)
+        self._board = open_board(BOARD_NAME)
         rollout = self.config.rollout
-        self.reconciler = Reconciler(
+        reconciler = Reconciler(
             self.config.deployed(),  # an ensemble is not deployed: the gateway calls its members
             resolve=lambda source: store.resolve(source).version,
             apps=ServeVersionApps(
                 self.config.deployed(),
-                env_vars=serve_env_vars(metrics_dir),
+                monitoring=replica_monitoring(self.config),
+                scaling=scaling_source(self.config),
                 models_dir=str(self.env.models_dir),
                 drain_timeout_s=rollout.drain_timeout_s,
             ),
-            board=ActorBoard(self._board),
+            board=ActorBoard(self._board, term=term.epoch),
             poll_interval_s=rollout.poll_interval_s,
             drain_timeout_s=rollout.drain_timeout_s,
             on_event=logger.info,
         )
-        self.reconciler.step()  # the first versions start loading beside the gateway
-        app = build_application(self.config, self.env, metrics_dir, local_ray=self._started_ray)
-        serve.run(app, name=APP_NAME, route_prefix="/", blocking=False)  # waits for RUNNING
-        self.reconciler.wait_until_serving(ready_timeout_s - (time.monotonic() - started))
-        self.reconciler.start()
+        self.reconciler = reconciler
+        reconciler.step()  # the first versions start loading beside the gateway
+        gateway = read_serve_apps().get(APP_NAME)
+        if gateway is None or gateway.state != AppState.RUNNING:
+            app = build_application(self.config, self.env, local_ray=self._started_ray)
+            serve.run(app, name=APP_NAME, route_prefix="/", blocking=False)  # waits: RUNNING
+        reconciler.wait_until_serving(ready_timeout_s - (time.monotonic() - started))
+        reconciler.start()
         if self.config.training.enabled:
             self.env.jobs_dir.mkdir(parents=True, exist_ok=True)
             self._scheduler = start_scheduler(
@@ -304,7 +391,20 @@ class LoomServer:
                 webhook_allowed_networks=allowed_networks(self.config),
                 max_placement_wait_s=self.config.training.max_placement_wait_s,
                 retention_days=self.config.training.retention_days,
+                term=term,
+                lease_backend=self.config.control_plane.lease_backend,
             )
+
+    def _step_down(self) -> None:
+        """The term is over: stop reconciling and scheduling now (what they would still write
+        is refused by the fences anyway). The gateway, the version apps and running jobs stay:
+        the next holder takes them over."""
+        if self.reconciler is not None:
+            self.reconciler.stop()
+            self.reconciler = None
+        if self._scheduler is not None and ray.is_initialized():
+            stop_scheduler(self._scheduler)
+            self._scheduler = None
 
     def _use_gcs_redis(self) -> None:
         """With ``ray.gcs_redis_address`` set: the environment that makes the head about to
@@ -338,17 +438,20 @@ class LoomServer:
         self._gcs_env = {}
 
     def stop(self) -> None:
+        """Stop the stack: a holder (or a server that started its own Ray) ends Serve, the
+        board and the sidecars; a standby only stops contending."""
+        plane, self.control_plane = self.control_plane, None
+        held = plane is not None and plane.term is not None
         try:
-            if self.reconciler is not None:
-                self.reconciler.stop()
-            if self._scheduler is not None and ray.is_initialized():
-                stop_scheduler(self._scheduler)
-                self._scheduler = None
-            if ray.is_initialized():
+            self._step_down()  # no more reconciling or scheduling from here
+            if ray.is_initialized() and (held or plane is None or self._started_ray):
                 serve.shutdown()
                 if self._board is not None:
                     ray.kill(self._board)
+                stop_sidecars(str(self.config.monitoring.stats_dir))
         finally:
+            if plane is not None:  # released once the stack is down: a standby starts it anew
+                plane.stop()
             self._board = None
             if self.gcs_watchdog is not None:
                 self.gcs_watchdog.stop()  # Ray's shutdown ends the GCS: not to be restarted

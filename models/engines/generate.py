@@ -141,6 +141,8 @@ class EngineStats:
     """Sequences in the batch now (prefilling or decoding)."""
     waiting: int
     """Sequences admitted but not yet in the batch."""
+    kv_cache_use: float | None = None
+    """Share of the KV cache's tokens the running sequences hold (0..1); None unknown."""
 
 
 @dataclass
@@ -246,7 +248,7 @@ class GenerationEngine(PretrainedEngine):
         if not isinstance(model, GenerationMixin):  # every *ForCausalLM class is one
             raise TypeError(f"{type(model).__name__} in {self.model_dir} cannot generate")
         eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else -1
-        cache_tokens = self._kv_cache_tokens or self.max_sequences * self.context_length
+        cache_tokens = self._cache_tokens
         manager = model.init_continuous_batching(
             # transformers leaves GenerationConfig.__init__(**kwargs) unannotated
             generation_config=GenerationConfig(  # type: ignore[no-untyped-call]
@@ -314,6 +316,11 @@ class GenerationEngine(PretrainedEngine):
             listener(stopped)
 
     # ---- what the model allows ------------------------------------------------------
+
+    @property
+    def _cache_tokens(self) -> int:
+        """The KV cache's size in tokens (default: room for max_sequences full contexts)."""
+        return self._kv_cache_tokens or self.max_sequences * self.context_length
 
     @property
     def context_length(self) -> int:
@@ -417,7 +424,13 @@ class GenerationEngine(PretrainedEngine):
             return EngineStats(running=0, waiting=0)
         scheduler = processor.scheduler
         waiting = len(scheduler.waiting_requests) + manager.input_queue.qsize()
-        return EngineStats(running=len(scheduler.active_requests), waiting=waiting)
+        active = list(scheduler.active_requests.values())  # a copy: the loop thread edits it
+        # pages are KV_PAGE_TOKENS long: a sequence of 70 tokens holds 3 pages of 32 = 96
+        pages = sum(math.ceil(state.current_len() / KV_PAGE_TOKENS) for state in active)
+        pages_total = math.ceil(self._cache_tokens / KV_PAGE_TOKENS)
+        return EngineStats(
+            running=len(active), waiting=waiting, kv_cache_use=min(1.0, pages / pages_total)
+        )
 
     def run(self, batch: Sequence[tuple[str, SamplingParams]]) -> list[Generation]:
         """Generate for each (prompt, params), all in one continuous batch; input order kept."""

@@ -25,6 +25,7 @@ from pydantic import (
 
 from models.bundled import BUNDLED_EMBEDDING_MODEL
 from models.settings import LoomEnv
+from serving.config.control_plane import ControlPlaneConfig
 from serving.config.key_file import KEY_FILE_NAME, KeyFileError, read_key_file
 from serving.config.model import (
     ENTRY_TAGS,
@@ -35,6 +36,7 @@ from serving.config.model import (
     PoolConfig,
     ServedEntry,
 )
+from serving.config.monitoring import MonitoringConfig
 from serving.config.pool import PoolMember
 from serving.config.ray_head import RayConfig
 from serving.config.server import ServerConfig
@@ -157,6 +159,8 @@ class LoomConfig(_Strict):
     rollout: RolloutConfig = Field(default_factory=RolloutConfig)
     training: TrainingConfig = Field(default_factory=TrainingConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
+    monitoring: MonitoringConfig = Field(default_factory=MonitoringConfig)
+    control_plane: ControlPlaneConfig = Field(default_factory=ControlPlaneConfig)
 
     @model_validator(mode="after")
     def _names_unique(self) -> LoomConfig:

@@ -3,6 +3,8 @@ and for a generate model its continuous-batching settings."""
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
@@ -11,10 +13,56 @@ class _Section(BaseModel):
 
 
 class AutoscalingConfig(_Section):
-    min_replicas: int = Field(1, ge=0, description="Fewest replicas kept running.")
+    """Replicas between ``min_replicas`` and ``max_replicas``, decided by Loom's policy
+    (``serving.autoscaling``) from what the monitoring sidecars report: each signal asks for
+    ``ceil(current x observed / target)`` replicas and the largest ask wins, held for the
+    delay of its direction first."""
+
+    min_replicas: int = Field(
+        1,
+        ge=0,
+        description="Fewest replicas kept running; 0 scales to zero when idle (the next "
+        "request waits for a replica to start, up to its deadline, then 503 with Retry-After).",
+    )
     max_replicas: int = Field(2, ge=1, description="Most replicas the autoscaler may start.")
-    target_ongoing_requests: float = Field(
-        32.0, gt=0, description="Requests in flight per replica the autoscaler aims for."
+    target_queue_depth: float = Field(
+        8.0,
+        gt=0,
+        description="Inputs (sequences, for generation) queued or in progress per replica "
+        "the policy aims for: 40 queued over 2 replicas with a target of 10 -> 4 replicas.",
+    )
+    latency_slo_ms: float | None = Field(
+        None,
+        gt=0,
+        description="The p95 of a request's time in the replica the policy keeps under; "
+        "None: latency is not a signal.",
+    )
+    target_waiting_sequences: float = Field(
+        2.0,
+        gt=0,
+        description="Generation: sequences waiting for a slot per replica the policy aims for.",
+    )
+    target_kv_cache_use: float = Field(
+        0.8,
+        gt=0,
+        le=1,
+        description="Generation: share of the KV cache in use the policy aims for.",
+    )
+    policy: Literal["loom", "serve"] = Field(
+        "loom",
+        description="loom: Loom's policy on the sidecars' metrics (every signal above); "
+        "serve: Ray Serve's built-in policy on requests in flight at the handles, with "
+        "target_queue_depth as its target_ongoing_requests (for comparison).",
+    )
+    upscale_delay_s: float = Field(
+        5.0,
+        ge=0,
+        description="How long every reading must ask for more replicas before they start.",
+    )
+    downscale_delay_s: float = Field(
+        60.0,
+        ge=0,
+        description="How long every reading must ask for fewer replicas before they stop.",
     )
 
     @model_validator(mode="after")

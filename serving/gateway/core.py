@@ -37,6 +37,7 @@ from serving.gateway.readiness import ReadinessCache
 from serving.gateway.scopes import require_scope, route_family
 from serving.messages import (
     ClassifyReply,
+    ColdStart,
     DeadlineExceeded,
     EmbedReply,
     Envelope,
@@ -154,14 +155,20 @@ class GatewayCore:
         shard_board: ShardBoard | None = None,
         keys: KeyCheck | None = None,
         audit: AuditLog | None = None,
+        sidecars: Callable[[], Awaitable[list[dict[str, str]]]] | None = None,
+        advertised_address: str | None = None,
     ) -> None:
         """``routes`` picks each request's model version (``rollout.route_table``); ``store``
         is the model store the admin routes move aliases in; ``jobs``, when given, serves the
         ``/v1/jobs`` routes (``training.api``); ``shard_board`` takes resharding requests to
         the reconciler; ``keys`` are the key digests (default: the config's keys, hashed
         here; the gateway deployment is given digests only, ``gateway.keys``); ``audit``, when
-        given, takes a line per state-changing call (``serving.audit``)."""
+        given, takes a line per state-changing call (``serving.audit``); ``sidecars`` lists the
+        monitoring sidecars and ``advertised_address`` is where Prometheus reaches this
+        gateway (``GET /v1/admin/targets``)."""
         self.config = config
+        self.sidecars = sidecars
+        self.advertised_address = advertised_address
         self.audit = audit
         self.jobs = jobs
         server = config.server
@@ -320,6 +327,8 @@ class GatewayCore:
                     coalescer.submit(request.envelope, request.inputs), remaining_s
                 )
         except TimeoutError:
+            if await self.readiness.scaled_to_zero(request.model):
+                raise ColdStart(request.model, request.envelope.request_id) from None
             raise DeadlineExceeded(request.model, request.envelope.request_id) from None
         if not isinstance(rows, EmbedReply | ClassifyReply):
             raise TypeError(f"model {request.model} answered {type(rows).__name__}")

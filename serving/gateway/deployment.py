@@ -27,6 +27,8 @@ from serving.gateway.core import GatewayCore
 from serving.gateway.http_server import HttpLimits, HttpServer, server_ssl_context
 from serving.gateway.keys import KeyCheck
 from serving.gateway.routes.jobs import JobsSettings, build_jobs_service
+from serving.monitoring.sidecar_actor import KnownSidecars
+from serving.monitoring.targets import advertised
 from serving.replica_logging import route_to_serve_log
 from serving.rollout.route_table import (
     BOARD_NAMESPACE,
@@ -60,6 +62,8 @@ class Gateway:
                 JobsSettings.model_validate(jobs),
                 max_body_bytes=loom_config.server.max_body_bytes,
             )
+        server = loom_config.server
+        stats_dir = loom_config.monitoring.stats_dir
         core = GatewayCore(
             loom_config,
             self._routes,
@@ -68,12 +72,13 @@ class Gateway:
             shard_board=BoardShardRequests(board),
             keys=KeyCheck.from_digests(loom_config.server),
             audit=None if audit_log is None else AuditLog(Path(audit_log)),
+            sidecars=KnownSidecars(None if stats_dir is None else str(stats_dir)),
+            advertised_address=advertised(server.host, server.port, ray.util.get_node_ip_address()),
         )
         self._routes.warm_up = core.warm
         self._routes.start()
         self._app = build_http_app(core)
         self._http: HttpServer | None = None
-        server = loom_config.server
         if server.ingress == "direct":
             limits = HttpLimits.of(server)
             tls = server.tls

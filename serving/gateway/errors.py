@@ -20,6 +20,7 @@ from typing import Literal
 from starlette.responses import Response
 
 from serving.messages import (
+    ColdStart,
     DeadlineExceeded,
     GenerationFailed,
     GenerationRefused,
@@ -115,6 +116,11 @@ def model_not_ready(name: str, reason: str | None = None) -> ApiError:
     )
 
 
+COLD_START_S = 5
+"""Retry-After for a request that waited out its deadline on a model scaled to zero: a
+replica is starting (a small model's replica takes ~5 s here)."""
+
+
 def deadline_exceeded(model: str) -> ApiError:
     """The request's deadline passed before an answer came (504)."""
     return ApiError(504, f"model {model} did not answer within the deadline", code="timeout")
@@ -161,6 +167,10 @@ def api_error(exc: BaseException) -> ApiError | None:
     if isinstance(exc, InjectedFault):  # config ``faults``: on purpose, so retry-able
         return ApiError(
             503, f"model {exc.model} failed the call (injected fault)", code="injected_fault"
+        )
+    if isinstance(exc, ColdStart):
+        return ApiError(
+            503, exc.message, code="model_starting", headers={"Retry-After": str(COLD_START_S)}
         )
     if isinstance(exc, DeadlineExceeded):
         return deadline_exceeded(exc.model)

@@ -53,6 +53,17 @@ def _app_entry(app: ServeApp, weight: float) -> dict[str, Any]:
     }
 
 
+def at_zero(entry: Mapping[str, Any]) -> bool:
+    """A version app scaled to zero on purpose (``min_replicas: 0``): running, healthy (its
+    target met), no replica in any state. Ready: a request starts one."""
+    return (
+        entry["status"] == "RUNNING"
+        and entry["deployment_status"] == "HEALTHY"
+        and entry["running_replicas"] == 0
+        and not any(entry["replica_states"].values())
+    )
+
+
 def _model_entry(
     versions: dict[str, dict[str, Any]], routed: Mapping[str, float], waiting_for: str | None
 ) -> dict[str, Any]:
@@ -60,7 +71,7 @@ def _model_entry(
     ready = (
         bool(routed)
         and len(serving) == len(routed)
-        and all(e["running_replicas"] > 0 for e in serving)
+        and all(e["running_replicas"] > 0 or at_zero(e) for e in serving)
     )
     states: dict[str, int] = {}
     for entry in serving:
@@ -73,6 +84,7 @@ def _model_entry(
         "replica_states": states,
         "message": "; ".join(e["message"] for e in serving if e["message"]),
         "ready": ready,
+        "scaled_to_zero": bool(serving) and all(at_zero(e) for e in serving),
         "versions": versions,
     }
     if waiting_for is not None and not routed:
@@ -163,6 +175,13 @@ class ReadinessCache:
         deployments = (await self.status())["deployments"]
         dep = deployments.get(model_deployment_name(model))
         return bool(dep and dep.get("ready"))
+
+    async def scaled_to_zero(self, model: str) -> bool:
+        """``model``'s routed versions have no replica now (autoscaled to zero), as of the
+        last status read (at most ``max_age_s`` old)."""
+        deployments = (await self.status())["deployments"]
+        dep = deployments.get(model_deployment_name(model)) or {}
+        return bool(dep.get("scaled_to_zero"))
 
     async def all_ready(self) -> bool:
         """Every model is ready, or waits for its source to resolve (a model configured before

@@ -30,6 +30,7 @@ ROUTE_SCOPES: Mapping[str, ScopeName] = {
     "admin_promote": "models",
     "admin_shards": "admin",
     "admin_reshard": "admin",
+    "admin_targets": "admin",
 }
 
 

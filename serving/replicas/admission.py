@@ -17,8 +17,7 @@ from __future__ import annotations
 
 import math
 import time
-
-from prometheus_client import Counter
+from collections.abc import Callable
 
 from serving.messages import Overloaded
 
@@ -99,19 +98,19 @@ class Admission:
         limit: int,
         *,
         max_wait_s: float | None = None,
-        rejected: Counter | None = None,
+        on_rejected: Callable[[int], object] | None = None,
     ) -> None:
         """``max_wait_s``: refuse a call whose last unit would wait longer than this for the
         admitted ones ahead of it to be served (once ``served`` has measured the engine; a
-        lone call is always taken). ``rejected`` (a labelled counter child) counts the units
-        refused."""
+        lone call is always taken). ``on_rejected`` hears of every refusal, with its units
+        (the replica's stats count them)."""
         self.model = model
         self.limit = limit
         self.max_wait_s = max_wait_s
         self.admitted = 0
         self._drained = RateMeter(half_life_s=5.0)
         self._service_per_s = 0.0
-        self._rejected = rejected
+        self._on_rejected = on_rejected
 
     def served(self, units: int, seconds: float) -> None:
         """The engine ran ``units`` in ``seconds``: its rate while busy (a moving average),
@@ -125,8 +124,8 @@ class Admission:
     def admit(self, units: int) -> None:
         """Take ``units`` or refuse them all: ``Overloaded`` when they do not fit."""
         if self.admitted + units > self.limit or self._would_wait_too_long(units):
-            if self._rejected is not None:
-                self._rejected.inc(units)
+            if self._on_rejected is not None:
+                self._on_rejected(units)
             raise Overloaded(self.model, retry_after_s(self.admitted, self._drained.rate()))
         self.admitted += units
 

@@ -35,7 +35,6 @@ from models.engines.base import Engine
 from models.engines.classify import TensorClassifierEngine, TextClassifierEngine
 from models.engines.embed import EmbeddingEngine, EmbedResult
 from models.store import ModelStore
-from serving import metrics
 from serving.config.model import ModelConfig
 from serving.messages import (
     ClassifyReply,
@@ -47,6 +46,7 @@ from serving.messages import (
     Rows,
     concat_rows,
 )
+from serving.monitoring.stats import ModelStats, ReplicaStats
 from serving.replicas.admission import Admission
 from serving.replicas.batcher import Batcher, BatchPolicy, Expired
 from serving.replicas.faults import FaultInjector
@@ -68,7 +68,7 @@ class ModelIdentity:
 
 
 class LoadedModel(Generic[E]):
-    """One model loaded in a replica: its engine, version, admission and metrics."""
+    """One model loaded in a replica: its engine, version, admission and stats."""
 
     def __init__(
         self,
@@ -76,14 +76,19 @@ class LoadedModel(Generic[E]):
         identity: ModelIdentity,
         engine: E,
         runner: ThreadPoolExecutor | None,
+        stats: ModelStats,
     ) -> None:
         self.config = config
         self.identity = identity
         self.engine = engine
         self.runner = runner
         """The engine thread (None: the engine runs its own, as generation's does)."""
+        self.stats = stats
+        """What the replica reports of this model to its node's sidecar."""
         self.admission = Admission(
-            config.name, config.limits.max_queued, rejected=metrics.REJECTED.labels(config.name)
+            config.name,
+            config.limits.max_queued,
+            on_rejected=lambda units: stats.inc("rejected", units),
         )
         self.faults = (
             FaultInjector(config.name, config.faults, runner)
@@ -115,11 +120,13 @@ def load_model(
     store: ModelStore,
     *,
     runner: ThreadPoolExecutor | None,
+    stats: ReplicaStats,
     **engine_options: Any,
 ) -> LoadedModel[Any]:
     """Resolve and verify ``config.source``, build its engine, load and warm it up (on
     ``runner`` when given). Blocks for as long as that takes (seconds): call it from a
-    replica's constructor or off its event loop. ``engine_options`` go to the engine."""
+    replica's constructor or off its event loop. ``engine_options`` go to the engine; the
+    model's stats are kept in ``stats`` under its name and version."""
     started = time.perf_counter()
     resolved = store.open(config.source, task=config.task)
     engine = build_engine(
@@ -141,10 +148,11 @@ def load_model(
     else:
         runner.submit(load_and_warm_up).result()
     seconds = time.perf_counter() - started
-    metrics.MODEL_LOAD.labels(config.name, resolved.version).set(seconds)
+    model_stats = stats.model(config.name, resolved.version)
+    model_stats.set("load_seconds", seconds)
     logger.info("%s: loaded version %s in %.2f s", config.name, resolved.version, seconds)
     identity = ModelIdentity(config.name, resolved.version, resolved.task)
-    return LoadedModel(config, identity, engine, runner)
+    return LoadedModel(config, identity, engine, runner, model_stats)
 
 
 @runtime_checkable
@@ -188,13 +196,7 @@ class RowModel:
         self._loop: asyncio.AbstractEventLoop | None = None
         with contextlib.suppress(RuntimeError):
             self._loop = asyncio.get_running_loop()
-        name = model.name
-        batch_size = metrics.BATCH_SIZE.labels(name)
-        batch_latency = metrics.BATCH_LATENCY.labels(name)
-        computed = metrics.INPUTS.labels(name)
-        expired = metrics.EXPIRED.labels(name)
-        self._queue_depth = metrics.QUEUE_DEPTH.labels(name)
-
+        stats = self.stats = model.stats
         admission = model.admission
         # embed and classify bound the expected wait too; generation's sequences do not queue
         # behind one another the same way (its slots free one at a time)
@@ -203,11 +205,12 @@ class RowModel:
 
         def record(size: int, seconds: float) -> None:
             admission.served(size, seconds)
-            batch_size.observe(size)
-            batch_latency.observe(seconds)
-            computed.inc(size)
+            stats.observe("batch_size", size)
+            stats.observe("engine_seconds", seconds)
+            stats.inc("inputs", size)
 
         batching = model.config.batching
+        stats.set("max_batch_size", batching.max_batch_size)
         self.batcher: Batcher[Any, Rows] = Batcher(
             self._run_batch,
             BatchPolicy(
@@ -215,7 +218,7 @@ class RowModel:
             ),
             admission=model.admission,
             on_batch=record,
-            on_expired=expired.inc,
+            on_expired=lambda inputs: stats.inc("expired", inputs),
             executor=model.runner,
         )
 
@@ -243,21 +246,29 @@ class RowModel:
         ran; ``Overloaded`` when admission is full (all parts refused together)."""
         if self._loop is None:
             self._loop = asyncio.get_running_loop()
+        arrived_s = time.perf_counter()
         check_row_inputs(self.model.engine, call.inputs)
-        if self.model.faults is not None:
-            await self.model.faults.apply()
-        parts = call.part_inputs()
-        futures = self.batcher.submit_parts(
-            [
-                (inputs, part.envelope.deadline_s)
-                for inputs, part in zip(parts, call.parts, strict=True)
-            ]
-        )
-        self._queue_depth.inc(len(call))
+        stats = self.stats
+        # in the replica from here: a delay injected below counts as time queued, as it is
+        stats.add_depth(len(call))
+        stats.move("in_flight", len(call.parts))
         try:
+            if self.model.faults is not None:
+                await self.model.faults.apply()
+            parts = call.part_inputs()
+            futures = self.batcher.submit_parts(
+                [
+                    (inputs, part.envelope.deadline_s)
+                    for inputs, part in zip(parts, call.parts, strict=True)
+                ]
+            )
             results = await asyncio.gather(*futures, return_exceptions=True)
         finally:
-            self._queue_depth.dec(len(call))
+            stats.add_depth(-len(call))
+            stats.move("in_flight", -len(call.parts))
+        answered_s = time.perf_counter() - arrived_s
+        for _ in call.parts:  # each request of the joined call waited as long
+            stats.observe("request_seconds", answered_s)
         computed: list[Rows] = []
         skipped: set[int] = set()
         for i, result in enumerate(results):

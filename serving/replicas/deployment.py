@@ -1,8 +1,8 @@
 """The Ray Serve deployment of each replica kind: which class, how many replicas, what they
 reserve, how Serve routes to them and how long they drain.
 
-    deployment = replica_deployment(config, env_vars)   # what the reconciler deploys
-    app = deployment.bind(config.model_dump(), models_dir)
+    deployment = replica_deployment(config, scaling=Source(stats_dir=...))  # the reconciler's
+    app = deployment.bind(config.model_dump(), models_dir, ReplicaMonitoring(stats_dir=...))
 """
 
 from __future__ import annotations
@@ -12,6 +12,8 @@ from typing import Any
 from ray import serve
 from ray.serve.config import RequestRouterConfig
 
+from serving.autoscaling.pollers import Source
+from serving.autoscaling.ray_policy import autoscaling_config
 from serving.config.model import DeployedEntry, ModelConfig, PoolConfig
 from serving.replicas.generation import GenerationReplica
 from serving.replicas.inference import InferenceReplica, pool_replica_class
@@ -36,9 +38,10 @@ def replica_class(config: DeployedEntry) -> type[Any]:
     return InferenceReplica
 
 
-def replica_deployment(config: DeployedEntry, env_vars: dict[str, str]) -> serve.Deployment:
-    """The Serve deployment of one entry: its replica class, replicas, resources, runtime
-    env, admission headroom, request router and drain time."""
+def replica_deployment(config: DeployedEntry, *, scaling: Source | None = None) -> serve.Deployment:
+    """The Serve deployment of one entry: its replica class, replicas (fixed, or scaled by
+    Loom's policy reading ``scaling``), resources, admission headroom, request router and
+    drain time."""
     if isinstance(config, PoolConfig):
         loaded_at_once = min(len(config.multiplex.models), config.multiplex.max_models_per_replica)
         # admission is per member (each one's bounded queue); Ray's limit stays out of it
@@ -60,7 +63,6 @@ def replica_deployment(config: DeployedEntry, env_vars: dict[str, str]) -> serve
         "ray_actor_options": {
             "num_cpus": config.num_cpus,
             "num_gpus": config.num_gpus,
-            "runtime_env": {"env_vars": env_vars},
         },
         # a replica being replaced first finishes what it holds: a generation may stream
         # for a minute or more, a batch of embeddings takes milliseconds
@@ -69,11 +71,9 @@ def replica_deployment(config: DeployedEntry, env_vars: dict[str, str]) -> serve
         "request_router_config": router,
     }
     if config.autoscaling is not None:
-        options["autoscaling_config"] = {
-            "min_replicas": config.autoscaling.min_replicas,
-            "max_replicas": config.autoscaling.max_replicas,
-            "target_ongoing_requests": config.autoscaling.target_ongoing_requests,
-        }
+        options["autoscaling_config"] = autoscaling_config(
+            config.name, config.task, config.autoscaling, scaling or Source(stats_dir="")
+        )
     else:
         options["num_replicas"] = config.replicas or 1
     return serve.deployment(**options)(replica_class(config))

@@ -55,7 +55,6 @@ from models.engines.generate import (
     sample_seed,
 )
 from models.store import ModelStore
-from serving import metrics
 from serving.config.model import ModelConfig, parse_entry
 from serving.messages import (
     ChoiceDelta,
@@ -69,6 +68,8 @@ from serving.messages import (
     RequestTooLarge,
     render_plain_chat,
 )
+from serving.monitoring.sidecar_actor import ReplicaMonitoring, report_to_sidecar
+from serving.monitoring.stats import ReplicaStats, replica_identity
 from serving.replica_logging import route_to_serve_log
 from serving.replicas.admission import Admission, share_refusal
 from serving.replicas.core import LoadedModel, load_model
@@ -160,18 +161,28 @@ class _Choice:
 class GenerationReplica:
     """Serves one generate model: ``generate`` (streamed chunks) and ``complete`` (whole)."""
 
-    def __init__(self, model: dict[str, Any], models_dir: str) -> None:
+    def __init__(
+        self,
+        model: dict[str, Any],
+        models_dir: str,
+        monitoring: ReplicaMonitoring | None = None,
+    ) -> None:
+        """``monitoring``: where the replica reports its stats (None: kept in ``stats``
+        only, for a replica built outside a server)."""
         route_to_serve_log()
         config = parse_entry(model)
         if not isinstance(config, ModelConfig) or config.task != "generate":
             raise ValueError(f"model {config.name} is not a generate model")
         self._config = config
+        replica, app = replica_identity()
+        self.stats = ReplicaStats(replica=replica, kind="generate", app=app)
         settings = config.generation
         # the engine runs its own generation thread: no engine thread of the replica's
         self._model: LoadedModel[GenerationEngine] = load_model(
             config,
             ModelStore(Path(models_dir)),
             runner=None,
+            stats=self.stats,
             max_sequences=settings.max_sequences,
             max_batch_tokens=settings.max_batch_tokens,
             kv_cache_tokens=settings.kv_cache_tokens,
@@ -181,13 +192,7 @@ class GenerationReplica:
         self._admission = self._model.admission  # counts sequences
         # and tokens: prompt + max_tokens per sequence, what a call will hold of the engine
         self._token_admission = Admission(config.name, settings.max_queued_tokens)
-        name = config.name
-        self._ttft = metrics.TIME_TO_FIRST_TOKEN.labels(name)
-        self._itl = metrics.INTER_TOKEN_LATENCY.labels(name)
-        self._tokens = metrics.GENERATED_TOKENS.labels(name)
-        self._running = metrics.RUNNING_SEQUENCES.labels(name)
-        self._waiting = metrics.WAITING_SEQUENCES.labels(name)
-        self._expired = metrics.EXPIRED.labels(name)
+        self._stats = self._model.stats
         self._stats_task: asyncio.Task[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         """The replica's event loop, known from its first call (the constructor has none)."""
@@ -198,6 +203,8 @@ class GenerationReplica:
         self._leaving: asyncio.Task[None] | None = None
         self._leave: Callable[[], None] = leave_this_replica
         self._engine.on_stopped(self._on_engine_stopped)
+        # from here on the node's sidecar sees this replica (loaded: ready to serve)
+        self._reporter = report_to_sidecar(self.stats, monitoring)
 
     # ---- the calls ------------------------------------------------------------------
 
@@ -217,12 +224,14 @@ class GenerationReplica:
         prompts = self._prompt_ids(call)
         wanted = len(prompts) * call.n
         if call.envelope.expired():  # it waited in Serve's queue past its deadline
-            self._expired.inc(wanted)
+            self._stats.inc("expired", wanted)
             raise DeadlineExceeded(self._config.name, call.request_id)
         tokens = self._admit(call, prompts)  # or RequestTooLarge, or Overloaded
         inbox = _Inbox(asyncio.get_running_loop(), wanted, interval_s)
         seq_ids: list[str] = []
         self._calls += 1
+        self._stats.add_depth(wanted)
+        self._stats.move("in_flight", 1)
         try:
             for i, ids in enumerate(prompts):
                 for j in range(call.n):
@@ -237,7 +246,7 @@ class GenerationReplica:
                 try:
                     items = await inbox.take(None if started else call.envelope.remaining_s())
                 except TimeoutError:  # no token by the deadline: give the slots back
-                    self._expired.inc(wanted)
+                    self._stats.inc("expired", wanted)
                     raise DeadlineExceeded(self._config.name, call.request_id) from None
                 if not items:
                     continue
@@ -252,6 +261,9 @@ class GenerationReplica:
             self._admission.release(wanted)
             self._token_admission.release(tokens)
             self._calls -= 1
+            self._stats.add_depth(-wanted)
+            self._stats.move("in_flight", -1)
+            self._stats.observe("request_seconds", time.perf_counter() - arrived_s)
 
     def _admit(self, call: GenerateCall, prompts: list[list[int]]) -> int:
         """Admit the call's sequences and tokens (each prompt's tokens + its max_tokens, n
@@ -320,7 +332,9 @@ class GenerationReplica:
         engine = getattr(self, "_engine", None)
         if engine is not None:
             engine.close()
-        metrics.mark_this_process_dead()
+        reporter = getattr(self, "_reporter", None)
+        if reporter is not None:
+            reporter.close()
 
     # ---- helpers --------------------------------------------------------------------
 
@@ -462,17 +476,19 @@ class GenerationReplica:
         if new_tokens <= 0:
             return
         if choice.tokens == 0:
-            self._ttft.observe(now - arrived_s)
+            self._stats.observe("ttft_seconds", now - arrived_s)
         else:
-            self._itl.observe((now - choice.last_s) / new_tokens)
-        self._tokens.inc(new_tokens)
+            self._stats.observe("itl_seconds", (now - choice.last_s) / new_tokens)
+        self._stats.inc("tokens", new_tokens)
         choice.tokens, choice.last_s = update.completion_tokens, now
 
     async def _report_stats_every(self, period_s: float = STATS_PERIOD_S) -> None:
-        """Keep the running/waiting gauges current (a cancelled sequence leaves the batch at
-        the engine's next step, after its call has returned)."""
+        """Keep the running/waiting/KV-cache gauges current (a cancelled sequence leaves the
+        batch at the engine's next step, after its call has returned)."""
         while True:
             stats = self._engine.stats()
-            self._running.set(stats.running)
-            self._waiting.set(stats.waiting)
+            self._stats.set("running", stats.running)
+            self._stats.set("waiting", stats.waiting)
+            if stats.kv_cache_use is not None:
+                self._stats.set("kv_cache_use", stats.kv_cache_use)
             await asyncio.sleep(period_s)

@@ -25,10 +25,11 @@ from typing import Any
 from ray import serve
 
 from models.store import ModelStore
-from serving import metrics
 from serving.config.model import ModelConfig, PoolConfig, parse_entry
 from serving.config.pool import POOL_VERSION
 from serving.messages import InferCall, InferReply, ModelInfo, Rows
+from serving.monitoring.sidecar_actor import ReplicaMonitoring, report_to_sidecar
+from serving.monitoring.stats import ReplicaStats, replica_identity
 from serving.replica_logging import route_to_serve_log
 from serving.replicas.batcher import engine_thread
 from serving.replicas.core import RowModel, load_model
@@ -40,7 +41,14 @@ class InferenceReplica:
     """The replica of an embed or classify model, or of a pool of them. Deploy a pool's with
     ``pool_replica_class(n)``, which adds the multiplexed loader."""
 
-    def __init__(self, model: dict[str, Any], models_dir: str) -> None:
+    def __init__(
+        self,
+        model: dict[str, Any],
+        models_dir: str,
+        monitoring: ReplicaMonitoring | None = None,
+    ) -> None:
+        """``monitoring``: where the replica reports its stats (None: kept in ``stats``
+        only, for a replica built outside a server)."""
         route_to_serve_log()
         config = parse_entry(model)
         if not isinstance(config, ModelConfig | PoolConfig) or config.task == "generate":
@@ -50,8 +58,14 @@ class InferenceReplica:
         self._runner = engine_thread()  # every model's engine loads and runs here
         self._loaded: dict[str, RowModel] = {}
         self._only: RowModel | None = None
+        replica, app = replica_identity()
+        self.stats = ReplicaStats(replica=replica, kind="rows", app=app)
         if isinstance(config, ModelConfig):  # a pool of one, loaded now
-            self._only = RowModel(load_model(config, self._store, runner=self._runner))
+            self._only = RowModel(
+                load_model(config, self._store, runner=self._runner, stats=self.stats)
+            )
+        # from here on the node's sidecar sees this replica (once loaded: ready to serve)
+        self._reporter = report_to_sidecar(self.stats, monitoring)
 
     async def get_model(self, ref: str) -> RowModel:  # replaced by pool_replica_class
         raise NotImplementedError
@@ -65,9 +79,9 @@ class InferenceReplica:
         if name is None:
             raise ValueError(f"{ref} is not a member of pool {pool.name}")
         loaded = await asyncio.to_thread(
-            load_model, pool.member(name), self._store, runner=self._runner
+            load_model, pool.member(name), self._store, runner=self._runner, stats=self.stats
         )
-        metrics.MODEL_LOADS.labels(name).inc()
+        loaded.stats.inc("model_loads")
         model = RowModel(loaded)
         self._loaded[name] = model
         return model
@@ -121,7 +135,9 @@ class InferenceReplica:
         runner = getattr(self, "_runner", None)
         if runner is not None:
             runner.shutdown(wait=False, cancel_futures=True)
-        metrics.mark_this_process_dead()
+        reporter = getattr(self, "_reporter", None)
+        if reporter is not None:
+            reporter.close()
 
 
 def pool_replica_class(max_models_per_replica: int) -> type[InferenceReplica]:

@@ -41,8 +41,10 @@ from ray.serve.handle import DeploymentHandle
 
 from models.errors import StoreError
 from models.refs import ModelRef
+from serving.autoscaling.pollers import Source
 from serving.config.model import DeployedEntry, ModelConfig
 from serving.config.pool import POOL_VERSION
+from serving.monitoring.sidecar_actor import ReplicaMonitoring
 from serving.replicas.deployment import replica_deployment
 from serving.rollout.plan import (
     AppState,
@@ -373,12 +375,16 @@ class ServeVersionApps:
         self,
         models: Sequence[DeployedEntry],
         *,
-        env_vars: dict[str, str],
+        monitoring: ReplicaMonitoring | None,
+        scaling: Source | None,
         models_dir: str,
         drain_timeout_s: float,
     ) -> None:
+        """``monitoring``: where replicas report (their sidecar); ``scaling``: where an
+        autoscaled model's policy reads its signals."""
         self._models = {m.name: m for m in models}
-        self._env_vars = env_vars
+        self._monitoring = monitoring
+        self._scaling = scaling
         self._models_dir = models_dir
         self._drain_timeout_s = drain_timeout_s
 
@@ -392,10 +398,10 @@ class ServeVersionApps:
     def deploy(self, key: VersionKey) -> None:
         pinned = self.pinned(key)
         # Serve's own drain on delete: a replica waits for what it holds (a long stream too)
-        deployment = replica_deployment(pinned, self._env_vars).options(
+        deployment = replica_deployment(pinned, scaling=self._scaling).options(
             graceful_shutdown_timeout_s=self._drain_timeout_s
         )
-        app = deployment.bind(pinned.model_dump(), self._models_dir)
+        app = deployment.bind(pinned.model_dump(), self._models_dir, self._monitoring)
         serve.run_many(
             [serve.RunTarget(app, name=key.app_name, route_prefix=None)],
             wait_for_applications_running=False,
@@ -418,15 +424,17 @@ class ServeVersionApps:
 
 
 class ActorBoard:
-    """``Board`` over the ``RouteBoard`` actor."""
+    """``Board`` over the ``RouteBoard`` actor; ``term``: the control-plane lease epoch every
+    publish is fenced by (None: unfenced)."""
 
-    def __init__(self, actor: Any) -> None:
+    def __init__(self, actor: Any, *, term: int | None = None) -> None:
         self._actor = actor
+        self._term = term
 
     def publish(
         self, routes: Mapping[str, tuple[VersionRoute, ...]], *, waiting: Mapping[str, str]
     ) -> int:
-        return ray.get(self._actor.publish.remote(dict(routes), dict(waiting)))
+        return ray.get(self._actor.publish.remote(dict(routes), dict(waiting), self._term))
 
     def reports(self) -> Mapping[str, GatewayReport]:
         return ray.get(self._actor.reports.remote())

@@ -63,6 +63,10 @@ class RouteTable:
     Said to clients in the 503 its requests get; no server paths in it."""
 
 
+class StaleTerm(Exception):
+    """A publish on behalf of a control-plane term that a newer one has replaced."""
+
+
 class RouteBoard:
     """The actor body (``ray.remote(RouteBoard)``): the newest table and the gateways' reports."""
 
@@ -71,13 +75,23 @@ class RouteBoard:
         self._changed = asyncio.Event()
         self._reports: dict[str, tuple[int, dict[str, int], float]] = {}
         self._shard_requests: dict[str, int] = {}
+        self._term = 0
+        """The highest control-plane term (lease epoch) that has published: a fencing token."""
 
     async def publish(
         self,
         routes: Mapping[str, tuple[VersionRoute, ...]],
         waiting: Mapping[str, str] | None = None,
+        term: int | None = None,
     ) -> int:
-        """Replace the table; wake every waiting poll. Returns the new epoch."""
+        """Replace the table; wake every waiting poll. Returns the new epoch. ``term``: the
+        publishing reconciler's lease epoch; one older than a term that has published is
+        refused (``StaleTerm``) and changes nothing: a reconciler that lost its role (paused,
+        partitioned) cannot move traffic back."""
+        if term is not None:
+            if term < self._term:
+                raise StaleTerm(f"route table: term {term} is over (term {self._term} publishes)")
+            self._term = term
         self._table = RouteTable(
             epoch=self._table.epoch + 1, routes=dict(routes), waiting=dict(waiting or {})
         )
@@ -117,15 +131,17 @@ class RouteBoard:
         }
 
 
-def create_board(name: str) -> Any:
-    """Start the board actor (replacing one of the same name left by an earlier server on this
-    Ray). Owned by the calling process: it ends with it."""
+def open_board(name: str) -> Any:
+    """The board actor, started unless one runs (``get_if_exists``). Detached: it outlives
+    the `loom serve` that started it, so when a standby takes the control plane over, the
+    gateways keep following the same board and its epochs go on; the server that stops the
+    stack kills it."""
     import ray
 
-    with contextlib.suppress(ValueError):
-        ray.kill(ray.get_actor(name, namespace=BOARD_NAMESPACE))
     actor_class = ray.remote(num_cpus=0, max_restarts=0)(RouteBoard)
-    board = actor_class.options(name=name, namespace=BOARD_NAMESPACE).remote()
+    board = actor_class.options(
+        name=name, namespace=BOARD_NAMESPACE, get_if_exists=True, lifetime="detached"
+    ).remote()
     ray.get(board.table.remote())  # type: ignore[attr-defined]  # Ray types no actor methods
     return board
 

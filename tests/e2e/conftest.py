@@ -6,7 +6,15 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from loom_process import API_KEY, TEAM_A_KEY, TEAM_B_KEY, LoomProcess, start_loom, stop_loom
+from loom_process import (
+    ADMIN_KEY,
+    API_KEY,
+    TEAM_A_KEY,
+    TEAM_B_KEY,
+    LoomProcess,
+    start_loom,
+    stop_loom,
+)
 from model_folders import make_digits_folder, make_tiny_gpt2_folder
 
 from models.settings import LoomEnv
@@ -44,6 +52,7 @@ def _start_keyed(tmp_path_factory: pytest.TempPathFactory, port: int) -> LoomPro
     config = {
         "server": {
             "api_keys": ["config-key-0123456789"],
+            "admin_api_keys": [ADMIN_KEY],
             "keys": [
                 {"name": "team-a", "key": TEAM_A_KEY, "scopes": ["infer", "jobs"]},
                 {"name": "team-b", "key": TEAM_B_KEY, "scopes": ["jobs"]},

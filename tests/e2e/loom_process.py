@@ -22,6 +22,8 @@ TEAM_A_KEY = "team-a-key-0123456789"
 """A named key with scopes infer and jobs (``server.keys`` in the keyed server's config)."""
 TEAM_B_KEY = "team-b-key-0123456789"
 """A named key with the jobs scope only."""
+ADMIN_KEY = "admin-key-0123456789"
+"""A key with the admin scope (``server.admin_api_keys``): what lists the scrape targets."""
 """The key the keyed server takes from ``LOOM_API_KEYS`` (``keyed_server`` in conftest)."""
 
 
@@ -55,6 +57,13 @@ def start_loom(
 ) -> LoomProcess:
     """``loom serve`` on ``port`` with ``config`` (written as ``home/loom.yaml``), once it
     answers ready; stopped, and an error raised, if it exits or is not ready in 300 s."""
+    return _wait_ready(spawn_loom(home, port, config, env))
+
+
+def spawn_loom(
+    home: Path, port: int, config: dict | None = None, env: dict[str, str] | None = None
+) -> LoomProcess:
+    """``loom serve`` started, not waited for (a standby answers nothing of its own)."""
     home.mkdir(parents=True, exist_ok=True)
     args = [sys.executable, "-m", "loom", "serve", "--port", str(port)]
     if config is not None:
@@ -73,7 +82,7 @@ def start_loom(
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
-    return _wait_ready(LoomProcess(f"http://127.0.0.1:{port}", home, process, log))
+    return LoomProcess(f"http://127.0.0.1:{port}", home, process, log)
 
 
 def _wait_ready(loom: LoomProcess, timeout_s: float = 300) -> LoomProcess:

@@ -7,8 +7,9 @@ import time
 
 import httpx
 import pytest
-from loom_process import API_KEY, LoomProcess
+from loom_process import ADMIN_KEY, API_KEY, LoomProcess
 from openai import OpenAI
+from sidecar_totals import sidecar_total
 
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
 
@@ -21,10 +22,9 @@ def gen_server(keyed_server: LoomProcess) -> LoomProcess:
 
 
 def metric(url: str, name: str) -> float:
-    for line in httpx.get(f"{url}/metrics").text.splitlines():
-        if line.startswith(name + '{model="tinygpt"}'):
-            return float(line.split()[-1])
-    return 0.0
+    """A tinygpt series summed over its replicas, from the sidecars (an admin key lists them)."""
+    admin = {"Authorization": f"Bearer {ADMIN_KEY}"}
+    return sidecar_total(url, name, headers=admin, model="tinygpt")
 
 
 def running_sequences(url: str) -> float:
@@ -59,6 +59,7 @@ def test_hanging_up_mid_stream_frees_both_slots(gen_server) -> None:
     The sequences stop (far fewer than 2 x 1000 tokens are made) and their slots come free,
     so a third request is answered in full."""
     tokens_before = metric(gen_server.url, "loom_generated_tokens_total")
+    calls_before = metric(gen_server.url, "loom_replica_request_duration_seconds_count")
     body = {"model": "tinygpt", "prompt": "the quick", "max_tokens": 1000, "stream": True,
             "ignore_eos": True}  # fmt: skip
     for _ in range(2):
@@ -78,5 +79,12 @@ def test_hanging_up_mid_stream_frees_both_slots(gen_server) -> None:
         timeout=60,
     )
     assert reply.json()["usage"]["completion_tokens"] == 4
+    # the replica's stats are read once they hold all 3 calls' ends (rewritten every second)
+    deadline = time.monotonic() + 60
+    while (
+        metric(gen_server.url, "loom_replica_request_duration_seconds_count") < calls_before + 3
+        and time.monotonic() < deadline
+    ):
+        time.sleep(0.25)
     generated = metric(gen_server.url, "loom_generated_tokens_total") - tokens_before
     assert generated < 1000, f"{generated} tokens: the abandoned streams ran on"

@@ -10,6 +10,9 @@ import httpx
 import numpy as np
 import pytest
 from openai import OpenAI
+from sidecar_totals import wait_for_total
+
+from serving.monitoring.scrape import scrape_sidecars, total
 
 SENTENCES = ["Loom serves models.", "The cat sat on the mat.", "A third, slightly longer sentence."]
 
@@ -102,13 +105,23 @@ def test_v2_infer_matches_the_openai_route(loom_server) -> None:
 
 
 def test_metrics_show_requests_latency_batches_queue_and_load_time(loom_server) -> None:
+    """The gateway's own series at /metrics; the replica's at its node's sidecar, found
+    through /v1/admin/targets as Prometheus finds it."""
     httpx.post(f"{loom_server.url}/v1/embeddings", json={"model": "minilm", "input": "count me"})
     text = httpx.get(f"{loom_server.url}/metrics").text
     assert 'loom_requests_total{model="minilm",route="embeddings",status="200"}' in text
     assert "loom_request_duration_seconds_bucket" in text
-    assert 'loom_batch_size_count{model="minilm"}' in text
-    assert 'loom_queue_depth{model="minilm"}' in text
-    assert 'loom_model_load_seconds{model="minilm",version="1"}' in text
+    assert "loom_batch_size" not in text  # the replica's: not the gateway's to export
+    # the replica writes its stats every second
+    batches = wait_for_total(loom_server.url, "loom_batch_size_count", bool, model="minilm")
+    assert batches >= 1
+    replica = scrape_sidecars(loom_server.url)
+    assert total(replica, "loom_inputs_total", model="minilm", version="1") >= 1
+    assert total(replica, "loom_model_load_seconds", model="minilm", version="1") > 0
+    assert total(replica, "loom_queue_depth", model="minilm", kind="rows") >= 0  # a series
+    assert "\nloom_queue_depth{" in replica
+    assert total(replica, "loom_replica_memory_bytes", kind="rows") > 0
+    assert total(replica, "loom_sidecar_replicas") >= 1
 
 
 def test_status_route_reports_deployments_and_replicas(loom_server) -> None:

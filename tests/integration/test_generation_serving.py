@@ -16,8 +16,10 @@ import torch
 from model_folders import make_tiny_gpt2_folder
 from serving_stack import GENERATION_CONTEXT as CONTEXT
 from serving_stack import SharedStack, Stack
+from sidecar_totals import sidecar_total, wait_for_total
 
 from models.store import ModelStore
+from serving.monitoring.scrape import scrape_sidecars
 
 
 @pytest.fixture(scope="module")
@@ -60,9 +62,8 @@ def reference_greedy(model_dir: Path, prompt: str, max_tokens: int) -> str:
 
 
 def metric(server: str, name: str) -> float:
-    text = httpx.get(f"{server}/metrics").text
-    found = re.search(rf'^{name}\{{model="tinygpt"\}} (\S+)$', text, re.MULTILINE)
-    return float(found.group(1)) if found else 0.0
+    """A tinygpt series summed over its replicas, from the sidecars."""
+    return sidecar_total(server, name, model="tinygpt")
 
 
 def test_a_greedy_completion_equals_transformers_generate(server: str, model_dir: Path) -> None:
@@ -183,6 +184,7 @@ def test_a_client_that_disconnects_frees_its_slots(server: str) -> None:
     chunk. The sequences stop there: far fewer tokens than 4 x 1000 are generated, the running
     gauge drops to 0, and a new request gets a slot."""
     tokens_before = metric(server, "loom_generated_tokens_total")
+    calls_before = metric(server, "loom_replica_request_duration_seconds_count")
     body = {"model": "tinygpt", "prompt": "the quick", "max_tokens": 1000, "stream": True,
             "temperature": 0, "ignore_eos": True}  # fmt: skip
 
@@ -209,6 +211,13 @@ def test_a_client_that_disconnects_frees_its_slots(server: str) -> None:
         timeout=60,
     )
     assert reply.json()["usage"]["completion_tokens"] == 3
+    # read once the replica's stats hold all 5 calls' ends (it rewrites them every second)
+    wait_for_total(
+        server,
+        "loom_replica_request_duration_seconds_count",
+        lambda calls: calls >= calls_before + 5,
+        model="tinygpt",
+    )
     generated = metric(server, "loom_generated_tokens_total") - tokens_before
     assert generated < 4 * 1000 / 2, f"{generated} tokens: the cancelled sequences ran on"
 
@@ -262,15 +271,18 @@ def test_generation_metrics_are_exported(server: str) -> None:
         json={"model": "tinygpt", "prompt": "the", "max_tokens": 4, "ignore_eos": True},
         timeout=60,
     )
-    text = httpx.get(f"{server}/metrics").text
+    # the sidecar exports them once the replica has written its stats (every second)
+    assert wait_for_total(server, "loom_generated_tokens_total", lambda n: n >= 4, model="tinygpt")
+    text = scrape_sidecars(server)
     for name in (
-        'loom_time_to_first_token_seconds_count{model="tinygpt"}',
-        'loom_inter_token_latency_seconds_count{model="tinygpt"}',
-        'loom_generated_tokens_total{model="tinygpt"}',
-        'loom_running_sequences{model="tinygpt"}',
-        'loom_waiting_sequences{model="tinygpt"}',
+        "loom_time_to_first_token_seconds_count",
+        "loom_inter_token_latency_seconds_count",
+        "loom_running_sequences",
+        "loom_waiting_sequences",
+        "loom_kv_cache_use_ratio",
+        "loom_queue_depth_seconds_total",
     ):
-        assert name in text, name
+        assert re.search(rf'^{name}{{[^}}]*model="tinygpt"', text, re.M), name
 
 
 def test_promoting_a_new_version_under_streaming_load_fails_no_request(

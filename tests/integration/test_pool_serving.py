@@ -5,7 +5,7 @@ counter shows the evictions."""
 from __future__ import annotations
 
 import asyncio
-import re
+import time
 from dataclasses import dataclass
 
 import httpx
@@ -15,6 +15,7 @@ from serving_stack import POOL_MEMBERS as MEMBERS
 from serving_stack import SharedStack
 
 from models.engines import TensorClassifierEngine, build_engine
+from serving.monitoring.scrape import scrape_sidecars, total
 
 
 @dataclass
@@ -63,12 +64,12 @@ def probabilities_of(response: httpx.Response) -> np.ndarray:
 def loads_by_member(served: Served) -> dict[str, float]:
     """Model loads counted under a member's name or the pool's (the shared server's other
     models count theirs too)."""
-    text = httpx.get(f"{served.url}/metrics", timeout=30).text
-    found = re.findall(r'^loom_model_loads_total\{model="([^"]+)"\} (\S+)$', text, re.M)
+    text = scrape_sidecars(served.url)
     totals: dict[str, float] = {}
-    for member, value in found:
-        if member in MEMBERS or member == "digits-pool":
-            totals[member] = totals.get(member, 0.0) + float(value)
+    for member in (*MEMBERS, "digits-pool"):
+        loads = total(text, "loom_model_loads_total", model=member)
+        if loads:
+            totals[member] = loads
     return totals
 
 
@@ -86,7 +87,12 @@ def test_each_member_answers_with_its_own_weights_and_evictions_show_in_loads(
             assert response.json()["model_name"] == member
             assert np.allclose(probabilities_of(response), engine.run(rows), atol=1e-6), member
 
-    loads = loads_by_member(served)
+    expected = rounds * len(MEMBERS)
+    deadline = time.monotonic() + 60  # the replica writes its stats every second
+    while sum((loads := loads_by_member(served)).values()) < expected and (
+        time.monotonic() < deadline
+    ):
+        time.sleep(0.25)
     assert set(loads) == set(MEMBERS)
     # 3 members round-robin through 2 slots: least recently used is always the next one
     # asked for, so every request after the first two misses: 3 rounds x 3 = 9 loads > 3

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import asyncio
-import re
 
 import httpx
 import pytest
 from serving_stack import SharedStack
+from sidecar_totals import sidecar_total, wait_for_total
 
 
 @pytest.fixture(scope="module")
@@ -38,15 +38,13 @@ def test_two_replicas_answer_64_concurrent_requests_and_batch_them(server: str) 
     status = httpx.get(f"{server}/v1/status").json()
     assert status["deployments"]["model-minilm"]["running_replicas"] == 2
 
-    text = httpx.get(f"{server}/metrics").text
-    count = float(re.search(r'loom_batch_size_count\{model="minilm"\} (\S+)', text).group(1))
-    singles = float(
-        re.search(r'loom_batch_size_bucket\{le="1.0",model="minilm"\} (\S+)', text).group(1)
-    )
+    # the replicas' counts, through the sidecar (each replica writes its stats every second)
+    served = wait_for_total(server, "loom_inputs_total", lambda n: n >= 64, model="minilm")
+    assert served >= 64
+    count = sidecar_total(server, "loom_batch_size_count", model="minilm")
+    singles = sidecar_total(server, "loom_batch_size_bucket", model="minilm", le="1.0")
     # 64 inputs in fewer engine runs than inputs means some batch held more than one
     assert count - singles >= 1, f"no batch larger than 1: {count} batches, {singles} of size 1"
-    served = float(re.search(r'loom_inputs_total\{model="minilm"\} (\S+)', text).group(1))
-    assert served >= 64
 
 
 def test_a_request_larger_than_the_queue_is_refused_with_503_and_retry_after(server: str) -> None:

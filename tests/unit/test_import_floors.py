@@ -17,8 +17,9 @@ PACKAGES = ("models", "training", "serving", "loom", "benchmarks", "deploy")
 
 # Ground first; a floor may import from the floors listed before it and from itself.
 FLOORS = ("models", "training", "serving", "loom")
-# Inside serving: what crosses the hop, the metrics and the config are the ground; the
-# routing parts use only those; the replicas use routing (the hedge-aware router they are
+# Inside serving: what crosses the hop, the metrics, the monitoring sidecar (what replicas
+# report and how it is exported) and the config are the ground; the routing parts and the
+# autoscaling policy use only those; the replicas use routing (the hedge-aware router they are
 # deployed with); rollout deploys replicas; the gateway uses all of them; the server starts
 # the gateway and the rollout; the CLI starts the server.
 SERVING_FLOORS = (
@@ -26,6 +27,7 @@ SERVING_FLOORS = (
         "serving",
         "serving.messages",
         "serving.metrics",
+        "serving.monitoring",
         "serving.config",
         "serving.audit",
         "serving.replica_logging",
@@ -34,8 +36,13 @@ SERVING_FLOORS = (
     ("serving.replicas",),
     ("serving.rollout",),
     ("serving.gateway",),
-    ("serving.server", "serving.run_record", "serving.gcs_fault_tolerance"),
-    ("serving.cli", "serving.keys_cli"),
+    (
+        "serving.server",
+        "serving.control_plane",
+        "serving.run_record",
+        "serving.gcs_fault_tolerance",
+    ),
+    ("serving.cli", "serving.keys_cli", "serving.top", "serving.top_view"),
 )
 
 

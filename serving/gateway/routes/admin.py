@@ -19,6 +19,10 @@ shard's version app, and for a pool keyed by model name which members each shard
 ``{"shards": 5}`` reshards a running model (202): the reconciler starts the new shards and
 moves the ring once they run (it stops removed ones after they drain). It lasts until the
 server restarts: put the count in the config to keep it.
+
+``GET /v1/admin/targets`` lists the gateway and every node's monitoring sidecar in
+Prometheus's HTTP service-discovery format (``serving.monitoring.targets``), for an
+``http_sd_configs`` entry (``deploy/monitoring/prometheus.yml``).
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ from serving.gateway.body import parse_json, read_body, validate
 from serving.gateway.core import GatewayCore
 from serving.gateway.endpoint import Endpoints, Scope
 from serving.gateway.errors import ApiError, bad_request, model_not_found
+from serving.monitoring.targets import http_sd
 from serving.routing.ring import place
 
 
@@ -143,6 +148,14 @@ def add_admin_routes(endpoints: Endpoints, gw: GatewayCore) -> None:
                 entry["placed"] = {"key": key, "shard": place(ring, key)}
             data.append(entry)
         return JSONResponse({"object": "list", "data": data})
+
+    @endpoints.get("/v1/admin/targets", "admin_targets")
+    async def targets(scope: Scope) -> Response:
+        sidecars = await gw.sidecars() if gw.sidecars is not None else []
+        server = gw.config.server
+        return JSONResponse(
+            http_sd(gateway=gw.advertised_address, sidecars=sidecars, tls=server.tls is not None)
+        )
 
     @endpoints.post("/v1/admin/shards/{name}", "admin_reshard")
     async def reshard(scope: Scope) -> Response:

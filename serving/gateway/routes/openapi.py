@@ -36,6 +36,7 @@ from serving.gateway.protocols import openai as oai
 from serving.gateway.protocols import openai_generation as gen_api
 from serving.gateway.protocols import v2
 from serving.gateway.routes import admin
+from serving.monitoring.targets import TargetGroups
 from training.api import MAX_IDEMPOTENCY_KEY_CHARS, MAX_LOG_LINES
 from training.jobs import JobState
 from training.trainers.registry import TRAINERS
@@ -266,6 +267,12 @@ OPERATIONS: dict[str, Operation] = {
         answer=admin.ReshardResponse,
         status=202,
         errors=(400, 409, 413),
+        auth="admin",
+    ),
+    "admin_targets": Operation(
+        summary="Prometheus HTTP service discovery: the gateway and every monitoring sidecar.",
+        tag="admin",
+        answer=TargetGroups,
         auth="admin",
     ),
     "metrics": Operation(

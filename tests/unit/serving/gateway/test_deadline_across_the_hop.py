@@ -14,7 +14,6 @@ import numpy as np
 import pytest
 from inprocess import InProcessHandle, gateway_over
 from model_folders import make_digits_folder
-from prometheus_client import REGISTRY
 
 from models.store import ModelStore
 from serving.config import parse_config
@@ -28,10 +27,6 @@ from serving.messages import (
 from serving.replicas.inference import InferenceReplica
 
 MODEL = "digits-hop"
-
-
-def counter(name: str) -> float:
-    return REGISTRY.get_sample_value(name, {"model": MODEL}) or 0.0
 
 
 @pytest.fixture
@@ -68,8 +63,8 @@ def test_a_request_the_gateway_gave_up_on_is_skipped_by_the_replica(
     assert loaded is not None
     engine_free = threading.Event()
     rows = np.zeros((1, 64), dtype=np.float32)
-    inputs_before = counter("loom_inputs_total")
-    expired_before = counter("loom_expired_inputs_total")
+    inputs_before = replica.stats.counted(MODEL, "inputs")
+    expired_before = replica.stats.counted(MODEL, "expired")
 
     async def scenario() -> None:
         # hold the replica's engine thread: the first request's batch waits on it
@@ -99,8 +94,8 @@ def test_a_request_the_gateway_gave_up_on_is_skipped_by_the_replica(
     held, late = handle.replies
     assert (held.skipped, late.skipped) == (frozenset(), frozenset({0}))
     assert late.rows is None  # nothing computed for the request nobody waits for
-    assert counter("loom_inputs_total") - inputs_before == 1  # only the held request's row
-    assert counter("loom_expired_inputs_total") - expired_before == 1
+    assert replica.stats.counted(MODEL, "inputs") - inputs_before == 1  # the held one's row
+    assert replica.stats.counted(MODEL, "expired") - expired_before == 1
 
 
 def test_a_request_whose_deadline_passed_in_the_gateways_queue_never_crosses_the_hop(

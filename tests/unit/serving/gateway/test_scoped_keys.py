@@ -48,6 +48,7 @@ REQUESTS: dict[str, tuple[str, str, Any]] = {
     "admin_promote": ("POST", "/v1/admin/models/enc/promote", {"version": "1"}),
     "admin_shards": ("GET", "/v1/admin/shards", None),
     "admin_reshard": ("POST", "/v1/admin/shards/enc", {"shards": 2}),
+    "admin_targets": ("GET", "/v1/admin/targets", None),
 }
 """One request per keyed route: the table below is tested route by route."""
 ANY_KEY_ROUTES = {"status", "openapi"}

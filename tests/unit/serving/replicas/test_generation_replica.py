@@ -12,7 +12,6 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
-from prometheus_client import REGISTRY
 from tiny_replicas import tiny_generation_replica
 
 from models.engines.generate import GenerationEngine, SamplingParams, SequenceUpdate
@@ -71,8 +70,8 @@ def replica(tmp_path_factory: pytest.TempPathFactory) -> GenerationReplica:
     )
 
 
-def expired_count() -> float:
-    return REGISTRY.get_sample_value("loom_expired_inputs_total", {"model": MODEL}) or 0.0
+def expired_count(replica: GenerationReplica) -> float:
+    return replica.stats.counted(MODEL, "expired")
 
 
 def call(request_id: str, deadline_s: float = float("inf")) -> GenerateCall:
@@ -84,7 +83,7 @@ def call(request_id: str, deadline_s: float = float("inf")) -> GenerateCall:
 def test_no_first_token_by_the_deadline_cancels_the_sequence_and_frees_its_slot(
     replica: GenerationReplica,
 ) -> None:
-    before = expired_count()
+    before = expired_count(replica)
 
     async def scenario() -> None:
         stream = replica.generate(call("slow", time.time() + 0.05))
@@ -101,7 +100,7 @@ def test_no_first_token_by_the_deadline_cancels_the_sequence_and_frees_its_slot(
         asyncio.run(scenario())
     assert engine.cancelled == ["waiting-1"]  # given back before it ever ran
     assert engine.waiting == {}
-    assert expired_count() - before == 1
+    assert expired_count(replica) - before == 1
 
     # the slot is free again: the next call is admitted and answered in full
     reply = asyncio.run(replica.complete(call("next")))
@@ -111,10 +110,10 @@ def test_no_first_token_by_the_deadline_cancels_the_sequence_and_frees_its_slot(
 def test_a_call_that_arrives_past_its_deadline_never_reaches_the_engine(
     replica: GenerationReplica,
 ) -> None:
-    before = expired_count()
+    before = expired_count(replica)
     with stalled(replica) as engine, pytest.raises(DeadlineExceeded):
         asyncio.run(replica.complete(call("stale", deadline_s=0.0)))
     assert engine.waiting == {}
     assert engine.cancelled == []  # nothing was submitted at all
-    assert expired_count() - before == 1
+    assert expired_count(replica) - before == 1
     assert asyncio.run(replica.complete(call("fresh"))).deltas  # and nothing held back

@@ -10,7 +10,6 @@ from typing import Any
 import numpy as np
 import pytest
 from model_folders import make_digits_folder, make_text_classifier_folder
-from prometheus_client import REGISTRY
 
 from models.engines import build_engine
 from models.store import ModelStore
@@ -38,8 +37,8 @@ async def classify(server: InferenceReplica, rows: Any) -> ClassifyReply:
     return reply.rows
 
 
-def batches_run(model: str) -> float:
-    return REGISTRY.get_sample_value("loom_batch_size_count", {"model": model}) or 0.0
+def batches_run(server: InferenceReplica, model: str) -> int:
+    return server.stats.observations(model, "batch_size")
 
 
 def test_concurrent_calls_share_an_engine_run_and_each_gets_its_own_rows(tmp_path: Path):
@@ -57,13 +56,13 @@ def test_concurrent_calls_share_an_engine_run_and_each_gets_its_own_rows(tmp_pat
     async def fire():
         return await asyncio.gather(*[classify(server, rows) for rows in requests])
 
-    before = batches_run("digits-batched")
+    before = batches_run(server, "digits-batched")
     replies = asyncio.run(fire())
     for rows, reply in zip(requests, replies, strict=True):
         assert reply.version == "1"
         assert np.allclose(reply.probabilities, engine.run(rows), atol=1e-6)
     # 4 requests, 11 rows: all queued before the engine was free, so fewer runs than requests
-    assert batches_run("digits-batched") - before < len(requests)
+    assert batches_run(server, "digits-batched") - before < len(requests)
 
 
 def test_a_call_larger_than_the_queue_is_refused_as_overloaded(tmp_path: Path):
@@ -122,7 +121,7 @@ def test_a_text_model_is_served_with_its_labels_and_the_engines_answers(tmp_path
 
 def test_each_entry_kind_gets_its_replica_class():
     def deployment_class(config: ModelConfig | PoolConfig) -> type:
-        return replica_deployment(config, {}).func_or_class
+        return replica_deployment(config).func_or_class
 
     assert deployment_class(ModelConfig(name="m", source="m", task="classify")) is InferenceReplica
     assert deployment_class(ModelConfig(name="m", source="m", task="embed")) is InferenceReplica
@@ -136,14 +135,11 @@ def test_each_entry_kind_gets_its_replica_class():
 def test_a_part_whose_deadline_passed_before_the_engine_ran_is_skipped(tmp_path: Path):
     server, _ = served(tmp_path, "digits-deadline", make_digits_folder(tmp_path / "d"))
     rows = np.zeros((2, 64), dtype=np.float32)
-    computed_before = REGISTRY.get_sample_value("loom_inputs_total", {"model": "digits-deadline"})
     call = InferCall.join([(Envelope("gone", deadline_s=0.0), rows), (Envelope("live"), rows[:1])])
 
     reply = asyncio.run(server.infer(call))
 
     assert reply.skipped == frozenset({0})  # the gateway's 504 for it has already gone out
     assert [None if r is None else len(r) for r in reply.part_rows([2, 1])] == [None, 1]
-    computed = REGISTRY.get_sample_value("loom_inputs_total", {"model": "digits-deadline"})
-    assert computed - (computed_before or 0.0) == 1  # only the live part's one row ran
-    expired = REGISTRY.get_sample_value("loom_expired_inputs_total", {"model": "digits-deadline"})
-    assert expired == 2
+    assert server.stats.counted("digits-deadline", "inputs") == 1  # only the live part's row
+    assert server.stats.counted("digits-deadline", "expired") == 2

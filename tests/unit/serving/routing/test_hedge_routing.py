@@ -55,10 +55,10 @@ def test_single_models_route_with_the_hedge_aware_router_and_pools_with_serves_o
     def router_of(deployment: serve.Deployment) -> str:
         return deployment._deployment_config.request_router_config.request_router_class
 
-    assert router_of(replica_deployment(config.deployed()[0], {})) == (
+    assert router_of(replica_deployment(config.deployed()[0])) == (
         f"{HedgeAwareRouter.__module__}.{HedgeAwareRouter.__name__}"
     )
     # a pool keeps Serve's FIFO matching of free replicas to the members they hold
-    assert router_of(replica_deployment(config.deployed()[1], {})) == (
+    assert router_of(replica_deployment(config.deployed()[1])) == (
         RequestRouterConfig().request_router_class
     )
