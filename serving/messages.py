@@ -437,11 +437,11 @@ class DeadlineExceeded(ReplicaError):
 
 
 class ColdStart(ReplicaError):
-    """The model was scaled to zero and no replica started within the request's deadline
-    (503, Retry-After: the replica is on its way)."""
+    """The model had no replica running and none started within the request's deadline
+    (scaled to zero, or its one replica being replaced): 503, Retry-After, one is coming."""
 
     def __init__(self, model: str, request_id: str = "") -> None:
-        self.message = f"model {model} is starting a replica (it was scaled to zero); retry"
+        self.message = f"model {model} has no replica running yet (one is starting); retry"
         super().__init__(self.message)
         self.model = model
         self.request_id = request_id

@@ -327,7 +327,7 @@ class GatewayCore:
                     coalescer.submit(request.envelope, request.inputs), remaining_s
                 )
         except TimeoutError:
-            if await self.readiness.scaled_to_zero(request.model):
+            if await self.readiness.without_replicas(request.model):
                 raise ColdStart(request.model, request.envelope.request_id) from None
             raise DeadlineExceeded(request.model, request.envelope.request_id) from None
         if not isinstance(rows, EmbedReply | ClassifyReply):

@@ -17,6 +17,7 @@ cost nothing on the hot path.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -33,6 +34,8 @@ RoutedWeights = Mapping[str, Mapping[str, float]]
 """Model -> version -> weight, as the gateway routes now."""
 Waiting = Mapping[str, str]
 """Route-table entry -> why it has no version yet (its source does not resolve)."""
+
+logger = logging.getLogger(__name__)
 
 
 def _app_entry(app: ServeApp, weight: float) -> dict[str, Any]:
@@ -176,12 +179,17 @@ class ReadinessCache:
         dep = deployments.get(model_deployment_name(model))
         return bool(dep and dep.get("ready"))
 
-    async def scaled_to_zero(self, model: str) -> bool:
-        """``model``'s routed versions have no replica now (autoscaled to zero), as of the
-        last status read (at most ``max_age_s`` old)."""
-        deployments = (await self.status())["deployments"]
+    async def without_replicas(self, model: str) -> bool:
+        """``model``'s routed versions have no running replica now (scaled to zero and one
+        starting, or its one replica being replaced), as of the last status read (at most
+        ``max_age_s`` old); False when Serve's status cannot be read (no Serve: a test)."""
+        try:
+            deployments = (await self.status())["deployments"]
+        except Exception as exc:  # the answer is then the plain 504
+            logger.debug("Serve's status not read: %s", exc)
+            return False
         dep = deployments.get(model_deployment_name(model)) or {}
-        return bool(dep.get("scaled_to_zero"))
+        return dep.get("running_replicas") == 0 and dep.get("status") != "NOT_ROUTED"
 
     async def all_ready(self) -> bool:
         """Every model is ready, or waits for its source to resolve (a model configured before

@@ -110,21 +110,24 @@ def report_to_sidecar(
     return reporter
 
 
-def _named_sidecars() -> list[str]:
-    return [
+def _named_sidecars(stats_dir: str | None = None) -> list[str]:
+    """The sidecar actors' names; with ``stats_dir``, only those reading that folder (one
+    server's, where several share a Ray)."""
+    names = [
         entry["name"]
         for entry in ray.util.list_named_actors(all_namespaces=True)
         if entry.get("namespace") == NAMESPACE and str(entry.get("name", "")).startswith(PREFIX)
     ]
+    if stats_dir is None:
+        return names
+    suffix = sidecar_name("", stats_dir).removeprefix(PREFIX)
+    return [name for name in names if name.endswith(suffix)]
 
 
 async def list_sidecars(stats_dir: str | None = None) -> list[dict[str, str]]:
     """Every sidecar that answers within ``ADDRESS_TIMEOUT_S``: ``{"address", "node",
     "name"}``; with ``stats_dir``, only the ones reading that folder (this server's)."""
-    names = await asyncio.to_thread(_named_sidecars)
-    if stats_dir is not None:
-        suffix = sidecar_name("", stats_dir).removeprefix(PREFIX)
-        names = [n for n in names if n.endswith(suffix)]
+    names = await asyncio.to_thread(_named_sidecars, stats_dir)
 
     async def address(name: str) -> dict[str, str] | None:
         try:
@@ -154,18 +157,15 @@ class KnownSidecars:
     async def __call__(self) -> list[dict[str, str]]:
         for found in await list_sidecars(self.stats_dir):
             self._known[found["name"]] = found
-        names = set(await asyncio.to_thread(_named_sidecars))
+        names = set(await asyncio.to_thread(_named_sidecars, self.stats_dir))
         self._known = {name: v for name, v in self._known.items() if name in names}
         return list(self._known.values())
 
 
 def stop_sidecars(stats_dir: str) -> int:
     """End this server's sidecars (no restart); how many there were."""
-    suffix = sidecar_name("", stats_dir).removeprefix(PREFIX)
     stopped = 0
-    for name in _named_sidecars():
-        if not name.endswith(suffix):
-            continue
+    for name in _named_sidecars(stats_dir):
         try:
             ray.kill(ray.get_actor(name, namespace=NAMESPACE), no_restart=True)
             stopped += 1
@@ -177,12 +177,8 @@ def stop_sidecars(stats_dir: str) -> int:
 def sidecar_addresses(stats_dir: str | None = None) -> list[str]:
     """``list_sidecars`` from code outside an event loop (the autoscaling policy's poller
     thread): every answering sidecar's ``host:port``."""
-    names = _named_sidecars()
-    if stats_dir is not None:
-        suffix = sidecar_name("", stats_dir).removeprefix(PREFIX)
-        names = [n for n in names if n.endswith(suffix)]
     addresses: list[str] = []
-    for name in names:
+    for name in _named_sidecars(stats_dir):
         try:
             actor = ray.get_actor(name, namespace=NAMESPACE)
             found = cast(dict[str, str], ray.get(actor.address.remote(), timeout=ADDRESS_TIMEOUT_S))

@@ -323,7 +323,7 @@ def test_scaled_to_zero_it_stays_ready_and_a_request_starts_a_replica(
         assert ready.status_code == 200, status  # at zero on purpose: still ready
         first = httpx.post(f"{cold.url}/v2/models/{MODEL}/infer", json=BODY, timeout=60)
         assert first.status_code == 503, first.text
-        assert "starting a replica" in first.json()["error"]  # the v2 error shape: a string
+        assert "no replica running yet" in first.json()["error"]  # the v2 error shape: a string
         assert int(first.headers["retry-after"]) >= 1
         wait_until(lambda: running_replicas(cold.url) == 1, "the replica the request asked for")
         second = httpx.post(f"{cold.url}/v2/models/{MODEL}/infer", json=BODY, timeout=60)

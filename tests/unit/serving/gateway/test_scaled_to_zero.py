@@ -70,12 +70,21 @@ def test_a_request_that_waits_out_its_deadline_for_a_cold_start_is_503_with_retr
     assert int(answer.headers["retry-after"]) >= 1
 
 
-def test_a_replica_lost_is_not_mistaken_for_zero_on_purpose(
+def test_a_replica_being_replaced_is_not_ready_and_its_waiting_request_is_503_too(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """A fixed replica that is restarting: unhealthy, a replica STARTING. Not ready, and a
-    request past its deadline is the usual 504."""
+    """A lost replica being replaced (unhealthy, one STARTING) is not zero on purpose: not
+    ready. A request that waited for it past its deadline is 503 as well: no replica ran."""
     http = gateway(monkeypatch, ServeDeployment("UNHEALTHY", {"STARTING": 1}, ""))
     assert http.get("/v2/health/ready").status_code == 503
+    answer = http.post("/v1/embeddings", json={"model": MODEL, "input": ["hi"]})
+    assert answer.status_code == 503
+    assert answer.json()["error"]["code"] == "model_starting"
+
+
+def test_a_running_replica_that_is_slow_past_the_deadline_is_still_504(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    http = gateway(monkeypatch, ServeDeployment("HEALTHY", {"RUNNING": 1}, ""))
     answer = http.post("/v1/embeddings", json={"model": MODEL, "input": ["hi"]})
     assert answer.status_code == 504
