@@ -25,6 +25,7 @@ from collections.abc import Callable
 
 import psutil
 
+from serving.config import ConfigError
 from serving.config.control_plane import ControlPlaneConfig
 from training.leases import Elector, LeaseBackend, LeaseStore, Term
 
@@ -45,9 +46,16 @@ def holder_is_dead_here(holder: str) -> bool:
 
 def lease_backend(config: ControlPlaneConfig, db_url: str) -> LeaseBackend:
     if config.lease_backend == "kubernetes":
+        from kubernetes.config import ConfigException
+
         from training.k8s_leases import KubernetesLeases
 
-        return KubernetesLeases.from_cluster(config.kubernetes_namespace)
+        try:
+            return KubernetesLeases.from_cluster(config.kubernetes_namespace)
+        except ConfigException as exc:  # neither in a pod nor a kubeconfig: say so, once
+            raise ConfigError(
+                f"control_plane.lease_backend: kubernetes, but no cluster to reach ({exc})"
+            ) from None
     from training.db import create_db_engine, create_tables
 
     engine = create_db_engine(db_url)

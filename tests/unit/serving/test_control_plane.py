@@ -171,3 +171,15 @@ def test_control_plane_timings_that_would_let_two_holders_act_are_refused(
         ControlPlaneConfig(
             lease_duration_s=duration_s, renew_deadline_s=deadline_s, retry_period_s=retry_s
         )
+
+
+def test_kubernetes_leases_without_a_cluster_to_reach_are_a_clear_config_error(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    from serving.config import ConfigError
+    from serving.control_plane import lease_backend
+
+    monkeypatch.setenv("KUBECONFIG", str(tmp_path / "no-such-kubeconfig"))
+    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+    with pytest.raises(ConfigError, match="no cluster to reach"):
+        lease_backend(ControlPlaneConfig(lease_backend="kubernetes"), "sqlite://")
