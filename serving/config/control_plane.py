@@ -47,6 +47,10 @@ class ControlPlaneConfig(BaseModel):
     @model_validator(mode="after")
     def _timings_hold(self) -> ControlPlaneConfig:
         self.timings()  # duration > renew deadline > 1.2 x retry period, or a clear error
+        if self.lease_backend == "kubernetes" and self.lease_duration_s < 1:
+            # a Lease counts whole seconds (leaseDurationSeconds): refused here, not at
+            # every renewal
+            raise ValueError("lease_duration_s must be at least 1 with the kubernetes backend")
         return self
 
     def timings(self) -> ElectionTimings:

@@ -183,3 +183,11 @@ def test_kubernetes_leases_without_a_cluster_to_reach_are_a_clear_config_error(
     monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
     with pytest.raises(ConfigError, match="no cluster to reach"):
         lease_backend(ControlPlaneConfig(lease_backend="kubernetes"), "sqlite://")
+
+
+def test_a_sub_second_lease_is_refused_with_kubernetes_leases_at_config_time() -> None:
+    """A Lease counts whole seconds: such timings would fail at every renewal instead."""
+    fast = {"lease_duration_s": 0.9, "renew_deadline_s": 0.6, "retry_period_s": 0.2}
+    ControlPlaneConfig(**fast)  # the job store takes them
+    with pytest.raises(ValueError, match="at least 1 with the kubernetes backend"):
+        ControlPlaneConfig(lease_backend="kubernetes", **fast)
