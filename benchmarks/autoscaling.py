@@ -35,7 +35,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import datetime as dt
-import json
 import shutil
 import subprocess
 import tempfile
@@ -51,7 +50,7 @@ import yaml
 
 from benchmarks.machine import machine_facts
 from benchmarks.processes import free_port
-from benchmarks.report import latency_ms
+from benchmarks.report import latency_ms, write_json
 
 REPO = Path(__file__).resolve().parents[1]
 MODEL = "scaled"
@@ -77,14 +76,24 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 # ---- the load ---------------------------------------------------------------------------------
 
 
-class Load:
-    """``callers`` closed-loop callers; every answer's (end time, latency, status) kept."""
+def digits_body() -> dict[str, Any]:
+    """One v2 infer request for ``MODEL``: a row of 64 pixels."""
+    rows = np.random.default_rng(0).uniform(0, 16, size=(1, 64)).astype(np.float32)
+    tensor = {"name": "input", "datatype": "FP32", "shape": [1, 64]}
+    return {"inputs": [tensor | {"data": rows.ravel().tolist()}]}
 
-    def __init__(self, url: str, callers: int) -> None:
-        rows = np.random.default_rng(0).uniform(0, 16, size=(1, 64)).astype(np.float32)
-        tensor = {"name": "input", "datatype": "FP32", "shape": [1, 64]}
-        self.body = {"inputs": [tensor | {"data": rows.ravel().tolist()}]}
-        self.url, self.callers = url, callers
+
+class ClosedLoop:
+    """``callers`` closed-loop callers POSTing ``body`` to ``path``, each sending again once
+    answered; every answer's (end time, latency, status) kept, a transport error as status 0.
+
+        with ClosedLoop(url, 12, f"/v2/models/{MODEL}/infer", digits_body()) as load:
+            ...
+        load.statuses          # {200: 1443}
+    """
+
+    def __init__(self, url: str, callers: int, path: str, body: dict[str, Any]) -> None:
+        self.url, self.callers, self.path, self.body = url, callers, path, body
         self.answers: list[tuple[float, float, int]] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=lambda: asyncio.run(self._run()), daemon=True)
@@ -97,14 +106,21 @@ class Load:
                 while not self._stop.is_set():
                     started = time.monotonic()
                     try:
-                        reply = await client.post(f"/v2/models/{MODEL}/infer", json=self.body)
-                        status = reply.status_code
+                        status = (await client.post(self.path, json=self.body)).status_code
                     except httpx.HTTPError:
                         status = 0
                     ended = time.monotonic()
                     self.answers.append((ended, ended - started, status))
 
             await asyncio.gather(*(caller() for _ in range(self.callers)))
+
+    @property
+    def statuses(self) -> dict[int, int]:
+        """Answers by HTTP status (0: the transport failed)."""
+        counts: dict[int, int] = {}
+        for _, _, status in self.answers:
+            counts[status] = counts.get(status, 0) + 1
+        return counts
 
     def start(self) -> float:
         self._thread.start()
@@ -113,6 +129,13 @@ class Load:
     def stop(self) -> None:
         self._stop.set()
         self._thread.join(timeout=180)
+
+    def __enter__(self) -> ClosedLoop:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
 
 
 # ---- one set-up -------------------------------------------------------------------------------
@@ -231,7 +254,7 @@ def run_setup(setup: str, work: Path, args: argparse.Namespace) -> dict[str, Any
     url = f"http://127.0.0.1:{port}"
     try:
         loom.start(ready_timeout_s=300)
-        load = Load(url, args.callers)
+        load = ClosedLoop(url, args.callers, f"/v2/models/{MODEL}/infer", digits_body())
         for _ in range(3):  # warm: the first calls load caches
             httpx.post(f"{url}/v2/models/{MODEL}/infer", json=load.body, timeout=60)
         wait_for(lambda: sidecar_view(url)["serving"] >= 1, 60)
@@ -301,28 +324,13 @@ def cpu_share(work: Path, args: argparse.Namespace) -> dict[str, Any]:
     loom = LoomServer(config, env)
     url = f"http://127.0.0.1:{port}"
     body = {"model": "minilm", "input": "a sentence of a few words about serving models"}
-    stop = threading.Event()
-
-    async def drive() -> None:
-        limits = httpx.Limits(max_connections=args.callers)
-        async with httpx.AsyncClient(base_url=url, timeout=120, limits=limits) as client:
-
-            async def caller() -> None:
-                while not stop.is_set():
-                    await client.post("/v1/embeddings", json=body)
-
-            await asyncio.gather(*(caller() for _ in range(args.callers)))
-
     try:
         loom.start(ready_timeout_s=300)
-        thread = threading.Thread(target=lambda: asyncio.run(drive()), daemon=True)
-        thread.start()
-        time.sleep(5)  # warm: both replicas busy
-        before, started = minilm_cpu(url), time.monotonic()
-        time.sleep(args.steady_s)
-        after, elapsed = minilm_cpu(url), time.monotonic() - started
-        stop.set()
-        thread.join(timeout=120)
+        with ClosedLoop(url, args.callers, "/v1/embeddings", body):
+            time.sleep(5)  # warm: both replicas busy
+            before, started = sidecar_view(url), time.monotonic()
+            time.sleep(args.steady_s)
+            after, elapsed = sidecar_view(url), time.monotonic() - started
     finally:
         loom.stop()
     sidecar = after["sidecar_cpu_s"] - before["sidecar_cpu_s"]
@@ -341,16 +349,6 @@ def cpu_share(work: Path, args: argparse.Namespace) -> dict[str, Any]:
         flush=True,
     )
     return result
-
-
-def minilm_cpu(url: str) -> dict[str, float]:
-    from serving.monitoring.scrape import scrape_sidecars, total
-
-    text = scrape_sidecars(url)
-    return {
-        "sidecar_cpu_s": total(text, "loom_sidecar_cpu_seconds_total"),
-        "replica_cpu_s": total(text, "loom_replica_cpu_seconds_total", kind="rows"),
-    }
 
 
 def _s(value: float | None) -> str:
@@ -480,8 +478,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             ray.shutdown()
     stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ")
     out = args.out or REPO / "benchmarks" / "results" / f"autoscaling-{stamp}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=2, default=str))
+    write_json(out, results)
     print(f"wrote {out}")
     return 0
 

@@ -19,6 +19,7 @@ from models.errors import StoreError
 from models.settings import LoomEnv
 from serving import keys_cli
 from serving.config import ConfigError, LoomConfig, default_config, load_config, with_overrides
+from serving.config.ray_head import joins_a_cluster
 
 
 def add_commands(subparsers: argparse._SubParsersAction) -> None:
@@ -122,7 +123,7 @@ def loopback_ray_env(config: LoomConfig, environ: Mapping[str, str]) -> dict[str
     routable address); this switch makes that address 127.0.0.1. It is read when Ray is
     imported, so it must be set before that. A Ray of several nodes needs routable
     addresses: bind Loom to one (with keys and TLS), or join a cluster with RAY_ADDRESS."""
-    if not config.server.is_loopback or environ.get("RAY_ADDRESS"):
+    if not config.server.is_loopback or joins_a_cluster(environ):
         return {}
     return {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
 
@@ -162,7 +163,7 @@ def run_serve(args: argparse.Namespace) -> int:
     # a run on this home killed without stopping may have left processes holding the port
     RunRecords(env.run_dir).clean_dead_runs()
     try:  # a taken port, too, is said before the heavy imports (LoomServer checks it again)
-        if not os.environ.get("RAY_ADDRESS"):  # joining a cluster: it may be Loom's gateway's
+        if not joins_a_cluster():  # joining a cluster: the port may be Loom's gateway's
             bind_socket(config.server.host, config.server.port).close()
     except PortUnavailable as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -33,6 +33,7 @@ from models.store import ModelStore
 from serving.audit import AUDIT_FILE_NAME
 from serving.autoscaling.pollers import Source
 from serving.config import ConfigError, LoomConfig, ModelConfig
+from serving.config.ray_head import joins_a_cluster
 from serving.control_plane import ControlPlane, lease_backend
 from serving.gateway.deployment import Gateway
 from serving.gateway.http_server import bind_socket
@@ -219,11 +220,6 @@ def required_cpus(config: LoomConfig) -> int:
         return serving
     extra = training.cpus if training.cpus is not None else (os.cpu_count() or 1)
     return serving + int(extra + 0.999)
-
-
-def joins_a_cluster() -> bool:
-    """``RAY_ADDRESS`` names a running Ray cluster for `loom serve` to join."""
-    return bool(os.environ.get("RAY_ADDRESS"))
 
 
 def runner_settings(env: LoomEnv) -> RunnerSettings:

@@ -39,6 +39,7 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
+from serving.monitoring.targets import sidecar_targets
 from serving.top_view import (
     COLUMNS,
     Frame,
@@ -51,7 +52,6 @@ from serving.top_view import (
     parse_metrics,
     row_cells,
     served_models,
-    sidecar_targets,
 )
 
 TARGETS_PATH = "/v1/admin/targets"

@@ -98,14 +98,6 @@ class ModelRow:
     gpu_utilization_ratio: float | None
 
 
-@dataclass(frozen=True)
-class ScrapeTarget:
-    """A sidecar to scrape, from the gateway's HTTP service discovery answer."""
-
-    url: str
-    node: str
-
-
 def served_models(status: Mapping[str, Any]) -> list[ServedModel]:
     """The models of a ``/v1/status`` answer (``serving.gateway.readiness``), by name. A
     sharded model's ``1~0``, ``1~1`` fold into version ``1`` (weight: the largest of its
@@ -128,29 +120,6 @@ def served_models(status: Mapping[str, Any]) -> list[ServedModel]:
 def _version_order(version: str) -> tuple[int, str]:
     # "10" after "9": numeric versions by number, named ones after them by name
     return (int(version), "") if version.isdigit() else (1 << 62, version)
-
-
-def sidecar_targets(answer: object) -> list[ScrapeTarget]:
-    """The ``loom-sidecar`` targets of a Prometheus HTTP service discovery answer:
-    ``[{"targets": ["host:port"], "labels": {"job": "loom-sidecar", "node": "n1"}}, ...]``.
-    Scheme and path follow Prometheus' ``__scheme__`` and ``__metrics_path__`` labels
-    (``http``, ``/metrics``). Raises ValueError on another shape."""
-    if not isinstance(answer, list):
-        raise ValueError("service discovery answer is not a list of target groups")
-    targets = []
-    for group in answer:
-        if not isinstance(group, dict) or not isinstance(group.get("targets"), list):
-            raise ValueError("a target group without a list of targets")
-        labels = group.get("labels", {})
-        if not isinstance(labels, dict):
-            raise ValueError("a target group whose labels are not an object")
-        if labels.get("job") != "loom-sidecar":
-            continue  # the gateway's own target: `loom top` reads it at --url already
-        scheme = str(labels.get("__scheme__", "http"))
-        path = str(labels.get("__metrics_path__", "/metrics"))
-        node = str(labels.get("node", ""))
-        targets += [ScrapeTarget(f"{scheme}://{host}{path}", node) for host in group["targets"]]
-    return targets
 
 
 # ---- reading samples ----------------------------------------------------------------------

@@ -21,6 +21,7 @@ readers do the HTTP.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -33,9 +34,13 @@ from dataclasses import dataclass, field
 
 from prometheus_client.parser import text_string_to_metric_families
 
+from serving.monitoring.scrape import fetch_text
+
 logger = logging.getLogger(__name__)
 
 FETCH_TIMEOUT_S = 2.0
+"""A sidecar or Prometheus slower than this is missing this round."""
+FETCH = functools.partial(fetch_text, timeout_s=FETCH_TIMEOUT_S)
 LATENCY_QUANTILE = 0.95
 
 
@@ -165,12 +170,6 @@ def reading_between(
     )
 
 
-def fetch_text(url: str, *, timeout_s: float = FETCH_TIMEOUT_S) -> str:
-    with urllib.request.urlopen(url, timeout=timeout_s) as response:  # noqa: S310 (http only)
-        body: bytes = response.read()
-    return body.decode()
-
-
 class SidecarReader:
     """Scrapes the sidecars ``addresses()`` names and answers readings over ``window_s``."""
 
@@ -179,7 +178,7 @@ class SidecarReader:
         addresses: Callable[[], Iterable[str]],
         *,
         window_s: float = 5.0,
-        fetch: Callable[[str], str] = fetch_text,
+        fetch: Callable[[str], str] = FETCH,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self._addresses = addresses
@@ -233,7 +232,7 @@ class PrometheusReader:
         url: str,
         *,
         window_s: float = 10.0,
-        fetch: Callable[[str], str] = fetch_text,
+        fetch: Callable[[str], str] = FETCH,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self._url = url.rstrip("/")

@@ -7,6 +7,8 @@ Redis that makes the head's GCS fault tolerant.
 
 from __future__ import annotations
 
+import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -74,3 +76,9 @@ class RayConfig(BaseModel):
         if self.gcs_redis_address is None:
             return None
         return parse_redis_address(self.gcs_redis_address)
+
+
+def joins_a_cluster(environ: Mapping[str, str] = os.environ) -> bool:
+    """``RAY_ADDRESS`` names a running Ray cluster for `loom serve` to join (its own head is
+    then not started; a second `loom serve` joins the first's cluster this way)."""
+    return bool(environ.get("RAY_ADDRESS"))

@@ -15,35 +15,40 @@ from collections.abc import Mapping
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from serving.monitoring.targets import SIDECAR_JOB
+from serving.monitoring.targets import sidecar_targets
+
+FETCH_TIMEOUT_S = 10.0
 
 
-def _get(
-    url: str, headers: Mapping[str, str], context: ssl.SSLContext | None, timeout_s: float
+def fetch_text(
+    url: str,
+    *,
+    headers: Mapping[str, str] | None = None,
+    context: ssl.SSLContext | None = None,
+    timeout_s: float = FETCH_TIMEOUT_S,
 ) -> str:
-    request = urllib.request.Request(url, headers=dict(headers))
+    """The body of a GET of ``url``, as text (``urllib``'s errors raised as they come)."""
+    request = urllib.request.Request(url, headers=dict(headers or {}))
     with urllib.request.urlopen(request, timeout=timeout_s, context=context) as answer:  # noqa: S310
         body: bytes = answer.read()
     return body.decode()
 
 
-def sidecar_addresses(
+def sidecar_urls(
     gateway_url: str,
     *,
     headers: Mapping[str, str] | None = None,
     context: ssl.SSLContext | None = None,
-    timeout_s: float = 10.0,
+    timeout_s: float = FETCH_TIMEOUT_S,
 ) -> list[str]:
-    """``host:port`` of every sidecar the gateway lists (an admin key when keys are on)."""
-    groups = json.loads(
-        _get(f"{gateway_url.rstrip('/')}/v1/admin/targets", headers or {}, context, timeout_s)
+    """The metrics URL of every sidecar the gateway lists (an admin key when keys are on)."""
+    answer = fetch_text(
+        f"{gateway_url.rstrip('/')}/v1/admin/targets",
+        headers=headers,
+        context=context,
+        timeout_s=timeout_s,
     )
-    return [
-        target
-        for group in groups
-        if group.get("labels", {}).get("job") == SIDECAR_JOB
-        for target in group.get("targets", [])
-    ]
+    return [target.url for target in sidecar_targets(json.loads(answer))]
 
 
 def scrape_sidecars(
@@ -51,16 +56,14 @@ def scrape_sidecars(
     *,
     headers: Mapping[str, str] | None = None,
     context: ssl.SSLContext | None = None,
-    timeout_s: float = 10.0,
+    timeout_s: float = FETCH_TIMEOUT_S,
 ) -> str:
     """Every listed sidecar's Prometheus text, one after the other (one that does not answer
     is skipped: a target down)."""
     texts = []
-    for address in sidecar_addresses(
-        gateway_url, headers=headers, context=context, timeout_s=timeout_s
-    ):
+    for url in sidecar_urls(gateway_url, headers=headers, context=context, timeout_s=timeout_s):
         try:
-            texts.append(_get(f"http://{address}/metrics", {}, None, timeout_s))
+            texts.append(fetch_text(url, timeout_s=timeout_s))
         except OSError:
             continue
     return "".join(texts)

@@ -39,7 +39,7 @@ from prometheus_client.registry import Collector
 
 from serving.monitoring.adapters import Families, export_replica
 from serving.monitoring.gpu import GpuReader
-from serving.monitoring.stats import StatsFile, is_left_behind, read_stats_dir
+from serving.monitoring.stats import StatsFile, live_process, read_stats_dir
 
 logger = logging.getLogger(__name__)
 
@@ -77,14 +77,15 @@ class SidecarCollector(Collector):
             if kind == DECISION_KIND:
                 export_decision(families, stats.document)
                 continue
-            if is_left_behind(stats):
+            process = live_process(stats)
+            if process is None:
                 logger.info("removing the stats of a replica that is gone: %s", stats.path.name)
                 with contextlib.suppress(OSError):
                     stats.path.unlink()
                 continue
             if export_replica(families, stats.document, node=self.node):
                 replicas += 1
-                self._export_process(families, stats)
+                self._export_process(families, stats, process)
         self._export_gpus(families)
         cpu = self._self.cpu_times()
         labels = ("node",)
@@ -107,12 +108,13 @@ class SidecarCollector(Collector):
         )
         yield from families.collect()
 
-    def _export_process(self, families: Families, stats: StatsFile) -> None:
+    def _export_process(
+        self, families: Families, stats: StatsFile, process: psutil.Process
+    ) -> None:
         document = stats.document
         labels = ("replica", "kind", "node")
         values = [str(document.get("replica")), str(document.get("kind")), self.node]
         try:
-            process = psutil.Process(stats.pid)
             cpu = process.cpu_times()
             rss = process.memory_info().rss
         except (psutil.NoSuchProcess, psutil.AccessDenied):

@@ -22,7 +22,7 @@ replica's file from one a killed replica left behind, even when the pid is reuse
 
     stats = ReplicaStats(replica="abc123", kind="rows", app="loom.minilm@3")
     model = stats.model("minilm", "3")
-    model.inc("inputs", 32); model.observe("batch_size", 32); model.add_depth(+32)
+    model.inc("inputs", 32); model.observe("batch_size", 32); model.enter(32, requests=1)
     reporter = StatsReporter(stats, Path("/var/run/loom/stats"))   # writes every second
     reporter.close()                                                  # and removes the file
 """
@@ -77,10 +77,11 @@ class Histogram:
         self.sum = 0.0
         self.count = 0
 
-    def observe(self, value: float) -> None:
-        self.counts[bisect.bisect_left(self.le, value)] += 1  # le is inclusive: 1.0 -> "1.0"
-        self.sum += value
-        self.count += 1
+    def observe(self, value: float, times: int = 1) -> None:
+        """``value`` seen ``times`` times (the requests of one joined call, say)."""
+        self.counts[bisect.bisect_left(self.le, value)] += times  # le inclusive: 1.0 -> "1.0"
+        self.sum += value * times
+        self.count += times
 
     def as_json(self) -> dict[str, Any]:
         return {
@@ -114,25 +115,37 @@ class ModelStats:
         with self._lock:
             self.gauges[name] = value
 
-    def move(self, name: str, delta: float) -> None:
-        """Add ``delta`` to gauge ``name`` (requests in flight: +1 in, -1 out)."""
+    def observe(self, name: str, value: float, times: int = 1) -> None:
         with self._lock:
-            self.gauges[name] = self.gauges.get(name, 0.0) + delta
+            self._observe(name, value, times)
 
-    def observe(self, name: str, value: float) -> None:
-        with self._lock:
-            histogram = self.histograms.get(name)
-            if histogram is None:
-                histogram = self.histograms[name] = Histogram(HISTOGRAM_BUCKETS[name])
-            histogram.observe(value)
+    def _observe(self, name: str, value: float, times: int) -> None:
+        histogram = self.histograms.get(name)
+        if histogram is None:
+            histogram = self.histograms[name] = Histogram(HISTOGRAM_BUCKETS[name])
+        histogram.observe(value, times)
 
-    def add_depth(self, delta: float) -> None:
-        """Inputs admitted (+) or answered (-). Keeps the time integral of the depth too, so
-        a reader gets the mean depth over any interval, not the value at one instant:
-        4 queued for 0.5 s then 0 for 0.5 s -> 2.0 queue-depth-seconds per second."""
+    def enter(self, units: float, requests: int) -> None:
+        """``requests`` came in holding ``units`` inputs (sequences): the queue depth and the
+        requests in flight, under one lock (a call's way in)."""
         with self._lock:
-            self._advance_depth()
-            self._depth += delta
+            self._shift(units, requests)
+
+    def leave(self, units: float, requests: int, seconds: float | None = None) -> None:
+        """The reverse of ``enter``; with ``seconds``, each request's time in the replica
+        observed too (``request_seconds``)."""
+        with self._lock:
+            self._shift(-units, -requests)
+            if seconds is not None:
+                self._observe("request_seconds", seconds, requests)
+
+    def _shift(self, units: float, requests: int) -> None:
+        """The queue depth keeps its time integral too, so a reader gets the mean depth over
+        any interval, not the value at one instant: 4 queued for 0.5 s then 0 for 0.5 s ->
+        2.0 queue-depth-seconds per second."""
+        self._advance_depth()
+        self._depth += units
+        self.gauges["in_flight"] = self.gauges.get("in_flight", 0.0) + requests
 
     def _advance_depth(self) -> None:
         now = time.monotonic()
@@ -151,6 +164,12 @@ class ModelStats:
                 "gauges": gauges,
                 "histograms": {name: h.as_json() for name, h in self.histograms.items()},
             }
+
+
+def replica_stats(kind: str) -> ReplicaStats:
+    """The stats of the Serve replica this runs in (or of this process, outside Serve)."""
+    replica, app = replica_identity()
+    return ReplicaStats(replica=replica, kind=kind, app=app)
 
 
 def replica_identity() -> tuple[str, str]:
@@ -305,8 +324,16 @@ def read_stats_dir(directory: Path) -> Iterator[StatsFile]:
             yield StatsFile(path, document)
 
 
-def is_left_behind(stats: StatsFile) -> bool:
-    """True when the file's process is gone (killed, not stopped): its pid is not running,
-    or runs a process that started at another time (the pid was reused)."""
-    started = process_started_s(stats.pid)
-    return started is None or abs(started - float(stats.document.get("started_s", 0))) > 1.0
+def live_process(stats: StatsFile) -> psutil.Process | None:
+    """The process that wrote ``stats``, still running; None when it is gone (killed, not
+    stopped): its pid is not running, or runs a process that started at another time (the
+    pid was reused). One ``psutil.Process`` per file and scrape, for the check and the
+    readings of its CPU and memory both."""
+    try:
+        process = psutil.Process(stats.pid)
+        started = float(process.create_time())
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
+        return None
+    if abs(started - float(stats.document.get("started_s", 0))) > 1.0:
+        return None
+    return process

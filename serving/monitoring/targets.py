@@ -5,6 +5,7 @@ every monitoring sidecar and the gateway, each group labelled with its ``job`` a
     # [{"targets": ["127.0.0.1:8000"], "labels": {"job": "loom-gateway"}},
     #  {"targets": ["127.0.0.1:9470"], "labels": {"job": "loom-sidecar", "node": "a1"}}]
 
+``sidecar_targets`` reads such an answer back (``loom top``, ``serving.monitoring.scrape``).
 A sidecar that does not answer (restarting, hung) stays listed at its last address, so
 Prometheus shows it down (``up == 0``) rather than losing the target; its replicas keep
 serving either way.
@@ -13,6 +14,7 @@ serving either way.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
 from pydantic import BaseModel, Field, RootModel
 
@@ -56,3 +58,34 @@ def advertised(host: str, port: int, node_ip: str) -> str:
     if host in ("0.0.0.0", "::", ""):
         host = node_ip
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+@dataclass(frozen=True)
+class ScrapeTarget:
+    """A sidecar to scrape, from the gateway's HTTP service discovery answer."""
+
+    url: str
+    node: str
+
+
+def sidecar_targets(answer: object) -> list[ScrapeTarget]:
+    """The ``loom-sidecar`` targets of a Prometheus HTTP service discovery answer:
+    ``[{"targets": ["host:port"], "labels": {"job": "loom-sidecar", "node": "n1"}}, ...]``.
+    Scheme and path follow Prometheus' ``__scheme__`` and ``__metrics_path__`` labels
+    (``http``, ``/metrics``). Raises ValueError on another shape."""
+    if not isinstance(answer, list):
+        raise ValueError("service discovery answer is not a list of target groups")
+    targets = []
+    for group in answer:
+        if not isinstance(group, dict) or not isinstance(group.get("targets"), list):
+            raise ValueError("a target group without a list of targets")
+        labels = group.get("labels", {})
+        if not isinstance(labels, dict):
+            raise ValueError("a target group whose labels are not an object")
+        if labels.get("job") != SIDECAR_JOB:
+            continue  # the gateway's own target
+        scheme = str(labels.get("__scheme__", "http"))
+        path = str(labels.get("__metrics_path__", "/metrics"))
+        node = str(labels.get("node", ""))
+        targets += [ScrapeTarget(f"{scheme}://{host}{path}", node) for host in group["targets"]]
+    return targets

@@ -250,8 +250,7 @@ class RowModel:
         check_row_inputs(self.model.engine, call.inputs)
         stats = self.stats
         # in the replica from here: a delay injected below counts as time queued, as it is
-        stats.add_depth(len(call))
-        stats.move("in_flight", len(call.parts))
+        stats.enter(len(call), len(call.parts))
         try:
             if self.model.faults is not None:
                 await self.model.faults.apply()
@@ -264,11 +263,9 @@ class RowModel:
             )
             results = await asyncio.gather(*futures, return_exceptions=True)
         finally:
-            stats.add_depth(-len(call))
-            stats.move("in_flight", -len(call.parts))
-        answered_s = time.perf_counter() - arrived_s
-        for _ in call.parts:  # each request of the joined call waited as long
-            stats.observe("request_seconds", answered_s)
+            stats.leave(len(call), len(call.parts))
+        # each request of the joined call waited as long
+        stats.observe("request_seconds", time.perf_counter() - arrived_s, len(call.parts))
         computed: list[Rows] = []
         skipped: set[int] = set()
         for i, result in enumerate(results):

@@ -69,7 +69,7 @@ from serving.messages import (
     render_plain_chat,
 )
 from serving.monitoring.sidecar_actor import ReplicaMonitoring, report_to_sidecar
-from serving.monitoring.stats import ReplicaStats, replica_identity
+from serving.monitoring.stats import replica_stats
 from serving.replica_logging import route_to_serve_log
 from serving.replicas.admission import Admission, share_refusal
 from serving.replicas.core import LoadedModel, load_model
@@ -174,8 +174,7 @@ class GenerationReplica:
         if not isinstance(config, ModelConfig) or config.task != "generate":
             raise ValueError(f"model {config.name} is not a generate model")
         self._config = config
-        replica, app = replica_identity()
-        self.stats = ReplicaStats(replica=replica, kind="generate", app=app)
+        self.stats = replica_stats("generate")
         settings = config.generation
         # the engine runs its own generation thread: no engine thread of the replica's
         self._model: LoadedModel[GenerationEngine] = load_model(
@@ -230,8 +229,7 @@ class GenerationReplica:
         inbox = _Inbox(asyncio.get_running_loop(), wanted, interval_s)
         seq_ids: list[str] = []
         self._calls += 1
-        self._stats.add_depth(wanted)
-        self._stats.move("in_flight", 1)
+        self._stats.enter(wanted, requests=1)
         try:
             for i, ids in enumerate(prompts):
                 for j in range(call.n):
@@ -261,9 +259,7 @@ class GenerationReplica:
             self._admission.release(wanted)
             self._token_admission.release(tokens)
             self._calls -= 1
-            self._stats.add_depth(-wanted)
-            self._stats.move("in_flight", -1)
-            self._stats.observe("request_seconds", time.perf_counter() - arrived_s)
+            self._stats.leave(wanted, 1, seconds=time.perf_counter() - arrived_s)
 
     def _admit(self, call: GenerateCall, prompts: list[list[int]]) -> int:
         """Admit the call's sequences and tokens (each prompt's tokens + its max_tokens, n

@@ -29,7 +29,7 @@ from serving.config.model import ModelConfig, PoolConfig, parse_entry
 from serving.config.pool import POOL_VERSION
 from serving.messages import InferCall, InferReply, ModelInfo, Rows
 from serving.monitoring.sidecar_actor import ReplicaMonitoring, report_to_sidecar
-from serving.monitoring.stats import ReplicaStats, replica_identity
+from serving.monitoring.stats import replica_stats
 from serving.replica_logging import route_to_serve_log
 from serving.replicas.batcher import engine_thread
 from serving.replicas.core import RowModel, load_model
@@ -58,8 +58,7 @@ class InferenceReplica:
         self._runner = engine_thread()  # every model's engine loads and runs here
         self._loaded: dict[str, RowModel] = {}
         self._only: RowModel | None = None
-        replica, app = replica_identity()
-        self.stats = ReplicaStats(replica=replica, kind="rows", app=app)
+        self.stats = replica_stats("rows")
         if isinstance(config, ModelConfig):  # a pool of one, loaded now
             self._only = RowModel(
                 load_model(config, self._store, runner=self._runner, stats=self.stats)

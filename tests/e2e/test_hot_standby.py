@@ -23,6 +23,7 @@ from pathlib import Path
 import httpx
 import pytest
 from loom_process import LoomProcess, spawn_loom, start_loom, stop_loom
+from waiting import wait_until
 
 from models.bundled import bundled_model_dir
 from models.settings import LoomEnv
@@ -37,16 +38,6 @@ LOOPBACK = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
 address to the machine's)."""
 CONTROL_PLANE = {"lease_duration_s": 6, "renew_deadline_s": 4, "retry_period_s": 1}
 """Short timings: the standby takes over at most 6 + 1 s after the holder's last renewal."""
-DEADLINE_S = 300.0
-
-
-def wait_until(condition: Callable[[], bool], what: str, deadline_s: float = DEADLINE_S) -> float:
-    started = time.monotonic()
-    while not condition():
-        if time.monotonic() - started > deadline_s:
-            pytest.fail(f"not within {deadline_s:.0f} s: {what}")
-        time.sleep(0.2)
-    return time.monotonic() - started
 
 
 @pytest.fixture

@@ -12,32 +12,29 @@ concurrent callers queue ~12 deep: ceil(1 x 12 / 3) = 4 wanted, clamped to ``max
 
 from __future__ import annotations
 
-import asyncio
 import os
 import shutil
 import signal
 import subprocess
-import threading
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import httpx
-import numpy as np
 import pytest
 import yaml
 from model_folders import make_digits_folder
+from waiting import wait_until
 
+from benchmarks.autoscaling import ClosedLoop, digits_body
 from models.settings import LoomEnv
 from models.store import ModelStore
 from serving.config import parse_config
-from serving.monitoring.scrape import scrape_sidecars, sidecar_addresses, total
+from serving.monitoring.scrape import scrape_sidecars, sidecar_urls, total
 from serving.server import LoomServer
 
 MODEL = "scaled"
-DEADLINE_S = 180.0
 AUTOSCALING = {
     "min_replicas": 1,
     "max_replicas": 2,
@@ -47,9 +44,8 @@ AUTOSCALING = {
 }
 SLOW_ENGINE = {"delay_ms": 40, "delay_probability": 1.0, "delay_scope": "replica"}
 MONITORING = {"stats_interval_s": 0.5, "poll_interval_s": 0.5, "rate_window_s": 2}
-ROWS = np.random.default_rng(0).uniform(0, 16, size=(1, 64)).astype(np.float32)
-BODY = {"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 64],
-                    "data": ROWS.ravel().tolist()}]}  # fmt: skip
+BODY = digits_body()
+"""One request: a row of 64 pixels for the digits classifier."""
 
 
 @dataclass
@@ -102,44 +98,9 @@ def running_replicas(url: str) -> int:
     return int(status["deployments"][f"model-{MODEL}"]["running_replicas"])
 
 
-def wait_until(condition: Callable[[], bool], what: str, deadline_s: float = DEADLINE_S) -> float:
-    """Seconds until ``condition()`` held; fails naming ``what`` past the deadline."""
-    started = time.monotonic()
-    while not condition():
-        if time.monotonic() - started > deadline_s:
-            pytest.fail(f"not within {deadline_s:.0f} s: {what}")
-        time.sleep(0.25)
-    return time.monotonic() - started
-
-
-class Load:
+def load(url: str, callers: int) -> ClosedLoop:
     """Closed-loop load: ``callers`` concurrent requests, each sent again once answered."""
-
-    def __init__(self, url: str, callers: int) -> None:
-        self.url = url
-        self.callers = callers
-        self.statuses: dict[int, int] = {}
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=lambda: asyncio.run(self._run()), daemon=True)
-
-    async def _run(self) -> None:
-        limits = httpx.Limits(max_connections=self.callers)
-        async with httpx.AsyncClient(base_url=self.url, timeout=60, limits=limits) as client:
-
-            async def caller() -> None:
-                while not self._stop.is_set():
-                    reply = await client.post(f"/v2/models/{MODEL}/infer", json=BODY)
-                    self.statuses[reply.status_code] = self.statuses.get(reply.status_code, 0) + 1
-
-            await asyncio.gather(*(caller() for _ in range(self.callers)))
-
-    def __enter__(self) -> Load:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join(timeout=120)
+    return ClosedLoop(url, callers, f"/v2/models/{MODEL}/infer", BODY)
 
 
 @pytest.fixture(scope="module")
@@ -178,7 +139,7 @@ def test_a_killed_sidecar_leaves_the_replica_serving_and_comes_back(served) -> N
 
     [name] = _named_sidecars()
     pid = ray.get(ray.get_actor(name, namespace=NAMESPACE).pid.remote())
-    before = sidecar_addresses(served.url)
+    before = sidecar_urls(served.url)
     os.kill(pid, signal.SIGKILL)
 
     # the replica never notices: every request is answered while the sidecar is down
@@ -198,17 +159,17 @@ def test_a_killed_sidecar_leaves_the_replica_serving_and_comes_back(served) -> N
     wait_until(back, "the sidecar restarted by Ray, reporting the replica again")
     restarted = ray.get(ray.get_actor(name, namespace=NAMESPACE).pid.remote())
     assert restarted != pid
-    assert len(sidecar_addresses(served.url)) == len(before) == 1
+    assert len(sidecar_urls(served.url)) == len(before) == 1
 
 
 def test_queue_depth_scales_up_under_load_and_back_to_the_minimum_when_idle(served) -> None:
     assert running_replicas(served.url) == 1
-    with Load(served.url, callers=12) as load:
+    with load(served.url, callers=12) as loop:
         up_s = wait_until(lambda: running_replicas(served.url) == 2, "a second replica")
         text = scrape_sidecars(served.url)
         assert total(text, "loom_autoscaler_desired_replicas", model=MODEL) == 2
         assert total(text, "loom_autoscaler_deciding_signal", signal="queue_depth") == 1
-    assert set(load.statuses) == {200}, load.statuses  # scaling up failed no request
+    assert set(loop.statuses) == {200}, loop.statuses  # scaling up failed no request
     down_s = wait_until(lambda: running_replicas(served.url) == 1, "back to one replica")
     print(f"scaled up in {up_s:.1f} s, down in {down_s:.1f} s after the load stopped")
 
@@ -275,9 +236,9 @@ def test_prometheus_scrapes_the_sidecars_through_http_sd_and_its_data_scales_up(
                 return bool(answer.get("data", {}).get("result"))
 
             wait_until(scraped, "Prometheus scraping the sidecar found through /v1/admin/targets")
-            with Load(via.url, callers=12) as load:
+            with load(via.url, callers=12) as loop:
                 wait_until(lambda: running_replicas(via.url) == 2, "a second replica")
-            assert set(load.statuses) == {200}, load.statuses
+            assert set(loop.statuses) == {200}, loop.statuses
             depth = httpx.get(
                 f"{prom_url}/api/v1/query",
                 params={"query": "max_over_time(loom_autoscaler_signal"
@@ -313,6 +274,7 @@ def test_scaled_to_zero_it_stays_ready_and_a_request_starts_a_replica(
         server={"request_timeout_s": 2},
     )
     try:
+
         def at_zero() -> bool:
             status = httpx.get(f"{cold.url}/v1/status", timeout=30).json()
             return bool(status["deployments"][f"model-{MODEL}"]["scaled_to_zero"])

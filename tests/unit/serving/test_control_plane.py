@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 from sqlalchemy import Engine
+from waiting import wait_until
 
 from serving.config.control_plane import ControlPlaneConfig
 from serving.control_plane import ControlPlane, holder_is_dead_here, this_holder
@@ -49,17 +50,25 @@ class Work:
             self.events.append("down")
 
 
-def plane(engine: Engine, holder: str, work: Work) -> ControlPlane:
+def plane(
+    engine: Engine, holder: str, work: Work, config: ControlPlaneConfig = FAST
+) -> ControlPlane:
     return ControlPlane(
-        FAST, LeaseStore(engine), take_over=work.take_over, step_down=work.step_down, holder=holder
-    )
+        config, LeaseStore(engine), take_over=work.take_over, step_down=work.step_down,
+        holder=holder,
+    )  # fmt: skip
 
 
-def until(condition: Callable[[], bool], deadline_s: float = 30.0) -> None:
-    end = time.monotonic() + deadline_s
-    while not condition():
-        assert time.monotonic() < end, "condition not reached"
-        time.sleep(0.02)
+def until(condition: Callable[[], bool]) -> None:
+    wait_until(condition, "the control plane's roles", deadline_s=30.0, poll_s=0.02)
+
+
+def holder_then_standby(holder: ControlPlane, standby: ControlPlane) -> None:
+    """Start ``holder`` and wait until it holds the lease, then ``standby`` until it stands by."""
+    holder.start()
+    until(lambda: holder.role == "holder")
+    standby.start()
+    until(lambda: standby.role == "standby")
 
 
 def test_one_of_two_servers_holds_the_control_plane_and_the_other_stands_by(
@@ -67,10 +76,7 @@ def test_one_of_two_servers_holds_the_control_plane_and_the_other_stands_by(
 ) -> None:
     work_a, work_b = Work(), Work()
     a, b = plane(engine, "host-a:1", work_a), plane(engine, "host-b:2", work_b)
-    a.start()
-    until(lambda: a.role == "holder")
-    b.start()
-    until(lambda: b.role == "standby")
+    holder_then_standby(a, b)
     try:
         assert work_a.events == ["up 1"]
         assert work_b.events == []  # the standby runs nothing
@@ -83,10 +89,7 @@ def test_one_of_two_servers_holds_the_control_plane_and_the_other_stands_by(
 def test_the_standby_takes_over_when_the_holder_stops_renewing(engine: Engine) -> None:
     work_a, work_b = Work(), Work()
     a, b = plane(engine, "host-a:1", work_a), plane(engine, "host-b:2", work_b)
-    a.start()
-    until(lambda: a.role == "holder")
-    b.start()
-    until(lambda: b.role == "standby")
+    holder_then_standby(a, b)
     a.elector.stop(release=False)  # as if killed: no release, the lease must lapse
     lapsed = time.monotonic()
     until(lambda: b.role == "holder")
@@ -103,14 +106,8 @@ def test_a_released_lease_is_taken_over_at_once(engine: Engine) -> None:
     work_a, work_b = Work(), Work()
     a = plane(engine, "host-a:1", work_a)
     slow = ControlPlaneConfig(lease_duration_s=600, renew_deadline_s=10, retry_period_s=0.2)
-    b = ControlPlane(
-        slow, LeaseStore(engine), take_over=work_b.take_over, step_down=work_b.step_down,
-        holder="host-b:2",
-    )  # fmt: skip
-    a.start()
-    until(lambda: a.role == "holder")
-    b.start()
-    until(lambda: b.role == "standby")
+    b = plane(engine, "host-b:2", work_b, slow)
+    holder_then_standby(a, b)
     a.stop()  # released: no 600 s wait
     until(lambda: b.role == "holder")
     b.stop()

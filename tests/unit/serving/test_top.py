@@ -13,13 +13,13 @@ import pytest
 from rich.console import Console
 
 from loom.cli import build_parser
+from serving.monitoring.targets import ScrapeTarget, sidecar_targets
 from serving.top import FetchError, QuitKeys, read_frame, render
 from serving.top_view import (
     MODEL_DEPLOYMENT_PREFIX,
     Frame,
     ModelRow,
     Scrape,
-    ScrapeTarget,
     ServedModel,
     TopState,
     advance,
@@ -29,7 +29,6 @@ from serving.top_view import (
     parse_metrics,
     row_cells,
     served_models,
-    sidecar_targets,
     versions_cell,
 )
 

@@ -22,6 +22,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
+from contenders import FAST, Contender
 from kubernetes import client
 from kubernetes.client import V1Lease, V1LeaseSpec, V1ObjectMeta
 from kubernetes.client.exceptions import ApiException
@@ -32,7 +33,7 @@ from training.db import is_transient_error, jobs
 from training.fences import FenceStore
 from training.jobs import JobState, JobStore
 from training.k8s_leases import KubernetesLeases, TransientLeaseError
-from training.leases import ElectionTimings, Elector, LeaseLost, Term
+from training.leases import ElectionTimings, LeaseLost, Term
 from training.spec import parse_job_spec
 
 NAMESPACE = "loom"
@@ -372,28 +373,6 @@ current-context: ctx
     assert client.Configuration.get_default_copy().host != "https://k8s.example:6443"
 
 
-class Contender:
-    """An elector whose elections and losses the test can wait for."""
-
-    def __init__(self, leases: KubernetesLeases, holder: str, timings: ElectionTimings) -> None:
-        self.elected = threading.Event()
-        self.lost = threading.Event()
-        self.epochs: list[int] = []
-        self.elector = Elector(
-            leases,
-            "reconciler",
-            holder,
-            on_elected=self._elected,
-            on_lost=self.lost.set,
-            timings=timings,
-        )
-
-    def _elected(self, term: Term) -> None:
-        self.epochs.append(term.epoch)
-        self.elected.set()
-
-
-FAST = ElectionTimings(duration_s=1.0, renew_deadline_s=0.6, retry_period_s=0.1)
 LONG_LEASE = ElectionTimings(duration_s=600.0, renew_deadline_s=0.6, retry_period_s=0.1)
 """Renewing as fast as FAST, but a lease that outlives the test: only a release frees it."""
 

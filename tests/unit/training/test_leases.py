@@ -9,11 +9,12 @@ import threading
 from collections.abc import Iterator
 
 import pytest
+from contenders import FAST, Contender
 from sqlalchemy import Engine, select
 
 from training.db import jobs
 from training.jobs import JobState, JobStore
-from training.leases import ElectionTimings, Elector, LeaseLost, LeaseStore, Term
+from training.leases import ElectionTimings, LeaseLost, LeaseStore, Term
 from training.spec import parse_job_spec
 
 
@@ -150,30 +151,6 @@ def test_timings_that_would_let_two_holders_act_are_refused(
 ) -> None:
     with pytest.raises(ValueError, match="must"):
         ElectionTimings(duration_s, renew_deadline_s, retry_period_s)
-
-
-class Contender:
-    """An elector whose elections and losses the test can wait for."""
-
-    def __init__(self, store: LeaseStore, holder: str, timings: ElectionTimings) -> None:
-        self.elected = threading.Event()
-        self.lost = threading.Event()
-        self.epochs: list[int] = []
-        self.elector = Elector(
-            store,
-            "reconciler",
-            holder,
-            on_elected=self._elected,
-            on_lost=self.lost.set,
-            timings=timings,
-        )
-
-    def _elected(self, term: Term) -> None:
-        self.epochs.append(term.epoch)
-        self.elected.set()
-
-
-FAST = ElectionTimings(duration_s=1.0, renew_deadline_s=0.6, retry_period_s=0.1)
 
 
 @pytest.fixture

@@ -74,8 +74,6 @@ def test_the_sidecar_exports_gpu_series_labelled_by_node_index_and_uuid(tmp_path
     assert 'loom_gpu_memory_total_bytes{gpu="1",node="n1",uuid="GPU-bbbb"}' in text
 
 
-@pytest.mark.skipif(
-    Path("/dev/nvidiactl").exists(), reason="an NVIDIA driver is here: NVML opens"
-)
+@pytest.mark.skipif(Path("/dev/nvidiactl").exists(), reason="an NVIDIA driver is here: NVML opens")
 def test_without_a_driver_there_is_no_reader_at_all() -> None:
     assert GpuReader.open() is None

@@ -73,13 +73,23 @@ def test_a_histogram_counts_each_value_in_the_first_bucket_that_holds_it() -> No
 def test_the_queue_depth_integral_gives_the_mean_depth_over_time() -> None:
     stats = ReplicaStats(replica="r1", kind="rows")
     model = stats.model("m", "1")
-    model.add_depth(4)
+    model.enter(4, requests=1)
     time.sleep(0.2)
-    model.add_depth(-4)
+    model.leave(4, requests=1)
     first = stats.snapshot()["models"][0]
     # 4 queued for >= 0.2 s, then 0: >= 0.8 queue-depth-seconds, and depth 0 now
     assert first["counters"]["queue_depth_seconds"] >= 4 * 0.2 - 1e-9
     assert first["gauges"]["queue_depth"] == 0
+
+
+def test_a_call_of_three_requests_counts_three_in_flight_and_three_latencies() -> None:
+    model = ReplicaStats(replica="r1", kind="rows").model("m", "1")
+    model.enter(12, requests=3)  # a joined call: 3 requests, 12 inputs
+    assert (model.gauges["in_flight"], model.as_json()["gauges"]["queue_depth"]) == (3, 12)
+    model.leave(12, requests=3, seconds=0.02)
+    histogram = model.histograms["request_seconds"]
+    assert (model.gauges["in_flight"], histogram.count) == (0, 3)
+    assert histogram.sum == pytest.approx(3 * 0.02)
 
 
 def test_a_reporter_writes_the_file_at_once_and_removes_it_when_closed(tmp_path: Path) -> None:
