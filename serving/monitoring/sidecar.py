@@ -73,19 +73,11 @@ class SidecarCollector(Collector):
         families = Families()
         replicas = 0
         for stats in read_stats_dir(self.settings.stats_dir):
-            kind = stats.document.get("kind")
-            if kind == DECISION_KIND:
-                export_decision(families, stats.document)
-                continue
-            process = live_process(stats)
-            if process is None:
-                logger.info("removing the stats of a replica that is gone: %s", stats.path.name)
-                with contextlib.suppress(OSError):
-                    stats.path.unlink()
-                continue
-            if export_replica(families, stats.document, node=self.node):
-                replicas += 1
-                self._export_process(families, stats, process)
+            try:
+                replicas += self._export_file(families, stats)
+            except (KeyError, TypeError, ValueError, AttributeError) as exc:
+                # one malformed file costs its own series, not the whole scrape
+                logger.warning("stats file %s not exported: %r", stats.path.name, exc)
         self._export_gpus(families)
         cpu = self._self.cpu_times()
         labels = ("node",)
@@ -107,6 +99,23 @@ class SidecarCollector(Collector):
             "loom_sidecar_replicas", "Replicas this sidecar reports.", labels, [self.node], replicas
         )
         yield from families.collect()
+
+    def _export_file(self, families: Families, stats: StatsFile) -> int:
+        """One stats file's series: 1 for a replica reported, else 0 (a decision, a file
+        left by a replica that is gone and removed now, a kind no adapter knows)."""
+        if stats.document.get("kind") == DECISION_KIND:
+            export_decision(families, stats.document)
+            return 0
+        process = live_process(stats)
+        if process is None:
+            logger.info("removing the stats of a replica that is gone: %s", stats.path.name)
+            with contextlib.suppress(OSError):
+                stats.path.unlink()
+            return 0
+        if not export_replica(families, stats.document, node=self.node):
+            return 0
+        self._export_process(families, stats, process)
+        return 1
 
     def _export_process(
         self, families: Families, stats: StatsFile, process: psutil.Process

@@ -188,3 +188,22 @@ def test_a_sub_second_lease_is_refused_with_kubernetes_leases_at_config_time() -
     ControlPlaneConfig(**fast)  # the job store takes them
     with pytest.raises(ValueError, match="at least 1 with the kubernetes backend"):
         ControlPlaneConfig(lease_backend="kubernetes", **fast)
+
+
+def test_a_take_over_that_fails_is_reported_and_the_server_never_reads_as_holder(
+    engine: Engine,
+) -> None:
+    def fail(term: Term) -> None:
+        raise RuntimeError("Serve refused the gateway")
+
+    failing = ControlPlane(
+        FAST, LeaseStore(engine), take_over=fail, step_down=lambda: None, holder="host-a:1"
+    )
+    failing.start()
+    try:
+        until(lambda: failing.failed is not None)
+        assert isinstance(failing.failed, RuntimeError)
+        assert failing.role == "starting"  # it holds the lease, but serves nothing
+        assert not failing.ready.is_set()
+    finally:
+        failing.stop()

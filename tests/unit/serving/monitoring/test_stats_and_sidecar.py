@@ -181,3 +181,16 @@ def test_the_autoscalers_decision_is_exported_with_its_deciding_signal(sidecar: 
     assert value(text, "loom_autoscaler_signal", signal="queue_depth") == 24.0
     assert value(text, "loom_autoscaler_deciding_signal", signal="queue_depth") == 1
     assert value(text, "loom_autoscaler_deciding_signal", signal="latency_p95_ms") == 0
+
+
+def test_a_malformed_stats_file_costs_its_own_series_not_the_scrape(sidecar: Sidecar) -> None:
+    good = ReplicaStats(replica="r-good", kind="rows", app="loom.m@1")
+    good.model("m", "1").inc("inputs", 5)
+    StatsReporter(good, sidecar.settings.stats_dir, interval_s=60)
+    broken = {**good.snapshot(), "replica": "r-broken", "models": [{"version": "1"}]}
+    stats_path(sidecar.settings.stats_dir, "r-broken").write_text(json.dumps(broken))
+
+    text = scrape(sidecar)  # answered, not a 500
+
+    assert value(text, "loom_inputs_total", replica="r-good") == 5
+    assert value(text, "loom_sidecar_replicas", node="n1") == 1  # the good one only
