@@ -35,7 +35,15 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
-from serving.messages import DeadlineExceeded, Envelope, InferCall, InferReply, Overloaded, Rows
+from serving.messages import (
+    DeadlineExceeded,
+    Envelope,
+    InferCall,
+    InferReply,
+    Overloaded,
+    ReplicaUnavailable,
+    Rows,
+)
 from serving.replicas.batcher import plan_batch
 
 R = TypeVar("R", bound=Rows)
@@ -81,6 +89,9 @@ class Coalescer(Generic[R]):
         self._model = model
         self._waiting: deque[_Waiting[R]] = deque()
         self._in_flight = 0
+        # the loop holds tasks weakly: a send awaiting a reply nothing else references would
+        # be collected mid-call, and its callers would never hear back
+        self._sends: set[asyncio.Task[None]] = set()
 
     @property
     def waiting_inputs(self) -> int:
@@ -129,16 +140,22 @@ class Coalescer(Generic[R]):
             return
         group = [self._waiting.popleft() for _ in range(taken)]
         self._in_flight += 1
-        asyncio.get_running_loop().create_task(self._send(group))
+        send = asyncio.get_running_loop().create_task(self._send(group))
+        self._sends.add(send)
+        send.add_done_callback(self._sends.discard)
 
     async def _send(self, group: list[_Waiting[R]]) -> None:
         call = InferCall.join([(w.envelope, w.inputs) for w in group])
         try:
             reply = await self._call(call)
         except BaseException as exc:  # every caller in the group hears the same failure
+            # a send stopped from outside (the loop closing) is a retry-able 503 to its
+            # callers, never a CancelledError or GeneratorExit raised in their own task
+            stopped = ReplicaUnavailable(self._model, "call stopped")
+            heard = exc if isinstance(exc, Exception) else stopped
             for w in group:
                 if not w.future.done():
-                    w.future.set_exception(exc)
+                    w.future.set_exception(heard)
             if not isinstance(exc, Exception):
                 raise
         else:

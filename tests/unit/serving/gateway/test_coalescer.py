@@ -4,13 +4,21 @@ expired or was cancelled before sending is left out."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import time
 
 import pytest
 from fake_rows import Items, items
 
 from serving.gateway.coalescer import Coalescer
-from serving.messages import DeadlineExceeded, Envelope, InferCall, InferReply, Overloaded
+from serving.messages import (
+    DeadlineExceeded,
+    Envelope,
+    InferCall,
+    InferReply,
+    Overloaded,
+    ReplicaUnavailable,
+)
 from serving.replicas.batcher import plan_batch
 
 
@@ -69,6 +77,55 @@ def test_a_failed_call_fails_only_its_own_group():
     bad, good = asyncio.run(scenario())
     assert isinstance(bad, RuntimeError)
     assert good == items("GOOD")
+
+
+def test_a_call_awaiting_a_reply_nothing_else_holds_survives_garbage_collection():
+    """The loop holds tasks weakly; a collected send once handed its caller a GeneratorExit
+    (CI, the gateway's 504 test, whose stand-in replica waits on an unreferenced Event)."""
+
+    async def scenario() -> BaseException | None:
+        async def hang(infer_call: InferCall) -> InferReply[Items]:
+            await asyncio.Event().wait()
+            raise AssertionError("unreachable")
+
+        coalescer = Coalescer(call=hang, max_batch_inputs=4, max_in_flight=1, model="m")
+        waiter = asyncio.create_task(coalescer.submit(envelope(0), ["x"]))
+        await asyncio.sleep(0)  # the send starts and parks on its Event
+        await asyncio.sleep(0)
+        gc.collect()
+        await asyncio.sleep(0)
+        assert not waiter.done()
+        waiter.cancel()
+        try:
+            await waiter
+        except BaseException as exc:
+            return exc
+        return None
+
+    assert isinstance(asyncio.run(scenario()), asyncio.CancelledError)
+
+
+def test_a_send_stopped_from_outside_is_a_retryable_503_to_its_callers():
+    async def scenario() -> BaseException | None:
+        started = asyncio.Event()
+
+        async def hang(infer_call: InferCall) -> InferReply[Items]:
+            started.set()
+            await asyncio.Event().wait()
+            raise AssertionError("unreachable")
+
+        coalescer = Coalescer(call=hang, max_batch_inputs=4, max_in_flight=1, model="m")
+        waiter = asyncio.create_task(coalescer.submit(envelope(0), ["x"]))
+        await started.wait()
+        for send in list(coalescer._sends):
+            send.cancel()
+        try:
+            await waiter
+        except BaseException as exc:
+            return exc
+        return None
+
+    assert isinstance(asyncio.run(scenario()), ReplicaUnavailable)
 
 
 def test_waiters_cancelled_or_expired_while_queued_are_left_out_of_the_next_call():
