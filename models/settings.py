@@ -61,6 +61,13 @@ class LoomEnv:
         return self.extra.get("LOOM_CA_FILE") or None
 
     @property
+    def keys_file(self) -> Path:
+        """The named keys' digests (``loom keys create`` writes them): ``LOOM_KEYS_FILE``,
+        default ``$LOOM_HOME/keys.json`` (on Kubernetes a Secret's file, read-only)."""
+        named = self.extra.get("LOOM_KEYS_FILE")
+        return Path(named).expanduser() if named else self.home / "keys.json"
+
+    @property
     def run_dir(self) -> Path:
         """Runtime files of a running server (metrics shards, pid files)."""
         return self.home / "run"

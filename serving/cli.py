@@ -18,7 +18,14 @@ from pathlib import Path
 from models.errors import StoreError
 from models.settings import LoomEnv
 from serving import keys_cli
-from serving.config import ConfigError, LoomConfig, default_config, load_config, with_overrides
+from serving.config import (
+    ConfigError,
+    LoomConfig,
+    default_config,
+    in_cluster,
+    load_config,
+    with_overrides,
+)
 from serving.config.ray_head import joins_a_cluster
 
 
@@ -29,6 +36,18 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     serve_cmd.add_argument("--config", type=str, default=None, help="serving config (YAML)")
     serve_cmd.add_argument("--host", default=None, help="bind address (default 127.0.0.1)")
     serve_cmd.add_argument("--port", type=int, default=None, help="HTTP port (default 8000)")
+    serve_cmd.add_argument(
+        "--address",
+        default=None,
+        help="join the Ray cluster at HOST:PORT (its GCS) instead of starting a local Ray; "
+        "same as RAY_ADDRESS",
+    )
+    serve_cmd.add_argument(
+        "--in-cluster",
+        action="store_true",
+        help="run as the control plane of the Kubernetes cluster the config's cluster: "
+        "section describes (the head pod's command; docs/deploy.md)",
+    )
     serve_cmd.set_defaults(func=run_serve)
 
     status_cmd = subparsers.add_parser(
@@ -111,6 +130,8 @@ class StopRequest:
 def resolve_config(args: argparse.Namespace, env: LoomEnv) -> LoomConfig:
     path = args.config or env.config_path
     config = load_config(Path(path)) if path else default_config()
+    if getattr(args, "in_cluster", False):
+        config = in_cluster(config)
     return with_overrides(config, env=env, host=args.host, port=args.port)
 
 
@@ -147,6 +168,8 @@ def configure_logging() -> None:
 
 def run_serve(args: argparse.Namespace) -> int:
     configure_logging()
+    if args.address:  # read by Ray's init, and by Loom to know it joins (``joins_a_cluster``)
+        os.environ["RAY_ADDRESS"] = args.address
     env = LoomEnv.from_environ()
     try:
         config = resolve_config(args, env)

@@ -20,7 +20,7 @@ from pydantic import ValidationError
 
 from models.settings import LoomEnv
 from serving.audit import AUDIT_FILE_NAME, AuditLog
-from serving.config.key_file import KEY_FILE_NAME, KeyFileError, create_key, key_entries, revoke_key
+from serving.config.key_file import KeyFileError, create_key, key_entries, revoke_key
 from training.callers import SCOPES
 
 
@@ -53,7 +53,7 @@ def run_create(args: argparse.Namespace) -> int:
         print(f"error: scopes are {', '.join(SCOPES)}; got {args.scopes!r}", file=sys.stderr)
         return 2
     try:
-        key = create_key(env.home / KEY_FILE_NAME, args.name, scopes)
+        key = create_key(env.keys_file, args.name, scopes)
     except (KeyFileError, ValueError) as exc:
         print(f"error: {_first_line(exc)}", file=sys.stderr)
         return 1
@@ -70,7 +70,7 @@ def run_create(args: argparse.Namespace) -> int:
 def run_list(args: argparse.Namespace) -> int:
     env = LoomEnv.from_environ()
     try:
-        entries = key_entries(env.home / KEY_FILE_NAME)
+        entries = key_entries(env.keys_file)
     except KeyFileError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
@@ -83,7 +83,7 @@ def run_list(args: argparse.Namespace) -> int:
 def run_revoke(args: argparse.Namespace) -> int:
     env = LoomEnv.from_environ()
     try:
-        removed = revoke_key(env.home / KEY_FILE_NAME, args.name)
+        removed = revoke_key(env.keys_file, args.name)
     except KeyFileError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

@@ -33,7 +33,7 @@ from models.store import ModelStore
 from serving.audit import AUDIT_FILE_NAME
 from serving.autoscaling.pollers import Source
 from serving.config import ConfigError, LoomConfig, ModelConfig
-from serving.config.ray_head import joins_a_cluster
+from serving.config.ray_head import SERVE_ENV, joins_a_cluster
 from serving.control_plane import ControlPlane, lease_backend
 from serving.gateway.deployment import Gateway
 from serving.gateway.http_server import bind_socket
@@ -95,6 +95,8 @@ def scaling_source(config: LoomConfig) -> Source:
         prometheus_url=None if url is None else str(url),
         interval_s=monitoring.poll_interval_s,
         window_s=monitoring.rate_window_s,
+        sidecar_port=monitoring.sidecar_port,
+        sidecar_actors=monitoring.sidecar_actor,
     )
 
 
@@ -105,11 +107,15 @@ def build_application(
     reconciler (``serving.rollout.reconciler``); the gateway finds them in the route table on
     the board ``BOARD_NAME``, so a rollout never redeploys (restarts) the gateway.
     ``local_ray``: Loom started the Ray it runs on (``training_cpus``)."""
+    server = config.server
+    placement: dict[str, Any] = {"num_cpus": 0}
+    if server.gateway_node_resource is not None:  # one per node that offers one (its port)
+        placement["resources"] = {server.gateway_node_resource: 1}
     gateway = serve.deployment(
         name="gateway",
-        num_replicas=1,
+        num_replicas=server.gateway_replicas,
         max_ongoing_requests=4096,  # admission happens per model, behind the gateway
-        ray_actor_options={"num_cpus": 0},
+        ray_actor_options=placement,
     )(Gateway)
     jobs = None
     if config.training.enabled:
@@ -169,7 +175,7 @@ def ray_serve_env() -> dict[str, str]:
     concurrency 64, the same p50 at concurrency 1 within noise. Its direct ingress is switched
     off: the gateway serves HTTP itself (``serving.http_server``).
     """
-    return {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_ENABLE_DIRECT_INGRESS": "0"}
+    return dict(SERVE_ENV)
 
 
 def check_sources(config: LoomConfig, store: ModelStore) -> list[str]:

@@ -63,6 +63,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from http import HTTPStatus
+from pathlib import Path
 from typing import Protocol
 
 from kubernetes import client, config
@@ -104,6 +105,18 @@ class LeaseApi(Protocol):
     ) -> V1Lease: ...
 
 
+SERVICE_ACCOUNT_NAMESPACE = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
+
+
+def pod_namespace(path: Path = SERVICE_ACCOUNT_NAMESPACE) -> str:
+    """The namespace of the pod this process runs in (its service account's), else
+    ``default``."""
+    try:
+        return path.read_text(encoding="utf-8").strip() or "default"
+    except OSError:
+        return "default"
+
+
 class KubernetesLeases:
     """The leases of one namespace, as ``Lease`` objects; a ``LeaseBackend``.
 
@@ -129,11 +142,14 @@ class KubernetesLeases:
         self._request_timeout_s = request_timeout_s
 
     @classmethod
-    def from_cluster(cls, namespace: str, *, config_file: str | None = None) -> KubernetesLeases:
+    def from_cluster(
+        cls, namespace: str | None, *, config_file: str | None = None
+    ) -> KubernetesLeases:
         """Leases through the API server this process can reach: with ``config_file``, that
         kubeconfig; else the pod's service account when running in a cluster, else the
         default kubeconfig (``$KUBECONFIG`` or ``~/.kube/config``). The configuration is this
-        object's own; the client's global default is left as it was."""
+        object's own; the client's global default is left as it was. ``namespace`` None: the
+        pod's own (``pod_namespace``)."""
         configuration = client.Configuration()
         if config_file is None:
             try:
@@ -142,7 +158,8 @@ class KubernetesLeases:
                 config.load_kube_config(client_configuration=configuration)
         else:
             config.load_kube_config(config_file=config_file, client_configuration=configuration)
-        return cls(client.CoordinationV1Api(client.ApiClient(configuration)), namespace)
+        api = client.CoordinationV1Api(client.ApiClient(configuration))
+        return cls(api, namespace or pod_namespace())
 
     def acquire(self, name: str, holder: str, *, duration_s: float) -> Term | None:
         """The lease for ``holder``: a new term (the next epoch) when it was free or expired,

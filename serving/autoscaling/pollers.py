@@ -32,6 +32,10 @@ class Source:
     prometheus_url: str | None = None
     interval_s: float = 1.0
     window_s: float = 5.0
+    sidecar_port: int = 0
+    """With ``sidecar_actors`` off: the port of each node's sidecar container."""
+    sidecar_actors: bool = True
+    """The sidecars are Ray actors (found by name), else containers (found by node)."""
 
 
 class SidecarDirectory:
@@ -95,11 +99,13 @@ def poller_for(source: Source) -> ReadingPoller:
                     source.prometheus_url, window_s=source.window_s
                 )
             else:
-                from serving.monitoring.sidecar_actor import sidecar_addresses
+                from serving.monitoring.sidecar_actor import node_sidecars, sidecar_addresses
 
-                reader = SidecarReader(
-                    SidecarDirectory(lambda: sidecar_addresses(source.stats_dir)),
-                    window_s=source.window_s,
-                )
+                def lookup() -> list[str]:
+                    if source.sidecar_actors:
+                        return sidecar_addresses(source.stats_dir)
+                    return [found["address"] for found in node_sidecars(source.sidecar_port)]
+
+                reader = SidecarReader(SidecarDirectory(lookup), window_s=source.window_s)
             poller = _POLLERS[source] = ReadingPoller(reader.read, source.interval_s)
         return poller

@@ -25,8 +25,11 @@ class ControlPlaneConfig(BaseModel):
         pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$",
         description="The lease's name (a Kubernetes object name: lower case, digits, '-').",
     )
-    kubernetes_namespace: str = Field(
-        "default", min_length=1, description="The namespace of the Lease (kubernetes backend)."
+    kubernetes_namespace: str | None = Field(
+        None,
+        min_length=1,
+        description="The namespace of the Lease (kubernetes backend); null: the pod's own (its "
+        "service account's), 'default' outside a pod.",
     )
     lease_duration_s: float = Field(
         15.0,

@@ -24,7 +24,6 @@ from typing import Any
 
 from serving.config.server import ApiKeyConfig
 
-KEY_FILE_NAME = "keys.json"
 SALT_BYTES = 16
 KEY_BYTES = 32
 

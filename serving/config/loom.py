@@ -25,8 +25,9 @@ from pydantic import (
 
 from models.bundled import BUNDLED_EMBEDDING_MODEL
 from models.settings import LoomEnv
+from serving.config.cluster import GATEWAY_RESOURCE, ClusterConfig
 from serving.config.control_plane import ControlPlaneConfig
-from serving.config.key_file import KEY_FILE_NAME, KeyFileError, read_key_file
+from serving.config.key_file import KeyFileError, read_key_file
 from serving.config.model import (
     ENTRY_TAGS,
     DeployedEntry,
@@ -161,6 +162,11 @@ class LoomConfig(_Strict):
     ray: RayConfig = Field(default_factory=RayConfig)
     monitoring: MonitoringConfig = Field(default_factory=MonitoringConfig)
     control_plane: ControlPlaneConfig = Field(default_factory=ControlPlaneConfig)
+    cluster: ClusterConfig | None = Field(
+        None,
+        description="How Loom runs on Kubernetes (KubeRay): images, pods, storage, secrets. "
+        "Read by `loom deploy` and `loom serve --in-cluster`; a local `loom serve` ignores it.",
+    )
 
     @model_validator(mode="after")
     def _names_unique(self) -> LoomConfig:
@@ -215,6 +221,33 @@ class LoomConfig(_Strict):
                 return pool.member(name)
         model = self.model(name)
         return None if isinstance(model, PoolConfig) else model
+
+
+def in_cluster(config: LoomConfig) -> LoomConfig:
+    """``config`` as the control plane runs it in the cluster its ``cluster:`` section
+    describes (``loom serve --in-cluster``, the head pod's command): one gateway per gateway
+    pod on all interfaces (keys required, as anywhere off loopback), and sidecars that are
+    containers at ``cluster.sidecar_port`` reading the pod-local ``cluster.stats_dir``.
+    ``ConfigError`` without the section."""
+    cluster = config.cluster
+    if cluster is None:
+        raise ConfigError("--in-cluster needs the config's cluster: section (docs/deploy.md)")
+    server = config.server.model_copy(
+        update={
+            "host": "0.0.0.0",
+            "gateway_replicas": cluster.gateway.replicas,
+            "gateway_node_resource": GATEWAY_RESOURCE,
+        }
+    )
+    monitoring = config.monitoring.model_copy(
+        update={
+            "sidecar_actor": False,
+            "sidecar_host": "0.0.0.0",
+            "sidecar_port": cluster.sidecar_port,
+            "stats_dir": Path(cluster.stats_dir),
+        }
+    )
+    return config.model_copy(update={"server": server, "monitoring": monitoring})
 
 
 MAX_DEFAULT_REPLICAS = 8
@@ -284,7 +317,7 @@ def with_overrides(
     server = config.server
     keys = tuple(dict.fromkeys((*server.api_keys, *env.api_keys)))
     try:
-        filed = read_key_file(env.home / KEY_FILE_NAME)
+        filed = read_key_file(env.keys_file)
         # validated again, so a short LOOM_API_KEYS key or a repeated name is refused here
         server = ServerConfig.model_validate(
             {

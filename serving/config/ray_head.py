@@ -78,6 +78,12 @@ class RayConfig(BaseModel):
         return parse_redis_address(self.gcs_redis_address)
 
 
+SERVE_ENV = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_ENABLE_DIRECT_INGRESS": "0"}
+"""Ray Serve settings every Ray process of a Loom cluster runs with (read at process start:
+the environment of a local Ray `loom serve` starts, and of every pod on Kubernetes); why
+each: ``serving.server.ray_serve_env``."""
+
+
 def joins_a_cluster(environ: Mapping[str, str] = os.environ) -> bool:
     """``RAY_ADDRESS`` names a running Ray cluster for `loom serve` to join (its own head is
     then not started; a second `loom serve` joins the first's cluster this way)."""

@@ -189,6 +189,19 @@ class ServerConfig(BaseModel):
         "connection closed.",
     )
 
+    gateway_replicas: int = Field(
+        1,
+        ge=1,
+        description="Gateway replicas, each serving host:port on its own node. More than one "
+        "needs gateway_node_resource, so no two land on one node (one port each).",
+    )
+    gateway_node_resource: str | None = Field(
+        None,
+        min_length=1,
+        description="A Ray resource each gateway replica takes one of: a node offering one "
+        "holds one gateway (Kubernetes: the gateway pods offer loom_gateway). null: anywhere.",
+    )
+
     rate_limits: RateLimitsConfig = Field(
         default_factory=RateLimitsConfig,
         description="Requests per second per client and route family, a token bucket each "
@@ -210,6 +223,15 @@ class ServerConfig(BaseModel):
         for key in keys:
             check_key_length(key)
         return keys
+
+    @model_validator(mode="after")
+    def _one_gateway_per_node(self) -> ServerConfig:
+        if self.gateway_replicas > 1 and self.gateway_node_resource is None:
+            raise ValueError(
+                "gateway_replicas > 1 needs gateway_node_resource: two gateways on one node "
+                "would both bind its port"
+            )
+        return self
 
     @model_validator(mode="after")
     def _names_unique(self) -> ServerConfig:

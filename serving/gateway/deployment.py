@@ -27,7 +27,7 @@ from serving.gateway.core import GatewayCore
 from serving.gateway.http_server import HttpLimits, HttpServer, server_ssl_context
 from serving.gateway.keys import KeyCheck
 from serving.gateway.routes.jobs import JobsSettings, build_jobs_service
-from serving.monitoring.sidecar_actor import KnownSidecars
+from serving.monitoring.sidecar_actor import KnownSidecars, NodeSidecars
 from serving.monitoring.targets import advertised
 from serving.replica_logging import route_to_serve_log
 from serving.rollout.route_table import (
@@ -63,7 +63,13 @@ class Gateway:
                 max_body_bytes=loom_config.server.max_body_bytes,
             )
         server = loom_config.server
-        stats_dir = loom_config.monitoring.stats_dir
+        monitoring = loom_config.monitoring
+        stats_dir = None if monitoring.stats_dir is None else str(monitoring.stats_dir)
+        sidecars = (
+            KnownSidecars(stats_dir)
+            if monitoring.sidecar_actor
+            else NodeSidecars(monitoring.sidecar_port)
+        )
         core = GatewayCore(
             loom_config,
             self._routes,
@@ -72,7 +78,7 @@ class Gateway:
             shard_board=BoardShardRequests(board),
             keys=KeyCheck.from_digests(loom_config.server),
             audit=None if audit_log is None else AuditLog(Path(audit_log)),
-            sidecars=KnownSidecars(None if stats_dir is None else str(stats_dir)),
+            sidecars=sidecars,
             advertised_address=advertised(server.host, server.port, ray.util.get_node_ip_address()),
         )
         self._routes.warm_up = core.warm

@@ -9,7 +9,8 @@ down, and the replicas never notice. ``list_sidecars`` is what the gateway's
 ``/v1/admin/targets`` lists; ``stop_sidecars`` ends them with the server.
 
 On Kubernetes the sidecar is a container of the worker pod instead (``deploy/``), and
-``settings.start_actor`` is off.
+``settings.start_actor`` is off: each node that can run replicas has one at its own address
+and the configured port (``node_sidecars``, ``NodeSidecars``).
 """
 
 from __future__ import annotations
@@ -160,6 +161,33 @@ class KnownSidecars:
         names = set(await asyncio.to_thread(_named_sidecars, self.stats_dir))
         self._known = {name: v for name, v in self._known.items() if name in names}
         return list(self._known.values())
+
+
+def node_sidecars(port: int) -> list[dict[str, str]]:
+    """Sidecars that run as containers beside the Ray nodes (Kubernetes): one per alive node
+    that offers CPUs or GPUs to replicas, at the node's address and ``port``, as
+    ``list_sidecars`` answers them. A head or gateway pod (``num-cpus: 0``) runs no replica
+    and has no sidecar."""
+    found = []
+    for node in ray.nodes():
+        resources = node.get("Resources", {})
+        if not node.get("Alive") or not (resources.get("CPU", 0) or resources.get("GPU", 0)):
+            continue
+        node_id = str(node["NodeID"])[:16]
+        address = f"{node['NodeManagerAddress']}:{port}"
+        found.append({"address": address, "node": node_id, "name": f"{PREFIX}{node_id}"})
+    return found
+
+
+class NodeSidecars:
+    """The gateway's list of sidecar containers for ``GET /v1/admin/targets``: every node's
+    (``node_sidecars``); a node that left is dropped."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+
+    async def __call__(self) -> list[dict[str, str]]:
+        return await asyncio.to_thread(node_sidecars, self.port)
 
 
 def stop_sidecars(stats_dir: str) -> int:
