@@ -9,6 +9,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
+from deploy import cli as deploy_cli
 from models import cli as models_cli
 from serving import cli as serving_cli
 from training import cli as training_cli
@@ -20,6 +21,7 @@ def build_parser() -> argparse.ArgumentParser:
     serving_cli.add_commands(subparsers)
     models_cli.add_commands(subparsers)
     training_cli.add_commands(subparsers)
+    deploy_cli.add_commands(subparsers)
     return parser
 
 

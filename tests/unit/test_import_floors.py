@@ -15,8 +15,9 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 PACKAGES = ("models", "training", "serving", "loom", "benchmarks", "deploy")
 
-# Ground first; a floor may import from the floors listed before it and from itself.
-FLOORS = ("models", "training", "serving", "loom")
+# Ground first; a floor may import from the floors listed before it and from itself. deploy
+# renders the serving config; loom mounts every package's cli.py, deploy's too.
+FLOORS = ("models", "training", "serving", "deploy", "loom")
 # Inside serving: what crosses the hop, the metrics, the monitoring sidecar (what replicas
 # report and how it is exported) and the config are the ground; the routing parts and the
 # autoscaling policy use only those; the replicas use routing (the hedge-aware router they are
