@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import AnyHttpUrl, BaseModel, ConfigDict, Field
+from pydantic import AnyHttpUrl, BaseModel, ConfigDict, Field, model_validator
 
 
 class MonitoringConfig(BaseModel):
@@ -26,7 +26,8 @@ class MonitoringConfig(BaseModel):
     sidecar_actor: bool = Field(
         True,
         description="Start each node's sidecar as a Ray actor pinned to the node; off where "
-        "the sidecar runs as a container beside the Ray worker (Kubernetes).",
+        "the sidecar runs as a container beside the Ray worker (Kubernetes): one is then "
+        "found at sidecar_port on every Ray node that offers CPUs or GPUs.",
     )
     stats_dir: Path | None = Field(
         None,
@@ -54,3 +55,12 @@ class MonitoringConfig(BaseModel):
         le=60,
         description="How often the autoscaling policy reads the metrics it decides on.",
     )
+
+    @model_validator(mode="after")
+    def _containers_have_a_port(self) -> MonitoringConfig:
+        if not self.sidecar_actor and self.sidecar_port == 0:
+            raise ValueError(
+                "sidecar_actor: false needs a sidecar_port: where each node's sidecar "
+                "container listens (the gateway and the policy look for it there)"
+            )
+        return self

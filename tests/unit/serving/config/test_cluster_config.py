@@ -46,6 +46,11 @@ def test_in_cluster_without_a_cluster_section_is_a_clear_error() -> None:
         in_cluster(parse_config({"models": MODELS}))
 
 
+def test_sidecar_containers_need_a_port_to_be_found_at() -> None:
+    with pytest.raises(ConfigError, match="sidecar_port"):
+        parse_config({"models": MODELS, "monitoring": {"sidecar_actor": False}})
+
+
 def test_two_gateways_need_a_resource_that_keeps_them_on_separate_nodes() -> None:
     with pytest.raises(ValueError, match="gateway_node_resource"):
         ServerConfig(gateway_replicas=2)
