@@ -151,18 +151,25 @@ def run_render(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cluster_name(config: LoomConfig) -> str:
+    from deploy.render import with_cluster
+
+    cluster = with_cluster(config).cluster
+    assert cluster is not None
+    return cluster.name
+
+
 def _progress(line: str) -> None:
     print(line, file=sys.stderr, flush=True)
 
 
 def run_apply(args: argparse.Namespace) -> int:
     from deploy.apply import DeployError, apply, load_api_client, wait_ready
-    from deploy.render import RenderError, with_cluster
+    from deploy.render import RenderError
 
     try:
         config, objects = _objects(args)
-        cluster = with_cluster(config).cluster
-        assert cluster is not None
+        name = _cluster_name(config)
         with load_api_client(args.kubeconfig, args.context) as api:
             apply(objects, api=api, progress=_progress)
             if args.no_wait:
@@ -170,11 +177,11 @@ def run_apply(args: argparse.Namespace) -> int:
             wait_ready(
                 api=api,
                 namespace=args.namespace,
-                cluster=cluster.name,
+                cluster=name,
                 timeout_s=args.timeout_s,
                 progress=_progress,
             )
-        _progress(f"ready: the gateway Service {cluster.name}-gateway has ready pods")
+        _progress(f"ready: the gateway Service {name}-gateway has ready pods")
     except (ConfigError, RenderError, DeployError) as exc:
         return _fail(str(exc))
     return 0
@@ -182,14 +189,12 @@ def run_apply(args: argparse.Namespace) -> int:
 
 def run_status(args: argparse.Namespace) -> int:
     from deploy.apply import DeployError, cluster_status, format_status, load_api_client
-    from deploy.render import with_cluster
 
     try:
         config, _ = _config(args)
-        cluster = with_cluster(config).cluster
-        assert cluster is not None
+        name = _cluster_name(config)
         with load_api_client(args.kubeconfig, args.context) as api:
-            status = cluster_status(api=api, namespace=args.namespace, cluster=cluster.name)
+            status = cluster_status(api=api, namespace=args.namespace, cluster=name)
     except (ConfigError, DeployError) as exc:
         return _fail(str(exc))
     print(format_status(status))

@@ -10,11 +10,7 @@ so it outlives either server; both join it through ``RAY_ADDRESS``."""
 from __future__ import annotations
 
 import os
-import shutil
 import signal
-import subprocess
-import sys
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -23,12 +19,12 @@ from pathlib import Path
 import httpx
 import pytest
 from loom_process import LoomProcess, spawn_loom, start_loom, stop_loom
+from ray_nodes import end_cluster, ray_temp_dir, start_ray_node, stop_ray_node
 from waiting import wait_until
 
 from models.bundled import bundled_model_dir
 from models.settings import LoomEnv
 from models.store import ModelStore
-from serving.run_record import end_processes, session_processes
 from serving.server import ray_serve_env
 from training.db import create_db_engine
 from training.leases import LeaseStore
@@ -45,27 +41,17 @@ def ray_cluster(free_port: Callable[[], int]) -> Iterator[str]:
     """A one-node Ray cluster of its own on 127.0.0.1, stopped (its whole process group)
     after the test. Its temp folder is short: Ray's socket paths must fit in 107 bytes."""
     port = free_port()
-    temp = Path(tempfile.mkdtemp(prefix="loom-ray-", dir="/tmp"))
+    temp = ray_temp_dir()
     env = {**os.environ, **ray_serve_env(), **LOOPBACK}
-    ray = Path(sys.executable).with_name("ray")
-    head = subprocess.Popen(
-        [str(ray), "start", "--head", f"--port={port}", "--node-ip-address=127.0.0.1",
-         "--num-cpus=8", "--include-dashboard=false", "--disable-usage-stats", "--block",
-         f"--temp-dir={temp}"],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    head = start_ray_node(
+        "--head", f"--port={port}", "--node-ip-address=127.0.0.1", "--num-cpus=8",
+        "--include-dashboard=false", "--disable-usage-stats", f"--temp-dir={temp}", env=env,
     )  # fmt: skip
     try:
         yield f"127.0.0.1:{port}"
     finally:
-        os.killpg(head.pid, signal.SIGTERM)  # --block: ray stops what it started
-        try:
-            head.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(head.pid, signal.SIGKILL)
-            head.wait(timeout=10)
-        for session in temp.glob("session_2*"):  # what the stop left of this cluster, only
-            end_processes(session_processes(str(session)))
-        shutil.rmtree(temp, ignore_errors=True)
+        stop_ray_node(head)
+        end_cluster(temp)
 
 
 def holder_pid(home: Path) -> int | None:

@@ -19,12 +19,10 @@ from __future__ import annotations
 import json
 import os
 import secrets
-import shutil
 import signal
 import socket
 import subprocess
 import sys
-import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,12 +30,12 @@ from pathlib import Path
 import httpx
 import pytest
 import yaml
+from ray_nodes import end_cluster, ray_temp_dir, start_ray_node, stop_ray_node
 from waiting import wait_until
 
 from serving.config.cluster import GATEWAY_RESOURCE
 from serving.config.ray_head import SERVE_ENV
 from serving.monitoring.scrape import fetch_text, sidecar_urls
-from serving.run_record import end_processes, session_processes
 
 REPO = Path(__file__).resolve().parents[2]
 NO_LOOPBACK = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
@@ -59,28 +57,6 @@ class Cluster:
     processes: list[subprocess.Popen]
 
 
-def _ray(*args: str, env: dict[str, str]) -> subprocess.Popen:
-    ray = Path(sys.executable).with_name("ray")
-    return subprocess.Popen(
-        [str(ray), *args, "--block"],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-
-
-def _stop(process: subprocess.Popen) -> None:
-    if process.poll() is not None:
-        return
-    os.killpg(process.pid, signal.SIGTERM)  # --block: ray stops what it started
-    try:
-        process.wait(timeout=60)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        process.wait(timeout=10)
-
-
 def _environ() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if k not in (NO_LOOPBACK, "LOOM_API_KEYS")}
 
@@ -96,18 +72,18 @@ def cluster(free_port: Callable[[], int]) -> Iterator[Cluster]:
     them; every process of the cluster ended after the test. The temp folder is short: Ray's
     socket paths must fit in 107 bytes."""
     port = free_port()
-    temp = Path(tempfile.mkdtemp(prefix="loom-ray-", dir="/tmp"))
+    temp = ray_temp_dir()
     env = {**_environ(), **SERVE_ENV, **TOKEN}
     address = f"127.0.0.1:{port}"
-    head = _ray(
-        "start", "--head", f"--port={port}", "--node-ip-address=127.0.0.1", "--num-cpus=0",
+    head = start_ray_node(
+        "--head", f"--port={port}", "--node-ip-address=127.0.0.1", "--num-cpus=0",
         "--include-dashboard=false", "--disable-usage-stats", f"--temp-dir={temp}", env=env,
     )  # fmt: skip
     running = Cluster(address, temp, [head])
     try:
         wait_until(lambda: _listening(port), "the head's GCS listening")
-        worker = _ray(
-            "start", f"--address={address}", "--node-ip-address=127.0.0.1", "--num-cpus=2",
+        worker = start_ray_node(
+            f"--address={address}", "--node-ip-address=127.0.0.1", "--num-cpus=2",
             f"--resources={json.dumps({GATEWAY_RESOURCE: 1})}", "--disable-usage-stats",
             env=env,
         )  # fmt: skip
@@ -115,10 +91,8 @@ def cluster(free_port: Callable[[], int]) -> Iterator[Cluster]:
         yield running
     finally:
         for process in reversed(running.processes):
-            _stop(process)
-        for session in temp.glob("session_2*"):  # what the stops left of this cluster, only
-            end_processes(session_processes(str(session)))
-        shutil.rmtree(temp, ignore_errors=True)
+            stop_ray_node(process)
+        end_cluster(temp)
 
 
 def cluster_table(address: str) -> dict[str, object]:

@@ -562,3 +562,108 @@ def test_cluster_status_of_a_cluster_that_is_not_there_says_so(
 ) -> None:
     with pytest.raises(DeployError, match=f"no RayCluster {NS}/loom"):
         cluster_status(api=api, namespace=NS, cluster="loom")
+
+
+# --- `loom deploy` itself, with the rendered example, through a kubeconfig ------------------
+
+EXAMPLE = Path(__file__).resolve().parents[3] / "deploy" / "k8s" / "loom.yaml"
+
+
+def kubeconfig_for(fake: FakeKubernetes, path: Path) -> str:
+    context = {"name": "fake", "context": {"cluster": "fake", "user": "ci"}}
+    path.write_text(
+        json.dumps(
+            {
+                "apiVersion": "v1",
+                "kind": "Config",
+                "current-context": "fake",
+                "clusters": [{"name": "fake", "cluster": {"server": fake.url}}],
+                "users": [{"name": "ci", "user": {"token": "t0ken"}}],
+                "contexts": [context],
+            }
+        )
+    )
+    return str(path)
+
+
+def loom_deploy(fake: FakeKubernetes, tmp_path: Path, *command: str) -> int:
+    from loom.cli import main
+
+    config = kubeconfig_for(fake, tmp_path / "kubeconfig")
+    return main(["deploy", *command, "--config", str(EXAMPLE), "--kubeconfig", config])
+
+
+def test_loom_deploy_apply_applies_the_rendered_objects_and_waits_for_the_gateway(
+    fake: FakeKubernetes, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from deploy.render import render
+    from serving.config import load_config
+
+    fake.pods = loom_pods()
+    fake.cluster_ready_from_get = 2
+
+    code = loom_deploy(fake, tmp_path, "apply", "--namespace", NS, "--timeout-s", "60")
+
+    err = capsys.readouterr().err
+    rendered = render(load_config(EXAMPLE), overlay="gpu", namespace=NS)
+    patched = [seen for seen in fake.requests if seen.method == "PATCH"]
+    assert code == 0, err
+    assert len(patched) == len(rendered)  # every object once (14 of the example, gpu)
+    assert all(seen.query["fieldManager"] == ["loom"] for seen in patched)
+    sent = {(s.body["kind"], s.body["metadata"]["name"]): s.body for s in patched}
+    assert sent == {(o["kind"], o["metadata"]["name"]): o for o in rendered}
+    assert err.splitlines()[-1] == "ready: the gateway Service loom-gateway has ready pods"
+
+
+def test_loom_deploy_apply_without_kuberay_says_so_in_one_error_line(
+    fake: FakeKubernetes, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    fake.fail("/apis/ray.io/", 404, "NotFound", "the server could not find the requested resource")
+
+    code = loom_deploy(fake, tmp_path, "apply", "--namespace", NS)
+
+    err = capsys.readouterr().err
+    assert code == 2
+    (error,) = [line for line in err.splitlines() if line.startswith("error:")]
+    assert "KubeRay" in error
+    assert "Traceback" not in err
+    assert not [s for s in fake.requests if "monitoring.coreos.com" in s.path]  # stopped there
+
+
+def test_loom_deploy_apply_without_permission_names_what_was_refused(
+    fake: FakeKubernetes, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    fake.fail(
+        "/roles/", 403, "Forbidden", 'roles.rbac.authorization.k8s.io "loom-leases" is forbidden'
+    )
+
+    code = loom_deploy(fake, tmp_path, "apply", "--namespace", NS)
+
+    err = capsys.readouterr().err
+    assert code == 2
+    (error,) = [line for line in err.splitlines() if line.startswith("error:")]
+    assert "forbidden" in error
+    assert f"kubectl auth can-i patch roles.rbac.authorization.k8s.io -n {NS}" in error
+    assert not [s for s in fake.requests if "/rayclusters/" in s.path]  # nothing after it
+
+
+def test_loom_deploy_status_prints_the_groups_of_the_running_cluster(
+    fake: FakeKubernetes, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from deploy.render import render
+    from serving.config import load_config
+
+    fake.pods = loom_pods(gateway_b_ready_from=1)
+    apply(
+        render(load_config(EXAMPLE), overlay="gpu", namespace=NS),
+        api=ApiClient(Configuration(host=fake.url)),
+        progress=lambda line: None,
+    )
+
+    code = loom_deploy(fake, tmp_path, "status", "--namespace", NS)
+
+    out = capsys.readouterr().out
+    assert code == 0
+    desired = {line.split()[0]: int(line.split()[1]) for line in out.splitlines()[2:]}
+    # the example's groups: the head, gateway x2, cpu x2 (min 2), gpu x1
+    assert desired == {"head": 1, "gateway": 2, "cpu": 2, "gpu": 1}
