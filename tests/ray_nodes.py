@@ -33,10 +33,14 @@ def start_ray_node(*args: str, env: dict[str, str]) -> subprocess.Popen:
     )
 
 
-def stop_ray_node(node: subprocess.Popen) -> None:
+def stop_ray_node(node: subprocess.Popen, *, graceful: bool = True) -> None:
     """SIGTERM to the node's group (``--block``: ray stops what it started), SIGKILL after
-    60 s."""
+    60 s; not ``graceful``: SIGKILL at once (``end_cluster`` then ends what is left)."""
     if node.poll() is not None:
+        return
+    if not graceful:
+        os.killpg(node.pid, signal.SIGKILL)
+        node.wait(timeout=10)
         return
     os.killpg(node.pid, signal.SIGTERM)
     try:
