@@ -285,6 +285,23 @@ def api(fake: FakeKubernetes) -> Iterator[ApiClient]:
     client.close()
 
 
+def kubeconfig_for(fake: FakeKubernetes, path: Path) -> str:
+    context = {"name": "fake", "context": {"cluster": "fake", "user": "ci"}}
+    path.write_text(
+        json.dumps(
+            {
+                "apiVersion": "v1",
+                "kind": "Config",
+                "current-context": "fake",
+                "clusters": [{"name": "fake", "cluster": {"server": fake.url}}],
+                "users": [{"name": "ci", "user": {"token": "t0ken"}}],
+                "contexts": [context],
+            }
+        )
+    )
+    return str(path)
+
+
 def loom_pods(*, gateway_b_ready_from: int | None = None) -> list[FakePod]:
     """A head, two gateway pods and one cpu worker of ``loom``, and a pod of another cluster
     that the label selector must leave out."""
@@ -446,20 +463,7 @@ def test_a_kubeconfig_names_the_server_and_its_token_reaches_it(
     fake: FakeKubernetes, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
-    kubeconfig = tmp_path / "config"
-    kubeconfig.write_text(
-        json.dumps(
-            {
-                "apiVersion": "v1",
-                "kind": "Config",
-                "current-context": "fake",
-                "clusters": [{"name": "fake", "cluster": {"server": fake.url}}],
-                "users": [{"name": "ci", "user": {"token": "t0ken"}}],
-                "contexts": [{"name": "fake", "context": {"cluster": "fake", "user": "ci"}}],
-            }
-        )
-    )
-    monkeypatch.setenv("KUBECONFIG", str(kubeconfig))
+    monkeypatch.setenv("KUBECONFIG", kubeconfig_for(fake, tmp_path / "config"))
 
     with load_api_client() as api:
         apply([CONFIGMAP], api=api, progress=lambda line: None)
@@ -567,23 +571,6 @@ def test_cluster_status_of_a_cluster_that_is_not_there_says_so(
 # --- `loom deploy` itself, with the rendered example, through a kubeconfig ------------------
 
 EXAMPLE = Path(__file__).resolve().parents[3] / "deploy" / "k8s" / "loom.yaml"
-
-
-def kubeconfig_for(fake: FakeKubernetes, path: Path) -> str:
-    context = {"name": "fake", "context": {"cluster": "fake", "user": "ci"}}
-    path.write_text(
-        json.dumps(
-            {
-                "apiVersion": "v1",
-                "kind": "Config",
-                "current-context": "fake",
-                "clusters": [{"name": "fake", "cluster": {"server": fake.url}}],
-                "users": [{"name": "ci", "user": {"token": "t0ken"}}],
-                "contexts": [context],
-            }
-        )
-    )
-    return str(path)
 
 
 def loom_deploy(fake: FakeKubernetes, tmp_path: Path, *command: str) -> int:
