@@ -31,6 +31,14 @@ LOCALHOST = "127.0.0.1"
 NS_PER_S = 1_000_000_000
 
 
+def check_target(host: str, path: str) -> None:
+    """``ValueError`` unless the target is 127.0.0.1 and ``path`` absolute (both generators)."""
+    if host != LOCALHOST:
+        raise ValueError(f"load generator targets {LOCALHOST} only, got {host!r}")
+    if not path.startswith("/"):
+        raise ValueError(f"path must start with '/', got {path!r}")
+
+
 @dataclass(frozen=True, kw_only=True)
 class LoadConfig:
     """One closed-loop load level against ``http://127.0.0.1:{port}{path}``."""
@@ -53,10 +61,7 @@ class LoadConfig:
     max_reconnects_per_user: int = 1_000
 
     def __post_init__(self) -> None:
-        if self.host != LOCALHOST:
-            raise ValueError(f"load generator targets {LOCALHOST} only, got {self.host!r}")
-        if not self.path.startswith("/"):
-            raise ValueError(f"path must start with '/', got {self.path!r}")
+        check_target(self.host, self.path)
         if self.concurrency < 1 or self.max_requests < 1:
             raise ValueError("concurrency and max_requests must be >= 1")
         if self.warmup_s < 0 or self.duration_s <= 0:

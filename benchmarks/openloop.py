@@ -34,6 +34,7 @@ from benchmarks.loadgen import (
     _Recorder,
     _run,
     build_requests,
+    check_target,
     drive_window,
 )
 
@@ -73,10 +74,7 @@ class OpenLoadConfig:
     """After the window closes, what is queued or in flight gets this long."""
 
     def __post_init__(self) -> None:
-        if self.host != LOCALHOST:
-            raise ValueError(f"load generator targets {LOCALHOST} only, got {self.host!r}")
-        if not self.path.startswith("/"):
-            raise ValueError(f"path must start with '/', got {self.path!r}")
+        check_target(self.host, self.path)
         if self.rate_per_s <= 0 or self.max_connections < 1:
             raise ValueError("rate_per_s must be > 0 and max_connections >= 1")
         if self.warmup_s < 0 or self.duration_s <= 0:
