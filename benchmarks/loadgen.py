@@ -85,7 +85,7 @@ class LoadResult:
     """CPU time this process used during the measured window."""
 
 
-class _Recorder:
+class Recorder:
     """Shared by the users of one level; one event loop thread, so no locks."""
 
     def __init__(self, *, capacity: int, window_start_ns: int, window_end_ns: int) -> None:
@@ -115,6 +115,15 @@ class _Recorder:
         if self.in_window(end_ns):
             self.errors += 1
             self.error_kinds[kind] += 1
+
+    def results(self) -> dict[str, Any]:
+        """What the window recorded, as ``LoadResult``'s fields."""
+        return {
+            "requests": self.count,
+            "errors": self.errors,
+            "latencies_ns": self.latencies_ns[: self.count],
+            "error_kinds": dict(self.error_kinds),
+        }
 
 
 class ProtocolError(Exception):
@@ -219,7 +228,7 @@ def build_requests(host: str, port: int, path: str, bodies: Sequence[bytes]) -> 
 
 
 async def _user(
-    config: LoadConfig, requests: Sequence[bytes], offset: int, recorder: _Recorder
+    config: LoadConfig, requests: Sequence[bytes], offset: int, recorder: Recorder
 ) -> None:
     """One virtual user: send, wait for the answer, send the next, until the window closes."""
     connection = RawHttpConnection(config.host, config.port)
@@ -261,7 +270,7 @@ async def _run_level(config: LoadConfig, requests: Sequence[bytes]) -> LoadResul
     now_ns = time.perf_counter_ns()
     window_start_ns = now_ns + int(config.warmup_s * NS_PER_S)
     window_end_ns = window_start_ns + int(config.duration_s * NS_PER_S)
-    recorder = _Recorder(
+    recorder = Recorder(
         capacity=config.max_requests,
         window_start_ns=window_start_ns,
         window_end_ns=window_end_ns,
@@ -281,11 +290,8 @@ async def _run_level(config: LoadConfig, requests: Sequence[bytes]) -> LoadResul
     return LoadResult(
         concurrency=config.concurrency,
         duration_s=config.duration_s,
-        requests=recorder.count,
-        errors=recorder.errors,
-        latencies_ns=recorder.latencies_ns[: recorder.count],
-        error_kinds=dict(recorder.error_kinds),
         loadgen_cpu_s=cpu_s,
+        **recorder.results(),
     )
 
 
@@ -297,7 +303,8 @@ def event_loop_factory() -> Callable[[], asyncio.AbstractEventLoop]:
     return uvloop.new_event_loop
 
 
-def _run(coro: Coroutine[Any, Any, LoadResult]) -> LoadResult:
+def run_on_own_loop(coro: Coroutine[Any, Any, LoadResult]) -> LoadResult:
+    """Run one level's coroutine on a fresh event loop (uvloop when installed)."""
     with asyncio.Runner(loop_factory=event_loop_factory()) as runner:
         return runner.run(coro)
 
@@ -310,7 +317,7 @@ def run_load(config: LoadConfig, bodies: Sequence[bytes]) -> LoadResult:
     if not bodies:
         raise ValueError("bodies must not be empty")
     requests = build_requests(config.host, config.port, config.path, bodies)
-    return _run(_run_level(config, requests))
+    return run_on_own_loop(_run_level(config, requests))
 
 
 def run_requests(config: LoadConfig, requests: Sequence[bytes]) -> LoadResult:
@@ -318,7 +325,7 @@ def run_requests(config: LoadConfig, requests: Sequence[bytes]) -> LoadResult:
     one level can mix paths (many models); ``config.path`` is then only a label."""
     if not requests:
         raise ValueError("requests must not be empty")
-    return _run(_run_level(config, requests))
+    return run_on_own_loop(_run_level(config, requests))
 
 
 async def drive_window(

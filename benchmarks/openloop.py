@@ -31,11 +31,11 @@ from benchmarks.loadgen import (
     LoadResult,
     ProtocolError,
     RawHttpConnection,
-    _Recorder,
-    _run,
+    Recorder,
     build_requests,
     check_target,
     drive_window,
+    run_on_own_loop,
 )
 
 SEND_ERRORS = (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ProtocolError)
@@ -99,7 +99,7 @@ class OpenLoadResult(LoadResult):
 async def _sender(
     config: OpenLoadConfig,
     queue: asyncio.Queue[tuple[int, bytes] | None],
-    recorder: _Recorder,
+    recorder: Recorder,
 ) -> None:
     """One connection: send what arrives, in arrival order, until told to stop (None)."""
     connection = RawHttpConnection(config.host, config.port)
@@ -125,13 +125,12 @@ async def _sender(
 async def _arrive(
     config: OpenLoadConfig,
     requests: Sequence[bytes],
+    arrivals: Sequence[float],
     queue: asyncio.Queue[tuple[int, bytes] | None],
     start_ns: int,
 ) -> None:
-    """Put each request on the queue at its scheduled time, then one stop per sender."""
-    arrivals = poisson_arrivals(
-        config.rate_per_s, config.warmup_s + config.duration_s, seed=config.seed
-    )
+    """Put each request on the queue at its scheduled time (``arrivals``, seconds from
+    ``start_ns``), then one stop per sender."""
     for index, offset_s in enumerate(arrivals):
         scheduled_ns = start_ns + int(offset_s * NS_PER_S)
         delay_s = (scheduled_ns - time.perf_counter_ns()) / NS_PER_S
@@ -149,11 +148,11 @@ async def _run_open_level(config: OpenLoadConfig, requests: Sequence[bytes]) -> 
     arrivals = poisson_arrivals(
         config.rate_per_s, config.warmup_s + config.duration_s, seed=config.seed
     )
-    recorder = _Recorder(
+    recorder = Recorder(
         capacity=len(arrivals) + 1, window_start_ns=window_start_ns, window_end_ns=window_end_ns
     )
     queue: asyncio.Queue[tuple[int, bytes] | None] = asyncio.Queue()
-    tasks = [asyncio.create_task(_arrive(config, requests, queue, start_ns))]
+    tasks = [asyncio.create_task(_arrive(config, requests, arrivals, queue, start_ns))]
     tasks += [
         asyncio.create_task(_sender(config, queue, recorder)) for _ in range(config.max_connections)
     ]
@@ -167,11 +166,8 @@ async def _run_open_level(config: OpenLoadConfig, requests: Sequence[bytes]) -> 
     return OpenLoadResult(
         concurrency=config.max_connections,
         duration_s=config.duration_s,
-        requests=recorder.count,
-        errors=recorder.errors,
-        latencies_ns=recorder.latencies_ns[: recorder.count],
-        error_kinds=dict(recorder.error_kinds),
         loadgen_cpu_s=cpu_s,
+        **recorder.results(),
         offered_rate_per_s=scheduled / config.duration_s,
         scheduled=scheduled,
     )
@@ -183,6 +179,6 @@ def run_open_load(config: OpenLoadConfig, bodies: Sequence[bytes]) -> OpenLoadRe
     if not bodies:
         raise ValueError("bodies must not be empty")
     requests = build_requests(config.host, config.port, config.path, bodies)
-    result = _run(_run_open_level(config, requests))
+    result = run_on_own_loop(_run_open_level(config, requests))
     assert isinstance(result, OpenLoadResult)
     return result

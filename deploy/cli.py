@@ -99,13 +99,10 @@ def _config(args: argparse.Namespace) -> tuple[LoomConfig, str]:
 
 
 def _overlay(args: argparse.Namespace, config: LoomConfig) -> Overlay:
-    if args.overlay == "gpu" or (args.overlay is None and any_gpu_model(config)):
-        return "gpu"
-    return "cpu"
+    from deploy.render import default_overlay
 
-
-def any_gpu_model(config: LoomConfig) -> bool:
-    return any(m.num_gpus > 0 for m in config.deployed())
+    chosen: Overlay = args.overlay or default_overlay(config)  # argparse: cpu or gpu
+    return chosen
 
 
 def _fail(message: str) -> int:

@@ -10,13 +10,23 @@ current).
 
 from __future__ import annotations
 
-import copy
 import shutil
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from deploy.render import OVERLAYS, Overlay, apply_patch, base, dump, patches
+import yaml
+
+from deploy.render import (
+    OVERLAYS,
+    Overlay,
+    Patch,
+    apply_patch,
+    base,
+    dump,
+    patches,
+    set_namespace,
+)
 from serving.config import LoomConfig
 
 CONFIG_FILE = "loom.yaml"
@@ -163,10 +173,6 @@ def write_tree(
 def build(root: Path, overlay: str) -> list[dict[str, Any]]:
     """What ``kustomize build root/overlays/<overlay>`` gives for a tree this module wrote:
     the base's objects in order, the overlay's namespace and its add patches applied."""
-    import yaml
-
-    from deploy.render import Patch
-
     overlay_dir = root / "overlays" / overlay
     kustomization = yaml.safe_load((overlay_dir / "kustomization.yaml").read_text())
     base_dir = (overlay_dir / kustomization["resources"][0]).resolve()
@@ -176,8 +182,5 @@ def build(root: Path, overlay: str) -> list[dict[str, Any]]:
         ops = yaml.safe_load((overlay_dir / entry["path"]).read_text())
         target = entry["target"]
         apply_patch(objects, Patch(target["kind"], target["name"], tuple(ops)))
-    for obj in objects:
-        obj["metadata"]["namespace"] = kustomization["namespace"]
-        for subject in obj.get("subjects", []):
-            subject["namespace"] = kustomization["namespace"]
-    return copy.deepcopy(objects)
+    set_namespace(objects, kustomization["namespace"])
+    return objects

@@ -21,7 +21,6 @@ would use, a key in clear in the config (it would land in a ConfigMap).
 from __future__ import annotations
 
 import copy
-import math
 from dataclasses import dataclass
 from importlib.metadata import version
 from typing import Any, Literal
@@ -105,9 +104,15 @@ def on_cpu(config: LoomConfig) -> LoomConfig:
     return config.model_copy(update={"models": models, "training": training})
 
 
+def default_overlay(config: LoomConfig) -> Overlay:
+    """``gpu`` when a model's replicas ask for GPUs, else ``cpu``."""
+    return "gpu" if any(m.num_gpus > 0 for m in config.deployed()) else "cpu"
+
+
 def check(config: LoomConfig, overlay: Overlay) -> None:
     """``RenderError`` for what the cluster could not run (see the module's docstring)."""
-    cluster = config.cluster or ClusterConfig()
+    cluster = with_cluster(config).cluster
+    assert cluster is not None
     server = config.server
     problems = []
     in_clear = [field for field in ("api_keys", "admin_api_keys") if getattr(server, field)]
@@ -125,7 +130,7 @@ def check(config: LoomConfig, overlay: Overlay) -> None:
         )
     if overlay == "cpu":
         config = on_cpu(config)
-    elif not any(m.num_gpus > 0 for m in config.deployed()) and not config.training.gpus:
+    elif default_overlay(config) == "cpu" and not config.training.gpus:
         problems.append(
             "the gpu overlay reserves GPUs that nothing would use: no model sets num_gpus "
             "and training.gpus is unset; render the cpu overlay"
@@ -452,37 +457,17 @@ def render(
     objects = base(config)
     for patch in patches(config, overlay):
         apply_patch(objects, patch)
+    set_namespace(objects, namespace)
+    return objects
+
+
+def set_namespace(objects: list[dict[str, Any]], namespace: str) -> None:
+    """Put every object, and every RoleBinding's subjects, in ``namespace`` (in place), as
+    kustomize's ``namespace:`` does."""
     for obj in objects:
         obj["metadata"]["namespace"] = namespace
         for subject in obj.get("subjects", []):
             subject["namespace"] = namespace
-    return objects
-
-
-def gpu_requests(objects: list[dict[str, Any]]) -> dict[str, int]:
-    """Where GPUs are asked for: ``{group or container path: GPUs}`` over every container of
-    every pod template (init containers too)."""
-    asked: dict[str, int] = {}
-    for obj in objects:
-        if obj["kind"] != "RayCluster":
-            continue
-        spec = obj["spec"]
-        groups = [("headgroup", spec["headGroupSpec"])]
-        groups += [(g["groupName"], g) for g in spec["workerGroupSpecs"]]
-        for group, entry in groups:
-            pod = entry["template"]["spec"]
-            for c in [*pod.get("initContainers", []), *pod["containers"]]:
-                for kind in ("requests", "limits"):
-                    for key, amount in c.get("resources", {}).get(kind, {}).items():
-                        if key.endswith("/gpu"):
-                            where = f"{group}/{c['name']}"
-                            asked[where] = max(asked.get(where, 0), math.ceil(float(amount)))
-    return asked
-
-
-def model_groups(config: LoomConfig) -> dict[str, str]:
-    """Which worker group each deployed model's replicas run in."""
-    return {m.name: GPU_GROUP if m.num_gpus > 0 else CPU_GROUP for m in config.deployed()}
 
 
 class _Dumper(yaml.SafeDumper):

@@ -6,6 +6,7 @@ a selector picks)."""
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -14,7 +15,7 @@ import pytest
 import yaml
 
 from deploy.kuberay import HEAD_GROUP
-from deploy.render import Overlay, render, with_cluster
+from deploy.render import CPU_GROUP, GPU_GROUP, Overlay, render, with_cluster
 from serving.config import LoomConfig, default_config, load_config, parse_config
 from serving.config.cluster import ClusterConfig
 
@@ -117,3 +118,29 @@ def containers(template: dict[str, Any]) -> list[dict[str, Any]]:
     """Every container of a pod template, init containers (the sidecar) first."""
     spec = template["spec"]
     return [*spec.get("initContainers", []), *spec["containers"]]
+
+
+def gpu_requests(objects: list[dict[str, Any]]) -> dict[str, int]:
+    """Where GPUs are asked for: ``{group or container path: GPUs}`` over every container of
+    every pod template (init containers too)."""
+    asked: dict[str, int] = {}
+    for obj in objects:
+        if obj["kind"] != "RayCluster":
+            continue
+        spec = obj["spec"]
+        groups = [("headgroup", spec["headGroupSpec"])]
+        groups += [(g["groupName"], g) for g in spec["workerGroupSpecs"]]
+        for group, entry in groups:
+            pod = entry["template"]["spec"]
+            for c in [*pod.get("initContainers", []), *pod["containers"]]:
+                for kind in ("requests", "limits"):
+                    for key, amount in c.get("resources", {}).get(kind, {}).items():
+                        if key.endswith("/gpu"):
+                            where = f"{group}/{c['name']}"
+                            asked[where] = max(asked.get(where, 0), math.ceil(float(amount)))
+    return asked
+
+
+def model_groups(config: LoomConfig) -> dict[str, str]:
+    """Which worker group each deployed model's replicas run in."""
+    return {m.name: GPU_GROUP if m.num_gpus > 0 else CPU_GROUP for m in config.deployed()}
