@@ -90,11 +90,13 @@ def _cluster_options(command: argparse.ArgumentParser) -> None:
 
 
 def _config(args: argparse.Namespace) -> tuple[LoomConfig, str]:
-    """The config and its text (the bundled default's when no file is named)."""
+    """The config and its text (the bundled default's, written out, when no file is named)."""
+    from deploy.render import config_text
+
     path = args.config or LoomEnv.from_environ().config_path
     if path is None:
         config = default_config()
-        return config, ""
+        return config, config_text(config)
     return load_config(Path(path)), Path(path).read_text(encoding="utf-8")
 
 

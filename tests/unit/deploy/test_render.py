@@ -49,7 +49,7 @@ from deploy.render import (
     with_cluster,
 )
 from loom.cli import main
-from serving.config import LoomConfig, load_config, parse_config
+from serving.config import LoomConfig, default_config, load_config, parse_config
 
 LEASE_CLIENT = REPO / "training" / "k8s_leases.py"
 RENDER_AGAIN = "run `loom deploy render --config deploy/k8s/loom.yaml --out deploy/k8s`"
@@ -528,3 +528,15 @@ def test_a_cuda_model_without_num_gpus_is_refused_since_it_would_land_on_a_cpu_p
     with pytest.raises(RenderError, match="chat: device cuda with num_gpus 0"):
         render(config, overlay="gpu")
     render(config, overlay="cpu")  # the cpu overlay moves it to the CPU: it renders
+
+
+@pytest.mark.usefixtures("no_loom_config")
+def test_a_tree_of_the_bundled_default_holds_the_default_config_beside_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code = main(["deploy", "render", "--out", str(tmp_path)])
+
+    capsys.readouterr()
+    written = yaml.safe_load((tmp_path / "loom.yaml").read_text(encoding="utf-8"))
+    assert code == 0
+    assert parse_config(written) == default_config()  # not an empty file
