@@ -181,13 +181,19 @@ def node_sidecars(port: int) -> list[dict[str, str]]:
 
 class NodeSidecars:
     """The gateway's list of sidecar containers for ``GET /v1/admin/targets``: every node's
-    (``node_sidecars``); a node that left is dropped."""
+    (``node_sidecars``); a node that left is dropped. While Ray's node table cannot be read
+    (the GCS restarting) the last list stands, as ``KnownSidecars`` keeps its targets."""
 
     def __init__(self, port: int) -> None:
         self.port = port
+        self._known: list[dict[str, str]] = []
 
     async def __call__(self) -> list[dict[str, str]]:
-        return await asyncio.to_thread(node_sidecars, self.port)
+        try:
+            self._known = await asyncio.to_thread(node_sidecars, self.port)
+        except Exception as exc:  # the targets answer what was last known
+            logger.warning("Ray's node table not read, sidecar targets unchanged: %s", exc)
+        return list(self._known)
 
 
 def stop_sidecars(stats_dir: str) -> int:

@@ -4,6 +4,7 @@ folder and keys file."""
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 from typing import Any
 
@@ -118,3 +119,26 @@ def test_loom_serve_takes_a_cluster_address_and_in_cluster() -> None:
     args = build_parser().parse_args(["serve", "--address", "10.0.0.1:6379", "--in-cluster"])
 
     assert (args.address, args.in_cluster) == ("10.0.0.1:6379", True)
+
+
+def test_sidecar_targets_stay_as_last_read_while_the_node_table_cannot_be_read(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    node = {"NodeID": "c" * 56, "Alive": True, "NodeManagerAddress": "10.0.0.3",
+            "Resources": {"CPU": 4.0}}  # fmt: skip
+    answers: list[object] = [[node], RuntimeError("GCS unavailable")]
+
+    def nodes() -> list[dict[str, Any]]:
+        answer = answers.pop(0)
+        if isinstance(answer, Exception):
+            raise answer
+        return answer  # type: ignore[return-value]
+
+    monkeypatch.setattr(ray, "nodes", nodes)
+    targets = sidecar_actor.NodeSidecars(9470)
+
+    first = asyncio.run(targets())
+    second = asyncio.run(targets())
+
+    assert [t["address"] for t in first] == ["10.0.0.3:9470"]
+    assert second == first
