@@ -1,14 +1,15 @@
-"""Embeddings, end to end: the engine alone, the whole Loom stack, and a plain FastAPI server,
-measured in one run with one load generator, side by side.
+"""Embeddings, end to end: the engine alone, the whole Loom stack, Ray Serve alone and a plain
+FastAPI server, measured in one run with one load generator, side by side.
 
     python -m benchmarks.embeddings                      # full run, ~5 minutes on 2 cores
     python -m benchmarks.embeddings --duration-s 5 --skip-stack
     python -m benchmarks.embeddings --env RAY_SERVE_THROUGHPUT_OPTIMIZED=1
 
 Order: (0) the load generator against a no-op server; (a) the engine in this process at each
-batch size; (b) ``loom serve`` in a subprocess at each concurrency level; (c) the plain server
-the same way. Every step prints one line with units; the end prints the targets with
-PASS/MISS and writes everything to one JSON file.
+batch size; (b) ``loom serve`` in a subprocess at each concurrency level; (c) one Ray Serve
+deployment with ``@serve.batch`` behind HAProxy (``benchmarks.rayserve_server``) the same way;
+(d) the plain server the same way. Every step prints one line with units; the end prints the
+targets with PASS/MISS and writes everything to one JSON file.
 """
 
 from __future__ import annotations
@@ -16,11 +17,14 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import gc
+import json
 import os
 import shutil
 import sys
 import tempfile
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -52,7 +56,7 @@ from benchmarks.report import (
     target_record,
     write_json,
 )
-from benchmarks.setups import EMBEDDINGS_PATH, noop_spec, plain_spec, stack_spec
+from benchmarks.setups import EMBEDDINGS_PATH, noop_spec, plain_spec, rayserve_spec, stack_spec
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -66,7 +70,7 @@ class EmbeddingsBenchConfig:
     warmup_s: float = 3.0
     """Load before each level's window opens, not recorded."""
     levels: tuple[int, ...] = (1, 8, 32, 64)
-    """Concurrency levels (closed-loop virtual users) for the stack and the plain server."""
+    """Concurrency levels (closed-loop virtual users) for the stack, Ray Serve and plain."""
     noop_concurrency: int = 64
     batch_sizes: tuple[int, ...] = (1, 8, 16, 32, 64, 128)
     engine_duration_s: float = 5.0
@@ -75,6 +79,7 @@ class EmbeddingsBenchConfig:
     """Distinct texts cycled through (the corpus repeats past its 64)."""
     model_name: str = "minilm"
     skip_stack: bool = False
+    skip_rayserve: bool = False
     skip_plain: bool = False
     stack_config_path: Path | None = None
     """Serving YAML for the stack; ``None`` generates one for ``model_name``."""
@@ -84,7 +89,8 @@ class EmbeddingsBenchConfig:
     """More stacks to measure in the same run, each with its own extra environment and
     ``model.FIELD`` overrides of the generated config."""
     max_wait_ms: float = 10.0
-    """The generated stack config's batching wait (the batch size is the engine's best)."""
+    """The batching wait of the generated stack config and of the Ray Serve set-up's
+    ``@serve.batch`` (the batch size of both is the engine's best)."""
     ready_timeout_s: float = 240.0
     out_path: Path = REPO_ROOT / "benchmarks" / "results" / "embeddings.json"
 
@@ -112,6 +118,7 @@ def parse_args(argv: Sequence[str] | None) -> EmbeddingsBenchConfig:
     parser.add_argument("--noop-concurrency", type=int, default=defaults.noop_concurrency)
     parser.add_argument("--sentences", type=int, default=defaults.sentences)
     parser.add_argument("--skip-stack", action="store_true")
+    parser.add_argument("--skip-rayserve", action="store_true")
     parser.add_argument("--skip-plain", action="store_true")
     parser.add_argument("--config", type=Path, default=None, help="serving YAML for the stack")
     parser.add_argument(
@@ -137,6 +144,7 @@ def parse_args(argv: Sequence[str] | None) -> EmbeddingsBenchConfig:
             engine_duration_s=args.engine_duration_s,
             sentences=args.sentences,
             skip_stack=args.skip_stack,
+            skip_rayserve=args.skip_rayserve,
             skip_plain=args.skip_plain,
             stack_config_path=args.config,
             stack_env=parse_env_assignments(args.env),
@@ -227,6 +235,43 @@ def run_http_setup(
     return record
 
 
+def run_rayserve(
+    bodies: Sequence[bytes], config: EmbeddingsBenchConfig, work_dir: Path, *, max_batch_size: int
+) -> dict[str, Any]:
+    """Ray Serve alone, laid out as the stack: one single-threaded replica per core, the
+    engine's best batch size, the stack's batching wait. The record names the ingress that
+    served (``haproxy``, or ``proxy`` where HAProxy failed), read from its ready answer."""
+    spec = rayserve_spec(
+        work_dir=work_dir,
+        ready_timeout_s=config.ready_timeout_s,
+        replicas=os.cpu_count() or 1,
+        max_batch_size=max_batch_size,
+        batch_wait_ms=config.max_wait_ms,
+    )
+    facts: dict[str, Any] = {}
+
+    def measure(server: ServerProcess) -> list[LevelSummary]:
+        facts.update(ready_answer(server.spec.ready_url))
+        say(f"rayserve: ingress {facts.get('ingress')}")
+        return drive_levels("rayserve", server, bodies, config.levels, config)
+
+    record = run_http_setup("rayserve", spec, measure)
+    record["ingress"] = facts.get("ingress")
+    record["layout"] = {k: v for k, v in facts.items() if k not in ("ready", "ingress")}
+    return record
+
+
+def ready_answer(url: str) -> dict[str, Any]:
+    """The JSON a ready server answers at ``url``; ``{}`` if it answers anything else."""
+    direct = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    try:
+        with direct.open(url, timeout=5.0) as answer:
+            body = json.loads(answer.read())
+    except (urllib.error.URLError, OSError, ValueError):
+        return {}
+    return body if isinstance(body, dict) else {}
+
+
 def run_engine_sweep(texts: Sequence[str], config: EmbeddingsBenchConfig) -> dict[str, Any]:
     """The engine in this process at every batch size; freed before the HTTP setups run."""
     from models.bundled import bundled_model_dir
@@ -294,6 +339,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
             setups[name]["extra_env"] = dict(env)
             setups[name]["model_overrides"] = model_overrides
+        if not config.skip_rayserve:
+            setups["rayserve"] = run_rayserve(
+                bodies,
+                config,
+                work_dir,
+                max_batch_size=best.batch_size if best else 64,
+            )
         if not config.skip_plain:
             spec = plain_spec(work_dir=work_dir, ready_timeout_s=config.ready_timeout_s)
             setups["plain"] = run_http_setup(

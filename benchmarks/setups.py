@@ -2,9 +2,11 @@
 
 - ``noop``: answers at once; measures the load generator alone.
 - ``stack``: ``loom serve`` (Ray Serve, gateway, batching) on a fresh ``LOOM_HOME``.
+- ``rayserve``: one Ray Serve deployment with ``@serve.batch`` behind HAProxy, what a Ray
+  user writes instead of Loom (``benchmarks.rayserve_server``).
 - ``plain``: FastAPI + uvicorn calling the engine one request at a time.
 
-All three listen on a free 127.0.0.1 port and answer ``GET /v2/health/ready`` when ready.
+All four listen on a free 127.0.0.1 port and answer ``GET /v2/health/ready`` when ready.
 
     spec = stack_spec(work_dir=tmp, config_path=None, model_name="minilm", extra_env={})
     with ServerProcess(spec) as server: ...
@@ -127,5 +129,42 @@ def stack_spec(
         log_dir=work_dir / "logs",
         env=child_env({"LOOM_HOME": str(home), "PYTHONUNBUFFERED": "1", **extra_env}),
         ready_timeout_s=ready_timeout_s,
+        stop_grace_s=60.0,
+    )
+
+
+def rayserve_spec(
+    *,
+    work_dir: Path,
+    ready_timeout_s: float,
+    replicas: int,
+    max_batch_size: int,
+    batch_wait_ms: float,
+) -> ServerSpec:
+    """``benchmarks.rayserve_server`` on a free port: ``replicas`` single-threaded replicas,
+    ``@serve.batch`` of at most ``max_batch_size`` waiting at most ``batch_wait_ms``. Its ready
+    answer names the ingress that served (``haproxy``, or ``proxy`` if HAProxy failed)."""
+    port = free_port()
+    return ServerSpec(
+        name="rayserve",
+        argv=(
+            sys.executable,
+            "-m",
+            "benchmarks.rayserve_server",
+            "--port",
+            str(port),
+            "--replicas",
+            str(replicas),
+            "--max-batch-size",
+            str(max_batch_size),
+            "--batch-wait-ms",
+            f"{batch_wait_ms:g}",
+        ),  # fmt: skip
+        port=port,
+        ready_path=READY_PATH,
+        log_dir=work_dir / "logs",
+        env=child_env({"PYTHONUNBUFFERED": "1"}),
+        ready_timeout_s=ready_timeout_s,
+        # Serve drains each replica on shutdown, then Ray stops, then HAProxy is reaped
         stop_grace_s=60.0,
     )
