@@ -62,8 +62,34 @@ def load_average_1m() -> float | None:
     return os.getloadavg()[0] if hasattr(os, "getloadavg") else None
 
 
-def machine_facts(repo: Path) -> dict[str, Any]:
-    """CPU, package versions, git commit, UTC date and the env flags every server inherits."""
+def gpu_facts() -> dict[str, Any] | None:
+    """The GPUs torch sees (names), the driver (``nvidia-smi``) and torch's CUDA version;
+    ``None`` on a machine without CUDA. Imports torch, so only called where it is loaded."""
+    try:
+        import torch
+    except ImportError:
+        return None
+    if not torch.cuda.is_available():
+        return None
+    names = [torch.cuda.get_device_name(index) for index in range(torch.cuda.device_count())]
+    driver = None
+    try:
+        done = subprocess.run(
+            ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            timeout=20,
+        )
+        if done.returncode == 0 and done.stdout.strip():
+            driver = done.stdout.splitlines()[0].strip()
+    except (OSError, subprocess.TimeoutExpired):
+        pass
+    return {"names": names, "count": len(names), "driver": driver, "cuda": torch.version.cuda}
+
+
+def machine_facts(repo: Path, *, gpu: bool = False) -> dict[str, Any]:
+    """CPU, package versions, git commit, UTC date and the env flags every server inherits;
+    with ``gpu``, the GPUs too (``gpu_facts``: imports torch)."""
     status = _git(repo, "status", "--porcelain")
     return {
         "date_utc": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
@@ -78,4 +104,5 @@ def machine_facts(repo: Path) -> dict[str, Any]:
         "git_commit": _git(repo, "rev-parse", "HEAD"),
         "git_dirty": bool(status) if status is not None else None,
         "env_flags": env_flags(os.environ),
+        **({"gpu": gpu_facts()} if gpu else {}),
     }

@@ -41,11 +41,11 @@ import torch
 from benchmarks.embeddings import say, warn_if_busy
 from benchmarks.machine import machine_facts
 from benchmarks.report import Target, target_record, write_json
+from benchmarks.training_mfu import measure_lm_training, peak_bf16_flops
 from training.trainers import lm
 
 REPO = Path(__file__).resolve().parents[1]
 OVERHEAD_GOAL = 0.10
-H100_BF16_DENSE_FLOPS = 989e12  # NVIDIA's H100 SXM figure, without sparsity
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -232,39 +232,20 @@ def run_jobs(bench: TrainBench, workers: list[int], home: Path) -> list[dict[str
 
 
 def gpu_small_preset(bench: TrainBench, data: dict[str, Any], steps: int) -> dict[str, Any]:
-    """The ``small`` preset's bf16 tokens/s and MFU on one GPU, bare loop; skipped without."""
+    """The ``small`` preset's bf16 tokens/s and MFU on one GPU, bare loop; skipped without.
+    The loop and the FLOPs estimate are ``benchmarks.training_mfu``'s (``benchmarks.gpu`` runs
+    the same at a GPU-sized batch)."""
     if not torch.cuda.is_available():
         return {"skipped": "no CUDA device on this machine"}
     program = program_for(bench, data, preset="small")
-    model = program.build_model().to("cuda")
-    params = sum(p.numel() for p in model.parameters())
-    preset = lm.lm_preset("small")
-    # model FLOPs per token (PaLM's appendix B): 6 N for the weights + 12 L d T for attention
-    flops_per_token = 6 * params + 12 * preset.n_layer * preset.n_embd * bench.seq_len
-    optimizer = program.build_optimizer(model)
-    tokens = 0
-    for step in range(steps + 5):
-        if step == 5:  # 5 warm-up steps, then time
-            torch.cuda.synchronize()
-            started = time.perf_counter()
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = program.loss(model, program.batch(step, rank=0, world_size=1))
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        if step >= 5:
-            tokens += bench.batch_size * bench.seq_len
-    torch.cuda.synchronize()
-    elapsed = time.perf_counter() - started
-    tokens_per_s = tokens / elapsed
-    name = torch.cuda.get_device_name()
-    peak = H100_BF16_DENSE_FLOPS if "H100" in name else None
+    run = measure_lm_training(program, device=torch.device("cuda"), steps=steps, bf16=True)
+    peak = peak_bf16_flops(run.device_name)
     return {
-        "device": name,
-        "params": params,
-        "tokens_per_s": tokens_per_s,
-        "mfu": tokens_per_s * flops_per_token / peak if peak else None,
-        "peak_flops": peak,
+        "device": run.device_name,
+        "params": run.params,
+        "tokens_per_s": run.tokens_per_s,
+        "mfu": run.model_flops_per_s / peak[0] if peak else None,
+        "peak_flops": peak[0] if peak else None,
     }
 
 
