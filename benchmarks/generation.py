@@ -1,9 +1,11 @@
 """Text generation (issue 3): the Loom stack's continuous batching against sequential
-``model.generate`` and static batching in-process, at several concurrency levels, in one run.
+``model.generate``, static batching and transformers' own continuous batching in-process, at
+several concurrency levels, in one run.
 
     python -m benchmarks.generation                       # full run, a few minutes on 2 cores
     python -m benchmarks.generation --quick               # a short smoke run
     python -m benchmarks.generation --only sequential,static --concurrency 1,8
+    python -m benchmarks.generation --only cb,stack --cb-attention eager
     python -m benchmarks.generation --fixed-length        # every request --max-tokens long
 
 Every variant serves the same ~10M-parameter random GPT-2 (``generation_model``) the same
@@ -17,11 +19,16 @@ clients finish together and arrive together (the lockstep worst case for TTFT).
   its timings (``generation_inprocess``);
 - static: c prompts left-padded into one ``generate`` call per batch, run to its longest
   request's length; only each request's own length counts as useful tokens;
+- cb: transformers' ``ContinuousBatchingManager`` (the engine the stack wraps) in this
+  process, c closed-loop clients each keeping one request in flight for the stack's warm-up
+  and window (``generation_cb``);
 - stack: ``loom serve`` in a subprocess, c clients streaming ``/v1/completions`` over HTTP
   (``generation_client``).
 
-Each prints one line per concurrency with tokens/s and TTFT p50/p95; the end prints the two
+Each prints one line per concurrency with tokens/s and TTFT p50/p95; the end prints the three
 targets with PASS/MISS and writes everything to ``benchmarks/results/generation-<time>.json``.
+A variant that fails (cb on a transformers without the manager, the stack not starting) has
+its ``error`` recorded; the others are still run and reported, and the exit status is 1.
 """
 
 from __future__ import annotations
@@ -43,6 +50,7 @@ from typing import Any
 import yaml
 
 from benchmarks.embeddings import _jsonable, say, warn_if_busy
+from benchmarks.generation_cb import CB_API, TransformersCbEngine, cb_settings, run_closed_loop
 from benchmarks.generation_client import StreamLoadConfig, completion_request, run_stream_load
 from benchmarks.generation_model import (
     GenerationRequest,
@@ -74,7 +82,8 @@ from benchmarks.setups import stack_spec
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 RESULTS_DIR = REPO_ROOT / "benchmarks" / "results"
-VARIANTS = ("sequential", "static", "stack")
+VARIANTS = ("sequential", "static", "cb", "stack")
+IN_PROCESS_VARIANTS = frozenset({"sequential", "static", "cb"})
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -92,13 +101,16 @@ class GenerationBenchConfig:
     """Seeds the output lengths, apart from the prompts' seed."""
     variants: tuple[str, ...] = VARIANTS
     duration_s: float = 20.0
-    """The stack's measured window per level."""
+    """The measured window per level of the closed loops driven for real: the stack and cb."""
     warmup_s: float = 5.0
-    """Load on the stack before each level's window opens, not recorded."""
+    """Load on the stack (and cb) before each level's window opens, not recorded."""
     requests: int = 32
     """In-process requests measured per level (after a closed loop's first round)."""
     min_static_batches: int = 3
     """Static batching runs max(this, requests / c) batches per level."""
+    cb_attention: str = "sdpa"
+    """Attention implementation of the cb variant (``sdpa`` or ``eager``, see
+    ``generation_cb.CbSettings``)."""
     threads: int = 1
     """Torch threads in-process, and CPUs and threads of the stack's one replica."""
     prompts: int = 64
@@ -171,10 +183,11 @@ def parse_args(argv: Sequence[str] | None) -> GenerationBenchConfig:
         help="every request makes exactly --max-tokens (clients in lockstep)",
     )  # fmt: skip
     parser.add_argument("--only", help=f"variants to run, some of {','.join(VARIANTS)}")
-    parser.add_argument("--duration-s", type=float, help="the stack's window per level")
-    parser.add_argument("--warmup-s", type=float, help="the stack's warm-up per level")
+    parser.add_argument("--duration-s", type=float, help="the stack's and cb's window per level")
+    parser.add_argument("--warmup-s", type=float, help="the stack's and cb's warm-up per level")
     parser.add_argument("--requests", type=int, help="in-process requests measured per level")
     parser.add_argument("--threads", type=int, help="torch threads (and the stack's CPUs)")
+    parser.add_argument("--cb-attention", help="cb's attention implementation: sdpa or eager")
     parser.add_argument("--config", type=Path, help="serving YAML for the stack, used as is")
     parser.add_argument(
         "--model-set", action="append", default=[], metavar="FIELD=YAML",
@@ -198,6 +211,7 @@ def parse_args(argv: Sequence[str] | None) -> GenerationBenchConfig:
             "warmup_s": args.warmup_s,
             "requests": args.requests,
             "threads": args.threads,
+            "cb_attention": args.cb_attention,
             "stack_config_path": args.config,
             "ready_timeout_s": args.ready_timeout_s,
             "out_path": args.out,
@@ -269,7 +283,8 @@ def static_batches(requests: int, concurrency: int, min_batches: int) -> int:
 def run_in_process(
     model_dir: Path, requests: Sequence[GenerationRequest], config: GenerationBenchConfig
 ) -> dict[str, Any]:
-    """Sequential and static batching with ``model.generate``; the model is freed after."""
+    """Sequential and static batching with ``model.generate``, then cb on the same model; the
+    model is freed after."""
     from benchmarks.generation_inprocess import InProcessGenerator
 
     generator = InProcessGenerator.load(model_dir, threads=config.threads)
@@ -313,10 +328,71 @@ def run_in_process(
             "useful_token_share": useful_shares,
             "levels": levels,
         }
+    if "cb" in config.variants:
+        records["cb"] = run_cb(generator.model, generator.tokenizer, requests, config)
     records["device"] = str(generator.device)
     del generator
     gc.collect()
     return records
+
+
+def run_cb(
+    model: Any, tokenizer: Any, requests: Sequence[GenerationRequest], config: GenerationBenchConfig
+) -> dict[str, Any]:
+    """transformers' continuous batching manager on ``model``, each level a closed loop of c
+    clients over the stack's warm-up and window. A failure (no such API in this transformers,
+    the manager's loop dying) is recorded as the variant's ``error``, the levels run so far
+    kept."""
+    import transformers
+
+    context_tokens = int(
+        getattr(model.config, "n_positions", 0) or model.config.max_position_embeddings
+    )
+    settings = cb_settings(
+        max_concurrency=max(config.levels),
+        context_tokens=context_tokens,
+        attention=config.cb_attention,
+    )
+    record: dict[str, Any] = {
+        "method": "transformers' ContinuousBatchingManager in this process (the engine the "
+        "stack wraps, without HTTP, Ray or Loom's sampler and detokeniser): c closed-loop "
+        "clients, each sending its next request when its last is handed back, for the stack's "
+        "warm-up and window; every request to its own max_new_tokens, eos_token_id=-1, greedy; "
+        "TTFT = sent (before tokenising) to the first new token's timestamp on the manager's "
+        "thread (record_timestamps); tokens counted by overlap with the window, as the stack's",
+        "api": CB_API,
+        "transformers": transformers.__version__,
+        "settings": settings,
+        "attention": None,
+        "levels": [],
+        "error": None,
+    }
+    try:
+        with TransformersCbEngine.start(model, tokenizer, settings) as engine:
+            record["attention"] = engine.attention
+            say(f"cb: transformers {transformers.__version__}, attention {engine.attention}")
+            for concurrency in config.levels:
+                result = run_closed_loop(
+                    engine,
+                    requests,
+                    concurrency=concurrency,
+                    warmup_s=config.warmup_s,
+                    duration_s=config.duration_s,
+                )
+                figures = window_figures(
+                    result.timings, result.window_start_ns, result.window_end_ns
+                )
+                level = summarise_generation(
+                    concurrency=concurrency, figures=figures, errors=result.errors,
+                    short=result.short,
+                )  # fmt: skip
+                say(format_generation_line("cb", level))
+                record["levels"].append(level)
+                record.setdefault("error_kinds", {})[str(concurrency)] = result.error_kinds
+    except Exception as exc:  # recorded: the other variants still run and report
+        record["error"] = f"{type(exc).__name__}: {exc}"
+        say(f"cb: FAILED: {record['error']}")
+    return record
 
 
 def run_stack(
@@ -363,7 +439,7 @@ def run_stack(
 
 
 def summarise(variants: Mapping[str, Any]) -> list[dict[str, Any]]:
-    """The two targets, printed and as JSON records."""
+    """The targets, printed and as JSON records."""
     levels: dict[str, Sequence[GenerationLevel]] = {
         name: record.get("levels", []) for name, record in variants.items()
     }
@@ -413,7 +489,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"(mean {lengths['max_tokens_mean']:.1f}, {lengths['distribution']})"
         )
         variants: dict[str, Any] = {}
-        if {"sequential", "static"} & set(config.variants):
+        if IN_PROCESS_VARIANTS & set(config.variants):
             in_process = run_in_process(stored, requests, config)
             results["in_process_device"] = in_process.pop("device")
             variants |= in_process
@@ -422,7 +498,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             variants["stack"]["config"] = yaml.safe_load(config_path.read_text())
         results["variants"] = variants
         results["targets"] = summarise(variants)
-        failed = bool(variants.get("stack", {}).get("error"))
+        failed = any(record.get("error") for record in variants.values())
     finally:
         results["wall_s"] = time.monotonic() - started
         results["machine"]["load_avg_1m_end"] = load_average_1m()

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 
 import orjson
 
-from benchmarks.generation_report import RequestTiming
+from benchmarks.generation_report import RequestTiming, closed_loop_offsets
 from benchmarks.loadgen import (
     LOCALHOST,
     ProtocolError,
@@ -343,10 +343,9 @@ async def _run_level(
     window_end_ns = window_start_ns + int(config.duration_s * NS_PER_S)
     collector = _Collector(config, window_start_ns, window_end_ns)
     # users start at different prompts so concurrent requests carry different lengths
-    stride = max(1, len(requests) // config.concurrency)
     users = [
-        asyncio.create_task(_user(config, requests, messages, i * stride, collector))
-        for i in range(config.concurrency)
+        asyncio.create_task(_user(config, requests, messages, offset, collector))
+        for offset in closed_loop_offsets(len(requests), config.concurrency)
     ]
     cpu_s = await drive_window(
         users,

@@ -60,6 +60,14 @@ def test_only_and_model_set_and_env_are_parsed() -> None:
     assert config.stack_env == {"RAY_X": "1"}
 
 
+def test_cb_is_a_variant_run_alone_with_only_and_its_attention_can_be_set() -> None:
+    assert "cb" in VARIANTS
+    assert "cb" in quick_config().variants  # --quick runs it too
+    config = parse_args(["--quick", "--only", "cb", "--cb-attention", "eager"])
+    assert (config.variants, config.cb_attention) == (("cb",), "eager")
+    assert parse_args([]).cb_attention == "sdpa"
+
+
 def test_an_unknown_variant_is_a_usage_error() -> None:
     with pytest.raises(SystemExit):
         parse_args(["--only", "vllm"])
@@ -212,3 +220,39 @@ def test_in_process_baselines_make_each_request_its_own_length(small_gpt) -> Non
     assert [b.computed_tokens for b in batches] == [21, 21]  # 3 rows x the longest, 7
     assert useful_token_share(batches) == pytest.approx(30 / 42)
     assert len(static_figures(batches).ttft_ns) == 6
+
+
+def test_transformers_cb_makes_each_request_its_own_length_greedily_past_eos(small_gpt) -> None:
+    import torch
+
+    from benchmarks.generation_cb import CbSettings, TransformersCbEngine
+    from benchmarks.generation_inprocess import InProcessGenerator
+
+    runner = InProcessGenerator.load(small_gpt, threads=1, device="cpu")
+    model, tokenizer = runner.model, runner.tokenizer
+    prompts = [p.text for p in make_prompts(small_gpt, count=4, min_tokens=8, max_tokens=16)]
+    requests = pair_requests(prompts, [3, 40, 1, 17])
+    expected = {}  # greedy generate, each to its own length
+    for request in requests:
+        ids = tokenizer(request.prompt, return_tensors="pt")["input_ids"]
+        with torch.inference_mode():
+            out = model.generate(
+                ids, do_sample=False, max_new_tokens=request.max_tokens,
+                min_new_tokens=request.max_tokens, pad_token_id=tokenizer.pad_token_id,
+            )  # fmt: skip
+        expected[request.prompt] = out[0, ids.shape[1] :].tolist()
+    # random weights never make <eos>; greedy, they repeat a token: call the 40-token answer's
+    # last one the end of sequence, so a run that honoured the model's EOS would stop early
+    fake_eos = expected[prompts[1]][-1]
+    assert fake_eos in expected[prompts[1]][:-1]  # it comes before the 40th token too
+    model.generation_config.eos_token_id = model.config.eos_token_id = fake_eos
+    settings = CbSettings(max_sequences=4, kv_cache_tokens=4 * 128)
+    attention = model.config._attn_implementation
+    with TransformersCbEngine.start(model, tokenizer, settings) as engine:
+        sent = {engine.submit(r): r for r in requests}
+        finished = [engine.next_finished(timeout_s=30) for _ in requests]
+    assert model.config._attn_implementation == attention  # put back by close
+    assert all(f is not None and f.error is None and f.first_token_ns for f in finished)
+    made = {sent[f.request_id].prompt: f.token_ids for f in finished}
+    assert [len(made[r.prompt]) for r in requests] == [3, 40, 1, 17]  # each its own length
+    assert made == {p: tuple(ids) for p, ids in expected.items()}  # and generate's tokens

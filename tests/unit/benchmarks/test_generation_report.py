@@ -10,8 +10,10 @@ from benchmarks.generation_report import (
     GenerationLevel,
     LevelFigures,
     RequestTiming,
+    closed_loop_offsets,
     evaluate_generation_targets,
     format_generation_line,
+    highest_common_concurrency,
     replay_closed_loop,
     sequential_figures,
     static_figures,
@@ -81,6 +83,14 @@ def test_replay_sends_the_first_c_at_the_start_and_each_next_when_one_ends() -> 
     assert [t.sent_ns // S for t in replayed] == [0, 0, 1, 2, 3]
     # request 3 waits for request 2 (2 s -> 3 s), then 0.1 s to its first token: 1.1 s
     assert replayed[3].ttft_ns == 1100 * MS
+
+
+def test_closed_loop_offsets_spread_clients_over_the_requests() -> None:
+    assert closed_loop_offsets(64, 8) == [0, 8, 16, 24, 32, 40, 48, 56]  # 64 / 8 apart
+    assert closed_loop_offsets(4, 3) == [0, 1, 2]  # 4 // 3 = 1 apart
+    assert closed_loop_offsets(4, 6) == [0, 1, 2, 3, 4, 5]  # at least 1 apart; 4, 5 wrap
+    with pytest.raises(ValueError, match="client"):
+        closed_loop_offsets(4, 0)
 
 
 def test_replay_refuses_concurrency_below_one() -> None:
@@ -156,34 +166,66 @@ def test_targets_pass_when_stack_is_4x_sequential_and_ttft_at_most_doubles() -> 
     levels = {
         "stack": [_level(1, 150.0, 25.0), _level(8, 600.0, 45.0), _level(32, 900.0, 80.0)],
         "sequential": [_level(1, 200.0, 12.0), _level(32, 200.0, 9000.0)],
+        "cb": [_level(1, 160.0, 20.0), _level(32, 1000.0, 70.0)],
     }
     targets = {t.name: t for t in evaluate_generation_targets(levels)}
     assert targets["stack_over_sequential"].value == pytest.approx(4.5)  # 900 / 200 >= 4
     assert targets["stack_ttft_growth"].value == pytest.approx(1.8)  # 45 / 25 <= 2
-    assert [t.verdict for t in targets.values()] == ["PASS", "PASS"]
+    assert targets["stack_share_of_cb"].value == pytest.approx(0.9)  # 900 / 1000 >= 0.8
+    assert [t.verdict for t in targets.values()] == ["PASS", "PASS", "PASS"]
 
 
 def test_targets_miss_below_4x_and_above_double_ttft() -> None:
     levels = {
         "stack": [_level(1, 150.0, 25.0), _level(8, 600.0, 60.0), _level(32, 700.0, 80.0)],
         "sequential": [_level(32, 200.0, 9000.0)],
+        "cb": [_level(32, 1000.0, 70.0)],
     }
     targets = {t.name: t for t in evaluate_generation_targets(levels)}
     assert targets["stack_over_sequential"].passed is False  # 700 / 200 = 3.5 < 4
     assert targets["stack_ttft_growth"].passed is False  # 60 / 25 = 2.4 > 2
+    assert targets["stack_share_of_cb"].passed is False  # 700 / 1000 = 0.7 < 0.8
 
 
 def test_targets_exactly_at_their_goals_pass() -> None:
     levels = {
         "stack": [_level(1, 100.0, 20.0), _level(8, 500.0, 40.0), _level(32, 800.0, 90.0)],
         "sequential": [_level(32, 200.0, 9000.0)],
+        "cb": [_level(32, 1000.0, 70.0)],
     }
-    assert all(t.passed for t in evaluate_generation_targets(levels))  # 4.0 and 2.0
+    assert all(t.passed for t in evaluate_generation_targets(levels))  # 4.0, 2.0 and 0.8
 
 
 def test_targets_are_not_applicable_without_the_stack() -> None:
-    targets = evaluate_generation_targets({"sequential": [_level(32, 200.0, 9000.0)]})
-    assert [t.verdict for t in targets] == ["N/A", "N/A"]
+    targets = evaluate_generation_targets(
+        {"sequential": [_level(32, 200.0, 9000.0)], "cb": [_level(32, 1000.0, 70.0)]}
+    )
+    assert [t.verdict for t in targets] == ["N/A", "N/A", "N/A"]
+
+
+def test_stack_share_of_cb_is_not_applicable_without_cb_or_a_common_level() -> None:
+    stack = [_level(8, 600.0, 45.0), _level(32, 900.0, 80.0)]
+    for levels in ({"stack": stack}, {"stack": stack, "cb": [_level(16, 800.0, 50.0)]}):
+        targets = {t.name: t for t in evaluate_generation_targets(levels)}
+        assert targets["stack_share_of_cb"].verdict == "N/A"
+        assert "at c=?" in targets["stack_share_of_cb"].formula
+
+
+def test_stack_share_of_cb_is_taken_at_the_highest_level_both_ran() -> None:
+    levels = {
+        "stack": [_level(1, 150.0, 25.0), _level(8, 600.0, 45.0), _level(32, 900.0, 80.0)],
+        "cb": [_level(1, 200.0, 20.0), _level(8, 500.0, 40.0)],  # no c=32
+    }
+    (share,) = [t for t in evaluate_generation_targets(levels) if t.name == "stack_share_of_cb"]
+    assert share.value == pytest.approx(1.2)  # c=8: 600 / 500
+    assert "at c=8" in share.formula
+
+
+def test_highest_common_concurrency_is_the_top_level_in_both() -> None:
+    assert highest_common_concurrency([_level(1, 1, 1), _level(8, 1, 1), _level(32, 1, 1)],
+                                      [_level(1, 1, 1), _level(8, 1, 1)]) == 8  # fmt: skip
+    assert highest_common_concurrency([_level(4, 1, 1)], [_level(8, 1, 1)]) is None
+    assert highest_common_concurrency([], []) is None
 
 
 def test_targets_follow_the_concurrencies_named_in_the_goals() -> None:
@@ -192,9 +234,8 @@ def test_targets_follow_the_concurrencies_named_in_the_goals() -> None:
         "stack": [_level(2, 100.0, 10.0), _level(4, 300.0, 15.0), _level(8, 500.0, 30.0)],
         "sequential": [_level(8, 100.0, 500.0)],
     }
-    assert [t.value for t in evaluate_generation_targets(levels, goals)] == pytest.approx(
-        [5.0, 1.5]  # 500 / 100, 15 / 10
-    )
+    targets = evaluate_generation_targets(levels, goals)
+    assert [t.value for t in targets[:2]] == pytest.approx([5.0, 1.5])  # 500 / 100, 15 / 10
 
 
 def test_format_generation_line_has_units_and_counts() -> None:
