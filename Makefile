@@ -8,7 +8,7 @@ PIP := $(BIN)/python -m pip
 # Packages mypy checks (config: pyproject.toml [tool.mypy]): all of them.
 TYPED := models training serving deploy loom
 
-.PHONY: install run test lint bench bench-generation bench-training bench-ensemble bench-sharding bench-faults bench-autoscaling clean
+.PHONY: install run test lint bench bench-quick clean
 
 install: $(STAMP)
 
@@ -30,26 +30,17 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/mypy $(TYPED)
 
+# Benchmarks: `make bench` runs them all (`loom bench all`), `make bench-quick` the smoke run,
+# `make bench-embeddings` (or any other benchmark's name) one of them. Each writes a run folder
+# under benchmarks/results/ (result.json, report.md, plots); see docs/benchmarks.md.
 bench: $(STAMP)
-	$(BIN)/python -m benchmarks.embeddings
+	$(BIN)/loom bench all
 
-bench-generation: $(STAMP)
-	$(BIN)/python -m benchmarks.generation
+bench-quick: $(STAMP)
+	$(BIN)/loom bench all --quick
 
-bench-training: $(STAMP)
-	$(BIN)/python -m benchmarks.training
-
-bench-ensemble: $(STAMP)
-	$(BIN)/python -m benchmarks.ensemble
-
-bench-sharding: $(STAMP)
-	$(BIN)/python -m benchmarks.sharding
-
-bench-faults: $(STAMP)
-	$(BIN)/python -m benchmarks.faults
-
-bench-autoscaling: $(STAMP)
-	$(BIN)/python -m benchmarks.autoscaling
+bench-%: $(STAMP)
+	$(BIN)/loom bench $*
 
 clean:
 	rm -rf $(VENV) build *.egg-info

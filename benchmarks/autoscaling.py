@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import datetime as dt
 import shutil
 import subprocess
@@ -216,6 +217,54 @@ def register_classifier(store: Any, folder: Path) -> None:
     store.register(MODEL, folder, task="classify")
 
 
+class ReplicaTimeline:
+    """Samples the running replica count every ``every_s`` on a thread of its own, for the
+    replicas-over-time chart: ``(monotonic time, running replicas)`` pairs; a failed read is
+    skipped (the server is busy, not down)."""
+
+    def __init__(self, url: str, every_s: float = 0.5) -> None:
+        self.url, self.every_s = url, every_s
+        self.samples: list[tuple[float, int]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            # a sample the controller could not answer is a gap in the chart, not an error
+            with contextlib.suppress(httpx.HTTPError, KeyError, ValueError):
+                self.samples.append((time.monotonic(), running_replicas(self.url)))
+            self._stop.wait(self.every_s)
+
+    def __enter__(self) -> ReplicaTimeline:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=60)
+
+
+def timeline(
+    samples: Sequence[tuple[float, int]],
+    answers: Sequence[tuple[float, float, int]],
+    step: float,
+    bucket_s: float = 1.0,
+) -> dict[str, list[list[float]]]:
+    """Replicas and the answered requests' p95 over time, seconds from the load step: the
+    replica samples as they are, the p95 of the successful answers ending in each
+    ``bucket_s`` window (at the window's end)."""
+    replicas = [[round(at - step, 3), float(count)] for at, count in samples]
+    buckets: dict[int, list[int]] = {}
+    for end, seconds, status in answers:
+        if status == 200:
+            buckets.setdefault(int((end - step) // bucket_s), []).append(int(seconds * 1e9))
+    p95 = [
+        [(index + 1) * bucket_s, latency_ms(values).p95_ms or 0.0]
+        for index, values in sorted(buckets.items())
+    ]
+    return {"replicas": replicas, "p95_ms": p95}
+
+
 def run_setup(setup: str, work: Path, args: argparse.Namespace) -> dict[str, Any]:
     from models.settings import LoomEnv
     from models.store import ModelStore
@@ -258,15 +307,17 @@ def run_setup(setup: str, work: Path, args: argparse.Namespace) -> dict[str, Any
         for _ in range(3):  # warm: the first calls load caches
             httpx.post(f"{url}/v2/models/{MODEL}/infer", json=load.body, timeout=60)
         wait_for(lambda: sidecar_view(url)["serving"] >= 1, 60)
-        step = load.start()
-        decided_s = wait_for(lambda: running_replicas(url) >= 2)
-        serving_s = wait_for(lambda: sidecar_view(url)["serving"] >= 2)
-        reaction_s = None if serving_s is None else time.monotonic() - step
-        step_end = time.monotonic()
-        before = sidecar_view(url)
-        time.sleep(args.steady_s)
-        after = sidecar_view(url)
-        load.stop()
+        with ReplicaTimeline(url) as replicas_seen:
+            time.sleep(1.0)  # a second of the count before the step
+            step = load.start()
+            decided_s = wait_for(lambda: running_replicas(url) >= 2)
+            serving_s = wait_for(lambda: sidecar_view(url)["serving"] >= 2)
+            reaction_s = None if serving_s is None else time.monotonic() - step
+            step_end = time.monotonic()
+            before = sidecar_view(url)
+            time.sleep(args.steady_s)
+            after = sidecar_view(url)
+            load.stop()
     finally:
         loom.stop()
         if prometheus is not None:
@@ -290,6 +341,7 @@ def run_setup(setup: str, work: Path, args: argparse.Namespace) -> dict[str, Any
         "sidecar_cpu_share": None if replicas <= 0 else sidecar / replicas,
         "sidecar_cores": sidecar / args.steady_s,
         "steady_s": args.steady_s,
+        "timeline": timeline(replicas_seen.samples, load.answers, step),
     }
     share = result["sidecar_cpu_share"]
     print(

@@ -58,7 +58,7 @@ ENSEMBLE_DEADLINE_MS = 30_000.0
 # ---- configs (pure) ---------------------------------------------------------------------------
 
 
-def member_entries(faults: Mapping[str, Mapping[str, float]] | None = None) -> list[dict]:
+def member_entries(faults: Mapping[str, Mapping[str, Any]] | None = None) -> list[dict]:
     """The three members, 2 single-threaded replicas each on half a logical CPU; ``faults``
     maps a member to its ``faults`` section."""
     faults = faults or {}

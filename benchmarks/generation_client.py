@@ -285,7 +285,7 @@ async def _user(
         while time.perf_counter_ns() < collector.window_end_ns:
             sent_ns = time.perf_counter_ns()
             try:
-                if writer is None:
+                if reader is None or writer is None:
                     reader, writer = await asyncio.open_connection(config.host, config.port)
                 head, stream, first_ns = await stream_one(
                     reader, writer, messages[index % len(messages)]
@@ -298,7 +298,8 @@ async def _user(
                 ValueError,
             ) as exc:
                 collector.failure(time.perf_counter_ns(), type(exc).__name__)
-                writer = await _close(writer)
+                await _close(writer)
+                reader = writer = None
                 errors += 1
                 if errors > config.max_errors_per_user:
                     return
@@ -308,7 +309,8 @@ async def _user(
             request = requests[index % len(requests)]
             index += 1
             if head.closes or head.status != 200:  # after an error, trust a new connection
-                writer = await _close(writer)
+                await _close(writer)
+                reader = writer = None
             if head.status != 200:
                 collector.failure(done_ns, f"http_{head.status}")
                 await asyncio.sleep(config.reconnect_backoff_s)  # no hot loop on 404/503
@@ -329,6 +331,7 @@ async def _user(
 
 
 async def _close(writer: asyncio.StreamWriter | None) -> None:
+    """Close ``writer`` if there is one; the caller then sets its own to None."""
     if writer is not None:
         writer.close()
         with contextlib.suppress(OSError, ConnectionError):

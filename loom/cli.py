@@ -9,6 +9,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
+from benchmarks import cli as benchmarks_cli
 from deploy import cli as deploy_cli
 from models import cli as models_cli
 from serving import cli as serving_cli
@@ -22,6 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
     models_cli.add_commands(subparsers)
     training_cli.add_commands(subparsers)
     deploy_cli.add_commands(subparsers)
+    benchmarks_cli.add_commands(subparsers)
     return parser
 
 

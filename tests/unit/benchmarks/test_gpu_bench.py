@@ -1,7 +1,8 @@
 """``benchmarks.gpu``: its CPU path runs end to end with Ray, FastAPI, uvicorn and Starlette
 made unimportable (what a GPU node without them sees); its report section is built from a
-recorded H100 run (``recorded/gpu_h100.json``); its measurements' arithmetic and the model
-split's comparison hold on the CPU."""
+hand-written ``gpu.json`` in the shape a 2-GPU H100 node gives (``recorded/gpu_shape_h100.json``:
+made-up numbers, not a measurement; no GPU run has happened yet); its measurements'
+arithmetic and the model split's comparison hold on the CPU."""
 
 from __future__ import annotations
 
@@ -38,7 +39,7 @@ from models.engines.generate import SamplingParams, SequenceUpdate
 from training.trainers import lm
 
 REPO = Path(__file__).resolve().parents[3]
-RECORDED = Path(__file__).parent / "recorded" / "gpu_h100.json"
+RECORDED = Path(__file__).parent / "recorded" / "gpu_shape_h100.json"
 BLOCKED = ("ray", "fastapi", "uvicorn", "starlette")
 
 # Installed as sitecustomize.py on the child's PYTHONPATH: every import of a blocked package,
