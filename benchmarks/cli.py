@@ -20,7 +20,9 @@ import argparse
 import datetime as dt
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from benchmarks.plan import BENCHMARKS, WHAT, BenchOptions, Step, plan
 
@@ -143,8 +145,12 @@ def run(
     *,
     command: list[str],
     started: dt.datetime,
+    measure_ceiling: Callable[[Path], dict[str, Any]] | None = None,
 ) -> int:
-    """Run ``steps`` into ``run_dir`` and write the result, even after a failure or Ctrl-C."""
+    """Run ``steps`` into ``run_dir`` and write the result, even after a failure or Ctrl-C.
+    The load generator's ceiling is measured first (``ceiling.measure_ceiling`` unless
+    given), and figures near it are refused."""
+    from benchmarks import ceiling as ceilings
     from benchmarks.machine import machine_facts
     from benchmarks.result import Section
     from benchmarks.run_report import REPORT_FILE, build_result, write_run
@@ -153,6 +159,11 @@ def run(
     run_dir.mkdir(parents=True, exist_ok=True)
     machine = machine_facts(REPO_ROOT, gpu=options.device == "cuda")
     clock = time.monotonic()
+    ceiling = (measure_ceiling or ceilings.measure_ceiling)(run_dir / "logs")
+    if "error" in ceiling:
+        print(
+            f"loom bench: load generator ceiling not measured: {ceiling['error']}", file=sys.stderr
+        )
     sections: list[Section] = []
     interrupted = False
     with Progress(sum(step.estimate_s for step in steps)) as progress:
@@ -166,6 +177,8 @@ def run(
                 break
             sections.append(section)
             progress.finished(step, section)
+    if "requests_per_s" in ceiling:
+        ceilings.refuse_near_ceiling(sections, ceiling["requests_per_s"])
     result = build_result(
         sections,
         command=command,
@@ -181,6 +194,7 @@ def run(
             "interrupted": interrupted,
         },
     )
+    result["loadgen_ceiling"] = ceiling
     write_run(run_dir, result, sections)
     if result.get("plots_error"):
         print(f"loom bench: {result['plots_error']}", file=sys.stderr)

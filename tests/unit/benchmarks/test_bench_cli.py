@@ -12,7 +12,9 @@ from pathlib import Path
 import pytest
 
 from benchmarks import cli
+from benchmarks.ceiling import refuse_near_ceiling
 from benchmarks.plan import BenchOptions, Step, plan, step_for
+from benchmarks.result import Section
 from benchmarks.runner import section_for
 from loom.cli import main as loom_main
 
@@ -133,6 +135,7 @@ def test_a_run_writes_its_folder_and_reports_a_failed_benchmark_beside_the_rest(
         run_dir,
         command=["loom", "bench", "gpu"],
         started=cli.dt.datetime(2026, 12, 6, tzinfo=cli.dt.UTC),
+        measure_ceiling=lambda work_dir: {"requests_per_s": 5000.0},
     )
 
     assert status == 1  # one benchmark failed: the run says so, and still reports the other
@@ -145,6 +148,7 @@ def test_a_run_writes_its_folder_and_reports_a_failed_benchmark_beside_the_rest(
     assert result["machine"]["cpu_count"]
     assert "git_commit" in result["machine"]
     assert result["command"] == ["loom", "bench", "gpu"]
+    assert result["loadgen_ceiling"] == {"requests_per_s": 5000.0}
     assert set(result["plots"]) <= {p.name for p in run_dir.glob("*.png")}
     assert "matmul: bf16" in (run_dir / "logs" / "gpu.log").read_text()
     report = (run_dir / "report.md").read_text()
@@ -216,3 +220,19 @@ def test_the_command_is_recorded_as_typed_whichever_way_it_was_started() -> None
 
     assert cli.typed_command("embeddings", as_loom) == ["loom", "bench", "embeddings", "--quick"]
     assert cli.typed_command("embeddings", as_module) == cli.typed_command("embeddings", as_loom)
+
+
+def test_a_request_rate_near_the_load_generators_ceiling_is_refused_with_a_note() -> None:
+    section = Section(name="embeddings")
+    section.figure("stack_rps_c64", 850.0, "req/s")  # 850 >= 0.8 x 1000: the client's limit
+    section.figure("plain_rps_c64", 790.0, "req/s")
+    section.figure("engine_texts_per_s", 5000.0, "texts/s")  # in-process: no client
+
+    refused = refuse_near_ceiling([section], ceiling_rps=1000.0)
+
+    assert refused == ["embeddings.stack_rps_c64"]
+    assert [f.name for f in section.figures] == [
+        "embeddings.plain_rps_c64",
+        "embeddings.engine_texts_per_s",
+    ]
+    assert "load generator's own ceiling (1000 req/s" in section.notes[0]
