@@ -6,7 +6,8 @@ FastAPI server, measured in one run with one load generator, side by side.
     python -m benchmarks.embeddings --env RAY_SERVE_THROUGHPUT_OPTIMIZED=1
 
 Order: (0) the load generator against a no-op server; (a) the engine in this process at each
-batch size; (b) ``loom serve`` in a subprocess at each concurrency level; (c) one Ray Serve
+batch size; (b) ``loom serve`` in a subprocess at each concurrency level, with its batch-size
+histogram read from its sidecars before and after each level's window; (c) one Ray Serve
 deployment with ``@serve.batch`` behind HAProxy (``benchmarks.rayserve_server``) the same way;
 (d) the plain server the same way. Every step prints one line with units; the end prints the
 targets with PASS/MISS and writes everything to one JSON file.
@@ -22,6 +23,7 @@ import os
 import shutil
 import sys
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -40,14 +42,18 @@ from benchmarks.options import (
     parse_variants,
     split_variant,
 )
-from benchmarks.processes import ServerNotReady, ServerProcess, ServerSpec
+from benchmarks.processes import LOCALHOST, ServerNotReady, ServerProcess, ServerSpec
 from benchmarks.report import (
+    BatchSizes,
     BatchSummary,
+    HistogramReading,
     LevelSummary,
     TargetGoals,
+    batch_sizes_between,
     best_batch,
     evaluate_targets,
     format_batch_line,
+    format_batch_sizes_line,
     format_hop_cost_line,
     format_level_line,
     format_target_line,
@@ -171,6 +177,109 @@ def warn_if_busy(facts: Mapping[str, Any]) -> None:
         )
 
 
+BATCH_SIZE_METRIC = "loom_batch_size"
+SCRAPE_TIMEOUT_S = 5.0
+
+
+def is_stack(setup: str) -> bool:
+    """``stack`` and its variants ``stack:LABEL``: the set-ups with Loom's metrics."""
+    return setup == "stack" or setup.startswith("stack:")
+
+
+def batch_size_reading(text: str, model: str) -> HistogramReading:
+    """``model``'s ``loom_batch_size`` histogram in Prometheus text, summed over replicas."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    cumulative: dict[float, float] = {}
+    inputs = 0.0
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.labels.get("model") != model:
+                continue
+            if sample.name == f"{BATCH_SIZE_METRIC}_bucket":
+                le = float(sample.labels["le"])  # "+Inf" -> inf
+                cumulative[le] = cumulative.get(le, 0.0) + sample.value
+            elif sample.name == f"{BATCH_SIZE_METRIC}_sum":
+                inputs += sample.value
+    return HistogramReading(cumulative=cumulative, sum=inputs)
+
+
+class BatchSizeWindow:
+    """The stack's batch sizes over one level's measured window: its sidecars' metrics read
+    as the window opens (a timer thread, ``opens_in_s`` after the load starts) and again
+    after the level, then diffed. The sidecars are looked up before the load starts, so the
+    window itself sees one small GET per sidecar at each end.
+
+    A replica rewrites its stats every second, so each reading is up to 1 s old: the diff
+    covers a stretch as long as the window, shifted up to 1 s earlier (still under load
+    after the warm-up).
+
+        window = BatchSizeWindow("http://127.0.0.1:8000", "minilm", opens_in_s=3.0)
+        run_load(load, bodies)
+        sizes = window.close()         # OSError/ValueError where a reading failed
+    """
+
+    def __init__(self, gateway_url: str, model: str, *, opens_in_s: float) -> None:
+        from serving.monitoring.scrape import sidecar_urls
+
+        self.model = model
+        self.urls = sidecar_urls(gateway_url, timeout_s=SCRAPE_TIMEOUT_S)
+        if not self.urls:
+            raise ValueError("the gateway lists no monitoring sidecar")
+        self._before: str | None = None
+        self._failure: Exception | None = None
+        self._timer = threading.Timer(opens_in_s, self._read_before)
+        self._timer.daemon = True
+        self._timer.start()
+
+    def _fetch(self) -> str:
+        from serving.monitoring.scrape import fetch_text
+
+        return "".join(fetch_text(url, timeout_s=SCRAPE_TIMEOUT_S) for url in self.urls)
+
+    def _read_before(self) -> None:
+        try:
+            self._before = self._fetch()
+        except (OSError, ValueError) as exc:
+            self._failure = exc
+
+    def close(self) -> BatchSizes:
+        self._timer.join()
+        if self._before is None:
+            raise self._failure or ValueError("no reading as the window opened")
+        return batch_sizes_between(
+            batch_size_reading(self._before, self.model),
+            batch_size_reading(self._fetch(), self.model),
+        )
+
+
+def open_batch_size_window(
+    setup: str, server: ServerProcess, concurrency: int, config: EmbeddingsBenchConfig
+) -> BatchSizeWindow | None:
+    """A window on the stack's batch sizes; None (with a line saying why) where the
+    sidecars cannot be found: the level runs either way."""
+    try:
+        return BatchSizeWindow(
+            f"http://{LOCALHOST}:{server.spec.port}", config.model_name, opens_in_s=config.warmup_s
+        )
+    except (OSError, ValueError) as exc:
+        say(f"{setup:<6} c={concurrency:<3}: no batch-size histogram: sidecars not found ({exc})")
+        return None
+
+
+def close_batch_size_window(
+    setup: str, window: BatchSizeWindow | None, concurrency: int
+) -> BatchSizes | None:
+    """The window's batch sizes; None (with a line saying why) where a reading failed."""
+    if window is None:
+        return None
+    try:
+        return window.close()
+    except (OSError, ValueError) as exc:
+        say(f"{setup:<6} c={concurrency:<3}: no batch-size histogram: {exc}")
+        return None
+
+
 def drive_levels(
     setup: str,
     server: ServerProcess,
@@ -178,7 +287,8 @@ def drive_levels(
     levels: Sequence[int],
     config: EmbeddingsBenchConfig,
 ) -> list[LevelSummary]:
-    """Run each concurrency level against a ready server; stop early if the server dies."""
+    """Run each concurrency level against a ready server; stop early if the server dies.
+    A stack's levels also record its batch sizes over each window (``LevelSummary``)."""
     summaries = []
     for concurrency in levels:
         if not server.is_running:
@@ -192,6 +302,9 @@ def drive_levels(
             warmup_s=config.warmup_s,
             duration_s=config.duration_s,
         )
+        window = (
+            open_batch_size_window(setup, server, concurrency, config) if is_stack(setup) else None
+        )
         result = run_load(load, bodies)
         summary = summarise_level(
             concurrency=concurrency,
@@ -201,8 +314,11 @@ def drive_levels(
             latencies_ns=result.latencies_ns,
             texts_per_request=1,
             loadgen_cpu_s=result.loadgen_cpu_s,
+            batch_sizes=close_batch_size_window(setup, window, concurrency),
         )
         say(format_level_line(setup, summary))
+        if summary.batch_sizes is not None:
+            say(format_batch_sizes_line(setup, concurrency, summary.batch_sizes))
         if result.error_kinds:
             say(f"{setup:<6} c={concurrency:<3}: errors by kind {result.error_kinds}")
         summaries.append(summary)
@@ -334,9 +450,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                 num_cpus=os.cpu_count() or 1,
                 model_overrides=model_overrides,
             )
-            setups[name] = run_http_setup(
-                name, spec, lambda s, n=name: drive_levels(n, s, bodies, config.levels, config)
-            )
+
+            def measure(server: ServerProcess, setup: str = name) -> list[LevelSummary]:
+                return drive_levels(setup, server, bodies, config.levels, config)
+
+            setups[name] = run_http_setup(name, spec, measure)
             setups[name]["extra_env"] = dict(env)
             setups[name]["model_overrides"] = model_overrides
         if not config.skip_rayserve:

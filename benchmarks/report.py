@@ -11,6 +11,7 @@ summary is a frozen dataclass so the JSON is ``dataclasses.asdict`` of what was 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -80,6 +81,53 @@ class LevelSummary:
     p99_ms: float | None
     loadgen_cpu_share: float
     """CPU seconds the load generator's process used per second of window (1.0 = one core)."""
+    batch_sizes: BatchSizes | None = None
+    """The stack's engine runs by batch size in the window; None for the other set-ups or
+    where the stack's metrics could not be read."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class HistogramReading:
+    """One scrape of a Prometheus histogram, summed over replicas: cumulative counts by upper
+    bound (``math.inf`` for ``+Inf``) and the sum of the observed values."""
+
+    cumulative: Mapping[float, float]
+    sum: float
+
+
+@dataclass(frozen=True, kw_only=True)
+class BatchSizes:
+    """Engine runs by batch size during one level's window: the stack's ``loom_batch_size``
+    histogram after the window minus before it. ``counts[i]`` runs held more than ``le[i-1]``
+    and at most ``le[i]`` inputs; one count more than bounds, the last for above ``le[-1]``
+    (the stats file's layout, ``serving.monitoring.stats``)."""
+
+    le: tuple[float, ...]
+    counts: tuple[int, ...]
+    inputs: float
+    """Inputs in those runs (the histogram's sum): ``inputs / sum(counts)`` is the mean batch."""
+
+
+def batch_sizes_between(before: HistogramReading, after: HistogramReading) -> BatchSizes:
+    """The runs observed between two readings, per bucket (not cumulative).
+
+    Cumulative before {1: 2, 2: 3, inf: 3}, after {1: 5, 2: 9, inf: 10} -> in the window
+    (3, 6, 7) -> counts (3, 3, 1) over le (1, 2). A bound missing before counts as 0 (no run
+    yet). ``ValueError`` where ``after`` has no buckets or a count went down (a replica
+    restarted and its counts began again).
+    """
+    bounds = sorted(after.cumulative)
+    if not bounds or bounds[-1] != math.inf:
+        raise ValueError("no +Inf bucket in the histogram after the window")
+    in_window = [after.cumulative[le] - before.cumulative.get(le, 0.0) for le in bounds]
+    counts = [high - low for low, high in zip([0.0, *in_window[:-1]], in_window, strict=True)]
+    if any(count < 0 for count in (*in_window, *counts)):
+        raise ValueError("a bucket count went down during the window (a replica restarted?)")
+    return BatchSizes(
+        le=tuple(bounds[:-1]),
+        counts=tuple(round(count) for count in counts),
+        inputs=after.sum - before.sum,
+    )
 
 
 def summarise_level(
@@ -91,6 +139,7 @@ def summarise_level(
     latencies_ns: Sequence[int],
     texts_per_request: int,
     loadgen_cpu_s: float,
+    batch_sizes: BatchSizes | None = None,
 ) -> LevelSummary:
     """Rates and percentiles of one level; ``latencies_ns`` holds the successful requests'.
 
@@ -110,6 +159,7 @@ def summarise_level(
         p95_ms=lat.p95_ms,
         p99_ms=lat.p99_ms,
         loadgen_cpu_share=loadgen_cpu_s / duration_s,
+        batch_sizes=batch_sizes,
     )
 
 
@@ -146,6 +196,26 @@ def summarise_batches(
     )
 
 
+def level_from_json(record: Mapping[str, Any]) -> LevelSummary:
+    """A level back from the benchmark's JSON (``loom bench`` reads a finished run)."""
+    known = {f.name for f in dataclasses.fields(LevelSummary)} - {"batch_sizes"}
+    sizes = record.get("batch_sizes")
+    return LevelSummary(
+        **{k: v for k, v in record.items() if k in known},
+        batch_sizes=None
+        if sizes is None
+        else BatchSizes(
+            le=tuple(sizes["le"]), counts=tuple(sizes["counts"]), inputs=sizes["inputs"]
+        ),
+    )
+
+
+def batch_from_json(record: Mapping[str, Any]) -> BatchSummary:
+    """An engine batch size back from the benchmark's JSON."""
+    known = {f.name for f in dataclasses.fields(BatchSummary)}
+    return BatchSummary(**{k: v for k, v in record.items() if k in known})
+
+
 def best_batch(sweep: Sequence[BatchSummary]) -> BatchSummary | None:
     """The batch size with the highest texts/s (the smaller size on a tie); ``None`` if empty."""
     if not sweep:
@@ -168,6 +238,9 @@ class TargetGoals:
     """Stack texts/s / plain FastAPI server texts/s, both at ``high_concurrency``."""
     max_stack_added_p50_ms: float = 5.0
     """Stack p50 at ``low_concurrency`` minus the engine's batch-of-1 p50."""
+    min_stack_over_rayserve: float = 1.3
+    """Stack req/s / Ray Serve alone req/s at the highest concurrency both ran (``loom bench``
+    reports it; the module's own PASS/MISS lines are the three above)."""
     high_concurrency: int = 64
     low_concurrency: int = 1
 
@@ -306,6 +379,15 @@ def format_batch_line(batch: BatchSummary) -> str:
         f"engine b={batch.batch_size:<4}: {batch.texts_per_s:8.1f} texts/s  "
         f"batch p50 {_fmt(batch.p50_ms, '7.2f')} ms  p95 {_fmt(batch.p95_ms, '7.2f')} ms  "
         f"p99 {_fmt(batch.p99_ms, '7.2f')} ms  ({batch.batches} batches)"
+    )
+
+
+def format_batch_sizes_line(setup: str, concurrency: int, sizes: BatchSizes) -> str:
+    """``stack  c=64 : 120 engine runs in the window, mean batch 10.4 texts``."""
+    runs = sum(sizes.counts)
+    mean = _fmt(sizes.inputs / runs if runs else None, ".1f")
+    return (
+        f"{setup:<6} c={concurrency:<3}: {runs} engine runs in the window, mean batch {mean} texts"
     )
 
 
