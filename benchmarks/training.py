@@ -18,10 +18,11 @@ Two figures per job, both samples/s = steps x global batch / seconds:
 Job overhead = 1 - job samples/s / bare samples/s, with W = 1, for each figure (goal <= 10%):
 ``loop`` is what the job system costs per sample; ``stage`` adds its fixed start-up cost
 (about 10 s here, most of it Python imports in fresh worker processes), so it depends on how
-long the job trains. The bare loop runs before and after the jobs, its mean the baseline. With
-``--gpu`` and CUDA present, the ``small`` preset's bf16 tokens/s and model-FLOPs utilisation
-are measured too (bare loop; the GPU node has no Ray). JSON goes to
-``benchmarks/results/training-<time>.json``.
+long the job trains. The bare loop runs before and after the jobs, its mean the baseline;
+each run records its loss at every step (``bare_loop.runs[i].loss``, ``[[step, loss], ...]``,
+what ``loom bench`` draws as the loss curve). With ``--gpu`` and CUDA present, the ``small``
+preset's bf16 tokens/s and model-FLOPs utilisation are measured too (bare loop; the GPU node
+has no Ray). JSON goes to ``benchmarks/results/training-<time>.json``.
 """
 
 from __future__ import annotations
@@ -135,11 +136,14 @@ def program_for(bench: TrainBench, data: dict[str, Any], *, preset: str | None =
 
 
 def bare_loop(bench: TrainBench, data: dict[str, Any], *, threads: int) -> dict[str, Any]:
-    """The plain loop: samples/s from building the model to the end of the last step."""
+    """The plain loop: samples/s from building the model to the end of the last step, and its
+    loss curve as ``[[steps_done, loss], ...]`` (steps counted from 1, as the job's progress
+    reports count them)."""
     torch.set_num_threads(threads)
     program = program_for(bench, data)
+    loss: list[list[float]] = []
     started = time.perf_counter()
-    lm.train_single_process(program)
+    lm.train_single_process(program, on_step=lambda step, value: loss.append([step + 1, value]))
     total_s = time.perf_counter() - started
     samples = bench.steps * bench.batch_size
     return {
@@ -148,6 +152,7 @@ def bare_loop(bench: TrainBench, data: dict[str, Any], *, threads: int) -> dict[
         "seconds": total_s,
         "samples_per_s": samples / total_s,
         "tokens_per_s": samples * bench.seq_len / total_s,
+        "loss": loss,
     }
 
 
@@ -188,7 +193,7 @@ def run_jobs(bench: TrainBench, workers: list[int], home: Path) -> list[dict[str
         _system_config={"worker_niceness": 0},
     )
     scheduler = start_scheduler(settings, tick_s=0.2)
-    results = []
+    results: list[dict[str, Any]] = []
     try:
         for w in workers:
             job = store.submit(parse_job_spec(job_spec(bench, w, f"bench-lm-w{w}")))
