@@ -36,6 +36,7 @@ from benchmarks.corpus import SENTENCES, request_bodies, take_cycled
 from benchmarks.engine_sweep import SweepConfig, measure_batch_size
 from benchmarks.loadgen import LoadConfig, run_load
 from benchmarks.machine import load_average_1m, machine_facts
+from benchmarks.openloop import OpenLoadConfig, run_open_load
 from benchmarks.options import (
     parse_env_assignments,
     parse_int_list,
@@ -58,6 +59,7 @@ from benchmarks.report import (
     format_level_line,
     format_target_line,
     hop_cost,
+    latency_ms,
     summarise_level,
     target_record,
     write_json,
@@ -94,6 +96,10 @@ class EmbeddingsBenchConfig:
     stack_variants: Mapping[str, Mapping[str, str]] = field(default_factory=dict)
     """More stacks to measure in the same run, each with its own extra environment and
     ``model.FIELD`` overrides of the generated config."""
+    open_loop_shares: tuple[float, ...] = (0.5, 0.9)
+    """After its closed-loop levels, each HTTP set-up gets Poisson arrivals offered at these
+    shares of its own best closed-loop rate (``benchmarks.openloop``): latency with the
+    queueing an open loop shows. Empty: none."""
     max_wait_ms: float = 10.0
     """The batching wait of the generated stack config and of the Ray Serve set-up's
     ``@serve.batch`` (the batch size of both is the engine's best)."""
@@ -105,6 +111,8 @@ class EmbeddingsBenchConfig:
             raise ValueError("durations must be > 0 (warm-up >= 0)")
         if self.sentences < 1 or self.noop_concurrency < 1 or self.ready_timeout_s <= 0:
             raise ValueError("--sentences, --noop-concurrency, --ready-timeout-s must be > 0")
+        if any(not 0 < share <= 2 for share in self.open_loop_shares):
+            raise ValueError("--open-loop-shares are shares of capacity in (0, 2], e.g. 0.5,0.9")
 
 
 def parse_args(argv: Sequence[str] | None) -> EmbeddingsBenchConfig:
@@ -136,6 +144,11 @@ def parse_args(argv: Sequence[str] | None) -> EmbeddingsBenchConfig:
         help="also measure the stack with this environment (KEY=VALUE) or generated-config change "
         "(model.FIELD=VALUE), as setup stack:LABEL (repeatable)",
     )  # fmt: skip
+    parser.add_argument(
+        "--open-loop-shares", default=",".join(f"{s:g}" for s in defaults.open_loop_shares),
+        help="open-loop rates as shares of each set-up's closed-loop best, e.g. 0.5,0.9 "
+        "('' for none)",
+    )  # fmt: skip
     parser.add_argument("--max-wait-ms", type=float, default=defaults.max_wait_ms)
     parser.add_argument("--ready-timeout-s", type=float, default=defaults.ready_timeout_s)
     parser.add_argument("--out", type=Path, default=defaults.out_path)
@@ -155,12 +168,76 @@ def parse_args(argv: Sequence[str] | None) -> EmbeddingsBenchConfig:
             stack_config_path=args.config,
             stack_env=parse_env_assignments(args.env),
             stack_variants=parse_variants(args.variant),
+            open_loop_shares=parse_shares(args.open_loop_shares),
             max_wait_ms=args.max_wait_ms,
             ready_timeout_s=args.ready_timeout_s,
             out_path=args.out,
         )
     except ValueError as exc:
         parser.error(str(exc))
+
+
+def parse_shares(text: str) -> tuple[float, ...]:
+    """``"0.5,0.9"`` -> (0.5, 0.9); ``""`` -> (); ``ValueError`` for anything not a number."""
+    return tuple(float(part) for part in text.split(",") if part.strip())
+
+
+def open_loop_rates(levels: Sequence[LevelSummary], shares: Sequence[float]) -> list[float]:
+    """The offered rates of a set-up's open-loop levels: each share of its best closed-loop
+    req/s (400 req/s best, shares 0.5 and 0.9: 200 and 360 req/s); none without a level
+    that answered."""
+    best = max((level.req_per_s for level in levels), default=0.0)
+    return [share * best for share in shares] if best > 0 else []
+
+
+def drive_open_levels(
+    setup: str,
+    server: ServerProcess,
+    levels: Sequence[LevelSummary],
+    bodies: Sequence[bytes],
+    config: EmbeddingsBenchConfig,
+) -> list[dict[str, Any]]:
+    """Poisson arrivals at ``open_loop_rates`` against a ready server; each level's latency
+    is from the request's scheduled arrival, so the client-side queue counts."""
+    records = []
+    for share, rate in zip(
+        config.open_loop_shares, open_loop_rates(levels, config.open_loop_shares), strict=False
+    ):
+        if not server.is_running:
+            raise RuntimeError(f"{setup} server exited during the open-loop levels")
+        result = run_open_load(
+            OpenLoadConfig(
+                port=server.spec.port,
+                path=EMBEDDINGS_PATH,
+                rate_per_s=rate,
+                warmup_s=config.warmup_s,
+                duration_s=config.duration_s,
+            ),
+            bodies,
+        )
+        latency = latency_ms(result.latencies_ns)
+        record = {
+            "share": share,
+            "offered_rate_per_s": result.offered_rate_per_s,
+            "achieved_rate_per_s": result.achieved_rate_per_s,
+            "requests": result.requests,
+            "errors": result.errors,
+            "p50_ms": latency.p50_ms,
+            "p95_ms": latency.p95_ms,
+            "p99_ms": latency.p99_ms,
+            "max_connections": result.concurrency,
+        }
+        say(
+            f"{setup:<6} open {share:.0%} of best: offered {record['offered_rate_per_s']:7.1f} "
+            f"req/s, achieved {record['achieved_rate_per_s']:7.1f}, p50 "
+            f"{_ms(latency.p50_ms)} p99 {_ms(latency.p99_ms)}, {result.errors} errors"
+        )
+        records.append(record)
+    return records
+
+
+def _ms(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1f} ms"
 
 
 def say(line: str) -> None:
@@ -329,8 +406,10 @@ def run_http_setup(
     setup: str,
     spec: ServerSpec,
     measure: Callable[[ServerProcess], list[LevelSummary]],
+    open_loop: Callable[[ServerProcess, list[LevelSummary]], list[dict[str, Any]]] | None = None,
 ) -> dict[str, Any]:
-    """Start the server, measure it, stop it; the record holds levels or the error."""
+    """Start the server, measure it (then its open-loop levels, given ``open_loop``), stop
+    it; the record holds levels or the error."""
     record: dict[str, Any] = {"argv": list(spec.argv), "levels": [], "error": None}
     server = ServerProcess(spec)
     say(f"{setup:<6}: starting {' '.join(spec.argv[1:])}")
@@ -338,6 +417,8 @@ def run_http_setup(
         with server:
             say(f"{setup:<6}: ready in {server.ready_s:.1f} s")
             record["levels"] = measure(server)
+            if open_loop is not None:
+                record["open_levels"] = open_loop(server, record["levels"])
     except (ServerNotReady, RuntimeError) as exc:
         record["error"] = str(exc)
         say(f"{setup:<6}: FAILED: {exc}")
@@ -371,7 +452,12 @@ def run_rayserve(
         say(f"rayserve: ingress {facts.get('ingress')}")
         return drive_levels("rayserve", server, bodies, config.levels, config)
 
-    record = run_http_setup("rayserve", spec, measure)
+    record = run_http_setup(
+        "rayserve",
+        spec,
+        measure,
+        lambda server, levels: drive_open_levels("rayserve", server, levels, bodies, config),
+    )
     record["ingress"] = facts.get("ingress")
     record["layout"] = {k: v for k, v in facts.items() if k not in ("ready", "ingress")}
     return record
@@ -432,6 +518,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         results["engine"] = run_engine_sweep(texts, config)
         setups: dict[str, Any] = {}
         best = best_batch(results["engine"]["sweep"])
+
+        def open_loop(setup: str) -> Callable[[ServerProcess, list[LevelSummary]], list[Any]]:
+            return lambda server, levels: drive_open_levels(setup, server, levels, bodies, config)
+
         stacks = {"stack": config.stack_env} | {
             f"stack:{label}": {**config.stack_env, **env}
             for label, env in config.stack_variants.items()
@@ -454,7 +544,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             def measure(server: ServerProcess, setup: str = name) -> list[LevelSummary]:
                 return drive_levels(setup, server, bodies, config.levels, config)
 
-            setups[name] = run_http_setup(name, spec, measure)
+            setups[name] = run_http_setup(name, spec, measure, open_loop(name))
             setups[name]["extra_env"] = dict(env)
             setups[name]["model_overrides"] = model_overrides
         if not config.skip_rayserve:
@@ -467,7 +557,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not config.skip_plain:
             spec = plain_spec(work_dir=work_dir, ready_timeout_s=config.ready_timeout_s)
             setups["plain"] = run_http_setup(
-                "plain", spec, lambda s: drive_levels("plain", s, bodies, config.levels, config)
+                "plain",
+                spec,
+                lambda s: drive_levels("plain", s, bodies, config.levels, config),
+                open_loop("plain"),
             )
         results["setups"] = setups
         failed = any(record["error"] for record in (noop, *setups.values()))

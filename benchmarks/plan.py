@@ -94,12 +94,13 @@ def _seconds(value: float) -> str:
 _QUICK: dict[str, tuple[str, ...]] = {
     "embeddings": (
         "--duration-s", "3", "--warmup-s", "1", "--levels", "1,64",
-        "--batch-sizes", "1,32", "--engine-duration-s", "2",
+        "--batch-sizes", "1,32", "--engine-duration-s", "2", "--open-loop-shares", "0.8",
     ),
     "generation": ("--quick", "--concurrency", "1,8", "--requests", "6"),
     "training": ("--quick", "--workers", "1"),
-    "ensemble": ("--concurrency", "1", "--duration-s", "3", "--warmup-s", "1"),
-    "sharding": ("--models", "8", "--duration-s", "3", "--warmup-s", "1"),
+    "ensemble": ("--concurrency", "1", "--duration-s", "2.5", "--warmup-s", "0.5"),
+    # 12 models, 3 a replica: one shard swaps models in and out, each of 4 shards holds its 3
+    "sharding": ("--models", "12", "--budget", "3", "--duration-s", "3", "--warmup-s", "1"),
     "faults": ("--scenarios", "kill", "--warmup-s", "1", "--before-s", "3", "--after-s", "4"),
     "autoscaling": ("--setups", "loom-sidecars", "--skip-failover", "--skip-cpu"),
     "gpu": ("--quick",),

@@ -66,6 +66,7 @@ def section(raw: Mapping[str, Any]) -> Section:
     ]
     out.tables += [t for t in (batch_sizes_table(measured), targets) if t is not None]
     out.charts += [throughput_chart(usable, best), latency_chart(usable)]
+    add_open_loop(out, raw)
     if (chart := batch_sizes_chart(measured)) is not None:
         out.charts.append(chart)
     else:
@@ -472,3 +473,72 @@ def batch_sizes_chart(measured: Mapping[str, Sequence[LevelSummary]]) -> Chart |
             for label, sizes in histograms.items()
         },
     )
+
+
+# ---- open loop --------------------------------------------------------------------------------
+
+
+def open_levels(raw: Mapping[str, Any]) -> dict[str, list[Mapping[str, Any]]]:
+    """Each set-up's open-loop levels (Poisson arrivals at shares of its own closed-loop
+    best), where it has any."""
+    setups = raw.get("setups") or {}
+    return {
+        name: list(record.get("open_levels") or [])
+        for name, record in setups.items()
+        if isinstance(record, Mapping) and record.get("open_levels")
+    }
+
+
+def add_open_loop(out: Section, raw: Mapping[str, Any]) -> None:
+    """A table and a chart of latency against offered load; the stack's p99 at its highest
+    share as a figure (the latency its users see near capacity, queueing included)."""
+    levels = open_levels(raw)
+    if not levels:
+        return
+    rows = [
+        (
+            name,
+            f"{level.get('share', 0):.0%}",
+            rounded(level.get("offered_rate_per_s")),
+            rounded(level.get("achieved_rate_per_s")),
+            *(rounded(level.get(f"{p}_ms")) for p in PERCENTILES),
+            level.get("errors"),
+        )
+        for name, records in levels.items()
+        for level in records
+    ]
+    out.tables.append(
+        Table(
+            title="Open loop: Poisson arrivals at shares of each set-up's closed-loop best",
+            columns=("set-up", "share", "offered req/s", "achieved req/s")
+            + tuple(f"{p} ms" for p in PERCENTILES)
+            + ("errors",),
+            rows=rows,
+            note="latency from each request's scheduled arrival: waiting for a connection "
+            "counts, as it would for independent clients",
+        )
+    )
+    out.charts.append(
+        Chart(
+            file="embeddings-open-loop.png",
+            title="p99 latency against offered load (open loop)",
+            x_label="offered req/s",
+            y_label="p99 ms",
+            series={
+                name: [
+                    (float(level["offered_rate_per_s"]), float(level["p99_ms"]))
+                    for level in records
+                    if level.get("p99_ms") is not None and level.get("offered_rate_per_s")
+                ]
+                for name, records in levels.items()
+            },
+            log_y=True,
+        )
+    )
+    stack = levels.get("stack") or []
+    highest = max(stack, key=lambda level: level.get("share", 0), default=None)
+    if highest is not None and highest.get("p99_ms") is not None:
+        share = round(100 * float(highest.get("share", 0)))
+        out.figure(
+            f"stack_open_p99_ms_at_{share}pct", float(highest["p99_ms"]), "ms", better="lower"
+        )

@@ -16,9 +16,9 @@ import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.registry import Collector
 
-from benchmarks.embeddings import batch_size_reading
+from benchmarks.embeddings import batch_size_reading, open_loop_rates, parse_shares
 from benchmarks.plots import draw_charts
-from benchmarks.report import BatchSizes, HistogramReading, batch_sizes_between
+from benchmarks.report import BatchSizes, HistogramReading, batch_sizes_between, level_from_json
 from benchmarks.sections import extract
 from benchmarks.sections.embeddings import section
 from serving.monitoring.adapters import Families, export_replica
@@ -246,3 +246,38 @@ def test_the_charts_are_drawn_as_pngs_into_the_run_folder(tmp_path: Path) -> Non
     ]
     for name in written:
         assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# ---- open loop --------------------------------------------------------------------------------
+
+
+def test_open_loop_rates_are_shares_of_the_set_ups_own_best_closed_loop_rate() -> None:
+    raw = _raw()
+    stack_levels = [level_from_json(level) for level in raw["setups"]["stack"]["levels"]]
+    best = max(level.req_per_s for level in stack_levels)  # 416.3 req/s at c=64
+
+    assert open_loop_rates(stack_levels, (0.5, 0.9)) == pytest.approx([0.5 * best, 0.9 * best])
+    assert open_loop_rates([], (0.5,)) == []
+    assert parse_shares("0.5, 0.9") == (0.5, 0.9)
+    assert parse_shares("") == ()
+
+
+def test_open_loop_levels_give_a_table_a_chart_and_the_stacks_p99_near_capacity() -> None:
+    raw = _raw()
+    raw["setups"]["stack"]["open_levels"] = [
+        {"share": 0.5, "offered_rate_per_s": 208.0, "achieved_rate_per_s": 207.0,
+         "requests": 621, "errors": 0, "p50_ms": 20.0, "p95_ms": 40.0, "p99_ms": 55.0},
+        {"share": 0.9, "offered_rate_per_s": 375.0, "achieved_rate_per_s": 370.0,
+         "requests": 1110, "errors": 0, "p50_ms": 60.0, "p95_ms": 180.0, "p99_ms": 260.0},
+    ]  # fmt: skip
+    raw["setups"]["plain"]["open_levels"] = []
+
+    result = section(raw)
+
+    figure = next(f for f in result.figures if f.name == "embeddings.stack_open_p99_ms_at_90pct")
+    assert (figure.value, figure.unit, figure.better) == (260.0, "ms", "lower")
+    table = next(t for t in result.tables if t.title.startswith("Open loop"))
+    assert [row[:2] for row in table.rows] == [("stack", "50%"), ("stack", "90%")]
+    chart = next(c for c in result.charts if c.file == "embeddings-open-loop.png")
+    assert chart.series == {"stack": [(208.0, 55.0), (375.0, 260.0)]}
+    assert not any(c.file == "embeddings-open-loop.png" for c in section(_raw()).charts)
