@@ -84,7 +84,8 @@ def _machine_lines(machine: Mapping[str, Any]) -> list[str]:
     dirty = " (uncommitted changes)" if machine.get("git_dirty") else ""
     return [
         f"- CPU: {machine.get('cpu_model')}, {machine.get('cpu_count')} cores "
-        f"({machine.get('cpus_usable')} usable), load {machine.get('load_avg_1m')} at the start",
+        f"({machine.get('cpus_usable')} usable), load {_cell(machine.get('load_avg_1m'))} at the "
+        "start",
         f"- GPU: {gpu_text}",
         "- versions: " + ", ".join(f"{k} {v}" for k, v in versions.items() if v),
         f"- commit: {commit[:12]}{dirty}; {machine.get('date_utc')}",
