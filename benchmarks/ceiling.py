@@ -5,12 +5,13 @@ A server figure within 20 % of what the client can drive at all measures the cli
 the server: ``refuse_near_ceiling`` takes every such request-rate figure out of its section
 and says so in the section's notes.
 
-    ceiling = measure_ceiling(work_dir)                 # {"requests_per_s": 14800.0, ...}
+    ceiling = measure_ceiling()                 # {"requests_per_s": 14800.0, ...}
     refuse_near_ceiling(sections, ceiling["requests_per_s"])
 """
 
 from __future__ import annotations
 
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -24,10 +25,11 @@ RATE_UNITS = frozenset({"req/s"})
 
 
 def measure_ceiling(
-    work_dir: Path, *, concurrency: int = 64, warmup_s: float = 1.0, duration_s: float = 3.0
+    *, concurrency: int = 64, warmup_s: float = 1.0, duration_s: float = 3.0
 ) -> dict[str, Any]:
     """The closed-loop load generator at ``concurrency`` against the no-op server: its
-    ``requests_per_s`` and p50, or ``error`` where the no-op server did not start."""
+    ``requests_per_s`` and p50, or ``error`` where the no-op server did not start. The
+    server's logs go to a temporary folder, removed after."""
     from benchmarks.corpus import request_bodies, take_cycled
     from benchmarks.loadgen import LoadConfig, run_load
     from benchmarks.processes import ServerNotReady, ServerProcess
@@ -35,7 +37,10 @@ def measure_ceiling(
     from benchmarks.setups import EMBEDDINGS_PATH, noop_spec
 
     try:
-        with ServerProcess(noop_spec(work_dir=work_dir)) as server:
+        with (
+            tempfile.TemporaryDirectory(prefix="loom-bench-ceiling-") as work_dir,
+            ServerProcess(noop_spec(work_dir=Path(work_dir))) as server,
+        ):
             load = LoadConfig(
                 port=server.spec.port,
                 path=EMBEDDINGS_PATH,

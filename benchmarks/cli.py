@@ -145,7 +145,7 @@ def run(
     *,
     command: list[str],
     started: dt.datetime,
-    measure_ceiling: Callable[[Path], dict[str, Any]] | None = None,
+    measure_ceiling: Callable[[], dict[str, Any]] | None = None,
 ) -> int:
     """Run ``steps`` into ``run_dir`` and write the result, even after a failure or Ctrl-C.
     The load generator's ceiling is measured first (``ceiling.measure_ceiling`` unless
@@ -159,7 +159,7 @@ def run(
     run_dir.mkdir(parents=True, exist_ok=True)
     machine = machine_facts(REPO_ROOT, gpu=options.device == "cuda")
     clock = time.monotonic()
-    ceiling = (measure_ceiling or ceilings.measure_ceiling)(run_dir / "logs")
+    ceiling = (measure_ceiling or ceilings.measure_ceiling)()
     if "error" in ceiling:
         print(
             f"loom bench: load generator ceiling not measured: {ceiling['error']}", file=sys.stderr

@@ -135,7 +135,7 @@ def test_a_run_writes_its_folder_and_reports_a_failed_benchmark_beside_the_rest(
         run_dir,
         command=["loom", "bench", "gpu"],
         started=cli.dt.datetime(2026, 12, 6, tzinfo=cli.dt.UTC),
-        measure_ceiling=lambda work_dir: {"requests_per_s": 5000.0},
+        measure_ceiling=lambda: {"requests_per_s": 5000.0},
     )
 
     assert status == 1  # one benchmark failed: the run says so, and still reports the other
