@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PIP := $(BIN)/python -m pip
 # Packages mypy checks (config: pyproject.toml [tool.mypy]): all of them.
-TYPED := models training serving deploy loom
+TYPED := models training serving deploy benchmarks loom
 
 .PHONY: install run test lint bench bench-quick clean
 

@@ -114,6 +114,11 @@ class Section:
         return added
 
 
+def better_of(comparison: object) -> Better:
+    """Which way a module's target points, from its comparison: ``">="`` higher, else lower."""
+    return "higher" if comparison == ">=" else "lower"
+
+
 def ratio(numerator: float | None, divisor: float | None) -> float | None:
     """``numerator / divisor``, None where either is missing or the divisor is not positive."""
     if numerator is None or divisor is None or divisor <= 0:

@@ -28,7 +28,7 @@ from benchmarks.report import (
     level_at,
     level_from_json,
 )
-from benchmarks.result import Chart, Section, Table, ratio
+from benchmarks.result import Chart, Section, Table, better_of, ratio
 
 NEAR_CEILING_SHARE = 0.8
 """A level at or above this share of the no-op server's req/s is refused (the issue's 20%)."""
@@ -278,7 +278,7 @@ def add_targets(
             name,
             value,
             "ms" if name.endswith("_ms") else "x",
-            better="higher" if target.get("comparison", ">=") == ">=" else "lower",
+            better=better_of(target.get("comparison", ">=")),
             goal=target.get("goal"),
         )
     return table

@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from benchmarks.result import Chart, Section, Table
+from benchmarks.result import Chart, Section, Table, better_of
 
 RUNS = (
     ("ensemble", "ensemble"),
@@ -153,7 +153,7 @@ def section(raw: Mapping[str, Any]) -> Section:
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             result.notes.append(f"c={c}: not read to the end ({type(exc).__name__}: {exc})")
     for name, target in goals.items():  # a target with no figure of its name at its level
-        better = "higher" if target.get("comparison") == ">=" else "lower"
+        better = better_of(target.get("comparison"))
         result.figure(name, target.get("value"), "x", better=better, goal=target["goal"])
     result.notes += [f"target {t['name']}: not measured" for t in targets if t.get("value") is None]
     result.charts.append(_latency_chart(first, measured[first]))

@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from benchmarks.result import Better, Chart, Section, Table, ratio
+from benchmarks.result import Chart, Section, Table, better_of, ratio
 
 VARIANT_LABELS = {
     "sequential": "sequential generate",
@@ -51,7 +51,7 @@ def _add_targets(section: Section, targets: Sequence[Mapping[str, Any]]) -> None
     """The module's targets (all ratios) as figures with their goals; one not measured (a level
     or a variant missing) as a note with its formula."""
     for target in targets:
-        better: Better = "higher" if target["comparison"] == ">=" else "lower"
+        better = better_of(target["comparison"])
         added = section.figure(
             target["name"], target["value"], "x", better=better, goal=target["goal"]
         )

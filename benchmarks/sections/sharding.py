@@ -13,11 +13,11 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from benchmarks.result import Chart, Section, Table
+from benchmarks.result import Better, Chart, Section, Table, better_of
 
 SETUPS = ("one-shard", "one-shard-4-replicas", "four-shards")
 """The module's set-ups, in its order."""
-RATIOS = (
+RATIOS: tuple[tuple[str, Better], ...] = (
     ("four_shards_over_one_shard_requests_per_s", "higher"),
     ("four_shards_over_four_replicas_requests_per_s", "higher"),
     ("four_shards_over_one_shard_loads", "lower"),
@@ -119,7 +119,7 @@ def section(raw: Mapping[str, Any]) -> Section:
         if result.figure(name, ratios.get(name), "x", better=better, goal=goal) is None:
             result.notes.append(f"{name}: not measured ({_why_no_ratio(name, raw)})")
     for name, target in targets.items():  # a target that is none of the ratios
-        better = "higher" if target.get("comparison") == ">=" else "lower"
+        better = better_of(target.get("comparison"))
         result.figure(name, target.get("value"), "x", better=better, goal=target["goal"])
     for name, run in setups.items():
         result.figure(

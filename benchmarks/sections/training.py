@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from benchmarks.result import Better, Chart, Section, Table, ratio
+from benchmarks.result import Chart, Section, Table, better_of, ratio
 
 TARGET_FIGURES = {
     "1 - job loop samples/s / bare loop samples/s": "job_w1_loop_overhead",
@@ -39,7 +39,7 @@ def _add_targets(section: Section, targets: Sequence[Mapping[str, Any]]) -> None
         if name is None:
             section.notes.append(f"target not reported as a figure: {target['name']}")
             continue
-        better: Better = "higher" if target["comparison"] == ">=" else "lower"
+        better = better_of(target["comparison"])
         added = section.figure(name, target["value"], "share", better=better, goal=target["goal"])
         if added is None:
             section.notes.append(f"{name}: not measured ({target['formula']})")

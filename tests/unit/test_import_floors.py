@@ -16,8 +16,9 @@ REPO = Path(__file__).resolve().parents[2]
 PACKAGES = ("models", "training", "serving", "loom", "benchmarks", "deploy")
 
 # Ground first; a floor may import from the floors listed before it and from itself. deploy
-# renders the serving config; loom mounts every package's cli.py, deploy's too.
-FLOORS = ("models", "training", "serving", "deploy", "loom")
+# renders the serving config; loom mounts every package's cli.py, deploy's and benchmarks'
+# (`loom bench`) too, so no package but loom imports benchmarks.
+FLOORS = ("models", "training", "serving", "deploy", "benchmarks", "loom")
 # Inside serving: what crosses the hop, the metrics, the monitoring sidecar (what replicas
 # report and how it is exported) and the config are the ground; the routing parts and the
 # autoscaling policy use only those; the replicas use routing (the hedge-aware router they are
