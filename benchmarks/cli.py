@@ -218,7 +218,7 @@ def compare_command(args: argparse.Namespace) -> int:
         return 0
     below = comparison.below(args.fail_below)
     if below:
-        names = ", ".join(f"{row.name} {row.ratio:.2f}x" for row in below if row.ratio)
+        names = ", ".join(f"{row.name} {row.ratio:.2f}x" for row in below if row.ratio is not None)
         print(f"\nbelow {args.fail_below:g}: {names}")
         return 1
     print(f"\nevery figure at or above {args.fail_below:g} of A")
