@@ -32,9 +32,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime as dt
-import importlib.metadata
 import re
-import subprocess
 import sys
 import time
 import traceback
@@ -63,7 +61,7 @@ from benchmarks.gpu_measure import (
     say,
 )
 from benchmarks.gpu_report import RAW_FILE, RESULT_FILE, part_errors, sections
-from benchmarks.machine import machine_facts
+from benchmarks.machine import machine_facts, nvidia_smi, package_version
 from benchmarks.report import write_json
 from benchmarks.result import all_figures, as_json
 
@@ -165,30 +163,6 @@ def cpu_config(*, quick: bool = False) -> GpuBenchConfig:
 # ---- facts, outputs, main ---------------------------------------------------------------------
 
 
-def _version(package: str) -> str | None:
-    try:
-        return importlib.metadata.version(package)
-    except importlib.metadata.PackageNotFoundError:
-        return None
-
-
-def nvidia_smi() -> list[dict[str, str]] | None:
-    """``nvidia-smi --query-gpu=name,driver_version``, one dict per GPU; None without it."""
-    try:
-        done = subprocess.run(
-            ["nvidia-smi", "--query-gpu=name,driver_version", "--format=csv,noheader"],
-            capture_output=True,
-            text=True,
-            timeout=20,
-        )
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    if done.returncode != 0:
-        return None
-    rows = [line.rsplit(",", 1) for line in done.stdout.strip().splitlines() if "," in line]
-    return [{"name": name.strip(), "driver_version": driver.strip()} for name, driver in rows]
-
-
 def gpu_facts() -> dict[str, Any]:
     """torch's view of the GPUs (names, capability, memory), the driver, the versions."""
     available = torch.cuda.is_available()
@@ -214,7 +188,7 @@ def gpu_facts() -> dict[str, Any]:
         "torch": torch.__version__,
         "torch_cuda": torch.version.cuda,
         "cudnn": torch.backends.cudnn.version() if available else None,
-        "transformers": _version("transformers"),
+        "transformers": package_version("transformers"),
     }
 
 

@@ -25,7 +25,8 @@ are not passed on to the servers under test; see ``processes.child_env``.)"""
 _PACKAGES = ("torch", "ray", "transformers", "fastapi", "uvicorn", "numpy")
 
 
-def _version(package: str) -> str | None:
+def package_version(package: str) -> str | None:
+    """The installed version of ``package`` (from its metadata), None where it is absent."""
     try:
         return importlib.metadata.version(package)
     except importlib.metadata.PackageNotFoundError:
@@ -72,19 +73,26 @@ def gpu_facts() -> dict[str, Any] | None:
     if not torch.cuda.is_available():
         return None
     names = [torch.cuda.get_device_name(index) for index in range(torch.cuda.device_count())]
-    driver = None
+    smi = nvidia_smi()
+    driver = smi[0]["driver_version"] if smi else None
+    return {"names": names, "count": len(names), "driver": driver, "cuda": torch.version.cuda}
+
+
+def nvidia_smi() -> list[dict[str, str]] | None:
+    """``nvidia-smi --query-gpu=name,driver_version``, one dict per GPU; None without it."""
     try:
         done = subprocess.run(
-            ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+            ["nvidia-smi", "--query-gpu=name,driver_version", "--format=csv,noheader"],
             capture_output=True,
             text=True,
             timeout=20,
         )
-        if done.returncode == 0 and done.stdout.strip():
-            driver = done.stdout.splitlines()[0].strip()
     except (OSError, subprocess.TimeoutExpired):
-        pass
-    return {"names": names, "count": len(names), "driver": driver, "cuda": torch.version.cuda}
+        return None
+    if done.returncode != 0:
+        return None
+    rows = [line.rsplit(",", 1) for line in done.stdout.strip().splitlines() if "," in line]
+    return [{"name": name.strip(), "driver_version": driver.strip()} for name, driver in rows]
 
 
 def machine_facts(repo: Path, *, gpu: bool = False) -> dict[str, Any]:
@@ -100,7 +108,7 @@ def machine_facts(repo: Path, *, gpu: bool = False) -> dict[str, Any]:
         "cpus_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
         "cpu_model": _cpu_model(),
         "load_avg_1m": load_average_1m(),
-        "versions": {package: _version(package) for package in _PACKAGES},
+        "versions": {package: package_version(package) for package in _PACKAGES},
         "git_commit": _git(repo, "rev-parse", "HEAD"),
         "git_dirty": bool(status) if status is not None else None,
         "env_flags": env_flags(os.environ),

@@ -17,6 +17,7 @@ from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import uvicorn
 from fastapi import FastAPI
@@ -24,7 +25,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 
 from models.bundled import bundled_model_dir
-from models.engines.embed import EmbeddingEngine
+from models.engines.embed import EmbeddingEngine, EmbedResult
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -43,6 +44,20 @@ class PlainServerConfig:
 class EmbeddingRequest(BaseModel):
     model: str
     input: str | list[str]
+
+
+def embeddings_body(result: EmbedResult, model_name: str) -> dict[str, Any]:
+    """The OpenAI embeddings answer for one request (the Ray Serve baseline answers the same)."""
+    tokens = sum(result.token_counts)
+    return {
+        "object": "list",
+        "data": [
+            {"object": "embedding", "index": i, "embedding": vector}
+            for i, vector in enumerate(result.vectors.tolist())
+        ],
+        "model": model_name,
+        "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+    }
 
 
 def build_app(engine: EmbeddingEngine, model_name: str = "minilm") -> FastAPI:
@@ -64,18 +79,7 @@ def build_app(engine: EmbeddingEngine, model_name: str = "minilm") -> FastAPI:
     async def embeddings(request: EmbeddingRequest) -> JSONResponse:
         texts = [request.input] if isinstance(request.input, str) else request.input
         result = engine.run(texts)  # blocks the loop on purpose: one request at a time
-        tokens = sum(result.token_counts)
-        return JSONResponse(
-            {
-                "object": "list",
-                "data": [
-                    {"object": "embedding", "index": i, "embedding": vector}
-                    for i, vector in enumerate(result.vectors.tolist())
-                ],
-                "model": model_name,
-                "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
-            }
-        )
+        return JSONResponse(embeddings_body(result, model_name))
 
     return app
 

@@ -54,7 +54,7 @@ from typing import Any, Literal, get_args
 
 import numpy as np
 
-from benchmarks.plain_server import EmbeddingRequest
+from benchmarks.plain_server import EmbeddingRequest, embeddings_body
 from benchmarks.processes import LOCALHOST, free_port
 from benchmarks.setups import EMBEDDINGS_PATH, READY_PATH
 from models.engines.embed import EmbedResult
@@ -171,20 +171,6 @@ def split_result(result: EmbedResult, sizes: Sequence[int]) -> list[EmbedResult]
         EmbedResult(vectors=result.vectors[a:b], token_counts=result.token_counts[a:b])
         for a, b in zip(bounds[:-1], bounds[1:], strict=True)
     ]
-
-
-def embeddings_body(result: EmbedResult, model_name: str) -> dict[str, Any]:
-    """The OpenAI embeddings answer for one request, as ``benchmarks.plain_server`` builds it."""
-    tokens = sum(result.token_counts)
-    return {
-        "object": "list",
-        "data": [
-            {"object": "embedding", "index": i, "embedding": vector}
-            for i, vector in enumerate(result.vectors.tolist())
-        ],
-        "model": model_name,
-        "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
-    }
 
 
 def haproxy_pids(cmdlines: Mapping[int, Sequence[str]], marker: str) -> list[int]:
