@@ -16,7 +16,11 @@ reads are same-origin. Three rules, checked before a route's handler (and before
   that are not browsers send none.
 - **Content-Type** (routes that read a JSON body): ``application/json``, parameters allowed
   (``; charset=utf-8``), else 415 ``unsupported_media_type``. ``application/*+json`` is refused
-  too: one media type, and no simple request can carry it.
+  too: one media type, and no simple request can carry it. The v2 infer routes
+  (``tensor_body``) also take what ``tritonclient.http`` sends: no Content-Type at all, and
+  ``application/octet-stream`` with ``Inference-Header-Content-Length`` (the binary tensor
+  extension; no browser sends that header without a CORS preflight, which Loom refuses). A
+  page's untyped POST still carries its ``Origin``, refused by the rule above.
 
 CORS is off unless ``server.cors_allow_origins`` lists origins (``app.build_http_app`` then
 adds Starlette's ``CORSMiddleware`` for exactly those).
@@ -28,6 +32,7 @@ adds Starlette's ``CORSMiddleware`` for exactly those).
 from __future__ import annotations
 
 import ipaddress
+from collections.abc import Mapping
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
@@ -35,9 +40,11 @@ from starlette.requests import Request
 
 from serving.config.server import ServerConfig
 from serving.gateway.errors import ApiError
+from serving.gateway.protocols.v2_binary import HEADER_LENGTH
 
 STATE_CHANGING_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 JSON_MEDIA_TYPE = "application/json"
+BINARY_MEDIA_TYPE = "application/octet-stream"
 _DEFAULT_PORTS = {"http": 80, "https": 443}
 
 
@@ -80,6 +87,20 @@ def is_json_content_type(content_type: str | None) -> bool:
     if content_type is None:
         return False
     return content_type.split(";", 1)[0].strip().lower() == JSON_MEDIA_TYPE
+
+
+def body_type_allowed(headers: Mapping[str, str], *, tensor_body: bool) -> bool:
+    """JSON always; for a v2 infer body also no Content-Type, or octet-stream with the binary
+    extension's ``Inference-Header-Content-Length``."""
+    content_type = headers.get("content-type")
+    if is_json_content_type(content_type):
+        return True
+    if not tensor_body:
+        return False
+    if content_type is None:
+        return True
+    media = content_type.split(";", 1)[0].strip().lower()
+    return media == BINARY_MEDIA_TYPE and HEADER_LENGTH in headers
 
 
 def normalise_origin(origin: str) -> str | None:
@@ -143,7 +164,7 @@ class BrowserGuard:
         origin_port = origin_port if origin_port is not None else _DEFAULT_PORTS[origin_scheme]
         return origin_port == target_port
 
-    def check(self, request: Request, *, json_body: bool) -> None:
+    def check(self, request: Request, *, json_body: bool, tensor_body: bool = False) -> None:
         """Raise the ``ApiError`` of the first rule ``request`` breaks (421, 403, 415)."""
         host = request.headers.get("host")
         if not self.host_allowed(host):
@@ -165,7 +186,7 @@ class BrowserGuard:
                 "site cannot change Loom's state (server.cors_allow_origins lists the exceptions)",
                 code="origin_refused",
             )
-        if json_body and not is_json_content_type(request.headers.get("content-type")):
+        if json_body and not body_type_allowed(request.headers, tensor_body=tensor_body):
             raise ApiError(
                 415,
                 "Content-Type must be application/json, got "

@@ -94,8 +94,14 @@ class Endpoints:
     ) -> Callable[[Handler], Handler]:
         return self.add("GET", path, route, auth=auth, counted=counted)
 
-    def post(self, path: str, route: str, *, id_prefix: str = "") -> Callable[[Handler], Handler]:
-        return self.add("POST", path, route, id_prefix=id_prefix, json_body=True)
+    def post(
+        self, path: str, route: str, *, id_prefix: str = "", tensor_body: bool = False
+    ) -> Callable[[Handler], Handler]:
+        """A POST route reading a JSON body; ``tensor_body``: a v2 infer body, which may also
+        come as the binary tensor extension or with no Content-Type (``browser_guard``)."""
+        return self.add(
+            "POST", path, route, id_prefix=id_prefix, json_body=True, tensor_body=tensor_body
+        )
 
     def add(
         self,
@@ -107,6 +113,7 @@ class Endpoints:
         counted: bool = True,
         id_prefix: str = "",
         json_body: bool = False,
+        tensor_body: bool = False,
     ) -> Callable[[Handler], Handler]:
         """Register ``METHOD path`` (``route`` names it in metrics). Health and metrics routes
         take ``auth=False, counted=False`` (probes and scrapes are not traffic, and skip the
@@ -123,6 +130,7 @@ class Endpoints:
                     counted=counted,
                     id_prefix=id_prefix,
                     json_body=json_body,
+                    tensor_body=tensor_body,
                 )
 
             self._app.add_route(path, endpoint, methods=[method], name=route)
@@ -140,6 +148,7 @@ class Endpoints:
         counted: bool,
         id_prefix: str,
         json_body: bool,
+        tensor_body: bool,
     ) -> Response:
         started = time.perf_counter()
         # the body's deadline under any ingress (``body.read_body``)
@@ -150,7 +159,7 @@ class Endpoints:
         principal = ANONYMOUS if auth else scope.caller.principal  # until the key is known
         try:
             if auth:  # Host, Origin and Content-Type first: a web page gets no further
-                self._guard.check(request, json_body=json_body)
+                self._guard.check(request, json_body=json_body, tensor_body=tensor_body)
                 scope.caller = self._core.authenticate(request)
                 principal = scope.caller.principal
                 self._core.permit(scope.caller, route)

@@ -6,6 +6,10 @@ Embedding models take one input ``text`` (``BYTES``, shape ``[n]``) and give one
 ``input`` (``FP32``, ``[n, features]``: tensor classifiers such as ``digits``, 64 pixels a
 row); model metadata names each column's label.
 
+An infer request is JSON, or JSON followed by raw tensor bytes (the binary tensor data
+extension, ``v2_binary``: what ``tritonclient.http`` sends by default); ``read_infer`` reads
+either, and an answer carries its outputs in binary where the request asks.
+
 Answers are written with orjson from plain values; the models at the end (``InferResponse``,
 ``ModelMetadata``, ``V2Error``, ...) are their shapes for the OpenAPI document
 (``routes.openapi``), checked against real answers by the schema fuzz test.
@@ -13,16 +17,21 @@ Answers are written with orjson from plain values; the models at the end (``Infe
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import numpy as np
-import orjson
 from pydantic import BaseModel, ConfigDict, Field
 
+from serving.gateway.body import parse_json, validate
 from serving.gateway.errors import ApiError, bad_request
+from serving.gateway.protocols import v2_binary
 from serving.messages import ClassifyReply, EmbedReply
 
 SERVER_NAME = "loom"
+EXTENSIONS = ["binary_tensor_data"]
+"""The v2 extensions served, as server metadata names them (Triton's names)."""
 EMBED_INPUT = "text"
 EMBED_OUTPUT = "embedding"
 TEXT_INPUT = EMBED_INPUT
@@ -37,8 +46,21 @@ class TensorIn(BaseModel):
     name: str
     shape: list[int]
     datatype: str
-    data: list[Any]
-    parameters: dict[str, Any] | None = None
+    data: list[Any] | None = Field(
+        None, description="Row-major values; absent when the tensor's bytes follow the JSON."
+    )
+    parameters: dict[str, Any] | None = Field(
+        None, description="binary_data_size: the tensor's bytes after the JSON part."
+    )
+
+
+class RequestedOutput(BaseModel):
+    model_config = ConfigDict(extra="ignore", strict=True)
+
+    name: str
+    parameters: dict[str, Any] | None = Field(
+        None, description="binary_data: true for this output's values as bytes after the JSON."
+    )
 
 
 class InferRequest(BaseModel):
@@ -46,7 +68,34 @@ class InferRequest(BaseModel):
 
     id: str | None = None
     inputs: list[TensorIn] = Field(min_length=1)
-    parameters: dict[str, Any] | None = None
+    outputs: list[RequestedOutput] | None = None
+    parameters: dict[str, Any] | None = Field(
+        None, description="binary_data_output: true for every output as bytes after the JSON."
+    )
+
+
+@dataclass(frozen=True, kw_only=True)
+class V2Infer:
+    """One infer request as read: its JSON part, the inputs whose bytes followed it (by
+    name), and the outputs it asks for in binary."""
+
+    body: InferRequest
+    arrays: Mapping[str, np.ndarray] = field(default_factory=dict)
+    binary_outputs: frozenset[str] = frozenset()
+
+
+def read_infer(raw: bytes, length_header: str | None) -> V2Infer:
+    """The request from its body: all JSON, or (with ``Inference-Header-Content-Length``)
+    JSON then binary inputs, every size checked before an array is built."""
+    data: object
+    arrays: dict[str, np.ndarray] = {}
+    if length_header is None:
+        data = parse_json(raw)
+    else:
+        data, arrays = v2_binary.split_request(raw, length_header)
+    body = validate(InferRequest, data)
+    asked = v2_binary.binary_outputs(data, [EMBED_OUTPUT, CLASSIFY_OUTPUT])
+    return V2Infer(body=body, arrays=arrays, binary_outputs=frozenset(asked))
 
 
 def _flatten(data: list[Any]) -> list[Any]:
@@ -70,14 +119,33 @@ def _single_input(request: InferRequest, name: str) -> TensorIn:
     return request.inputs[0]
 
 
-def text_inputs(request: InferRequest) -> tuple[str, ...]:
+def _data(request: V2Infer, tensor: TensorIn) -> list[Any] | np.ndarray:
+    """The tensor's values: its bytes after the JSON (an array), or its JSON ``data``."""
+    if tensor.name in request.arrays:
+        return request.arrays[tensor.name]
+    if tensor.data is None:
+        raise bad_request(f"input '{tensor.name}' has no data (nor a binary_data_size)")
+    return _flatten(tensor.data)
+
+
+def _utf8(element: bytes) -> str:
+    try:
+        return element.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise bad_request(f"input '{EMBED_INPUT}' is not valid UTF-8 (byte {exc.start})") from None
+
+
+def text_inputs(request: V2Infer) -> tuple[str, ...]:
     """The texts of an embedding infer request; shape, datatype and data are checked."""
-    tensor = _single_input(request, EMBED_INPUT)
+    tensor = _single_input(request.body, EMBED_INPUT)
     if tensor.datatype != "BYTES":
         raise bad_request(f"input '{EMBED_INPUT}' must have datatype BYTES, got {tensor.datatype}")
     if len(tensor.shape) != 1 or tensor.shape[0] < 0:
         raise bad_request(f"input '{EMBED_INPUT}' must have shape [n], got {tensor.shape}")
-    data = _flatten(tensor.data)
+    values = _data(request, tensor)
+    if isinstance(values, np.ndarray):  # decoded to shape, elements bytes
+        return tuple(_utf8(element) for element in values.reshape(-1))
+    data = values
     if len(data) != tensor.shape[0]:
         raise bad_request(
             f"input '{EMBED_INPUT}' has shape {tensor.shape} but {len(data)} data elements"
@@ -87,14 +155,14 @@ def text_inputs(request: InferRequest) -> tuple[str, ...]:
     return tuple(data)
 
 
-def tensor_rows(request: InferRequest, *, features: int, max_rows: int) -> np.ndarray:
+def tensor_rows(request: V2Infer, *, features: int, max_rows: int) -> np.ndarray:
     """The FP32 rows of a tensor classifier's infer request, as an (n, features) array.
 
     Name, datatype, shape (rank 2, ``features`` wide, 1 to ``max_rows`` rows) and the data's
     length are checked before any array is built: shape [2, 64] needs 2 x 64 = 128 numbers,
     flat or nested. Too many rows is 413 (as too many texts is); anything else wrong is 400.
     """
-    tensor = _single_input(request, TENSOR_INPUT)
+    tensor = _single_input(request.body, TENSOR_INPUT)
     where = f"input '{TENSOR_INPUT}'"
     if tensor.datatype != "FP32":
         raise bad_request(f"{where} must have datatype FP32, got {tensor.datatype}")
@@ -111,8 +179,20 @@ def tensor_rows(request: InferRequest, *, features: int, max_rows: int) -> np.nd
             code="too_many_inputs",
             param="input",
         )
-    data = _flatten(tensor.data)
-    if len(data) != rows * features:
+    given = _data(request, tensor)
+    if isinstance(given, np.ndarray):  # FP32 bytes, already shaped as declared
+        values = given.astype(np.float64).reshape(-1)
+    else:
+        values = _numbers(given, where, rows * features, shape)
+    if not np.isfinite(values).all() or np.abs(values).max() > _FP32_MAX:
+        raise bad_request(f"{where} data must be finite FP32 numbers")
+    return values.astype(np.float32).reshape(rows, features)
+
+
+def _numbers(data: list[Any], where: str, count: int, shape: list[int]) -> np.ndarray:
+    """JSON data as float64, its length and element types checked."""
+    rows, features = shape
+    if len(data) != count:
         raise bad_request(
             f"{where} has shape {shape} ({rows} x {features} = {rows * features} elements) "
             f"but {len(data)} data elements"
@@ -121,40 +201,82 @@ def tensor_rows(request: InferRequest, *, features: int, max_rows: int) -> np.nd
     if not all(type(x) is float or type(x) is int for x in data):
         raise bad_request(f"{where} data must be numbers")
     try:
-        values = np.array(data, dtype=np.float64)
+        return np.array(data, dtype=np.float64)
     except OverflowError:  # an integer past float64's range
-        values = np.array([np.inf])
-    if not np.isfinite(values).all() or np.abs(values).max() > _FP32_MAX:
-        raise bad_request(f"{where} data must be finite FP32 numbers")
-    return values.astype(np.float32).reshape(rows, features)
+        return np.array([np.inf])
 
 
-def _infer_body(
-    *, model: str, version: str, request_id: str | None, outputs: list[dict[str, Any]]
-) -> bytes:
-    body: dict[str, Any] = {"model_name": model, "model_version": version, "outputs": outputs}
-    if request_id is not None:
-        body["id"] = request_id
-    return orjson.dumps(body, option=orjson.OPT_SERIALIZE_NUMPY)
+@dataclass(frozen=True, kw_only=True)
+class V2Answer:
+    """An infer answer's body; ``header_length`` is its JSON part's length when outputs
+    follow it in binary (sent as ``Inference-Header-Content-Length``), else None."""
+
+    content: bytes
+    header_length: int | None = None
+
+    @property
+    def headers(self) -> dict[str, str]:
+        if self.header_length is None:
+            return {}
+        return {v2_binary.HEADER_LENGTH: str(self.header_length)}
+
+    @property
+    def media_type(self) -> str:
+        return "application/json" if self.header_length is None else "application/octet-stream"
 
 
-def _fp32_output(name: str, matrix: np.ndarray) -> dict[str, Any]:
-    return {
-        "name": name,
-        "shape": list(matrix.shape),
-        "datatype": "FP32",
-        "data": matrix.reshape(-1),  # row-major, as v2 lays out tensors
+def fp32_answer(
+    output: str,
+    matrix: np.ndarray,
+    *,
+    model: str,
+    version: str,
+    request_id: str | None,
+    binary: frozenset[str] = frozenset(),
+    parameters: dict[str, Any] | None = None,
+) -> V2Answer:
+    """One FP32 output, row-major (as v2 lays out tensors), in JSON or in binary."""
+    answer: dict[str, Any] = {
+        "model_name": model,
+        "model_version": version,
+        "outputs": [{"name": output, "shape": list(matrix.shape), "datatype": "FP32"}],
     }
+    if parameters is not None:
+        answer["parameters"] = parameters
+    if request_id is not None:
+        answer["id"] = request_id
+    content, length = v2_binary.encode_response(answer, {output: matrix}, binary=set(binary))
+    return V2Answer(content=content, header_length=length)
 
 
-def infer_response(reply: EmbedReply, *, model: str, request_id: str | None) -> bytes:
-    output = _fp32_output(EMBED_OUTPUT, reply.vectors)
-    return _infer_body(model=model, version=reply.version, request_id=request_id, outputs=[output])
+def infer_response(
+    reply: EmbedReply, *, model: str, request_id: str | None, binary: frozenset[str] = frozenset()
+) -> V2Answer:
+    return fp32_answer(
+        EMBED_OUTPUT,
+        reply.vectors,
+        model=model,
+        version=reply.version,
+        request_id=request_id,
+        binary=binary,
+    )
 
 
-def classify_response(reply: ClassifyReply, *, model: str, request_id: str | None) -> bytes:
-    output = _fp32_output(CLASSIFY_OUTPUT, reply.probabilities)
-    return _infer_body(model=model, version=reply.version, request_id=request_id, outputs=[output])
+def classify_response(
+    reply: ClassifyReply,
+    *,
+    model: str,
+    request_id: str | None,
+    binary: frozenset[str] = frozenset(),
+) -> V2Answer:
+    return fp32_answer(
+        CLASSIFY_OUTPUT,
+        reply.probabilities,
+        model=model,
+        version=reply.version,
+        request_id=request_id,
+        binary=binary,
+    )
 
 
 def model_metadata(name: str, versions: list[str], dim: int | None, platform: str) -> dict:

@@ -18,45 +18,36 @@ from __future__ import annotations
 
 from typing import Any
 
-import orjson
 from starlette.responses import JSONResponse, Response
 
-from serving.gateway.body import parse_json, read_body, validate
+from serving.gateway.body import read_body
 from serving.gateway.core import GatewayCore
 from serving.gateway.endpoint import Endpoints, Scope
 from serving.gateway.errors import JSON
 from serving.gateway.limits import check_texts
 from serving.gateway.protocols import openai as oai
-from serving.gateway.protocols import v2
+from serving.gateway.protocols import v2, v2_binary
 from serving.messages import EmbedReply, Envelope, InferenceRequest, tensor_width
 from serving.routing.ensemble_router import EnsembleAnswer, EnsembleRouter
 
 
 def v2_ensemble_response(
-    answer: EnsembleAnswer, *, model: str, task: str, request_id: str | None
-) -> bytes:
+    answer: EnsembleAnswer, *, model: str, task: str, request: v2.V2Infer
+) -> v2.V2Answer:
     """The v2 infer response of a combined answer, with the gather in ``parameters``."""
-    output_name = v2.CLASSIFY_OUTPUT if task == "classify" else v2.EMBED_OUTPUT
-    body: dict[str, Any] = {
-        "model_name": model,
-        "model_version": answer.version,
-        "outputs": [
-            {
-                "name": output_name,
-                "shape": list(answer.output.shape),
-                "datatype": "FP32",
-                "data": answer.output.reshape(-1),
-            }
-        ],
-        "parameters": answer.parameters(),
-    }
-    if request_id is not None:
-        body["id"] = request_id
-    return orjson.dumps(body, option=orjson.OPT_SERIALIZE_NUMPY)
+    return v2.fp32_answer(
+        v2.CLASSIFY_OUTPUT if task == "classify" else v2.EMBED_OUTPUT,
+        answer.output,
+        model=model,
+        version=answer.version,
+        request_id=request.body.id,
+        binary=request.binary_outputs,
+        parameters=answer.parameters(),
+    )
 
 
 async def ensemble_inputs(
-    gw: GatewayCore, router: EnsembleRouter, body: v2.InferRequest
+    gw: GatewayCore, router: EnsembleRouter, body: v2.V2Infer
 ) -> tuple[Any, ...]:
     """The request's inputs, checked as the members take them: a classify ensemble asks its
     first member's info (tensor rows of its width, or texts); an embed ensemble takes texts.
@@ -110,18 +101,21 @@ def add_ensemble_routes(endpoints: Endpoints, gw: GatewayCore) -> None:
 
 
 def _add_routes(endpoints: Endpoints, gw: GatewayCore, name: str, router: EnsembleRouter) -> None:
-    @endpoints.post(f"/v2/models/{name}/infer", "v2_infer")
+    @endpoints.post(f"/v2/models/{name}/infer", "v2_infer", tensor_body=True)
     async def infer(scope: Scope) -> Response:
         scope.model = name
         request = scope.request
-        body = validate(v2.InferRequest, parse_json(await read_body(request, gw.max_body_bytes)))
+        raw = await read_body(request, gw.max_body_bytes)
+        body = v2.read_infer(raw, request.headers.get(v2_binary.HEADER_LENGTH))
         inputs = await ensemble_inputs(gw, router, body)
         envelope = gw.envelope(scope.request_id, request.headers, scope.arrived_s)
         answer = await router.infer(InferenceRequest(name, inputs, envelope))
-        content = v2_ensemble_response(
-            answer, model=name, task=router.model.task, request_id=body.id
+        content = v2_ensemble_response(answer, model=name, task=router.model.task, request=body)
+        return Response(
+            content.content,
+            media_type=content.media_type,
+            headers={**answer.headers(), **content.headers},
         )
-        return Response(content, media_type=JSON, headers=answer.headers())
 
     @endpoints.get(f"/v2/models/{name}", "v2_model")
     async def metadata(scope: Scope) -> Response:

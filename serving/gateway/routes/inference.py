@@ -20,16 +20,14 @@ from serving.gateway.endpoint import VERSION_HEADER, Endpoints, Scope
 from serving.gateway.errors import JSON, wrong_route
 from serving.gateway.limits import check_texts
 from serving.gateway.protocols import openai as oai
-from serving.gateway.protocols import v2
+from serving.gateway.protocols import v2, v2_binary
 from serving.gateway.routes.ensembles import ensemble_embeddings
 from serving.messages import ClassifyReply, EmbedReply, InferenceRequest, tensor_width
 
 SERVER_VERSION = "0.1.0"
 
 
-async def model_inputs(
-    gw: GatewayCore, model: ModelConfig, body: v2.InferRequest
-) -> tuple[Any, ...]:
+async def model_inputs(gw: GatewayCore, model: ModelConfig, body: v2.V2Infer) -> tuple[Any, ...]:
     """A v2 request's inputs, checked as ``model`` takes them: for a tensor classifier (its
     replica's info says so) FP32 rows of its width, else texts."""
     if model.task == "classify":
@@ -84,7 +82,9 @@ def add_inference_routes(endpoints: Endpoints, gw: GatewayCore) -> None:
 
     @endpoints.get("/v2", "v2_metadata")
     async def server_metadata(scope: Scope) -> Response:
-        return JSONResponse({"name": v2.SERVER_NAME, "version": SERVER_VERSION, "extensions": []})
+        return JSONResponse(
+            {"name": v2.SERVER_NAME, "version": SERVER_VERSION, "extensions": v2.EXTENSIONS}
+        )
 
     @endpoints.get("/v2/models/{name}", "v2_model")
     async def model_metadata(scope: Scope) -> Response:
@@ -112,7 +112,7 @@ def add_inference_routes(endpoints: Endpoints, gw: GatewayCore) -> None:
         code = 200 if is_ready else 503
         return JSONResponse({"name": name, "ready": is_ready}, status_code=code)
 
-    @endpoints.post("/v2/models/{name}/infer", "v2_infer")
+    @endpoints.post("/v2/models/{name}/infer", "v2_infer", tensor_body=True)
     async def infer(scope: Scope) -> Response:
         name = scope.path_param("name")
         model = gw.plain_model(name)
@@ -120,12 +120,18 @@ def add_inference_routes(endpoints: Endpoints, gw: GatewayCore) -> None:
         if model.task not in ("embed", "classify"):
             raise wrong_route(model.name, model.task, f"/v2/models/{name}/infer")
         request = scope.request
-        body = validate(v2.InferRequest, parse_json(await read_body(request, gw.max_body_bytes)))
+        raw = await read_body(request, gw.max_body_bytes)
+        body = v2.read_infer(raw, request.headers.get(v2_binary.HEADER_LENGTH))
         inputs = await model_inputs(gw, model, body)
         envelope = gw.envelope(scope.request_id, request.headers, scope.arrived_s)
         reply = await gw.infer(InferenceRequest(model.name, inputs, envelope))
+        request_id, binary = body.body.id, body.binary_outputs
         if isinstance(reply, ClassifyReply):
-            content = v2.classify_response(reply, model=model.name, request_id=body.id)
+            answer = v2.classify_response(
+                reply, model=model.name, request_id=request_id, binary=binary
+            )
         else:
-            content = v2.infer_response(reply, model=model.name, request_id=body.id)
-        return Response(content, media_type=JSON)
+            answer = v2.infer_response(
+                reply, model=model.name, request_id=request_id, binary=binary
+            )
+        return Response(answer.content, media_type=answer.media_type, headers=answer.headers)

@@ -45,6 +45,7 @@ OPENAPI_PATH = "/openapi.json"
 JSON = "application/json"
 SSE = "text/event-stream"
 PROMETHEUS = "text/plain"
+BINARY = "application/octet-stream"
 
 Auth = Literal["key", "admin", "none"]
 
@@ -75,6 +76,9 @@ class Operation:
     media: str = JSON
     streams: bool = False
     """It may answer an SSE stream (``text/event-stream``) instead."""
+    binary: bool = False
+    """It may answer the v2 binary tensor extension (``application/octet-stream``) instead,
+    when the request asks for an output in binary."""
     event: type[BaseModel] | None = None
     """The JSON each SSE event's ``data`` holds, when every event's is one shape."""
     errors: tuple[int, ...] = ()
@@ -242,6 +246,7 @@ OPERATIONS: dict[str, Operation] = {
         tag="v2",
         body=v2.InferRequest,
         answer=v2.InferResponse,
+        binary=True,
         errors=_INFERENCE_ERRORS,
         params=(_SHARD_KEY,),
     ),
@@ -463,6 +468,15 @@ def _success(op: Operation, status: int, names: Names) -> dict[str, Any]:
         content = {JSON: {"schema": {"type": "object"}}}
     if op.streams:
         content[SSE] = {"schema": _sse_event(op, names)}
+    if op.binary:
+        content[BINARY] = {
+            "schema": {
+                "type": "string",
+                "format": "binary",
+                "description": "The answer's JSON (Inference-Header-Content-Length bytes), "
+                "then the outputs asked for in binary, in order.",
+            }
+        }
     return {"description": op.summary if status == op.status else "also", "content": content}
 
 

@@ -71,7 +71,8 @@ def test_every_json_route_refuses_another_content_type_with_415_in_its_shape(
     routes = post_routes(http)
     assert {"/v1/jobs", "/v1/embeddings", "/v2/models/enc/infer"} <= set(routes)
     headers = {"Content-Type": content_type} if content_type else {}
-    for path in set(routes) - BODYLESS_POSTS:
+    untyped_ok = {p for p in routes if is_v2_infer(p)} if content_type is None else set()
+    for path in set(routes) - BODYLESS_POSTS - untyped_ok:
         answer = http.post(path, content=EMBED, headers=headers)
         assert answer.status_code == 415, (path, answer.text)
         message, code = error_of(answer, path)
@@ -79,6 +80,35 @@ def test_every_json_route_refuses_another_content_type_with_415_in_its_shape(
         assert code in (None, "unsupported_media_type")
     # nothing was submitted: a web page's text/plain job never reaches the store
     assert http.get("/v1/jobs").json()["data"] == []
+
+
+def is_v2_infer(path: str) -> bool:
+    return path.startswith("/v2/models/") and path.endswith("/infer")
+
+
+def test_v2_infer_takes_what_tritonclient_sends_and_no_other_route_does(tmp_path: Path) -> None:
+    """tritonclient.http sends no Content-Type, and octet-stream with the binary extension's
+    header; a browser cannot send that header without a preflight (refused)."""
+    http = client(tmp_path)
+    v2 = b'{"inputs": [{"name": "text", "shape": [1], "datatype": "BYTES", "data": ["hi"]}]}'
+    binary_head = (
+        b'{"inputs": [{"name": "text", "shape": [1], "datatype": "BYTES",'
+        b' "parameters": {"binary_data_size": 6}}]}'
+    )
+    binary = binary_head + (2).to_bytes(4, "little") + b"hi"
+    octet = {"Content-Type": "application/octet-stream"}
+
+    untyped = http.post("/v2/models/enc/infer", content=v2)
+    with_header = http.post(
+        "/v2/models/enc/infer",
+        content=binary,
+        headers={**octet, "Inference-Header-Content-Length": str(len(binary_head))},
+    )
+    without_header = http.post("/v2/models/enc/infer", content=v2, headers=octet)
+    untyped_elsewhere = http.post("/v1/embeddings", content=EMBED)
+
+    assert (untyped.status_code, with_header.status_code) == (200, 200)
+    assert (without_header.status_code, untyped_elsewhere.status_code) == (415, 415)
 
 
 @pytest.mark.parametrize(
