@@ -249,33 +249,21 @@ def fp32_answer(
     return V2Answer(content=content, header_length=length)
 
 
-def infer_response(
-    reply: EmbedReply, *, model: str, request_id: str | None, binary: frozenset[str] = frozenset()
-) -> V2Answer:
-    return fp32_answer(
-        EMBED_OUTPUT,
-        reply.vectors,
-        model=model,
-        version=reply.version,
-        request_id=request_id,
-        binary=binary,
-    )
-
-
-def classify_response(
-    reply: ClassifyReply,
+def reply_answer(
+    reply: EmbedReply | ClassifyReply,
     *,
     model: str,
     request_id: str | None,
     binary: frozenset[str] = frozenset(),
 ) -> V2Answer:
+    """A replica's reply as the v2 answer: ``embedding`` (n x dim) or ``probabilities``
+    (n x classes), one FP32 output."""
+    if isinstance(reply, ClassifyReply):
+        output, matrix = CLASSIFY_OUTPUT, reply.probabilities
+    else:
+        output, matrix = EMBED_OUTPUT, reply.vectors
     return fp32_answer(
-        CLASSIFY_OUTPUT,
-        reply.probabilities,
-        model=model,
-        version=reply.version,
-        request_id=request_id,
-        binary=binary,
+        output, matrix, model=model, version=reply.version, request_id=request_id, binary=binary
     )
 
 

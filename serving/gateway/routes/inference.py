@@ -22,7 +22,7 @@ from serving.gateway.limits import check_texts
 from serving.gateway.protocols import openai as oai
 from serving.gateway.protocols import v2, v2_binary
 from serving.gateway.routes.ensembles import ensemble_embeddings
-from serving.messages import ClassifyReply, EmbedReply, InferenceRequest, tensor_width
+from serving.messages import EmbedReply, InferenceRequest, tensor_width
 
 SERVER_VERSION = "0.1.0"
 
@@ -125,13 +125,7 @@ def add_inference_routes(endpoints: Endpoints, gw: GatewayCore) -> None:
         inputs = await model_inputs(gw, model, body)
         envelope = gw.envelope(scope.request_id, request.headers, scope.arrived_s)
         reply = await gw.infer(InferenceRequest(model.name, inputs, envelope))
-        request_id, binary = body.body.id, body.binary_outputs
-        if isinstance(reply, ClassifyReply):
-            answer = v2.classify_response(
-                reply, model=model.name, request_id=request_id, binary=binary
-            )
-        else:
-            answer = v2.infer_response(
-                reply, model=model.name, request_id=request_id, binary=binary
-            )
+        answer = v2.reply_answer(
+            reply, model=model.name, request_id=body.body.id, binary=body.binary_outputs
+        )
         return Response(answer.content, media_type=answer.media_type, headers=answer.headers)

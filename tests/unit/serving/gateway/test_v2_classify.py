@@ -116,7 +116,7 @@ def test_values_outside_finite_fp32_are_a_400(value):
 def test_classify_response_is_one_fp32_output_of_n_by_classes_in_row_major_order():
     probabilities = np.array([[0.25, 0.75], [0.5, 0.5], [1.0, 0.0]], dtype=np.float32)
     reply = ClassifyReply(probabilities=probabilities, version="3")
-    body = orjson.loads(v2.classify_response(reply, model="sentiment", request_id="r1").content)
+    body = orjson.loads(v2.reply_answer(reply, model="sentiment", request_id="r1").content)
     assert body == {
         "model_name": "sentiment",
         "model_version": "3",
