@@ -37,6 +37,12 @@ def wait_until(condition: Callable[[], bool], timeout_s: float = 20.0) -> None:
         time.sleep(0.01)
 
 
+def past_exec(pid: int) -> bool:
+    """Started, and its command line readable: read while the kernel is still in exec,
+    ``/proc/<pid>/cmdline`` can be empty, and an image of no argv cannot be started again."""
+    return process_start_ticks(pid) is not None and bool(ProcessImage.of(pid).argv)
+
+
 @pytest.fixture
 def sleeper() -> Iterator[Callable[..., subprocess.Popen[bytes]]]:
     started: list[subprocess.Popen[bytes]] = []
@@ -130,7 +136,7 @@ def test_a_dead_gcs_is_started_again_as_it_was_and_closed_with_the_watchdog(
 ) -> None:
     env = {**os.environ, "RAY_external_storage_namespace": "loom-test"}
     first = sleeper(sys.executable, "-c", SLEEPER, "--gcs_server_port=0", env=env)
-    wait_until(lambda: process_start_ticks(first.pid) is not None)
+    wait_until(lambda: past_exec(first.pid))
     watchdog = GcsWatchdog(ProcessImage.of(first.pid), port=40123, poll_interval_s=0.01)
     watchdog.start()
     try:
@@ -149,7 +155,7 @@ def test_a_stopped_watchdog_restarts_nothing(
     sleeper: Callable[..., subprocess.Popen[bytes]],
 ) -> None:
     first = sleeper(sys.executable, "-c", SLEEPER)
-    wait_until(lambda: process_start_ticks(first.pid) is not None)
+    wait_until(lambda: past_exec(first.pid))
     watchdog = GcsWatchdog(ProcessImage.of(first.pid), port=1, poll_interval_s=0.01)
     watchdog.start()
     watchdog.stop()  # as before ray.shutdown, which ends the GCS
