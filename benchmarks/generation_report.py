@@ -18,6 +18,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from benchmarks.report import Target, latency_ms
+from benchmarks.result import ratio
 
 NS_PER_S = 1_000_000_000
 
@@ -261,12 +262,6 @@ def highest_common_concurrency(
     return max(common, default=None)
 
 
-def _ratio(numerator: float | None, denominator: float | None) -> float | None:
-    if numerator is None or denominator is None or denominator <= 0:
-        return None
-    return numerator / denominator
-
-
 def evaluate_generation_targets(
     levels: Mapping[str, Sequence[GenerationLevel]], goals: GenerationGoals | None = None
 ) -> list[Target]:
@@ -286,7 +281,7 @@ def evaluate_generation_targets(
     return [
         Target(
             name="stack_over_sequential",
-            value=_ratio(
+            value=ratio(
                 stack_hi.tokens_per_s if stack_hi else None,
                 sequential_hi.tokens_per_s if sequential_hi else None,
             ),
@@ -296,7 +291,7 @@ def evaluate_generation_targets(
         ),
         Target(
             name="stack_ttft_growth",
-            value=_ratio(
+            value=ratio(
                 stack_busy.ttft_p50_ms if stack_busy else None,
                 stack_idle.ttft_p50_ms if stack_idle else None,
             ),
@@ -306,7 +301,7 @@ def evaluate_generation_targets(
         ),
         Target(
             name="stack_share_of_cb",
-            value=_ratio(
+            value=ratio(
                 stack_common.tokens_per_s if stack_common else None,
                 cb_common.tokens_per_s if cb_common else None,
             ),

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from benchmarks.result import Chart, Section, Table, ratio
+from benchmarks.result import Chart, Section, Table, ratio, rounded
 
 RAW_FILE = "gpu.json"
 RESULT_FILE = "result.json"
@@ -45,10 +45,6 @@ def _ok(entries: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
     return [e for e in entries if "error" not in e and "skipped" not in e]
 
 
-def _round(value: float | None, digits: int = 3) -> float | None:
-    return None if value is None else round(value, digits)
-
-
 def _device_table(raw: Mapping[str, Any]) -> Table:
     gpu = raw.get("machine", {}).get("gpu", {})
     names = ", ".join(d["name"] for d in gpu.get("devices", [])) or "none"
@@ -72,7 +68,7 @@ def _matmul(section: Section, part: Mapping[str, Any]) -> None:
     for r in _ok(part["results"]):
         section.figure(f"matmul_{r['dtype']}_tflops", r["tflops"], "TFLOP/s")
         table.rows.append(
-            (r["dtype"], r["size"], _round(r["tflops"], 1), _round(r["ms_per_matmul"]))
+            (r["dtype"], r["size"], rounded(r["tflops"], 1), rounded(r["ms_per_matmul"], 3))
         )
     section.tables.append(table)
 
@@ -114,12 +110,12 @@ def _embeddings(section: Section, part: Mapping[str, Any]) -> None:
             (
                 dtype,
                 r["batch_size"],
-                _round(r["texts_per_s"], 1),
-                _round(r["p50_ms"], 2),
-                _round(r["p95_ms"], 2),
-                _round(r["padded_tokens_per_batch"], 1),
-                _round(r["model_tflops"]),
-                _round(r["ceiling_share"]),
+                rounded(r["texts_per_s"], 1),
+                rounded(r["p50_ms"], 2),
+                rounded(r["p95_ms"], 2),
+                rounded(r["padded_tokens_per_batch"], 1),
+                rounded(r["model_tflops"], 3),
+                rounded(r["ceiling_share"], 3),
             )
             for r in rows
         ]
@@ -154,9 +150,9 @@ def _split(section: Section, part: Mapping[str, Any]) -> None:
                 f"{r['max_abs_diff']:.2e}",
                 r["tolerance"],
                 r["equal"],
-                _round(r["single_texts_per_s"], 1),
-                _round(r["split_texts_per_s"], 1),
-                _round(speed),
+                rounded(r["single_texts_per_s"], 1),
+                rounded(r["split_texts_per_s"], 1),
+                rounded(speed, 3),
             )
         )
     section.tables.append(table)
@@ -177,8 +173,8 @@ def _generation(section: Section, part: Mapping[str, Any]) -> None:
         (
             "sequential generate",
             1,
-            _round(sequential["tokens_per_s"], 1),
-            _round(sequential["ttft_p50_ms"], 1),
+            rounded(sequential["tokens_per_s"], 1),
+            rounded(sequential["ttft_p50_ms"], 1),
             sequential["requests"],
         )
     )
@@ -189,8 +185,8 @@ def _generation(section: Section, part: Mapping[str, Any]) -> None:
             (
                 "continuous batching",
                 c,
-                _round(level["tokens_per_s"], 1),
-                _round(level["ttft_p50_ms"], 1),
+                rounded(level["tokens_per_s"], 1),
+                rounded(level["ttft_p50_ms"], 1),
                 level["requests"],
             )
         )
@@ -242,12 +238,12 @@ def _training(section: Section, part: Mapping[str, Any]) -> None:
                 run["dtype"],
                 run["compiled"],
                 run["tokens_per_step"],
-                _round(run["tokens_per_s"], 0),
-                _round(run["model_tflops"]),
-                _round(run["mfu"]),
+                rounded(run["tokens_per_s"], 0),
+                rounded(run["model_tflops"], 3),
+                rounded(run["mfu"], 3),
                 run["peak_basis"],
-                _round(run["ceiling_share"]),
-                _round(run["final_loss"], 2),
+                rounded(run["ceiling_share"], 3),
+                rounded(run["final_loss"], 2),
             )
         )
     for key in dict.fromkeys((r["preset"], r["dtype"]) for r in runs):

@@ -20,6 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from benchmarks.result import ratio
+
 NS_PER_MS = 1_000_000
 
 
@@ -266,12 +268,6 @@ class Target:
         return {True: "PASS", False: "MISS", None: "N/A"}[self.passed]
 
 
-def _ratio(numerator: float | None, denominator: float | None) -> float | None:
-    if numerator is None or denominator is None or denominator <= 0:
-        return None
-    return numerator / denominator
-
-
 def _difference(minuend: float | None, subtrahend: float | None) -> float | None:
     if minuend is None or subtrahend is None:
         return None
@@ -303,7 +299,7 @@ def evaluate_targets(
         ),
         Target(
             name="stack_over_plain",
-            value=_ratio(
+            value=ratio(
                 stack_hi.texts_per_s if stack_hi else None,
                 plain_hi.texts_per_s if plain_hi else None,
             ),
@@ -347,7 +343,7 @@ def hop_cost(
     batch_of_one = next((s for s in engine if s.batch_size == 1), None)
     high, low = level_at(levels, high_concurrency), level_at(levels, low_concurrency)
     return HopCost(
-        share_of_engine=_ratio(
+        share_of_engine=ratio(
             high.texts_per_s if high else None, best.texts_per_s if best else None
         ),
         added_p50_ms=_difference(

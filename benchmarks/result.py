@@ -119,6 +119,11 @@ def better_of(comparison: object) -> Better:
     return "higher" if comparison == ">=" else "lower"
 
 
+def rounded(value: float | None, digits: int) -> float | None:
+    """``value`` to ``digits`` decimals for a table; None stays None."""
+    return None if value is None else round(value, digits)
+
+
 def ratio(numerator: float | None, divisor: float | None) -> float | None:
     """``numerator / divisor``, None where either is missing or the divisor is not positive."""
     if numerator is None or divisor is None or divisor <= 0:

@@ -15,16 +15,12 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from benchmarks.result import Chart, Section, Table
+from benchmarks.result import Chart, Section, Table, rounded
 
 SETUPS = ("loom-sidecars", "loom-prometheus", "serve-policy")
 """The module's set-ups, its default order."""
 LOAD_STEP = {"load step": 0.0}
 """Timelines are seconds from the load step."""
-
-
-def _round(value: float | None, digits: int = 2) -> float | None:
-    return None if value is None else round(value, digits)
 
 
 def _figure_key(setup: str) -> str:
@@ -72,14 +68,14 @@ def _setups_table(runs: Sequence[Mapping[str, Any]]) -> Table:
         rows=[
             (
                 run["setup"],
-                _round(run.get("reaction_s"), 1),
-                _round(run.get("running_replicas_after_s"), 1),
-                _round(run.get("step_p95_ms"), 0),
+                rounded(run.get("reaction_s"), 1),
+                rounded(run.get("running_replicas_after_s"), 1),
+                rounded(run.get("step_p95_ms"), 0),
                 run.get("slo_ms"),
                 run.get("answers"),
                 run.get("failed"),
-                _round(run.get("sidecar_cores"), 4),
-                _round(run.get("sidecar_cpu_share"), 4),
+                rounded(run.get("sidecar_cores"), 4),
+                rounded(run.get("sidecar_cpu_share"), 4),
             )
             for run in runs
         ],
@@ -129,8 +125,8 @@ def _without_ray(result: Section, raw: Mapping[str, Any]) -> None:
         )
         result.notes.append(
             f"sidecar CPU under load on {share.get('model')}: "
-            f"{_round(share.get('sidecar_cores'), 4)} cores against the replicas' "
-            f"{_round(share.get('replica_cores'), 2)}"
+            f"{rounded(share.get('sidecar_cores'), 4)} cores against the replicas' "
+            f"{rounded(share.get('replica_cores'), 2)}"
         )
 
 

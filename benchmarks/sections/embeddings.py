@@ -28,7 +28,7 @@ from benchmarks.report import (
     level_at,
     level_from_json,
 )
-from benchmarks.result import Chart, Section, Table, better_of, ratio
+from benchmarks.result import Chart, Section, Table, better_of, ratio, rounded
 
 NEAR_CEILING_SHARE = 0.8
 """A level at or above this share of the no-op server's req/s is refused (the issue's 20%)."""
@@ -287,10 +287,6 @@ def add_targets(
 # ---- tables -----------------------------------------------------------------------------------
 
 
-def rounded(value: float | None, digits: int = 1) -> float | None:
-    return None if value is None else round(value, digits)
-
-
 def engine_table(raw: Mapping[str, Any], sweep: Sequence[BatchSummary]) -> Table:
     engine = raw.get("engine") or {}
     return Table(
@@ -299,7 +295,7 @@ def engine_table(raw: Mapping[str, Any], sweep: Sequence[BatchSummary]) -> Table
         rows=[
             (
                 b.batch_size,
-                rounded(b.texts_per_s),
+                rounded(b.texts_per_s, 1),
                 rounded(b.p50_ms, 2),
                 rounded(b.p95_ms, 2),
                 b.batches,
@@ -343,7 +339,7 @@ def levels_table(
                 (
                     name,
                     level.concurrency,
-                    rounded(level.req_per_s),
+                    rounded(level.req_per_s, 1),
                     rounded(level.p50_ms, 2),
                     rounded(level.p95_ms, 2),
                     rounded(level.p99_ms, 2),
@@ -499,9 +495,9 @@ def add_open_loop(out: Section, raw: Mapping[str, Any]) -> None:
         (
             name,
             f"{level.get('share', 0):.0%}",
-            rounded(level.get("offered_rate_per_s")),
-            rounded(level.get("achieved_rate_per_s")),
-            *(rounded(level.get(f"{p}_ms")) for p in PERCENTILES),
+            rounded(level.get("offered_rate_per_s"), 1),
+            rounded(level.get("achieved_rate_per_s"), 1),
+            *(rounded(level.get(f"{p}_ms"), 1) for p in PERCENTILES),
             level.get("errors"),
         )
         for name, records in levels.items()

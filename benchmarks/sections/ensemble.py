@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from benchmarks.result import Chart, Section, Table, better_of
+from benchmarks.result import Chart, Section, Table, better_of, rounded
 
 RUNS = (
     ("ensemble", "ensemble"),
@@ -30,10 +30,6 @@ RATIOS = (
     ("hedged_fixed_over_unhedged_p99", "x"),
 )
 PERCENTILES = ("p50", "p95", "p99")
-
-
-def _round(value: float | None, digits: int = 2) -> float | None:
-    return None if value is None else round(value, digits)
 
 
 def _runs(level: Mapping[str, Any]) -> list[tuple[str, Mapping[str, Any]]]:
@@ -79,8 +75,8 @@ def _level_table(c: str, level: Mapping[str, Any]) -> Table:
             (
                 label,
                 run.get("model"),
-                _round(run.get("requests_per_s"), 1),
-                *(_round(run.get(f"{p}_ms")) for p in PERCENTILES),
+                rounded(run.get("requests_per_s"), 1),
+                *(rounded(run.get(f"{p}_ms"), 2) for p in PERCENTILES),
                 run.get("errors"),
             )
             for label, run in _runs(level)

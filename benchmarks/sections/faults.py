@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from benchmarks.result import Section, Table, ratio
+from benchmarks.result import Section, Table, ratio, rounded
 
 SCENARIOS = ("kill", "overload", "restart")
 ACCEPTED_P99_OVER_UNLOADED_GOAL = 2.0
@@ -22,10 +22,6 @@ RSS_AFTER_OVER_BEFORE_GOAL = 1.1
 """Resident memory after the overload within 10 % of before."""
 WINDOW_COLUMNS = ("window", "requests", "answered 200", "not answered 200", "p50 ms", "p99 ms")
 """A table row per load window: the module's ``summarise`` of it."""
-
-
-def _round(value: float | None, digits: int = 2) -> float | None:
-    return None if value is None else round(value, digits)
 
 
 def _text(value: float | None, digits: int = 0) -> str:
@@ -40,8 +36,8 @@ def _window_row(label: str, window: Mapping[str, Any]) -> tuple[Any, ...]:
         window.get("requests"),
         window.get("ok"),
         ", ".join(f"{kind}: {n}" for kind, n in (window.get("not_ok") or {}).items()) or "none",
-        _round(window.get("p50_ms")),
-        _round(window.get("p99_ms")),
+        rounded(window.get("p50_ms"), 2),
+        rounded(window.get("p99_ms"), 2),
     )
 
 

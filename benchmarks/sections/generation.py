@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from benchmarks.result import Chart, Section, Table, better_of, ratio
+from benchmarks.result import Chart, Section, Table, better_of, ratio, rounded
 
 VARIANT_LABELS = {
     "sequential": "sequential generate",
@@ -41,10 +41,6 @@ def _levels(raw: Mapping[str, Any]) -> dict[str, list[Level]]:
 
 def _at(levels: Sequence[Level], concurrency: int) -> Level | None:
     return next((level for level in levels if level["concurrency"] == concurrency), None)
-
-
-def _round(value: float | None, digits: int) -> float | None:
-    return None if value is None else round(value, digits)
 
 
 def _add_targets(section: Section, targets: Sequence[Mapping[str, Any]]) -> None:
@@ -104,13 +100,13 @@ def _table(raw: Mapping[str, Any], levels: Mapping[str, Sequence[Level]]) -> Tab
                 (
                     VARIANT_LABELS[name],
                     level["concurrency"],
-                    _round(level["tokens_per_s"], 1),
-                    _round(level["ttft_p50_ms"], 1),
-                    _round(level["ttft_p95_ms"], 1),
+                    rounded(level["tokens_per_s"], 1),
+                    rounded(level["ttft_p50_ms"], 1),
+                    rounded(level["ttft_p95_ms"], 1),
                     level["requests"],
                     level.get("errors", 0),
                     level.get("short", 0),
-                    _round(level["duration_s"], 1),
+                    rounded(level["duration_s"], 1),
                 )
             )
     return table

@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from benchmarks.result import Better, Chart, Section, Table, better_of
+from benchmarks.result import Better, Chart, Section, Table, better_of, rounded
 
 SETUPS = ("one-shard", "one-shard-4-replicas", "four-shards")
 """The module's set-ups, in its order."""
@@ -22,10 +22,6 @@ RATIOS: tuple[tuple[str, Better], ...] = (
     ("four_shards_over_four_replicas_requests_per_s", "higher"),
     ("four_shards_over_one_shard_loads", "lower"),
 )
-
-
-def _round(value: float | None, digits: int = 2) -> float | None:
-    return None if value is None else round(value, digits)
 
 
 def _figure_key(setup: str) -> str:
@@ -53,12 +49,12 @@ def _table(setups: Mapping[str, Mapping[str, Any]]) -> Table:
                 name,
                 (run.get("setup") or {}).get("replicas"),
                 (run.get("setup") or {}).get("shards"),
-                _round(run.get("requests_per_s"), 1),
-                _round(run.get("p50_ms")),
-                _round(run.get("p95_ms")),
-                _round(run.get("p99_ms")),
+                rounded(run.get("requests_per_s"), 1),
+                rounded(run.get("p50_ms"), 2),
+                rounded(run.get("p95_ms"), 2),
+                rounded(run.get("p99_ms"), 2),
                 run.get("model_loads_during_run"),
-                _round(run.get("loads_per_1000_requests")),
+                rounded(run.get("loads_per_1000_requests"), 2),
                 run.get("errors"),
             )
             for name, run in setups.items()

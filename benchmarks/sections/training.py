@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from benchmarks.result import Chart, Section, Table, better_of, ratio
+from benchmarks.result import Chart, Section, Table, better_of, ratio, rounded
 
 TARGET_FIGURES = {
     "1 - job loop samples/s / bare loop samples/s": "job_w1_loop_overhead",
@@ -25,10 +25,6 @@ TARGET_FIGURES = {
 
 RUN_LABELS = ("bare loop, before the jobs", "bare loop, after the jobs")
 """The bare loop's runs in the order the module makes them."""
-
-
-def _round(value: float | None, digits: int) -> float | None:
-    return None if value is None else round(value, digits)
 
 
 def _add_targets(section: Section, targets: Sequence[Mapping[str, Any]]) -> None:
@@ -69,29 +65,29 @@ def _samples_table(bare: Mapping[str, Any], jobs: Sequence[Mapping[str, Any]]) -
             (
                 label,
                 1,
-                _round(run["samples_per_s"], 1),
+                rounded(run["samples_per_s"], 1),
                 None,
                 None,
                 None,
-                _round(run["seconds"], 1),
+                rounded(run["seconds"], 1),
                 None,
             )
         )
     if baseline is not None:
         table.rows.append(
-            ("bare loop, mean (baseline)", 1, _round(baseline, 1), None, 1.0, None, None, None)
+            ("bare loop, mean (baseline)", 1, rounded(baseline, 1), None, 1.0, None, None, None)
         )
     for job in jobs:
         table.rows.append(
             (
                 f"job W={job['workers']}",
                 job["workers"],
-                _round(job["stage_samples_per_s"], 1),
-                _round(job["loop_samples_per_s"], 1),
-                _round(ratio(job["stage_samples_per_s"], baseline), 3),
-                _round(ratio(job["loop_samples_per_s"], baseline), 3),
-                _round(job["train_stage_s"], 1),
-                _round(job["perplexity"], 1),
+                rounded(job["stage_samples_per_s"], 1),
+                rounded(job["loop_samples_per_s"], 1),
+                rounded(ratio(job["stage_samples_per_s"], baseline), 3),
+                rounded(ratio(job["loop_samples_per_s"], baseline), 3),
+                rounded(job["train_stage_s"], 1),
+                rounded(job["perplexity"], 1),
             )
         )
     return table
@@ -105,7 +101,7 @@ def _stages_table(jobs: Sequence[Mapping[str, Any]]) -> Table:
     )
     for job in jobs:
         for stage, seconds in job.get("stages_s", {}).items():
-            table.rows.append((f"job W={job['workers']}", stage, _round(seconds, 1)))
+            table.rows.append((f"job W={job['workers']}", stage, rounded(seconds, 1)))
     return table
 
 
