@@ -275,17 +275,24 @@ class GenerateCall:
     """
 
     envelope: Envelope
-    prompts: tuple[str, ...] = ()
+    prompts: tuple[str | tuple[int, ...], ...] = ()
+    """Texts, or token ids (checked against the vocabulary by the replica)."""
     messages: tuple[ChatMessage, ...] = ()
     """Chat messages; when given, ``prompts`` is empty and the replica renders one prompt."""
     max_tokens: int | None = None
-    """None: as many as the context leaves room for (chat), capped by the server's limit."""
+    """None: as many as the context leaves room for (chat), capped by the server's limit.
+    0 (with ``echo``): score the prompt, generate nothing."""
     temperature: float = 1.0
     top_p: float = 1.0
     stop: tuple[str, ...] = ()
     seed: int | None = None
     n: int = 1
     ignore_eos: bool = False
+    logprobs: int | None = None
+    """Each generated token's logprob and this many alternatives (0 to 20); None: none."""
+    echo: bool = False
+    """Each choice starts with its prompt (``ChoiceDelta.prompt_text``), with the prompt's
+    logprobs too when ``logprobs`` is set."""
 
     @property
     def request_id(self) -> str:
@@ -303,12 +310,28 @@ class GenerateCall:
 
 
 @dataclass(frozen=True, slots=True)
+class TokenLogprob:
+    """One position of a logprobs answer: the token's text, its logprob (None for a prompt's
+    first token, which nothing predicts), and the most likely alternatives, best first."""
+
+    token: str
+    logprob: float | None
+    top: tuple[tuple[str, float], ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
 class ChoiceDelta:
     index: int
     text: str
     completion_tokens: int
     """Tokens generated so far for this choice."""
     finish_reason: str | None = None
+    logprobs: tuple[TokenLogprob, ...] = ()
+    """The logprobs of the tokens generated since the previous delta (``logprobs`` calls)."""
+    prompt_text: str | None = None
+    """``echo`` calls, on a choice's first delta: the prompt, to put before its text."""
+    prompt_logprobs: tuple[TokenLogprob, ...] | None = None
+    """``echo`` calls with ``logprobs``, on a choice's first delta: one per prompt token."""
 
 
 @dataclass(frozen=True, slots=True)

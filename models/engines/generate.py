@@ -7,6 +7,15 @@ and a finished or cancelled sequence frees its slot at once. Loom adds per-seque
 with its own seed (``SequenceSampler``), stop strings and incremental text (``TextStream``),
 and a callback per sequence that receives each step's new text.
 
+Logprobs, per sequence: ``SamplingParams.logprobs`` keeps each generated token's logprob and
+top alternatives (taken in ``SequenceSampler``, from the row it draws from), and
+``prompt_logprobs`` each prompt token's, computed in the prefill itself: as a batch is laid
+out (``_PlanningProcessors``) the engine notes where each scored prompt's chunk sits among
+the packed tokens, and a forward hook on the decoder applies the model's ``lm_head`` to those
+positions' hidden states (transformers' batch keeps only each sequence's last position for
+logits). ``max_tokens=0`` scores without generating: the prefill's one token is not shown.
+Batches with no such sequence skip all of it.
+
 Isolation: one sequence's fault (its sampling, its detokenising, its callback) ends that
 sequence with an error update and nothing else; the batch and the loop go on. Should
 transformers' loop die anyway, every sequence still held gets an error update at once, the
@@ -27,6 +36,7 @@ drain). Greedy output equals ``generate(do_sample=False)`` token for token (test
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import queue
@@ -35,6 +45,7 @@ import uuid
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import (
@@ -52,22 +63,28 @@ from transformers.generation.continuous_batching.continuous_api import (
     ContinuousBatchingManager,
     OutputRouter,
 )
-from transformers.generation.continuous_batching.requests import GenerationOutput
+from transformers.generation.continuous_batching.requests import (
+    FutureRequestState,
+    GenerationOutput,
+)
 
 from models.engines.base import PretrainedEngine
 from models.engines.detokenize import TextStream, cut_at_stop
 from models.engines.sampling import (
+    MAX_LOGPROBS,
     MIN_SAMPLING_TEMPERATURE,
     SEED_MAX,
     SEED_MIN,
     SamplingParams,
     SequenceSampler,
+    TokenLogprobs,
     pick_next_token,
     sample_seed,
 )
 from models.engines.varlen_attention import VARLEN_ATTENTION, register_varlen_attention
 
 __all__ = [
+    "MAX_LOGPROBS",
     "MIN_SAMPLING_TEMPERATURE",
     "SEED_MAX",
     "SEED_MIN",
@@ -78,6 +95,7 @@ __all__ = [
     "PromptError",
     "SamplingParams",
     "SequenceUpdate",
+    "TokenLogprobs",
     "cut_at_stop",
     "pick_next_token",
     "sample_seed",
@@ -109,6 +127,10 @@ class Generation:
     ``error`` (see ``error``)."""
     error: str | None = None
     """Why the sequence failed, when it did."""
+    logprobs: tuple[TokenLogprobs, ...] = ()
+    """One per generated token, when ``SamplingParams.logprobs`` asked for them."""
+    prompt_logprobs: tuple[TokenLogprobs | None, ...] | None = None
+    """One per prompt token (the first None), when ``SamplingParams.prompt_logprobs`` asked."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,6 +151,12 @@ class SequenceUpdate:
     (not this sequence's own fault); the engine takes no more."""
     token_ids: tuple[int, ...] = ()
     """On the last update: every generated token (the end-of-sequence token not counted)."""
+    logprobs: tuple[TokenLogprobs, ...] = ()
+    """With ``SamplingParams.logprobs``: the logprobs of the tokens generated since the
+    previous update (``completion_tokens`` of them in all, over the updates)."""
+    prompt_logprobs: tuple[TokenLogprobs | None, ...] | None = None
+    """With ``SamplingParams.prompt_logprobs``, on the sequence's first update: one per prompt
+    token, the first None (nothing comes before it)."""
 
     @property
     def finished(self) -> bool:
@@ -146,6 +174,39 @@ class EngineStats:
 
 
 @dataclass
+class _Scoring:
+    """A sequence's prompt logprobs, filled by the prefill steps that process its prompt."""
+
+    prompt: list[int]
+    top: int
+    """Alternatives per position."""
+    found: list[TokenLogprobs | None]
+    """Index p: prompt[p]'s logprob given prompt[:p]; [0] stays None."""
+    failure: str | None = None
+
+    def result(self) -> tuple[TokenLogprobs | None, ...]:
+        """Every position's logprobs; ``RuntimeError`` if a prefill step did not report some
+        (a forward the hook could not see, see ``GenerationEngine._score_prompts``)."""
+        if self.failure is not None:
+            raise RuntimeError(self.failure)
+        missing = sum(entry is None for entry in self.found[1:])
+        if missing:
+            raise RuntimeError(f"prompt logprobs: {missing} positions were not computed")
+        return tuple(self.found)
+
+
+@dataclass(frozen=True, slots=True)
+class _Span:
+    """Where one scored prompt's chunk sits in a batch: rows ``row`` on, positions
+    ``past`` to ``past + length``."""
+
+    scoring: _Scoring
+    row: int
+    past: int
+    length: int
+
+
+@dataclass
 class _Sequence:
     seq_id: str
     params: SamplingParams
@@ -153,6 +214,28 @@ class _Sequence:
     slot: int
     on_update: Callable[[SequenceUpdate], None]
     eos_ids: frozenset[int]
+    scoring: _Scoring | None = None
+    logprobs_sent: int = 0
+    """Generated tokens whose logprobs went out in an update."""
+
+
+class _PlanningProcessors(ContinuousBatchingLogitsProcessorList):
+    """The batch's logits processors, plus a look at each batch as it is laid out: the
+    engine learns there which rows of the coming forward hold the prompts it scores."""
+
+    def __init__(
+        self,
+        processors: LogitsProcessorList,
+        on_batch: Callable[[list[FutureRequestState]], None],
+    ) -> None:
+        super().__init__(processors, per_request_processors=True)
+        self._on_batch = on_batch
+
+    def prepare_tensor_args(
+        self, requests_in_batch: list[FutureRequestState], arg_storage: torch.Tensor
+    ) -> torch.Tensor:
+        self._on_batch(requests_in_batch)
+        return super().prepare_tensor_args(requests_in_batch, arg_storage)
 
 
 class _DirectRouter(OutputRouter):
@@ -231,6 +314,12 @@ class GenerationEngine(PretrainedEngine):
         self._manager: ContinuousBatchingManager | None = None
         self._sampler = SequenceSampler()
         self._sequences: dict[str, _Sequence] = {}
+        self._scoring: dict[str, _Scoring] = {}
+        """Sequences whose prompt logprobs are being computed (until their first token)."""
+        self._plan: list[_Span] | None = None
+        """The scored prompts in the batch laid out last, for the forward that follows."""
+        self._lm_head: torch.nn.Module | None = None
+        self._token_texts: dict[int, str] = {}
         self._lock = threading.Lock()
         self._vocab_size = 0  # set by load()
         self._stopped: str | None = None
@@ -273,11 +362,12 @@ class GenerationEngine(PretrainedEngine):
             register_varlen_attention()
             model.set_attn_implementation(VARLEN_ATTENTION)
         # our sampler takes the logits-processor slot; one int32 argument row (the slot)
-        processors = ContinuousBatchingLogitsProcessorList(
-            LogitsProcessorList([self._sampler]), per_request_processors=True
-        )
+        processors = _PlanningProcessors(LogitsProcessorList([self._sampler]), self._plan_batch)
         processors.tensors_required = 1
         manager.logit_processor = processors
+        # prompt logprobs: the decoder's hidden states for every position of a scored prompt
+        self._lm_head = model.get_output_embeddings()  # type: ignore[no-untyped-call]
+        model.base_model.register_forward_hook(self._score_prompts, with_kwargs=True)
         manager.output_router = _DirectRouter(self._on_outputs)
         self._manager = manager
         self._vocab_size = int(model.config.vocab_size)  # rows of the embedding table
@@ -353,7 +443,8 @@ class GenerationEngine(PretrainedEngine):
             raise PromptError(
                 f"the prompt holds token ids outside the vocabulary (0 to {vocab - 1})"
             )
-        if len(ids) + params.max_tokens > self.context_length:
+        # max_tokens 0 (prompt scoring) still runs the one step that ends the prefill
+        if len(ids) + max(1, params.max_tokens) > self.context_length:
             raise PromptError(
                 f"{len(ids)} prompt tokens + max_tokens {params.max_tokens} exceed "
                 f"the model's context of {self.context_length} tokens"
@@ -383,13 +474,24 @@ class GenerationEngine(PretrainedEngine):
         eos = self.tokenizer.eos_token_id
         eos_ids = frozenset() if params.ignore_eos or eos is None else frozenset({eos})
         slot = self._sampler.add(params, self.device)
+        scoring = None
+        if params.prompt_logprobs is not None:
+            scoring = _Scoring(ids, params.prompt_logprobs, [None] * len(ids))
         seq = _Sequence(
-            seq_id, params, TextStream(self.tokenizer, params.stop), slot, on_update, eos_ids
+            seq_id,
+            params,
+            TextStream(self.tokenizer, params.stop),
+            slot,
+            on_update,
+            eos_ids,
+            scoring,
         )
         with self._lock:  # the loop's end takes this lock too: a sequence is failed or refused
             stopped = self._stopped
             if stopped is None:
                 self._sequences[seq_id] = seq
+                if scoring is not None:
+                    self._scoring[seq_id] = scoring
         if stopped is not None:
             self._sampler.remove(slot)
             raise EngineStopped(f"the generation loop has stopped: {stopped}")
@@ -397,7 +499,7 @@ class GenerationEngine(PretrainedEngine):
             manager.add_request(
                 ids,
                 request_id=seq_id,
-                max_new_tokens=params.max_tokens,
+                max_new_tokens=max(1, params.max_tokens),  # 0: the prefill's token, unshown
                 streaming=True,
                 eos_token_id=-1 if not eos_ids else eos,
                 loom_slot=slot,
@@ -411,6 +513,7 @@ class GenerationEngine(PretrainedEngine):
         """Stop a sequence and free its slot; it gets no more updates."""
         with self._lock:
             seq = self._sequences.pop(seq_id, None)
+            self._scoring.pop(seq_id, None)
         if seq is None:
             return
         self._sampler.remove(seq.slot)
@@ -440,9 +543,14 @@ class GenerationEngine(PretrainedEngine):
 
         def collector(i: int, prompt_tokens: int) -> Callable[[SequenceUpdate], None]:
             parts: list[str] = []
+            logprobs: list[TokenLogprobs] = []
+            prompt_logprobs: list[tuple[TokenLogprobs | None, ...] | None] = [None]
 
             def collect(update: SequenceUpdate) -> None:
                 parts.append(update.delta)
+                logprobs.extend(update.logprobs)
+                if update.prompt_logprobs is not None:
+                    prompt_logprobs[0] = update.prompt_logprobs
                 if update.finished:
                     results[i] = Generation(
                         text="".join(parts),
@@ -450,6 +558,8 @@ class GenerationEngine(PretrainedEngine):
                         prompt_tokens=prompt_tokens,
                         finish_reason=update.finish_reason or "error",
                         error=update.error,
+                        logprobs=tuple(logprobs),
+                        prompt_logprobs=prompt_logprobs[0],
                     )
                     done.release()
 
@@ -488,13 +598,13 @@ class GenerationEngine(PretrainedEngine):
             if seq is None:
                 continue  # cancelled meanwhile
             try:
-                update = self._advance(seq, output)
+                update = self._with_logprobs(seq, self._advance(seq, output))
             except Exception as exc:
                 logger.warning("sequence %s failed: %r", seq.seq_id, exc, exc_info=True)
                 update = SequenceUpdate(seq.seq_id, "", 0, error=f"generation failed: {exc}")
             if update.finished:
                 self._end(seq, cancel=not output.is_finished())
-            if update.delta or update.finished:
+            if update.delta or update.finished or update.prompt_logprobs is not None:
                 self._notify(seq, update)
 
     def _notify(self, seq: _Sequence, update: SequenceUpdate) -> None:
@@ -524,11 +634,29 @@ class GenerationEngine(PretrainedEngine):
         failure = self._sampler.failure(seq.slot)
         if failure is not None:  # this sequence's own sampling failed; the batch went on
             return SequenceUpdate(seq.seq_id, "", len(output.generated_tokens), error=failure)
+        prompt_logprobs = None
+        if seq.scoring is not None and output.generated_tokens:  # the prefill has ended
+            with self._lock:
+                self._scoring.pop(seq.seq_id, None)
+            scoring, seq.scoring = seq.scoring, None
+            prompt_logprobs = scoring.result()  # or RuntimeError: this sequence fails
+        if seq.params.max_tokens == 0:  # prompt scoring only: the prefill's token is not shown
+            return SequenceUpdate(
+                seq.seq_id, "", 0, finish_reason="length", prompt_logprobs=prompt_logprobs
+            )
         tokens = output.generated_tokens
         ended_on_eos = bool(tokens) and tokens[-1] in seq.eos_ids and output.is_finished()
         if ended_on_eos:
             tokens = tokens[:-1]
         finished = output.is_finished()
+        if prompt_logprobs is not None:  # said on the first update, whatever it holds
+            update = self._advance_text(seq, tokens, finished, ended_on_eos)
+            return dataclasses.replace(update, prompt_logprobs=prompt_logprobs)
+        return self._advance_text(seq, tokens, finished, ended_on_eos)
+
+    def _advance_text(
+        self, seq: _Sequence, tokens: list[int], finished: bool, ended_on_eos: bool
+    ) -> SequenceUpdate:
         delta = seq.text.push(tokens, final=finished)
         if seq.text.stopped:  # a stop string: _on_outputs cancels the rest of it
             return SequenceUpdate(
@@ -540,6 +668,97 @@ class GenerationEngine(PretrainedEngine):
                 seq.seq_id, delta, len(tokens), finish_reason=reason, token_ids=tuple(tokens)
             )
         return SequenceUpdate(seq.seq_id, delta, len(tokens))
+
+    def _with_logprobs(self, seq: _Sequence, update: SequenceUpdate) -> SequenceUpdate:
+        """The update, holding the logprobs of the tokens generated since the last update
+        that went out (one that goes out: it has text, or it ends the sequence)."""
+        if seq.params.logprobs is None or update.error is not None:
+            return update
+        if not (update.delta or update.finished or update.prompt_logprobs is not None):
+            return update
+        count = update.completion_tokens
+        logprobs = self._sampler.logprobs(seq.slot, seq.logprobs_sent, count)
+        seq.logprobs_sent = count
+        return dataclasses.replace(update, logprobs=logprobs)
+
+    # ---- prompt logprobs (on the generation thread) ---------------------------------
+
+    def _plan_batch(self, requests_in_batch: list[FutureRequestState]) -> None:
+        """Called as each batch is laid out: note where the scored prompts' chunks sit (rows
+        are the batch's tokens, request after request) for the forward that follows."""
+        if not self._scoring:
+            self._plan = None
+            return
+        spans, row = [], 0
+        for future in requests_in_batch:
+            length = future.query_length
+            scoring = self._scoring.get(future.state.request_id)
+            # position_offset has already moved past this chunk
+            past = future.state.position_offset - length
+            if scoring is not None and past < len(scoring.prompt) - 1:
+                spans.append(_Span(scoring, row, past, length))
+            row += length
+        self._plan = spans or None
+
+    def _score_prompts(
+        self, module: torch.nn.Module, args: Any, kwargs: dict[str, Any], output: Any
+    ) -> None:
+        """A forward hook on the decoder: the logprob of each scored prompt token given the
+        ones before it, from the hidden states of the positions before it (the model's own
+        ``lm_head``, float32, log-softmax). Never raises: a failure fails the scored
+        sequences of this batch alone (``_Scoring.failure``)."""
+        plan, self._plan = self._plan, None
+        if plan is None:
+            return
+        try:
+            self._score(plan, output, kwargs.get("input_ids"))
+        except Exception as exc:
+            logger.warning("prompt logprobs failed for %d prompts: %r", len(plan), exc)
+            for span in plan:
+                span.scoring.failure = f"prompt logprobs failed: {exc}"
+
+    @torch.inference_mode()
+    def _score(self, plan: list[_Span], output: Any, input_ids: torch.Tensor | None) -> None:
+        hidden = output[0] if isinstance(output, tuple) else output.last_hidden_state
+        rows: list[int] = []
+        targets: list[int] = []
+        places: list[tuple[_Scoring, int]] = []
+        for span in plan:
+            prompt = span.scoring.prompt
+            end = min(span.past + span.length, len(prompt))
+            # the batch must be the one planned: its tokens are this prompt's chunk
+            if input_ids is not None:
+                seen = input_ids[0, span.row : span.row + end - span.past].tolist()
+                if seen != prompt[span.past : end]:
+                    raise RuntimeError("the batch's tokens are not the planned prompt chunk")
+            for position in range(span.past, min(end, len(prompt) - 1)):
+                rows.append(span.row + position - span.past)
+                targets.append(prompt[position + 1])
+                places.append((span.scoring, position + 1))
+        if not rows or self._lm_head is None:
+            return
+        logits = self._lm_head(hidden[0, rows]).float()
+        logps = torch.log_softmax(logits, dim=-1)
+        chosen = logps.gather(1, torch.tensor(targets, device=logps.device)[:, None])
+        k = max(span.scoring.top for span in plan)
+        values, ids = torch.topk(logps, k, dim=-1) if k else (logps[:, :0], logps[:, :0].long())
+        chosen_list, values_list, ids_list = chosen[:, 0].tolist(), values.tolist(), ids.tolist()
+        for i, (scoring, position) in enumerate(places):
+            n = scoring.top
+            scoring.found[position] = TokenLogprobs(
+                targets[i], chosen_list[i], tuple(ids_list[i][:n]), tuple(values_list[i][:n])
+            )
+
+    def token_texts(self, token_ids: Sequence[int]) -> list[str]:
+        """Each token's own text (``decode([id])``, remembered): what logprobs are shown
+        with. A token that is part of a multi-byte character shows as \ufffd."""
+        cache = self._token_texts
+        missing = [t for t in dict.fromkeys(token_ids) if t not in cache]
+        if missing:
+            decoded = self.tokenizer.batch_decode([[t] for t in missing])
+            for token, text in zip(missing, decoded, strict=True):
+                cache[token] = text
+        return [cache[t] for t in token_ids]
 
     def _loop_failing(self) -> bool:
         """transformers fails every sequence with the same error when its loop dies: it asks

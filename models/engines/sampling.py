@@ -24,7 +24,8 @@ from __future__ import annotations
 import logging
 import math
 import threading
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import torch
 from transformers.generation.continuous_batching.cb_logits_processors import (
@@ -46,6 +47,21 @@ SEED_MIN = -(2**63)
 SEED_MAX = 2**63 - 1
 """Seeds are int64, what ``torch.Generator.manual_seed`` takes (it refuses 2**64 and up)."""
 
+MAX_LOGPROBS = 20
+"""Most alternatives a sequence may ask for at each position (OpenAI's limit for
+``top_logprobs``; its legacy ``logprobs`` allowed 5, vLLM 20)."""
+
+
+@dataclass(frozen=True, slots=True)
+class TokenLogprobs:
+    """One position's log-probabilities, as token ids: the token there, its logprob, and the
+    ``top`` alternatives (most likely first; as many as the sequence asked for)."""
+
+    token_id: int
+    logprob: float
+    top_ids: tuple[int, ...] = ()
+    top_logprobs: tuple[float, ...] = ()
+
 
 class SamplingError(ValueError):
     """One sequence's next token could not be drawn (its logits hold no finite maximum)."""
@@ -66,10 +82,22 @@ class SamplingParams:
     """Makes sampling repeatable; int64 (``SEED_MIN`` to ``SEED_MAX``)."""
     ignore_eos: bool = False
     """Keep generating past the end-of-sequence token (benchmarks want exact lengths)."""
+    logprobs: int | None = None
+    """Report each generated token's logprob and this many alternatives (0 to
+    ``MAX_LOGPROBS``); None: none. Of the distribution the token was drawn from: the logits
+    divided by the temperature (greedy: as they are), before top-p."""
+    prompt_logprobs: int | None = None
+    """Report each prompt token's logprob given the tokens before it (the first has none),
+    with this many alternatives; None: none. Computed in the prefill, from the model's logits
+    as they are."""
 
     def __post_init__(self) -> None:
-        if self.max_tokens < 1:
-            raise ValueError(f"max_tokens must be at least 1, not {self.max_tokens}")
+        if self.max_tokens < 0:
+            raise ValueError(f"max_tokens must be at least 0, not {self.max_tokens}")
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            if value is not None and not 0 <= value <= MAX_LOGPROBS:
+                raise ValueError(f"{name} must be 0 to {MAX_LOGPROBS}, not {value}")
         if not (math.isfinite(self.temperature) and self.temperature >= 0):
             raise ValueError(f"temperature must be a finite number >= 0, not {self.temperature}")
         if not (math.isfinite(self.top_p) and 0 < self.top_p <= 1):
@@ -82,6 +110,11 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature < MIN_SAMPLING_TEMPERATURE
+
+    @property
+    def scale(self) -> float:
+        """What the logits are divided by before the draw (1 when greedy)."""
+        return 1.0 if self.greedy else self.temperature
 
 
 def sample_seed(seed: int, sample: int) -> int:
@@ -121,9 +154,39 @@ def pick_next_token(
 @dataclass
 class _Sampled:
     params: SamplingParams
-    generator: torch.Generator
+    generator: torch.Generator | None
+    """None for a greedy sequence (it has a slot only for its logprobs)."""
     failure: str | None = None
     """Why this sequence's sampling failed; it is sampled no more (the engine ends it)."""
+    logprobs: list[TokenLogprobs] = field(default_factory=list)
+    """One per generated token, in order, when the sequence asked for logprobs."""
+
+
+def record_logprobs(
+    scores: torch.Tensor, rows: list[tuple[int, _Sampled]]
+) -> Callable[[int, _Sampled, int], None]:
+    """Log-softmax the rows that asked for logprobs, in one call, before anything changes
+    their scores; returns ``record(row, entry, token)``, which keeps the token's logprob and
+    the entry's top alternatives once the token is known."""
+    index = {row: i for i, (row, _) in enumerate(rows)}
+    scale = torch.tensor([entry.params.scale for _, entry in rows], dtype=scores.dtype)
+    logps = torch.log_softmax(scores[[row for row, _ in rows]] / scale[:, None], dim=-1)
+    k = max(entry.params.logprobs or 0 for _, entry in rows)
+    top_values, top_ids = torch.topk(logps, k, dim=-1) if k else (None, None)
+
+    def record(row: int, entry: _Sampled, token: int) -> None:
+        i = index[row]
+        n = entry.params.logprobs or 0
+        entry.logprobs.append(
+            TokenLogprobs(
+                token,
+                float(logps[i, token]),
+                tuple(top_ids[i, :n].tolist()) if top_ids is not None and n else (),
+                tuple(top_values[i, :n].tolist()) if top_values is not None and n else (),
+            )
+        )
+
+    return record
 
 
 class SequenceSampler(ContinuousBatchingLogitsProcessor):
@@ -132,6 +195,12 @@ class SequenceSampler(ContinuousBatchingLogitsProcessor):
     Rows find their sequence through a small integer slot that ``prepare_tensor_args`` writes
     into the batch's argument tensor, so the mapping travels with the batch (it stays right
     when transformers prepares the next batch before this one's logits are processed).
+
+    A sequence that asks for logprobs gets a slot even when greedy: its row is log-softmaxed
+    (divided by its temperature first) and its token's logprob and top alternatives kept
+    (``logprobs``); a greedy row's token is the argmax the batch will pick. Batches of
+    sequences that asked for neither sampling nor logprobs take the first return below, as
+    before: they pay nothing for the feature.
     """
 
     supported_kwargs: dict[str, type] = {"loom_slot": int}
@@ -143,14 +212,16 @@ class SequenceSampler(ContinuousBatchingLogitsProcessor):
         self._next_slot = 0
 
     def add(self, params: SamplingParams, device: torch.device | str = "cpu") -> int:
-        """The slot for a new sequence; greedy ones need none."""
-        if params.greedy:
+        """The slot for a new sequence; greedy ones that want no logprobs need none."""
+        if params.greedy and params.logprobs is None:
             return GREEDY_SLOT
-        generator = torch.Generator(device=device)
-        if params.seed is not None:
-            generator.manual_seed(params.seed)
-        else:
-            generator.seed()
+        generator = None
+        if not params.greedy:
+            generator = torch.Generator(device=device)
+            if params.seed is not None:
+                generator.manual_seed(params.seed)
+            else:
+                generator.seed()
         with self._lock:
             slot = self._next_slot
             self._next_slot = (self._next_slot + 1) % (1 << 30)
@@ -168,6 +239,15 @@ class SequenceSampler(ContinuousBatchingLogitsProcessor):
         with self._lock:
             entry = self._sampled.get(slot)
         return None if entry is None else entry.failure
+
+    def logprobs(self, slot: int, start: int, end: int) -> tuple[TokenLogprobs, ...]:
+        """The logprobs of generated tokens ``start`` to ``end`` of the sequence in ``slot``
+        (empty when it asked for none)."""
+        if slot == GREEDY_SLOT:
+            return ()
+        with self._lock:
+            entry = self._sampled.get(slot)
+        return () if entry is None else tuple(entry.logprobs[start:end])
 
     # ---- the continuous-batching processor interface (called on the engine's thread) ----
 
@@ -190,16 +270,35 @@ class SequenceSampler(ContinuousBatchingLogitsProcessor):
             return scores
         with self._lock:
             sampled = {s: self._sampled.get(s) for s in slots if s != GREEDY_SLOT}
-        for row, slot in enumerate(slots):
-            entry = sampled.get(slot)
-            if entry is None or entry.failure is not None:
+        rows = [
+            (row, entry)
+            for row, slot in enumerate(slots)
+            if (entry := sampled.get(slot)) is not None and entry.failure is None
+        ]
+        wanting = [(row, entry) for row, entry in rows if entry.params.logprobs is not None]
+        record = None
+        if wanting:
+            try:
+                record = record_logprobs(scores, wanting)
+            except Exception as exc:  # their fault alone (non-finite logits, say)
+                logger.warning("logprobs failed for %d sequences: %r", len(wanting), exc)
+                for _, entry in wanting:
+                    entry.failure = f"logprobs failed: {exc}"
+        for row, entry in rows:
+            if entry.failure is not None:
                 continue
             try:
-                token = pick_next_token(scores[row], entry.params, entry.generator)
+                if entry.generator is None:  # greedy, here for its logprobs
+                    token = int(torch.argmax(scores[row]))
+                else:
+                    token = pick_next_token(scores[row], entry.params, entry.generator)
+                if record is not None and entry.params.logprobs is not None:
+                    record(row, entry, token)
             except Exception as exc:  # this sequence's fault: the batch and the loop go on
-                logger.warning("sampling failed for slot %d: %r", slot, exc)
+                logger.warning("sampling failed for slot %d: %r", slots[row], exc)
                 entry.failure = f"sampling failed: {exc}"
                 continue  # the argmax picks its token; the engine ends the sequence
-            scores[row].fill_(float("-inf"))
-            scores[row, token] = 0.0  # the batch's argmax now picks exactly this token
+            if entry.generator is not None:
+                scores[row].fill_(float("-inf"))
+                scores[row, token] = 0.0  # the batch's argmax now picks exactly this token
         return scores

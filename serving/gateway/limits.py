@@ -17,7 +17,7 @@ from serving.gateway.errors import ApiError, bad_request
 
 
 def check_texts(
-    texts: Sequence[str],
+    texts: Sequence[str | Sequence[int]],
     limits: LimitsConfig,
     *,
     field: str = "input",
@@ -39,10 +39,12 @@ def check_texts(
         where = field if name_one and len(texts) == 1 else f"{field}[{i}]"
         if not text:
             raise bad_request(f"{where} is an empty string", param=field)
+        # token ids count as characters: each token is at least one
+        unit = "characters" if isinstance(text, str) else "token ids"
         if len(text) > limits.max_input_chars:
             raise ApiError(
                 413,
-                f"{where} has {len(text)} characters; the limit is {limits.max_input_chars}",
+                f"{where} has {len(text)} {unit}; the limit is {limits.max_input_chars}",
                 code="input_too_long",
                 param=field,
             )

@@ -38,6 +38,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import dataclasses
 import functools
 import logging
 import math
@@ -52,6 +53,7 @@ from models.engines.generate import (
     PromptError,
     SamplingParams,
     SequenceUpdate,
+    TokenLogprobs,
     sample_seed,
 )
 from models.store import ModelStore
@@ -66,6 +68,7 @@ from serving.messages import (
     ModelInfo,
     ReplicaUnavailable,
     RequestTooLarge,
+    TokenLogprob,
     render_plain_chat,
 )
 from serving.monitoring.sidecar_actor import ReplicaMonitoring, report_to_sidecar
@@ -85,7 +88,7 @@ LEAVE_POLL_S = 0.05
 REPLY_GRACE_S = 1.0
 """After its last call ended, how long a leaving replica lets the replies reach their callers."""
 
-SAMPLING_FIELDS = ("max_tokens", "temperature", "top_p", "seed", "stop")
+SAMPLING_FIELDS = ("max_tokens", "temperature", "top_p", "seed", "stop", "logprobs")
 """The call fields a ``SamplingParams`` error may name (its message starts with the name)."""
 
 
@@ -149,13 +152,15 @@ class _Inbox:
 
 
 class _Choice:
-    """Latency bookkeeping of one sequence (for the TTFT and inter-token histograms)."""
+    """Latency bookkeeping of one sequence (for the TTFT and inter-token histograms), and
+    whether its first delta (which carries an echoed prompt) went out."""
 
-    __slots__ = ("last_s", "tokens")
+    __slots__ = ("last_s", "started", "tokens")
 
     def __init__(self) -> None:
         self.last_s = 0.0
         self.tokens = 0
+        self.started = False
 
 
 class GenerationReplica:
@@ -249,7 +254,7 @@ class GenerationReplica:
                 if not items:
                     continue
                 started = True
-                deltas = self._merge(call, items, choices, arrived_s)
+                deltas = self._merge(call, prompts, items, choices, arrived_s)
                 unfinished -= sum(d.finish_reason is not None for d in deltas)
                 inbox.last_chunk_s = time.perf_counter()
                 yield GenerateChunk(self._version, deltas=deltas)
@@ -268,7 +273,8 @@ class GenerationReplica:
         settings = self._config.generation
         context = self.context_length
         # a sequence holds at most the context: prompt + max_tokens (checked <= context)
-        per_prompt = [min(context, len(ids) + (call.max_tokens or context)) for ids in prompts]
+        most = context if call.max_tokens is None else max(1, call.max_tokens)
+        per_prompt = [min(context, len(ids) + most) for ids in prompts]
         tokens = call.n * sum(per_prompt)
         refusal = share_refusal(
             prompts=len(prompts),
@@ -295,17 +301,12 @@ class GenerationReplica:
     async def complete(self, call: GenerateCall) -> GenerateChunk:
         """The whole answer in one reply: ``prompt_tokens`` and one delta per choice."""
         prompt_tokens: tuple[int, ...] = ()
-        texts: dict[int, list[str]] = {}
-        last: dict[int, ChoiceDelta] = {}
+        parts: dict[int, list[ChoiceDelta]] = {}
         async for chunk in self._stream(call, math.inf):  # no partial chunks: nobody reads them
             prompt_tokens = prompt_tokens or chunk.prompt_tokens
             for delta in chunk.deltas:
-                texts.setdefault(delta.index, []).append(delta.text)
-                last[delta.index] = delta
-        deltas = tuple(
-            ChoiceDelta(i, "".join(texts[i]), last[i].completion_tokens, last[i].finish_reason)
-            for i in sorted(last)
-        )
+                parts.setdefault(delta.index, []).append(delta)
+        deltas = tuple(join_deltas(parts[i]) for i in sorted(parts))
         return GenerateChunk(self._version, deltas=deltas, prompt_tokens=prompt_tokens)
 
     def info(self) -> ModelInfo:
@@ -336,6 +337,7 @@ class GenerationReplica:
 
     def _prompt_ids(self, call: GenerateCall) -> list[list[int]]:
         """Each prompt's token ids, checked against the context (``GenerationRefused``)."""
+        texts: list[str | tuple[int, ...]]
         if call.messages:
             texts = [self._render_chat(call)]
             param = "messages"
@@ -344,10 +346,17 @@ class GenerationReplica:
             param = "prompt"
         ids = []
         for text in texts:
-            tokens = self._engine.tokenizer(text)["input_ids"] if text else []
+            if isinstance(text, tuple):  # token ids: the engine checks them against the vocabulary
+                tokens = list(text)
+            else:
+                tokens = self._engine.tokenizer(text)["input_ids"] if text else []
             if not tokens:
                 raise GenerationRefused("the prompt is empty", param=param)
-            if call.max_tokens is not None and len(tokens) + call.max_tokens > self.context_length:
+            # max_tokens 0 (prompt scoring) still takes the step that ends the prefill
+            if (
+                call.max_tokens is not None
+                and len(tokens) + max(1, call.max_tokens) > self.context_length
+            ):
                 raise GenerationRefused(
                     f"{len(tokens)} prompt tokens + max_tokens {call.max_tokens} exceed the "
                     f"model's context of {self.context_length} tokens",
@@ -379,7 +388,10 @@ class GenerationReplica:
         return render_plain_chat(call.messages)
 
     def _params(self, call: GenerateCall, prompt_tokens: int, *, sample: int) -> SamplingParams:
-        max_tokens = call.max_tokens or self.context_length - prompt_tokens
+        if call.max_tokens is None:
+            max_tokens = self.context_length - prompt_tokens
+        else:
+            max_tokens = call.max_tokens
         # n samples differ, repeatably; wrapped to stay an int64
         seed = None if call.seed is None else sample_seed(call.seed, sample)
         try:
@@ -390,6 +402,8 @@ class GenerationReplica:
                 stop=call.stop,
                 seed=seed,
                 ignore_eos=call.ignore_eos,
+                logprobs=call.logprobs,
+                prompt_logprobs=call.logprobs if call.echo else None,
             )
         except ValueError as exc:  # "temperature must be ..." names its field
             message = str(exc)
@@ -441,13 +455,21 @@ class GenerationReplica:
         self._leave()
 
     def _merge(
-        self, call: GenerateCall, items: list[_Item], choices: list[_Choice], arrived_s: float
+        self,
+        call: GenerateCall,
+        prompts: list[list[int]],
+        items: list[_Item],
+        choices: list[_Choice],
+        arrived_s: float,
     ) -> tuple[ChoiceDelta, ...]:
-        """One delta per choice from its updates in arrival order: texts joined, the latest
-        count and finish reason. A failed sequence fails its call: ``ReplicaUnavailable`` when
-        the engine's loop died under it, else ``GenerationFailed`` (its own fault)."""
+        """One delta per choice from its updates in arrival order: texts and logprobs
+        joined, the latest count and finish reason; a choice's first delta carries its echoed
+        prompt. A failed sequence fails its call: ``ReplicaUnavailable`` when the engine's
+        loop died under it, else ``GenerationFailed`` (its own fault)."""
         texts: dict[int, list[str]] = {}
         last: dict[int, SequenceUpdate] = {}
+        logprobs: dict[int, list[TokenLogprobs]] = {}
+        prompt_logprobs: dict[int, tuple[TokenLogprobs | None, ...]] = {}
         for index, update, at_s in items:
             if update.error is not None:
                 name = self._config.name
@@ -459,11 +481,68 @@ class GenerationReplica:
                 raise GenerationFailed(name, update.error)
             self._observe(choices[index], update, arrived_s, at_s)
             texts.setdefault(index, []).append(update.delta)
+            logprobs.setdefault(index, []).extend(update.logprobs)
+            if update.prompt_logprobs is not None:
+                prompt_logprobs[index] = update.prompt_logprobs
             last[index] = update
-        return tuple(
-            ChoiceDelta(i, "".join(texts[i]), u.completion_tokens, u.finish_reason)
-            for i, u in last.items()
+        deltas = []
+        for i, u in last.items():
+            delta = ChoiceDelta(
+                i,
+                "".join(texts[i]),
+                u.completion_tokens,
+                u.finish_reason,
+                logprobs=self._shown(logprobs[i]),
+            )
+            if call.echo and not choices[i].started:
+                delta = self._echoed(call, prompts[i // call.n], delta, prompt_logprobs.get(i))
+            choices[i].started = True
+            deltas.append(delta)
+        return tuple(deltas)
+
+    def _echoed(
+        self,
+        call: GenerateCall,
+        ids: list[int],
+        delta: ChoiceDelta,
+        logprobs: tuple[TokenLogprobs | None, ...] | None,
+    ) -> ChoiceDelta:
+        """A choice's first delta with its prompt: the text as sent (token ids decoded), and
+        the prompt's logprobs when the call asked for logprobs."""
+        prompt = call.prompts[delta.index // call.n]
+        return dataclasses.replace(
+            delta,
+            prompt_text=prompt if isinstance(prompt, str) else self._decode(ids),
+            prompt_logprobs=None if logprobs is None else self._shown_prompt(ids, logprobs),
         )
+
+    def _decode(self, ids: list[int]) -> str:
+        text = self._engine.tokenizer.decode(ids)
+        if not isinstance(text, str):  # a list comes back only for a batch of sequences
+            raise TypeError(f"decode of one sequence gave {type(text).__name__}, not str")
+        return text
+
+    def _shown(self, entries: list[TokenLogprobs]) -> tuple[TokenLogprob, ...]:
+        """Token ids as the texts a client reads (``GenerationEngine.token_texts``)."""
+        if not entries:
+            return ()
+        ids = [e.token_id for e in entries] + [t for e in entries for t in e.top_ids]
+        names = dict(zip(ids, self._engine.token_texts(ids), strict=True))
+        return tuple(
+            TokenLogprob(
+                names[e.token_id],
+                e.logprob,
+                tuple((names[t], v) for t, v in zip(e.top_ids, e.top_logprobs, strict=True)),
+            )
+            for e in entries
+        )
+
+    def _shown_prompt(
+        self, ids: list[int], entries: tuple[TokenLogprobs | None, ...]
+    ) -> tuple[TokenLogprob, ...]:
+        """A prompt's logprobs: its first token has none (nothing comes before it)."""
+        head = TokenLogprob(self._engine.token_texts(ids[:1])[0], None)
+        return (head, *self._shown([e for e in entries[1:] if e is not None]))
 
     def _observe(
         self, choice: _Choice, update: SequenceUpdate, arrived_s: float, now: float
@@ -488,3 +567,18 @@ class GenerationReplica:
             if stats.kv_cache_use is not None:
                 self._stats.set("kv_cache_use", stats.kv_cache_use)
             await asyncio.sleep(period_s)
+
+
+def join_deltas(parts: list[ChoiceDelta]) -> ChoiceDelta:
+    """One choice's deltas, in order, as one: texts and logprobs joined, the last count and
+    finish reason, the first delta's echoed prompt."""
+    first, last = parts[0], parts[-1]
+    return ChoiceDelta(
+        last.index,
+        "".join(p.text for p in parts),
+        last.completion_tokens,
+        last.finish_reason,
+        logprobs=tuple(lp for p in parts for lp in p.logprobs),
+        prompt_text=first.prompt_text,
+        prompt_logprobs=first.prompt_logprobs,
+    )

@@ -88,3 +88,34 @@ def test_hanging_up_mid_stream_frees_both_slots(gen_server) -> None:
         time.sleep(0.25)
     generated = metric(gen_server.url, "loom_generated_tokens_total") - tokens_before
     assert generated < 1000, f"{generated} tokens: the abandoned streams ran on"
+
+
+def test_the_sdk_scores_an_echoed_prompt_as_transformers_log_softmax(gen_server, tmp_path) -> None:
+    """lm-evaluation-harness's request: token ids, ``echo``, ``logprobs``, ``max_tokens: 0``;
+    the served prompt logprobs equal the reference forward's log-softmax within 1e-4. The
+    reference is the same seeded tiny GPT-2 the session server registered (conftest)."""
+    import torch
+    from model_folders import make_tiny_gpt2_folder
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = make_tiny_gpt2_folder(tmp_path / "tinygpt", n_positions=1024)
+    ids = AutoTokenizer.from_pretrained(folder)("the quick brown fox jumps")["input_ids"]
+    model = AutoModelForCausalLM.from_pretrained(folder, use_safetensors=True).eval()
+    with torch.no_grad():
+        want = torch.log_softmax(model(torch.tensor([ids])).logits[0].float(), dim=-1)
+    client = OpenAI(base_url=f"{gen_server.url}/v1", api_key=API_KEY, max_retries=0)
+    scored = client.completions.create(
+        model="tinygpt", prompt=[ids], echo=True, logprobs=1, max_tokens=0, temperature=0
+    )
+    logprobs = scored.choices[0].logprobs
+    assert logprobs.token_logprobs[0] is None
+    for position in range(1, len(ids)):
+        served = logprobs.token_logprobs[position]
+        assert served == pytest.approx(want[position - 1, ids[position]].item(), abs=1e-4)
+    greedy = client.completions.create(
+        model="tinygpt", prompt=ids, max_tokens=4, temperature=0, logprobs=2
+    )
+    generated = greedy.choices[0].logprobs
+    assert len(generated.token_logprobs) == greedy.usage.completion_tokens
+    for logprob, top in zip(generated.token_logprobs, generated.top_logprobs, strict=True):
+        assert logprob == pytest.approx(max(top.values()), abs=1e-6)

@@ -230,7 +230,9 @@ def test_a_client_that_disconnects_frees_its_slots(server: str) -> None:
         ("/v1/completions", {"prompt": "hi", "temperature": -0.5}, "temperature"),
         ("/v1/completions", {"prompt": "hi", "top_p": 0}, "top_p"),
         ("/v1/completions", {"prompt": "hi", "stop": ["a", "b", "c", "d", "e"]}, "stop"),
-        ("/v1/completions", {"prompt": "hi", "logprobs": 2}, None),
+        ("/v1/completions", {"prompt": "hi", "logprobs": 21}, "logprobs"),
+        ("/v1/completions", {"prompt": "hi", "max_tokens": 0}, "max_tokens"),
+        ("/v1/completions", {"prompt": [[1, 10**9]]}, "prompt"),
         ("/v1/chat/completions", {"messages": [{"role": "wizard", "content": "hi"}]}, "messages"),
         ("/v1/chat/completions", {"messages": []}, "messages"),
         (

@@ -4,8 +4,19 @@ Requests become a ``GenerateCall``; replies and stream chunks are written in Ope
 (``text_completion`` / ``chat.completion`` objects, ``chat.completion.chunk`` deltas, SSE
 ``data: {...}`` lines ending in ``data: [DONE]``). Supported: ``max_tokens`` (chat also
 ``max_completion_tokens``), ``temperature``, ``top_p``, ``stop``, ``seed``, ``n``, ``stream``,
-``stream_options.include_usage``, and ``ignore_eos`` (an extension, as in vLLM). ``logprobs``,
-``echo``, ``suffix`` and ``best_of`` > 1 are refused with 400 rather than silently ignored.
+``stream_options.include_usage``, and ``ignore_eos`` (an extension, as in vLLM).
+``suffix`` and ``best_of`` > 1 are refused with 400 rather than silently ignored.
+
+Scoring, what evaluation harnesses need (lm-evaluation-harness's ``local-completions``):
+completions take prompts as token ids (one list, or a list of lists), ``logprobs`` (0 to 20:
+each token's logprob and the top N, in the legacy ``{tokens, token_logprobs, top_logprobs,
+text_offset}`` shape, ``top_logprobs`` holding the chosen token too, as vLLM's) and ``echo``
+(the prompt before the text, with its own logprobs; the first token's is null), and
+``max_tokens: 0`` with ``echo`` scores the prompt without generating. Chat takes
+``logprobs: true`` and ``top_logprobs`` (0 to 20) in its ``{content: [...]}`` shape. A
+generated token's logprob is of the distribution it was drawn from: the logits divided by the
+temperature (at temperature 0, as they are), before top-p; a prompt token's, of the logits as
+they are.
 
 Every numeric field has a range (``Field`` bounds below, documented in docs/api.md); outside
 it the request is a 400 naming the field, before it reaches a replica:
@@ -24,10 +35,10 @@ from __future__ import annotations
 from typing import Any, Literal
 
 import orjson
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
-from models.engines.sampling import SEED_MAX, SEED_MIN
-from serving.messages import ChatMessage, ChoiceDelta, Envelope, GenerateCall
+from models.engines.sampling import MAX_LOGPROBS, SEED_MAX, SEED_MIN
+from serving.messages import ChatMessage, ChoiceDelta, Envelope, GenerateCall, TokenLogprob
 
 MAX_STOP_STRINGS = 4
 MAX_TOKENS = 2**31 - 1
@@ -77,31 +88,46 @@ class _Sampling(BaseModel):
         return bool(self.stream_options and self.stream_options.include_usage)
 
 
+Prompt = str | list[str] | list[int] | list[list[int]]
+
+
 class CompletionRequest(_Sampling):
-    prompt: str | list[str]
-    max_tokens: int | None = Field(16, ge=1, le=MAX_TOKENS)  # OpenAI's default for completions
+    prompt: Prompt
+    # OpenAI's default for completions; 0 only with echo (checked by ``scoring_refusal``)
+    max_tokens: int | None = Field(16, ge=0, le=MAX_TOKENS)
     echo: bool = False
-    logprobs: int | None = None
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     suffix: str | None = None
     best_of: int | None = None
 
     @field_validator("prompt", mode="before")
     @classmethod
-    def _text_prompts(cls, value: object) -> object:
-        if isinstance(value, list):
-            if not value:
-                raise ValueError("prompt must not be an empty list")
-            if not all(isinstance(p, str) for p in value):
-                raise ValueError(
-                    "prompt must be a string or a list of strings (token arrays are not supported)"
-                )
-        return value
+    def _prompts(cls, value: object) -> object:
+        """A string, a list of strings, a list of token ids, or a list of those lists; a
+        token id is a non-negative int (the replica checks it against the vocabulary)."""
+        if not isinstance(value, list):
+            return value
+        if not value:
+            raise ValueError("prompt must not be an empty list")
+        if all(isinstance(p, str) for p in value) or _token_ids(value):
+            return value
+        if all(isinstance(p, list) for p in value):
+            for i, ids in enumerate(value):
+                if not ids:
+                    raise ValueError(f"prompt[{i}] is an empty list of token ids")
+                if not _token_ids(ids):
+                    raise ValueError(f"prompt[{i}] must hold token ids (integers >= 0)")
+            return value
+        raise ValueError(
+            "prompt must be a string, a list of strings, a list of token ids (integers >= 0), "
+            "or a list of such lists"
+        )
 
     # one validator per field, so the 400 names the field (a model validator names none)
-    @field_validator("echo", "logprobs", "suffix")
+    @field_validator("suffix")
     @classmethod
     def _unsupported(cls, value: object) -> object:
-        if value is not None and value is not False:  # logprobs 0 too: it asks for logprobs
+        if value is not None:
             raise ValueError("not supported")
         return value
 
@@ -112,8 +138,23 @@ class CompletionRequest(_Sampling):
             raise ValueError("not supported (only 1)")
         return value
 
-    def prompts(self) -> tuple[str, ...]:
-        return (self.prompt,) if isinstance(self.prompt, str) else tuple(self.prompt)
+    def prompts(self) -> tuple[str | tuple[int, ...], ...]:
+        """Each prompt: a text, or token ids."""
+        prompt = self.prompt
+        if isinstance(prompt, str):
+            return (prompt,)
+        out: list[str | tuple[int, ...]] = []
+        for p in prompt:
+            if isinstance(p, int):  # one list of token ids: one prompt
+                return (tuple(i for i in prompt if isinstance(i, int)),)
+            out.append(p if isinstance(p, str) else tuple(p))
+        return tuple(out)
+
+    def scoring_refusal(self) -> str | None:
+        """Why ``max_tokens`` cannot be 0: only with ``echo`` is there anything to answer."""
+        if self.max_tokens == 0 and not self.echo:
+            return "max_tokens: must be at least 1 unless echo is true (prompt scoring)"
+        return None
 
     def call(self, envelope: Envelope) -> GenerateCall:
         return GenerateCall(
@@ -126,7 +167,17 @@ class CompletionRequest(_Sampling):
             seed=self.seed,
             n=self.n,
             ignore_eos=self.ignore_eos,
+            logprobs=self.logprobs,
+            echo=self.echo,
         )
+
+
+def _token_ids(values: list[Any]) -> bool:
+    """A non-empty list of ints >= 0 (bools are not token ids)."""
+    return bool(values) and all(
+        type(v) is int and v >= 0  # noqa: E721 (bool is an int subclass)
+        for v in values
+    )
 
 
 class TextPart(BaseModel):
@@ -152,12 +203,13 @@ class ChatCompletionRequest(_Sampling):
     messages: list[Message] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS)
     logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
 
-    @field_validator("logprobs")
+    @field_validator("top_logprobs")
     @classmethod
-    def _unsupported(cls, value: bool) -> bool:
-        if value:
-            raise ValueError("not supported")
+    def _needs_logprobs(cls, value: int | None, info: ValidationInfo) -> int | None:
+        if value is not None and not info.data.get("logprobs"):
+            raise ValueError("logprobs must be true to ask for top_logprobs")
         return value
 
     def call(self, envelope: Envelope) -> GenerateCall:
@@ -171,6 +223,7 @@ class ChatCompletionRequest(_Sampling):
             seed=self.seed,
             n=self.n,
             ignore_eos=self.ignore_eos,
+            logprobs=(self.top_logprobs or 0) if self.logprobs else None,
         )
 
 
@@ -187,25 +240,87 @@ def usage(prompt_tokens: tuple[int, ...], completion_tokens: int, n: int) -> dic
     }
 
 
+def completion_logprobs(entries: list[TokenLogprob], offset: int = 0) -> dict[str, list[Any]]:
+    """OpenAI's legacy logprobs object: ``text_offset`` counts characters from ``offset`` (the
+    choice's text so far); ``top_logprobs`` maps token text to logprob, the chosen token
+    included (as vLLM), null where the token has no logprob (a prompt's first)."""
+    tokens: list[str] = []
+    logprobs: list[float | None] = []
+    tops: list[dict[str, float] | None] = []
+    offsets: list[int] = []
+    for entry in entries:
+        tokens.append(entry.token)
+        logprobs.append(entry.logprob)
+        if entry.logprob is None:
+            tops.append(None)
+        else:
+            top = dict(entry.top)
+            top.setdefault(entry.token, entry.logprob)
+            tops.append(top)
+        offsets.append(offset)
+        offset += len(entry.token)
+    return {
+        "tokens": tokens,
+        "token_logprobs": logprobs,
+        "top_logprobs": tops,
+        "text_offset": offsets,
+    }
+
+
+def chat_logprobs(entries: tuple[TokenLogprob, ...]) -> dict[str, Any]:
+    """The chat shape: one ``{token, logprob, bytes, top_logprobs}`` per generated token."""
+
+    def one(token: str, logprob: float | None) -> dict[str, Any]:
+        return {"token": token, "logprob": logprob, "bytes": list(token.encode())}
+
+    content = [
+        {**one(e.token, e.logprob), "top_logprobs": [one(t, lp) for t, lp in e.top]}
+        for e in entries
+    ]
+    return {"content": content, "refusal": None}
+
+
+def echoed(choice: ChoiceDelta) -> tuple[str, list[TokenLogprob]]:
+    """A choice's text and logprobs, its echoed prompt (if any) first."""
+    entries = [*(choice.prompt_logprobs or ()), *choice.logprobs]
+    return (choice.prompt_text or "") + choice.text, entries
+
+
 def completion_response(
-    *, id: str, created_s: int, model: str, choices: tuple[ChoiceDelta, ...], usage: dict
+    *,
+    id: str,
+    created_s: int,
+    model: str,
+    call: GenerateCall,
+    choices: tuple[ChoiceDelta, ...],
+    usage: dict,
 ) -> bytes:
+    rows = []
+    for c in choices:
+        text, entries = echoed(c)
+        logprobs = None if call.logprobs is None else completion_logprobs(entries)
+        rows.append(
+            {"index": c.index, "text": text, "logprobs": logprobs, "finish_reason": c.finish_reason}
+        )
     body = {
         "id": id,
         "object": "text_completion",
         "created": created_s,
         "model": model,
-        "choices": [
-            {"index": c.index, "text": c.text, "logprobs": None, "finish_reason": c.finish_reason}
-            for c in choices
-        ],
+        "choices": rows,
         "usage": usage,
     }
     return orjson.dumps(body)
 
 
 def chat_response(
-    *, id: str, created_s: int, model: str, choices: tuple[ChoiceDelta, ...], usage: dict
+    *,
+    id: str,
+    created_s: int,
+    model: str,
+    call: GenerateCall,
+    choices: tuple[ChoiceDelta, ...],
+    usage: dict,
 ) -> bytes:
     body = {
         "id": id,
@@ -216,7 +331,7 @@ def chat_response(
             {
                 "index": c.index,
                 "message": {"role": "assistant", "content": c.text},
-                "logprobs": None,
+                "logprobs": None if call.logprobs is None else chat_logprobs(c.logprobs),
                 "finish_reason": c.finish_reason,
             }
             for c in choices
@@ -233,8 +348,13 @@ def sse(data: dict[str, Any]) -> bytes:
 class ChunkWriter:
     """Writes one request's SSE events in the shape of its route (completion or chat)."""
 
-    def __init__(self, *, chat: bool, id: str, created_s: int, model: str) -> None:
+    def __init__(
+        self, *, chat: bool, id: str, created_s: int, model: str, logprobs: bool = False
+    ) -> None:
         self._chat = chat
+        self._logprobs = logprobs
+        self._offsets: dict[int, int] = {}
+        """Characters of each choice's text sent so far (``text_offset`` goes on from there)."""
         self._head = {
             "id": id,
             "object": "chat.completion.chunk" if chat else "text_completion",
@@ -263,14 +383,22 @@ class ChunkWriter:
     def deltas(self, deltas: tuple[ChoiceDelta, ...]) -> bytes:
         out = []
         for d in deltas:
-            if not d.text and d.finish_reason is None:
+            text, entries = echoed(d)
+            if not text and d.finish_reason is None and not (self._logprobs and entries):
                 continue
+            logprobs: dict[str, Any] | None = None
             if self._chat:
-                delta = {"content": d.text} if d.text else {}
-                choice = {"index": d.index, "delta": delta, "logprobs": None,
+                delta = {"content": text} if text else {}
+                if self._logprobs:
+                    logprobs = chat_logprobs(d.logprobs)
+                choice = {"index": d.index, "delta": delta, "logprobs": logprobs,
                           "finish_reason": d.finish_reason}  # fmt: skip
             else:
-                choice = {"index": d.index, "text": d.text, "logprobs": None,
+                offset = self._offsets.get(d.index, 0)
+                if self._logprobs:
+                    logprobs = completion_logprobs(entries, offset)
+                self._offsets[d.index] = offset + len(text)
+                choice = {"index": d.index, "text": text, "logprobs": logprobs,
                           "finish_reason": d.finish_reason}  # fmt: skip
             out.append(self._event([choice]))
         return b"".join(out)

@@ -28,7 +28,7 @@ from serving.config import ModelConfig
 from serving.gateway.body import parse_json, read_body, validate
 from serving.gateway.core import GatewayCore, send_once_more_if_lost
 from serving.gateway.endpoint import VERSION_HEADER, Endpoints, Scope
-from serving.gateway.errors import JSON, ApiError, api_error, wrong_route
+from serving.gateway.errors import JSON, ApiError, api_error, bad_request, wrong_route
 from serving.gateway.limits import check_texts
 from serving.gateway.protocols import openai_generation as gen_api
 from serving.messages import DeadlineExceeded, GenerateCall, GenerateChunk
@@ -46,6 +46,9 @@ def add_generation_routes(endpoints: Endpoints, gw: GatewayCore) -> None:
         request = scope.request
         data = parse_json(await read_body(request, gw.max_body_bytes))
         body = validate(gen_api.CompletionRequest, data)
+        refusal = body.scoring_refusal()
+        if refusal is not None:
+            raise bad_request(refusal, param="max_tokens")
         model = _generate_model(gw, body.model, "/v1/completions")
         scope.model = model.name
         check_texts(body.prompts(), model.limits, field="prompt", plural="prompts", name_one=True)
@@ -117,6 +120,7 @@ async def _answer(
             id=call.request_id,
             created_s=int(time.time()),
             model=model.name,
+            call=call,
             choices=whole.deltas,
             usage=gen_api.usage(whole.prompt_tokens, tokens, call.n),
         )
@@ -144,7 +148,11 @@ async def _answer(
         raise
     generator = started[-1]
     writer = gen_api.ChunkWriter(
-        chat=chat, id=call.request_id, created_s=int(time.time()), model=model.name
+        chat=chat,
+        id=call.request_id,
+        created_s=int(time.time()),
+        model=model.name,
+        logprobs=call.logprobs is not None,
     )
     events = _events(generator, first, writer, call, in_flight, include_usage=include_usage)
     headers = {**SSE_HEADERS, VERSION_HEADER: first.version}

@@ -214,10 +214,18 @@ def test_an_empty_prompt_is_refused(engine):
 
 @pytest.mark.parametrize(
     "kwargs",
-    [{"max_tokens": 0}, {"temperature": -0.1}, {"top_p": 0}, {"top_p": 1.5}, {"stop": ("",)}],
+    [
+        {"max_tokens": -1},
+        {"temperature": -0.1},
+        {"top_p": 0},
+        {"top_p": 1.5},
+        {"stop": ("",)},
+        {"logprobs": 21},
+        {"prompt_logprobs": -1},
+    ],
 )
 def test_bad_sampling_params_are_refused(kwargs):
-    with pytest.raises(ValueError, match="max_tokens|temperature|top_p|stop"):
+    with pytest.raises(ValueError, match="max_tokens|temperature|top_p|stop|logprobs"):
         SamplingParams(**kwargs)
 
 

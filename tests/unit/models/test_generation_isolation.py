@@ -122,7 +122,9 @@ def test_seeds_are_int64_and_a_choices_seed_wraps_within_them(engine: Generation
         ("top_p", float("nan")),
         ("top_p", 0.0),
         ("top_p", 1.0000001),
-        ("max_tokens", 0),
+        ("max_tokens", -1),
+        ("logprobs", 21),
+        ("prompt_logprobs", -1),
     ],
 )
 def test_sampling_params_outside_their_range_are_refused(field: str, value: float) -> None:

@@ -295,7 +295,7 @@ def test_build_program_finds_the_lm_program_by_name(work, token_files):
 # --- export ----------------------------------------------------------------------------------
 
 
-def test_the_exported_folder_generates_in_the_engine_as_transformers_does(
+def test_the_exported_folder_generates_and_scores_in_the_engine_as_transformers_does(
     trained, tokenizer_dir, tmp_path
 ):
     from transformers import AutoModelForCausalLM
@@ -310,11 +310,21 @@ def test_the_exported_folder_generates_in_the_engine_as_transformers_does(
     prompt, new_tokens = "import os\n\ndef ", 6
     engine = GenerationEngine(folder, device="cpu", max_sequences=2)
     engine.load()
+    scored = "def add(a, b):\n    return a + b\n"
     try:
-        (generation,) = engine.run(
-            [(prompt, SamplingParams(max_tokens=new_tokens, temperature=0, ignore_eos=True))]
+        generation, scoring = engine.run(
+            [
+                (
+                    prompt,
+                    SamplingParams(
+                        max_tokens=new_tokens, temperature=0, ignore_eos=True, logprobs=2
+                    ),
+                ),
+                (scored, SamplingParams(max_tokens=0, prompt_logprobs=1)),
+            ]
         )
         ids = engine.tokenizer(prompt, return_tensors="pt")["input_ids"]
+        scored_ids = engine.tokenizer(scored)["input_ids"]
         assert engine.context_length == 256
     finally:
         engine.close()
@@ -325,4 +335,21 @@ def test_the_exported_folder_generates_in_the_engine_as_transformers_does(
         for _ in range(new_tokens):
             next_id = reloaded(input_ids=ids).logits[:, -1].argmax(-1, keepdim=True)
             ids = torch.cat([ids, next_id], dim=1)
+        reference = torch.log_softmax(reloaded(input_ids=ids).logits[0].float(), dim=-1)
+        prompt_reference = torch.log_softmax(
+            reloaded(input_ids=torch.tensor([scored_ids])).logits[0].float(), dim=-1
+        )
     assert list(generation.token_ids) == ids[0, -new_tokens:].tolist()
+    # the served logprobs of the trained model: the reference's log-softmax, within 1e-4
+    start = ids.shape[1] - new_tokens - 1
+    for j, entry in enumerate(generation.logprobs):
+        assert entry.logprob == pytest.approx(reference[start + j].max().item(), abs=1e-4)
+        assert entry.top_logprobs[0] == pytest.approx(entry.logprob, abs=1e-6)
+    assert scoring.prompt_logprobs is not None
+    assert scoring.prompt_logprobs[0] is None
+    assert len(scoring.prompt_logprobs) == len(scored_ids)
+    for position, entry in enumerate(scoring.prompt_logprobs[1:], start=1):
+        assert entry is not None
+        assert entry.token_id == scored_ids[position]
+        want = prompt_reference[position - 1, scored_ids[position]].item()
+        assert entry.logprob == pytest.approx(want, abs=1e-4)

@@ -16,14 +16,14 @@ from __future__ import annotations
 import asyncio
 import json
 import threading
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 import torch
-from inprocess import LOOPBACK_URL, gateway_over
+from inprocess import LOOPBACK_URL, GenerationHandle, gateway_over
 from tiny_replicas import tiny_generation_replica
 
 from models.engines import sampling
@@ -31,49 +31,12 @@ from models.engines.generate import SamplingParams
 from models.engines.sampling import SEED_MAX, SEED_MIN, SequenceSampler
 from serving.config import parse_config
 from serving.gateway.app import build_http_app
-from serving.messages import GenerateCall, GenerateChunk
 from serving.replicas.generation import GenerationReplica
 
 MODEL = "tiny-gen-isolation"
 PROMPT = "once upon a time"
 POISONED_SEED = 4242
 """Tests make sampling raise for the sequence with this seed (as NaN logits would)."""
-
-
-class _Remote:
-    def __init__(self, body: Callable[[GenerateCall], Any]) -> None:
-        self.remote = body
-
-
-class _Stream:
-    """``handle.options(stream=True).generate.remote(call)``: the replica's generator."""
-
-    def __init__(self, chunks: AsyncIterator[GenerateChunk]) -> None:
-        self._chunks = chunks
-
-    def __aiter__(self) -> _Stream:
-        return self
-
-    async def __anext__(self) -> GenerateChunk:
-        return await self._chunks.__anext__()
-
-    def cancel(self) -> None:
-        """Serve cancels the replica's generator; here it is closed (its ``finally`` frees
-        the slots), as soon as the loop gets to it."""
-        closing = self._chunks.aclose()  # type: ignore[attr-defined]
-        asyncio.get_running_loop().create_task(closing)
-
-
-class GenerationHandle:
-    """What the generation routes use of a ``DeploymentHandle``, calling the replica."""
-
-    def __init__(self, replica: GenerationReplica) -> None:
-        self.complete = _Remote(replica.complete)
-        self.generate = _Remote(lambda call: _Stream(replica.generate(call)))
-        self.info = None
-
-    def options(self, *, stream: bool) -> GenerationHandle:
-        return self
 
 
 def make_replica(root: Path, name: str = MODEL) -> GenerationReplica:
@@ -155,7 +118,9 @@ def test_a_temperature_of_1e_300_is_greedy(replica: GenerationReplica) -> None:
         ("max_tokens", 0),
         ("max_tokens", 2**31),
         ("best_of", 10**30),
-        ("logprobs", 0),
+        ("logprobs", 21),
+        ("logprobs", -1),
+        ("max_tokens", -1),
     ],
 )
 def test_a_numeric_field_outside_its_range_is_a_400_naming_it(
