@@ -153,7 +153,8 @@ class SequenceUpdate:
     """On the last update: every generated token (the end-of-sequence token not counted)."""
     logprobs: tuple[TokenLogprobs, ...] = ()
     """With ``SamplingParams.logprobs``: the logprobs of the tokens generated since the
-    previous update (``completion_tokens`` of them in all, over the updates)."""
+    previous update (``completion_tokens`` of them in all, over the updates, plus the
+    end-of-sequence token's when that ended the sequence)."""
     prompt_logprobs: tuple[TokenLogprobs | None, ...] | None = None
     """With ``SamplingParams.prompt_logprobs``, on the sequence's first update: one per prompt
     token, the first None (nothing comes before it)."""
@@ -598,7 +599,9 @@ class GenerationEngine(PretrainedEngine):
             if seq is None:
                 continue  # cancelled meanwhile
             try:
-                update = self._with_logprobs(seq, self._advance(seq, output))
+                update = self._with_logprobs(
+                    seq, self._advance(seq, output), len(output.generated_tokens)
+                )
             except Exception as exc:
                 logger.warning("sequence %s failed: %r", seq.seq_id, exc, exc_info=True)
                 update = SequenceUpdate(seq.seq_id, "", 0, error=f"generation failed: {exc}")
@@ -669,14 +672,19 @@ class GenerationEngine(PretrainedEngine):
             )
         return SequenceUpdate(seq.seq_id, delta, len(tokens))
 
-    def _with_logprobs(self, seq: _Sequence, update: SequenceUpdate) -> SequenceUpdate:
+    def _with_logprobs(
+        self, seq: _Sequence, update: SequenceUpdate, generated: int
+    ) -> SequenceUpdate:
         """The update, holding the logprobs of the tokens generated since the last update
-        that went out (one that goes out: it has text, or it ends the sequence)."""
+        that went out (one that goes out: it has text, or it ends the sequence). The last
+        one also holds the end-of-sequence token's, when that ended it (as vLLM answers:
+        lm-evaluation-harness reads an echoed ``max_tokens: 1`` answer as the prompt's
+        logprobs plus exactly one generated token's)."""
         if seq.params.logprobs is None or update.error is not None:
             return update
         if not (update.delta or update.finished or update.prompt_logprobs is not None):
             return update
-        count = update.completion_tokens
+        count = generated if update.finished else update.completion_tokens
         logprobs = self._sampler.logprobs(seq.slot, seq.logprobs_sent, count)
         seq.logprobs_sent = count
         return dataclasses.replace(update, logprobs=logprobs)

@@ -132,3 +132,22 @@ def test_a_batch_that_asks_for_nothing_gives_the_sampler_nothing_to_do(engine):
     wanting = engine._sampler.add(SamplingParams(temperature=0, logprobs=0))
     assert wanting != GREEDY_SLOT
     engine._sampler.remove(wanting)
+
+
+def test_the_end_of_sequence_token_that_ends_a_choice_has_its_logprob(engine):
+    """As vLLM answers, and as lm-evaluation-harness reads an echoed ``max_tokens: 1``
+    answer (prompt entries, then exactly one generated): the EOS is shown in the logprobs
+    though not counted in the text or the completion tokens. The tokenizer's EOS is set,
+    for this test, to the token greedy decoding picks first."""
+    (first,) = engine.run([(SHORT_PROMPT, SamplingParams(max_tokens=1, temperature=0))])
+    tokenizer = engine.tokenizer
+    eos = tokenizer.eos_token
+    tokenizer.eos_token = tokenizer.convert_ids_to_tokens(first.token_ids[0])
+    try:
+        params = SamplingParams(max_tokens=1, temperature=0, logprobs=1, prompt_logprobs=1)
+        (ended,) = engine.run([(SHORT_PROMPT, params)])
+    finally:
+        tokenizer.eos_token = eos
+    assert ended.finish_reason == "stop"
+    assert ended.token_ids == ()
+    assert [e.token_id for e in ended.logprobs] == list(first.token_ids)
