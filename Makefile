@@ -8,7 +8,7 @@ PIP := $(BIN)/python -m pip
 # Packages mypy checks (config: pyproject.toml [tool.mypy]): all of them.
 TYPED := models training serving deploy benchmarks loom
 
-.PHONY: install run test lint bench bench-quick clean
+.PHONY: install run test lint grpc-gen bench bench-quick clean
 
 install: $(STAMP)
 
@@ -29,6 +29,11 @@ test: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/mypy $(TYPED)
+
+# The v2 gRPC code committed beside serving/gateway/protocols/grpc_predict_v2*.proto, made again
+# from them with grpcio-tools' protoc (a unit test checks the committed code is what this makes).
+grpc-gen: $(STAMP)
+	$(BIN)/python -m serving.gateway.protocols.grpc_codegen
 
 # Benchmarks: `make bench` runs them all (`loom bench all`), `make bench-quick` the smoke run,
 # `make bench-embeddings` (or any other benchmark's name) one of them. Each writes a run folder

@@ -167,14 +167,26 @@ def _http_probe(config: LoomConfig, path: str, *, period_s: int, failures: int) 
     }
 
 
+def gateway_ports(config: LoomConfig) -> dict[str, int]:
+    """The ports a gateway pod serves, by name: ``http`` (``server.port``), and ``grpc``
+    (``server.grpc_port``) when set."""
+    server = config.server
+    ports = {"http": server.port}
+    if server.grpc_port is not None:
+        ports["grpc"] = server.grpc_port
+    return ports
+
+
 def gateway_template(config: LoomConfig, cluster: ClusterConfig) -> dict[str, Any]:
     """A gateway pod: a Ray node with no CPUs for replicas and one ``loom_gateway``, where one
-    gateway replica serves ``server.port`` (the Service's endpoints). Ready when the gateway
-    says so (``/v2/health/ready``: its models can answer); restarted when it stops answering
-    ``/v2/health/live``, after a startup allowance for the node to join and the replica to
-    be placed."""
+    gateway replica serves ``server.port`` and ``server.grpc_port`` (the Service's
+    endpoints). Ready when the gateway says so (``/v2/health/ready``: its models can
+    answer); restarted when it stops answering ``/v2/health/live``, after a startup
+    allowance for the node to join and the replica to be placed."""
     container = _ray_container(cluster, "ray-worker", WORKER_COMMAND, cluster.gateway, {})
-    container["ports"] = [{"name": "http", "containerPort": config.server.port}]
+    container["ports"] = [
+        {"name": name, "containerPort": port} for name, port in gateway_ports(config).items()
+    ]
     container["startupProbe"] = _http_probe(config, "/v2/health/live", period_s=10, failures=60)
     container["livenessProbe"] = _http_probe(config, "/v2/health/live", period_s=10, failures=6)
     container["readinessProbe"] = _http_probe(config, "/v2/health/ready", period_s=5, failures=2)

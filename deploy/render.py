@@ -239,7 +239,6 @@ def base(config: LoomConfig) -> list[dict[str, Any]]:
     cluster = config.cluster
     assert cluster is not None
     name = cluster.name
-    port = config.server.port
     objects: list[dict[str, Any]] = [
         {
             "apiVersion": "v1",
@@ -301,7 +300,10 @@ def base(config: LoomConfig) -> list[dict[str, Any]]:
             "spec": {
                 "type": "ClusterIP",
                 "selector": _selector(cluster, **{"ray.io/group": GATEWAY_GROUP}),
-                "ports": [{"name": "http", "port": port, "targetPort": "http"}],
+                "ports": [
+                    {"name": port_name, "port": number, "targetPort": port_name}
+                    for port_name, number in pods.gateway_ports(config).items()
+                ],
             },
         },
         _raycluster(config, cluster),
@@ -332,7 +334,8 @@ def _pdb(cluster: ClusterConfig, name: str, group: dict[str, str], op: str) -> d
 
 def _network_policies(config: LoomConfig, cluster: ClusterConfig) -> list[dict[str, Any]]:
     """Policies add up: the cluster's pods reach each other on any port (Ray's ports stay
-    inside), anyone reaches the gateway port, Prometheus's namespace the metrics ports."""
+    inside), anyone reaches the gateway's ports (HTTP, and gRPC when set), Prometheus's
+    namespace the metrics ports."""
     members = {"matchLabels": _selector(cluster)}
     policy = {"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy"}
     return [
@@ -353,7 +356,14 @@ def _network_policies(config: LoomConfig, cluster: ClusterConfig) -> list[dict[s
                     "matchLabels": _selector(cluster, **{"ray.io/group": GATEWAY_GROUP})
                 },
                 "policyTypes": ["Ingress"],
-                "ingress": [{"ports": [{"protocol": "TCP", "port": config.server.port}]}],
+                "ingress": [
+                    {
+                        "ports": [
+                            {"protocol": "TCP", "port": number}
+                            for number in pods.gateway_ports(config).values()
+                        ]
+                    }
+                ],
             },
         },
         {

@@ -187,7 +187,8 @@ def run_serve(args: argparse.Namespace) -> int:
     RunRecords(env.run_dir).clean_dead_runs()
     try:  # a taken port, too, is said before the heavy imports (LoomServer checks it again)
         if not joins_a_cluster():  # joining a cluster: the port may be Loom's gateway's
-            bind_socket(config.server.host, config.server.port).close()
+            for port in config.server.listen_ports:
+                bind_socket(config.server.host, port).close()
     except PortUnavailable as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
@@ -214,8 +215,11 @@ def run_serve(args: argparse.Namespace) -> int:
             flush=True,
         )
     else:
+        grpc_port = config.server.grpc_port
+        grpc = "" if grpc_port is None else f" and gRPC on {host}:{grpc_port}"
         print(
-            f"loom: serving {names} on {scheme}://{host}:{port} (API keys {auth}); Ctrl-C stops",
+            f"loom: serving {names} on {scheme}://{host}:{port}{grpc} (API keys {auth}); "
+            "Ctrl-C stops",
             flush=True,
         )
     try:

@@ -16,7 +16,8 @@ CONTENT_TYPE = CONTENT_TYPE_LATEST
 
 REQUESTS = Counter(
     "loom_requests",
-    "HTTP requests answered, by model, route and status.",
+    "Requests answered, by model, route and status (gRPC calls: route grpc_<route>, status "
+    "the HTTP status of the same answer).",
     ["model", "route", "status"],
 )
 REQUESTS_BY_PRINCIPAL = Counter(

@@ -255,7 +255,8 @@ class LoomServer:
         server = self.config.server
         self.run_records.clean_dead_runs()  # a killed run's leftovers may hold the port
         if not joins_a_cluster():  # joining: the port may be the running gateway's, rightly
-            bind_socket(server.host, server.port).close()  # a taken port: a clear error, now
+            for port in server.listen_ports:  # a taken port: a clear error, now
+                bind_socket(server.host, port).close()
         store = ModelStore(self.env.models_dir)  # opening it clears killed registrations
         try:
             ensure_bundled(store)

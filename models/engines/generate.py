@@ -684,7 +684,9 @@ class GenerationEngine(PretrainedEngine):
             return update
         if not (update.delta or update.finished or update.prompt_logprobs is not None):
             return update
-        count = generated if update.finished else update.completion_tokens
+        # max_tokens 0 shows no generated token, not even the prefill's EOS
+        ended = update.finished and seq.params.max_tokens > 0
+        count = generated if ended else update.completion_tokens
         logprobs = self._sampler.logprobs(seq.slot, seq.logprobs_sent, count)
         seq.logprobs_sent = count
         return dataclasses.replace(update, logprobs=logprobs)

@@ -114,8 +114,19 @@ class TlsConfig(BaseModel):
 class ServerConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    host: str = Field("127.0.0.1", description="Address the HTTP server binds.")
+    host: str = Field(
+        "127.0.0.1", description="Address the HTTP server (and the gRPC one, with grpc_port) binds."
+    )
     port: int = Field(8000, ge=1, le=65535, description="HTTP port.")
+    grpc_port: int | None = Field(
+        None,
+        ge=1,
+        le=65535,
+        description="Port of the Open Inference Protocol over gRPC (inference."
+        "GRPCInferenceService, what tritonclient.grpc calls), served by each gateway replica "
+        "on host beside HTTP, with the same keys, limits and routing (and TLS with tls). null "
+        "(the default): no gRPC server.",
+    )
     api_keys: tuple[str, ...] = Field(
         (),
         description="Bearer keys (at least 16 characters each); when any are set every route "
@@ -234,6 +245,14 @@ class ServerConfig(BaseModel):
         return self
 
     @model_validator(mode="after")
+    def _grpc_port_is_its_own(self) -> ServerConfig:
+        if self.grpc_port is not None and self.grpc_port == self.port:
+            raise ValueError(
+                f"grpc_port and port are both {self.port}: give gRPC a port of its own"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _names_unique(self) -> ServerConfig:
         names = [entry.name for entry in self.principal_keys()]
         repeated = sorted({name for name in names if names.count(name) > 1})
@@ -272,6 +291,11 @@ class ServerConfig(BaseModel):
     def keys_on(self) -> bool:
         """True when any route but health and metrics needs a key."""
         return bool(self.api_keys or self.admin_api_keys or self.keys)
+
+    @property
+    def listen_ports(self) -> tuple[int, ...]:
+        """Every port a gateway replica binds on ``host``: HTTP, then gRPC when set."""
+        return (self.port,) if self.grpc_port is None else (self.port, self.grpc_port)
 
     @property
     def scheme(self) -> str:

@@ -24,11 +24,12 @@ from serving.gateway.browser_guard import BrowserGuard
 from serving.gateway.core import GatewayCore
 from serving.gateway.endpoint import REQUEST_ID_HEADER, VERSION_HEADER, Endpoints
 from serving.gateway.errors import ApiError, error_response
-from serving.gateway.rate_limit import RateLimiter, RateLimitMiddleware
+from serving.gateway.protocols.v2 import SERVER_VERSION
+from serving.gateway.rate_limit import RateLimitMiddleware
 from serving.gateway.routes.admin import add_admin_routes
 from serving.gateway.routes.ensembles import add_ensemble_routes
 from serving.gateway.routes.generation import add_generation_routes
-from serving.gateway.routes.inference import SERVER_VERSION, add_inference_routes
+from serving.gateway.routes.inference import add_inference_routes
 from serving.gateway.routes.jobs import add_jobs_routes
 from serving.gateway.routes.monitoring import add_monitoring_routes
 from serving.gateway.routes.openapi import add_openapi_route
@@ -43,7 +44,7 @@ def build_http_app(gw: GatewayCore) -> FastAPI:
     )
     _add_error_handlers(app)
     _add_cors(app, BrowserGuard.of(gw.config.server).cors_allow_origins)
-    limiter = RateLimiter(gw.config.server.rate_limits)
+    limiter = gw.rate_limiter  # shared with the gRPC server: one bucket per client
     if limiter.enabled:  # inside CORS: a refused request still carries its CORS headers
         identify = gw.keys.identify if gw.keys.on else None  # per principal, else address
         app.add_middleware(RateLimitMiddleware, limiter=limiter, identify=identify)

@@ -33,6 +33,7 @@ from serving.config import EnsembleEntry, LoomConfig, ModelConfig, ServedEntry
 from serving.gateway.coalescer import Coalescer
 from serving.gateway.errors import ApiError, model_not_found, model_not_ready
 from serving.gateway.keys import KeyCheck
+from serving.gateway.rate_limit import RateLimiter
 from serving.gateway.readiness import ReadinessCache
 from serving.gateway.scopes import require_scope, route_family
 from serving.messages import (
@@ -173,6 +174,8 @@ class GatewayCore:
         self.jobs = jobs
         server = config.server
         self._keys = keys if keys is not None else KeyCheck.hashing(server)
+        # one set of buckets for every transport: a client's HTTP and gRPC calls share them
+        self.rate_limiter = RateLimiter(server.rate_limits)
         self.max_body_bytes = server.max_body_bytes
         self.timeout_s = server.request_timeout_s
         self.routes = routes
@@ -202,9 +205,14 @@ class GatewayCore:
     def authenticate(self, request: Request) -> Caller:
         """The caller the request's bearer key names; 401 for none, an empty one or a wrong
         one. With no keys configured: ``LOCAL_CALLER`` (every scope; 127.0.0.1 only)."""
+        return self.authenticate_header(request.headers.get("authorization"))
+
+    def authenticate_header(self, authorization: str | None) -> Caller:
+        """``authenticate`` for the value of an ``authorization`` header (HTTP) or metadata
+        entry (gRPC): ``Bearer <key>``."""
         if not self._keys.on:
             return LOCAL_CALLER
-        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        scheme, _, token = (authorization or "").partition(" ")
         token = token.strip()
         if scheme.lower() != "bearer" or not token:
             raise ApiError(
@@ -254,14 +262,23 @@ class GatewayCore:
     # ---- placement ---------------------------------------------------------------------------
 
     def envelope(
-        self, request_id: str, headers: Mapping[str, str], arrived_s: float | None = None
+        self,
+        request_id: str,
+        headers: Mapping[str, str],
+        arrived_s: float | None = None,
+        *,
+        client_timeout_s: float | None = None,
     ) -> Envelope:
         """A request's envelope: its id, its deadline (``server.request_timeout_s`` after it
-        arrived, ``time.time()`` then; default now) and the client's shard key
-        (``X-Loom-Shard-Key``)."""
+        arrived, ``time.time()`` then; default now; sooner when the client gives a shorter
+        ``client_timeout_s``, a gRPC call's deadline) and the client's shard key
+        (``X-Loom-Shard-Key``, in HTTP headers or gRPC metadata)."""
         shard_header = headers.get(SHARD_KEY_HEADER) or ""
         start_s = time.time() if arrived_s is None else arrived_s
-        return Envelope(request_id, start_s + self.timeout_s, shard_header)
+        timeout_s = self.timeout_s
+        if client_timeout_s is not None:
+            timeout_s = min(timeout_s, client_timeout_s)
+        return Envelope(request_id, start_s + timeout_s, shard_header)
 
     def route(self, name: str, envelope: Envelope) -> VersionRoute:
         """The version one request of model ``name`` goes to; 503 while none is routed. A pool

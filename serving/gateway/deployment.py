@@ -3,8 +3,10 @@
 It follows the route table the reconciler publishes on the named board, builds one
 ``GatewayCore`` and the HTTP app over it, and with ``server.ingress: direct`` serves HTTP
 itself on its own event loop (``HttpServer``, over TLS with ``server.tls``); with ``proxy``
-Ray Serve's HTTP proxy forwards to it (``serve.ingress``). Its config's keys are digests
-(``gateway.keys.hash_server_keys``): no key is in its arguments.
+Ray Serve's HTTP proxy forwards to it (``serve.ingress``). With ``server.grpc_port`` it also
+serves the Open Inference Protocol over gRPC on that loop (``GrpcServer``), under either
+ingress. Its config's keys are digests (``gateway.keys.hash_server_keys``): no key is in its
+arguments.
 
     serve.deployment(Gateway).bind(config_dict, models_dir, board_name, jobs=...)
 """
@@ -24,6 +26,7 @@ from serving.audit import AuditLog
 from serving.config import LoomConfig
 from serving.gateway.app import build_http_app
 from serving.gateway.core import GatewayCore
+from serving.gateway.grpc_server import grpc_server_for
 from serving.gateway.http_server import HttpLimits, HttpServer, server_ssl_context
 from serving.gateway.keys import KeyCheck
 from serving.gateway.routes.jobs import JobsSettings, build_jobs_service
@@ -93,6 +96,9 @@ class Gateway:
                 self._app, host=server.host, port=server.port, limits=limits, ssl_context=context
             )
             await self._http.start()
+        self._grpc = grpc_server_for(core)
+        if self._grpc is not None:
+            await self._grpc.start()
 
     def __serve_build_asgi_app__(self) -> FastAPI:
         return self._app
@@ -103,3 +109,6 @@ class Gateway:
         http = getattr(self, "_http", None)
         if http is not None:
             await http.stop()
+        grpc = getattr(self, "_grpc", None)
+        if grpc is not None:
+            await grpc.stop()

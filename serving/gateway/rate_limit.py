@@ -116,6 +116,18 @@ def retry_after_header(wait_s: float) -> str:
     return str(max(1, math.ceil(wait_s)))
 
 
+def rate_limited(family: str, wait_s: float) -> ApiError:
+    """The 429 of a request its bucket refused (``wait_s`` until a token is due), on every
+    transport: HTTP answers it with ``Retry-After``, gRPC with RESOURCE_EXHAUSTED."""
+    retry = retry_after_header(wait_s)
+    return ApiError(
+        429,
+        f"rate limit of the {family} routes exceeded; retry after {retry} s",
+        code="rate_limit_exceeded",
+        headers={"Retry-After": retry},
+    )
+
+
 class RateLimitMiddleware:
     """Counts each request of a limited family against its client's bucket; a refused one
     is answered 429 with ``Retry-After`` (OpenAI's error shape, or v2's under ``/v2``)."""
@@ -141,13 +153,6 @@ class RateLimitMiddleware:
             who = client_key(authorization, client and client[0], self.identify)
             wait_s = self.limiter.wait_s(family, who)
             if wait_s > 0:
-                retry = retry_after_header(wait_s)
-                error = ApiError(
-                    429,
-                    f"rate limit of the {family} routes exceeded; retry after {retry} s",
-                    code="rate_limit_exceeded",
-                    headers={"Retry-After": retry},
-                )
-                await error_response(error, path)(scope, receive, send)
+                await error_response(rate_limited(family, wait_s), path)(scope, receive, send)
                 return
         await self.app(scope, receive, send)

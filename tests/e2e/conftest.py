@@ -42,7 +42,9 @@ def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None) -> 
             stop_loom(loom)
 
 
-def _start_keyed(tmp_path_factory: pytest.TempPathFactory, port: int) -> LoomProcess:
+def _start_keyed(
+    tmp_path_factory: pytest.TempPathFactory, port: int, grpc_port: int
+) -> LoomProcess:
     home = tmp_path_factory.mktemp("e2e-keys")
     store = ModelStore(LoomEnv.from_environ({"LOOM_HOME": str(home)}).models_dir)
     store.register("digits", make_digits_folder(tmp_path_factory.mktemp("d")), task="classify")
@@ -51,6 +53,7 @@ def _start_keyed(tmp_path_factory: pytest.TempPathFactory, port: int) -> LoomPro
     store.register("tinygpt", tinygpt, task="generate")
     config = {
         "server": {
+            "grpc_port": grpc_port,
             "api_keys": ["config-key-0123456789"],
             "admin_api_keys": [ADMIN_KEY],
             "keys": [
@@ -70,7 +73,9 @@ def _start_keyed(tmp_path_factory: pytest.TempPathFactory, port: int) -> LoomPro
         # the test's webhook receiver listens on 127.0.0.1, which must be allowed explicitly
         "training": {"tick_s": 0.2, "webhook_allowed_networks": ["127.0.0.1/32"]},
     }  # fmt: skip
-    return start_loom(home, port, config, env={"LOOM_API_KEYS": API_KEY})
+    loom = start_loom(home, port, config, env={"LOOM_API_KEYS": API_KEY})
+    loom.grpc_port = grpc_port
+    return loom
 
 
 @pytest.fixture(scope="session")
@@ -102,7 +107,7 @@ def keyed_server(
     file), serving ``minilm``, ``digits`` (version 1: untrained weights, ~10% right) and
     ``tinygpt`` (a tiny GPT-2 with two sequence slots) with the job scheduler: the auth,
     training and generation tests share it (one server start, not three)."""
-    loom = _start_keyed(tmp_path_factory, free_port())
+    loom = _start_keyed(tmp_path_factory, free_port(), free_port())
     request.config.stash.setdefault(_STARTED, {})["keyed_server"] = loom
     try:
         yield loom

@@ -35,6 +35,8 @@ class LoomProcess:
     log: Path
     stopped: tuple[int | None, bool] | None = None
     """What ``stop_loom`` found (exit code, leftovers), once it has run."""
+    grpc_port: int | None = None
+    """The v2 gRPC port (``server.grpc_port``) when the config sets one."""
 
     def log_tail(self, chars: int = 4000) -> str:
         return self.log.read_text(errors="replace")[-chars:]

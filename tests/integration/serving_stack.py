@@ -202,9 +202,14 @@ def without_wait_budget(model: dict[str, Any]) -> dict[str, Any]:
 
 
 def build_config(
-    store: ModelStore, workdir: Path, port: int, entries: tuple[ModelEntry, ...] = ENTRIES
+    store: ModelStore,
+    workdir: Path,
+    port: int,
+    entries: tuple[ModelEntry, ...] = ENTRIES,
+    grpc_port: int | None = None,
 ) -> LoomConfig:
-    """Every entry's models registered in ``store``, in one config serving on ``port``."""
+    """Every entry's models registered in ``store``, in one config serving on ``port`` (and
+    the v2 protocol over gRPC on ``grpc_port``)."""
     models: list[dict[str, Any]] = []
     for entry in entries:
         folder = workdir / entry.__name__
@@ -218,7 +223,7 @@ def build_config(
         {
             "training": {"enabled": False},  # serving alone: no job scheduler
             # the session's Ray is already running: the proxy path (e2e covers direct)
-            "server": {"port": port, "ingress": "proxy"},
+            "server": {"port": port, "ingress": "proxy", "grpc_port": grpc_port},
             "rollout": {"poll_interval_s": 0.2},
             "models": models,
         }
@@ -233,6 +238,8 @@ class Stack:
     loom: LoomServer
     store: ModelStore
     config: LoomConfig
+    grpc_target: str
+    """``127.0.0.1:PORT`` of the gateway's gRPC server (``tritonclient.grpc``'s target)."""
 
     def served_names(self) -> set[str]:
         """Every name a client can call: each model's, a pool's members in place of the pool."""
@@ -260,11 +267,12 @@ class SharedStack:
     def running(self) -> Stack:
         if self._stack is not None:
             return self._stack
-        port = self._free_port()
+        port, grpc_port = self._free_port(), self._free_port()
         if self._config is None:  # the models are registered once, for every start
-            self._config = build_config(self._store, self._home / "src", port)
+            workdir = self._home / "src"
+            self._config = build_config(self._store, workdir, port, grpc_port=grpc_port)
         else:
-            server = self._config.server.model_copy(update={"port": port})
+            server = self._config.server.model_copy(update={"port": port, "grpc_port": grpc_port})
             self._config = self._config.model_copy(update={"server": server})
         loom = LoomServer(self._config, self._env)
         self.starts += 1
@@ -273,7 +281,8 @@ class SharedStack:
         except BaseException:
             loom.stop()
             raise
-        self._stack = Stack(f"http://127.0.0.1:{port}", loom, self._store, self._config)
+        url = f"http://127.0.0.1:{port}"
+        self._stack = Stack(url, loom, self._store, self._config, f"127.0.0.1:{grpc_port}")
         return self._stack
 
     def stop(self) -> None:

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import httpx
 import numpy as np
 import pytest
+import tritonclient.grpc as triton_grpc
 from serving_stack import CLASSIFY_MAX_ROWS as MAX_ROWS
 from serving_stack import SENTIMENT_LABELS, SharedStack
 
@@ -19,6 +20,7 @@ from models.store import ModelStore
 @dataclass
 class Served:
     url: str
+    grpc_target: str
     digits: TensorClassifierEngine
     """The same weights in-process: what the served model must answer."""
     sentiment: TextClassifierEngine
@@ -36,7 +38,12 @@ def served(serving_stack: SharedStack) -> Served:
     ``MAX_ROWS`` rows a request), ``digits-tight`` (the same weights, a queue of 2) and
     ``sentiment``."""
     stack = serving_stack.running()
-    return Served(stack.url, loaded(stack.store, "digits@1"), loaded(stack.store, "sentiment@1"))
+    return Served(
+        stack.url,
+        stack.grpc_target,
+        loaded(stack.store, "digits@1"),
+        loaded(stack.store, "sentiment@1"),
+    )
 
 
 def pixels(rows: np.ndarray) -> dict:
@@ -179,3 +186,24 @@ def test_more_rows_than_the_queue_holds_is_503_with_retry_after(served: Served) 
         timeout=30,
     )
     assert ok.status_code == 200, ok.text
+
+
+def test_tritonclient_grpc_gets_the_engines_answers_from_the_gateway_replica(
+    served: Served,
+) -> None:
+    """The gateway replica's own gRPC server (``server.grpc_port``), on Serve's event loop."""
+    client = triton_grpc.InferenceServerClient(served.grpc_target)
+    rows = random_pixels(2, seed=5)
+    pixels_in = triton_grpc.InferInput("input", [2, 64], "FP32")
+    pixels_in.set_data_from_numpy(rows)
+    texts = ["a fine day", "a dull one"]
+    texts_in = triton_grpc.InferInput("text", [2], "BYTES")
+    texts_in.set_data_from_numpy(np.array([t.encode() for t in texts], dtype=object))
+
+    digits = client.infer("digits", [pixels_in], client_timeout=30)
+    sentiment = client.infer("sentiment", [texts_in], client_timeout=30)
+
+    assert client.is_server_live()
+    assert client.is_model_ready("digits")
+    assert np.allclose(digits.as_numpy("probabilities"), served.digits.run(rows), atol=1e-6)
+    assert np.allclose(sentiment.as_numpy("probabilities"), served.sentiment.run(texts), atol=1e-6)

@@ -8,7 +8,9 @@ row); model metadata names each column's label.
 
 An infer request is JSON, or JSON followed by raw tensor bytes (the binary tensor data
 extension, ``v2_binary``: what ``tritonclient.http`` sends by default); ``read_infer`` reads
-either, and an answer carries its outputs in binary where the request asks.
+either, and an answer carries its outputs in binary where the request asks. Over gRPC
+(``v2_grpc``) a protobuf request is read into the same ``V2Infer``, and the answer, a
+``V2Result`` before either transport writes it, goes out as protobuf.
 
 Answers are written with orjson from plain values; the models at the end (``InferResponse``,
 ``ModelMetadata``, ``V2Error``, ...) are their shapes for the OpenAPI document
@@ -30,6 +32,7 @@ from serving.gateway.protocols import v2_binary
 from serving.messages import ClassifyReply, EmbedReply
 
 SERVER_NAME = "loom"
+SERVER_VERSION = "0.1.0"
 EXTENSIONS = ["binary_tensor_data"]
 """The v2 extensions served, as server metadata names them (Triton's names)."""
 EMBED_INPUT = "text"
@@ -249,6 +252,48 @@ def fp32_answer(
     return V2Answer(content=content, header_length=length)
 
 
+@dataclass(frozen=True, kw_only=True)
+class V2Result:
+    """One infer answer before a transport writes it (JSON or binary over HTTP, protobuf
+    over gRPC): one FP32 output, row-major."""
+
+    model: str
+    version: str
+    output: str
+    """``embedding`` or ``probabilities``."""
+    matrix: np.ndarray
+    """(n, dim) vectors or (n, classes) probabilities."""
+    parameters: dict[str, Any] | None = None
+    """An ensemble's gather: partial, answered, failed, timed_out, hedged."""
+    headers: dict[str, str] = field(default_factory=dict)
+    """What the answer says beside its body (an ensemble's ``x-loom-ensemble-partial``)."""
+
+    @classmethod
+    def of_reply(cls, reply: EmbedReply | ClassifyReply, *, model: str) -> V2Result:
+        """A replica's reply: ``embedding`` (n x dim) or ``probabilities`` (n x classes)."""
+        if isinstance(reply, ClassifyReply):
+            return cls(
+                model=model,
+                version=reply.version,
+                output=CLASSIFY_OUTPUT,
+                matrix=reply.probabilities,
+            )
+        return cls(model=model, version=reply.version, output=EMBED_OUTPUT, matrix=reply.vectors)
+
+
+def infer_answer(result: V2Result, request: V2Infer) -> V2Answer:
+    """The HTTP answer to ``request``: its outputs in JSON, or in binary where it asks."""
+    return fp32_answer(
+        result.output,
+        result.matrix,
+        model=result.model,
+        version=result.version,
+        request_id=request.body.id,
+        binary=request.binary_outputs,
+        parameters=result.parameters,
+    )
+
+
 def reply_answer(
     reply: EmbedReply | ClassifyReply,
     *,
@@ -258,12 +303,14 @@ def reply_answer(
 ) -> V2Answer:
     """A replica's reply as the v2 answer: ``embedding`` (n x dim) or ``probabilities``
     (n x classes), one FP32 output."""
-    if isinstance(reply, ClassifyReply):
-        output, matrix = CLASSIFY_OUTPUT, reply.probabilities
-    else:
-        output, matrix = EMBED_OUTPUT, reply.vectors
+    result = V2Result.of_reply(reply, model=model)
     return fp32_answer(
-        output, matrix, model=model, version=reply.version, request_id=request_id, binary=binary
+        result.output,
+        result.matrix,
+        model=model,
+        version=result.version,
+        request_id=request_id,
+        binary=binary,
     )
 
 

@@ -13,6 +13,9 @@ header or a declared size past the body's end, sizes that do not add up to the b
 that is not the shape's element count times the datatype's width, or a ``BYTES`` element
 running past its tensor are all 400, never a read past the end.
 
+The same layout, one tensor a message field, is gRPC's ``raw_input_contents`` and
+``raw_output_contents`` (``v2_grpc``), decoded here too (``decode_input``), with every check.
+
     header, inputs = split_request(body, request.headers.get(HEADER_LENGTH))
     request = InferRequest.model_validate(header)   # inputs[name]: an np.ndarray
     body, header_length = encode_response(answer, {"embedding": matrix}, binary={"embedding"})
@@ -88,7 +91,8 @@ def _declared_size(tensor: Mapping[str, Any], where: str) -> int | None:
     return size
 
 
-def _shape(tensor: Mapping[str, Any], where: str) -> tuple[int, ...]:
+def declared_shape(tensor: Mapping[str, Any], where: str) -> tuple[int, ...]:
+    """A tensor's ``shape``, checked: a list of whole numbers, none negative."""
     shape = tensor.get("shape")
     if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
         raise bad_request(f"{where}: shape must be a list of whole numbers, got {shape!r}")
@@ -118,18 +122,19 @@ def decode_inputs(header: Any, binary: memoryview) -> dict[str, np.ndarray]:
                 f"{where} declares {size} bytes at offset {offset}, past the binary part's "
                 f"{len(binary)} bytes"
             )
-        decoded[name] = decode_tensor(
-            binary[offset : offset + size],
-            str(tensor.get("datatype")),
-            _shape(tensor, where),
-            where,
-        )
+        decoded[name] = decode_input(tensor, binary[offset : offset + size], where)
         offset += size
     if offset != len(binary):
         raise bad_request(
             f"the inputs declare {offset} bytes of binary data but the body carries {len(binary)}"
         )
     return decoded
+
+
+def decode_input(tensor: Mapping[str, Any], chunk: memoryview, where: str) -> np.ndarray:
+    """One input's bytes as its header declares them (``datatype``, ``shape``): the
+    extension's tensors here, and gRPC's ``raw_input_contents`` (``v2_grpc``)."""
+    return decode_tensor(chunk, str(tensor.get("datatype")), declared_shape(tensor, where), where)
 
 
 def decode_tensor(

@@ -61,9 +61,11 @@ def test_all_runs_the_gpu_benchmark_only_on_cuda_and_cuda_asks_training_for_its_
     assert on_cpu == ["embeddings", "generation", "training", "ensemble", "sharding"] + [
         "faults",
         "autoscaling",
+        "transports",
+        "evaluation",
     ]
     assert [step.name for step in on_cuda][-1] == "gpu"  # training named twice runs once
-    assert len(on_cuda) == 8
+    assert len(on_cuda) == 10
     training = next(step for step in on_cuda if step.name == "training")
     assert "--gpu" in training.argv
     assert training.env == {}

@@ -540,3 +540,35 @@ def test_a_tree_of_the_bundled_default_holds_the_default_config_beside_it(
     written = yaml.safe_load((tmp_path / "loom.yaml").read_text(encoding="utf-8"))
     assert code == 0
     assert parse_config(written) == default_config()  # not an empty file
+
+
+def test_with_a_grpc_port_the_gateway_pods_service_and_open_policy_carry_it_too() -> None:
+    config = changed_example(lambda data: data.setdefault("server", {}).update(grpc_port=8001))
+    objects = render(config, overlay="cpu", namespace=NAMESPACE)
+    raycluster = find(objects, "RayCluster")
+
+    service_ports = {
+        p["name"]: (p["port"], p["targetPort"]) for p in find(objects, "Service")["spec"]["ports"]
+    }
+    (gateway,) = group_spec(raycluster, "gateway")["template"]["spec"]["containers"]
+    open_rules = [
+        rule
+        for policy in objects
+        if policy["kind"] == "NetworkPolicy"
+        for rule in policy["spec"]["ingress"]
+        if "from" not in rule
+    ]
+
+    assert service_ports == {"http": (config.server.port, "http"), "grpc": (8001, "grpc")}
+    assert {p["name"]: p["containerPort"] for p in gateway["ports"]} == {
+        "http": config.server.port,
+        "grpc": 8001,
+    }
+    assert open_rules == [
+        {
+            "ports": [
+                {"protocol": "TCP", "port": config.server.port},
+                {"protocol": "TCP", "port": 8001},
+            ]
+        }
+    ]

@@ -1,6 +1,7 @@
 """A live gateway with no Ray: the real app (every route family, the jobs routes included)
 served by the real ``HttpServer`` on 127.0.0.1, on an event loop of its own in a thread, so a
-synchronous client (schemathesis, ``requests``) talks to it over real sockets.
+synchronous client (schemathesis, ``requests``, ``tritonclient``) talks to it over real
+sockets; ``serving`` serves any core, and its gRPC server too (``grpc=True``).
 
 Its three models answer in-process: ``enc`` (embed, 4 wide), ``digits`` (a tensor classifier,
 64 features, 10 labels) and ``gen`` (generate: every choice is ``max_tokens`` copies of
@@ -15,9 +16,10 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
 from concurrent.futures import Future
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +29,7 @@ from inprocess import InProcessHandle, Method
 from serving.config import parse_config
 from serving.gateway.app import build_http_app
 from serving.gateway.core import GatewayCore
+from serving.gateway.grpc_server import GrpcServer
 from serving.gateway.http_server import HttpLimits, HttpServer
 from serving.gateway.routes.jobs import JobsSettings, build_jobs_service
 from serving.messages import (
@@ -133,6 +136,9 @@ class AllReady:
     async def all_ready(self) -> bool:
         return True
 
+    async def without_replicas(self, model: str) -> bool:
+        return False
+
 
 def gateway_core(home: Path, **server: Any) -> GatewayCore:
     config = parse_config({"server": server, "models": MODELS})
@@ -174,34 +180,61 @@ def gateway_core(home: Path, **server: Any) -> GatewayCore:
     return core
 
 
+@dataclass(frozen=True)
+class Addresses:
+    http_url: str
+    """``http://127.0.0.1:PORT``."""
+    grpc_target: str
+    """``127.0.0.1:PORT`` (what ``tritonclient.grpc`` takes); empty without ``grpc``."""
+
+
 @contextmanager
-def live_gateway(home: Path, **server: Any) -> Iterator[str]:
-    """The gateway served on a free port (``server`` is its ``server:`` section); its URL."""
-    started: Future[tuple[asyncio.AbstractEventLoop, HttpServer]] = Future()
+def serving(
+    core: Callable[[], GatewayCore],
+    *,
+    grpc: bool = False,
+    run: Callable[[Coroutine[Any, Any, None]], None] = asyncio.run,
+) -> Iterator[Addresses]:
+    """``core()`` (built on the server's loop) served over HTTP, and over gRPC with ``grpc``,
+    each on a free port, on an event loop run by ``run`` (``asyncio.run``, ``uvloop.run``)."""
+    started: Future[tuple[HttpServer, GrpcServer | None]] = Future()
     stop = threading.Event()
 
     async def serve() -> None:
-        app = build_http_app(gateway_core(home, **server))
-        http = HttpServer(app, host="127.0.0.1", port=0, limits=HttpLimits())
+        gateway = core()
+        http = HttpServer(build_http_app(gateway), host="127.0.0.1", port=0, limits=HttpLimits())
         await http.start()
-        started.set_result((asyncio.get_running_loop(), http))
+        rpc = GrpcServer(gateway, host="127.0.0.1", port=0) if grpc else None
+        if rpc is not None:
+            await rpc.start()
+        started.set_result((http, rpc))
         while not stop.is_set():
             await asyncio.sleep(0.05)
+        if rpc is not None:
+            await rpc.stop(grace_s=0)
         await http.stop()
 
-    def run() -> None:
+    def serve_in_thread() -> None:
         try:
-            asyncio.run(serve())
+            run(serve())
         except BaseException as exc:  # a start that failed: the caller sees why
             if not started.done():
                 started.set_exception(exc)
             raise
 
-    thread = threading.Thread(target=run, name="live-gateway", daemon=True)
+    thread = threading.Thread(target=serve_in_thread, name="live-gateway", daemon=True)
     thread.start()
-    _, http = started.result(timeout=60)
+    http, rpc = started.result(timeout=60)
     try:
-        yield f"http://127.0.0.1:{http.port}"
+        target = "" if rpc is None else f"127.0.0.1:{rpc.port}"
+        yield Addresses(f"http://127.0.0.1:{http.port}", target)
     finally:
         stop.set()
         thread.join(timeout=60)
+
+
+@contextmanager
+def live_gateway(home: Path, **server: Any) -> Iterator[str]:
+    """The gateway served on a free port (``server`` is its ``server:`` section); its URL."""
+    with serving(lambda: gateway_core(home, **server)) as addresses:
+        yield addresses.http_url

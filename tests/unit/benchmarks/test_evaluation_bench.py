@@ -10,7 +10,7 @@ from pathlib import Path
 
 import yaml
 
-from benchmarks.lm_eval_bench import LmEvalBenchConfig, serving_config, summarise
+from benchmarks.evaluation import LmEvalBenchConfig, serving_config, summarise
 from benchmarks.lm_eval_runs import (
     GEN_TASK,
     MC_TASK,
