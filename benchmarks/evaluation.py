@@ -3,8 +3,8 @@
 in-process ``hf`` model on the same weights, side by side in one run, with each side's
 accuracy (they must be equal: the loglikelihoods agree).
 
-    python -m benchmarks.lm_eval_bench                        # the generation benchmark's GPT-2
-    python -m benchmarks.lm_eval_bench --model-dir $LOOM_HOME/models/my-lm/3 --repeats 3
+    python -m benchmarks.evaluation                        # the generation benchmark's GPT-2
+    python -m benchmarks.evaluation --model-dir $LOOM_HOME/models/my-lm/3 --repeats 3
 
 The model is the generation benchmark's random ~10M-parameter GPT-2 unless ``--model-dir``
 names a local transformers folder (a trained ``lm`` job's stored version, say): random
@@ -78,7 +78,7 @@ class LmEvalBenchConfig:
 
 def parse_args(argv: Sequence[str] | None) -> LmEvalBenchConfig:
     parser = argparse.ArgumentParser(
-        prog="python -m benchmarks.lm_eval_bench",
+        prog="python -m benchmarks.evaluation",
         description="lm-eval wall time on loom_mc: local-completions against Loom vs hf",
     )
     parser.add_argument("--model-dir", type=Path, default=None, help="a local model folder")
@@ -159,7 +159,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     work_dir = Path(tempfile.mkdtemp(prefix="loom-bench-lm-eval-"))
     started = time.monotonic()
     results: dict[str, Any] = {
-        "benchmark": "lm_eval",
+        "benchmark": "evaluation",
         "task": MC_TASK,
         "config": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(config).items()},
         "machine": machine_facts(REPO_ROOT),

@@ -23,7 +23,11 @@ clients finish together and arrive together (the lockstep worst case for TTFT).
   process, c closed-loop clients each keeping one request in flight for the stack's warm-up
   and window (``generation_cb``);
 - stack: ``loom serve`` in a subprocess, c clients streaming ``/v1/completions`` over HTTP
-  (``generation_client``).
+  (``generation_client``);
+- logprobs: the same server at the top concurrency, the plain requests and then the same
+  requests with ``logprobs: 5`` on every fourth, in turns (plain, mixed, plain, mixed), so the
+  two see the same machine; ``logprobs_share`` is mixed tokens/s over plain (goal >= 0.9:
+  asking for logprobs must not slow the batch down for everyone).
 
 Each prints one line per concurrency with tokens/s and TTFT p50/p95; the end prints the three
 targets with PASS/MISS and writes everything to ``benchmarks/results/generation-<time>.json``.
@@ -82,7 +86,14 @@ from benchmarks.setups import stack_spec
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 RESULTS_DIR = REPO_ROOT / "benchmarks" / "results"
-VARIANTS = ("sequential", "static", "cb", "stack")
+VARIANTS = ("sequential", "static", "cb", "stack", "logprobs")
+STACK_VARIANTS = frozenset({"stack", "logprobs"})
+LOGPROBS = 5
+"""What a scoring request asks for in the logprobs variant: the top 5, OpenAI's legacy cap."""
+LOGPROBS_EVERY = 4
+"""Every fourth request of the logprobs variant's mixed turns asks for logprobs."""
+LOGPROBS_TURNS = 2
+"""Plain and mixed windows, taken in turns, each this many times."""
 IN_PROCESS_VARIANTS = frozenset({"sequential", "static", "cb"})
 
 
@@ -403,10 +414,13 @@ def run_stack(
     record: dict[str, Any] = {"argv": list(spec.argv), "levels": [], "error": None}
     server = ServerProcess(spec)
     say(f"stack: starting {' '.join(spec.argv[1:])}")
+    levels = config.levels if "stack" in config.variants else ()
     try:
         with server:
             say(f"stack: ready in {server.ready_s:.1f} s")
-            for concurrency in config.levels:
+            if "logprobs" in config.variants:
+                record["logprobs"] = run_logprobs_turns(spec.port, requests, config)
+            for concurrency in levels:
                 if not server.is_running:
                     raise RuntimeError(f"the stack exited\n{server.stderr_tail()}")
                 load = StreamLoadConfig(
@@ -436,6 +450,55 @@ def run_stack(
         say(f"stack: FAILED: {exc}")
     record["server"] = server.describe()
     return record
+
+
+def run_logprobs_turns(
+    port: int, requests: Sequence[GenerationRequest], config: GenerationBenchConfig
+) -> dict[str, Any]:
+    """Plain and mixed windows in turns at the top concurrency, on one server (see the
+    module docstring); the share is the mixed windows' tokens over the plain ones'."""
+    concurrency = max(config.levels)
+    plain = [completion_request(config.model_name, r.prompt, r.max_tokens) for r in requests]
+    mixed = [
+        completion_request(
+            config.model_name,
+            r.prompt,
+            r.max_tokens,
+            logprobs=LOGPROBS if i % LOGPROBS_EVERY == 0 else None,
+        )
+        for i, r in enumerate(requests)
+    ]
+    turns: dict[str, list[dict[str, Any]]] = {"plain": [], "mixed": []}
+    for _ in range(LOGPROBS_TURNS):
+        for name, bodies in (("plain", plain), ("mixed", mixed)):
+            load = StreamLoadConfig(
+                port=port,
+                concurrency=concurrency,
+                warmup_s=config.warmup_s,
+                duration_s=config.duration_s,
+            )
+            result = run_stream_load(load, bodies)
+            figures = window_figures(result.timings, result.window_start_ns, result.window_end_ns)
+            level = summarise_generation(
+                concurrency=concurrency, figures=figures, errors=result.errors, short=result.short
+            )
+            say(format_generation_line(f"lp-{name}", level))
+            turns[name].append(dataclasses.asdict(level))
+    rates = {name: [t["tokens_per_s"] for t in done] for name, done in turns.items()}
+    share = sum(rates["mixed"]) / sum(rates["plain"]) if sum(rates["plain"]) else None
+    say(f"logprobs: mixed / plain tokens/s at c={concurrency}: {share}")
+    return {
+        "concurrency": concurrency,
+        "logprobs": LOGPROBS,
+        "every": LOGPROBS_EVERY,
+        "turns": turns,
+        "plain_tokens_per_s": sum(rates["plain"]) / len(rates["plain"]),
+        "mixed_tokens_per_s": sum(rates["mixed"]) / len(rates["mixed"]),
+        "logprobs_share": share,
+        "goal": 0.9,
+        "met": share is not None and share >= 0.9,
+        "error": None,
+    }
 
 
 def summarise(variants: Mapping[str, Any]) -> list[dict[str, Any]]:
@@ -493,9 +556,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             in_process = run_in_process(stored, requests, config)
             results["in_process_device"] = in_process.pop("device")
             variants |= in_process
-        if "stack" in config.variants:
-            variants["stack"] = run_stack(spec, requests, config)
-            variants["stack"]["config"] = yaml.safe_load(config_path.read_text())
+        if STACK_VARIANTS & set(config.variants):
+            stack = run_stack(spec, requests, config)
+            stack["config"] = yaml.safe_load(config_path.read_text())
+            if "logprobs" in config.variants:
+                variants["logprobs"] = stack.pop("logprobs")
+            if "stack" in config.variants:
+                variants["stack"] = stack
         results["variants"] = variants
         results["targets"] = summarise(variants)
         failed = any(record.get("error") for record in variants.values())

@@ -42,19 +42,21 @@ NS_PER_S = 1_000_000_000
 COMPLETIONS_PATH = "/v1/completions"
 
 
-def completion_body(model: str, prompt: str, max_tokens: int) -> bytes:
-    """A streaming, greedy completion request that always makes ``max_tokens`` tokens."""
-    return orjson.dumps(
-        {
-            "model": model,
-            "prompt": prompt,
-            "max_tokens": max_tokens,
-            "temperature": 0,
-            "stream": True,
-            "stream_options": {"include_usage": True},
-            "ignore_eos": True,
-        }
-    )
+def completion_body(model: str, prompt: str, max_tokens: int, logprobs: int | None = None) -> bytes:
+    """A streaming, greedy completion request that always makes ``max_tokens`` tokens
+    (``logprobs``: with each token's logprob and that many alternatives)."""
+    body: dict[str, object] = {
+        "model": model,
+        "prompt": prompt,
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+        "ignore_eos": True,
+    }
+    if logprobs is not None:
+        body["logprobs"] = logprobs
+    return orjson.dumps(body)
 
 
 @dataclass(frozen=True)
@@ -66,8 +68,10 @@ class CompletionRequest:
     """An answer with fewer tokens than this counts as ``short``."""
 
 
-def completion_request(model: str, prompt: str, max_tokens: int) -> CompletionRequest:
-    return CompletionRequest(completion_body(model, prompt, max_tokens), max_tokens)
+def completion_request(
+    model: str, prompt: str, max_tokens: int, logprobs: int | None = None
+) -> CompletionRequest:
+    return CompletionRequest(completion_body(model, prompt, max_tokens, logprobs), max_tokens)
 
 
 @dataclass(frozen=True, kw_only=True)

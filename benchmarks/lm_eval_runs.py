@@ -11,7 +11,7 @@ from a local folder, and the Hugging Face libraries are told never to reach a hu
     run.loglikelihoods(MC_TASK)[0]         # [-4.70, -19.13, -14.11, -23.91]: one per choice
 
 Shared by the e2e test (``tests/e2e/test_lm_eval_e2e.py``) and the wall-time benchmark
-(``benchmarks.lm_eval_bench``), so both run lm-eval the way ``docs/training.md`` shows.
+(``benchmarks.evaluation``), so both run lm-eval the way ``docs/training.md`` shows.
 """
 
 from __future__ import annotations

@@ -28,18 +28,25 @@ BENCHMARKS = (
     "sharding",
     "faults",
     "autoscaling",
+    "transports",
+    "evaluation",
     "gpu",
 )
 """Every benchmark ``loom bench`` knows, in the order ``all`` runs them."""
 
 WHAT = {
     "embeddings": "engine alone, Loom stack, Ray Serve alone and plain FastAPI, side by side",
-    "generation": "sequential, static batching, in-process continuous batching and the stack",
+    "generation": (
+        "sequential, static batching, in-process continuous batching and the stack; the stack "
+        "with logprobs on a quarter of the requests"
+    ),
     "training": "lm trainer as jobs (1 and 2 workers) against a bare training loop",
     "ensemble": "scatter/gather cost over the slowest member, and hedging a straggler",
     "sharding": "many small models: one pool, the pool on 4 replicas, 4 shards by name",
     "faults": "a replica killed under load; overload and restart scenarios",
     "autoscaling": "reaction to a load step: replicas and p95 over time, policy cost",
+    "transports": "v2 infer of a classifier with JSON, HTTP binary tensors and gRPC, by size",
+    "evaluation": "lm-evaluation-harness on the repo's task: against Loom vs in-process hf",
     "gpu": "the engines on one GPU without Ray: batch sweep, generation, MFU, 2-GPU split",
 }
 """What each measures, for ``loom bench --help``."""
@@ -104,24 +111,28 @@ _QUICK: dict[str, tuple[str, ...]] = {
     "sharding": ("--models", "12", "--budget", "6", "--duration-s", "3", "--warmup-s", "1"),
     "faults": ("--scenarios", "kill", "--warmup-s", "1", "--before-s", "3", "--after-s", "4"),
     "autoscaling": ("--setups", "loom-sidecars", "--skip-failover", "--skip-cpu"),
+    "transports": ("--quick",),
+    "evaluation": (),
     "gpu": ("--quick",),
 }  # fmt: skip
 
 _ESTIMATE_S: dict[str, tuple[float, float]] = {
     "embeddings": (100.0, 430.0),
-    "generation": (75.0, 400.0),
+    "generation": (110.0, 500.0),
     "training": (50.0, 420.0),
     "ensemble": (95.0, 420.0),
     "sharding": (75.0, 240.0),
     "faults": (40.0, 300.0),
     "autoscaling": (50.0, 240.0),
+    "transports": (60.0, 160.0),
+    "evaluation": (60.0, 60.0),
     "gpu": (40.0, 300.0),
 }
 
 
 def _duration(name: str, duration_s: float) -> tuple[str, ...]:
     seconds = _seconds(duration_s)
-    if name in ("embeddings", "generation", "ensemble", "sharding"):
+    if name in ("embeddings", "generation", "ensemble", "sharding", "transports"):
         return ("--duration-s", seconds)
     if name == "faults":
         return ("--before-s", seconds, "--after-s", seconds)
@@ -133,7 +144,7 @@ def _concurrency(name: str, levels: tuple[int, ...]) -> tuple[str, ...]:
         return ("--levels", _levels(levels))
     if name in ("generation", "ensemble"):
         return ("--concurrency", _levels(levels))
-    if name == "sharding":
+    if name in ("sharding", "transports"):
         return ("--concurrency", str(max(levels)))
     if name == "faults":
         return ("--kill-concurrency", str(max(levels)))

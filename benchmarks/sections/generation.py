@@ -66,6 +66,17 @@ def _add_stack_over_static(section: Section, levels: Mapping[str, Sequence[Level
         section.figure("stack_over_static", ratio(stack[c], static[c]), "x")
 
 
+def _add_logprobs(section: Section, record: Mapping[str, Any] | None) -> None:
+    """The logprobs variant: tokens/s with ``logprobs`` on every fourth request over without,
+    the same server, windows in turns (goal >= 0.9)."""
+    if not record or record.get("error"):
+        return
+    c = record["concurrency"]
+    section.figure(f"logprobs_c{c}_plain_tokens_per_s", record["plain_tokens_per_s"], "tokens/s")
+    section.figure(f"logprobs_c{c}_mixed_tokens_per_s", record["mixed_tokens_per_s"], "tokens/s")
+    section.figure("logprobs_share", record["logprobs_share"], "x", goal=record.get("goal", 0.9))
+
+
 def _table(raw: Mapping[str, Any], levels: Mapping[str, Sequence[Level]]) -> Table:
     model, lengths = raw.get("model", {}), raw.get("output_lengths", {})
     note = [
@@ -183,6 +194,7 @@ def section(raw: Mapping[str, Any]) -> Section:
                 )
     _add_targets(result, raw.get("targets", []))
     _add_stack_over_static(result, levels)
+    _add_logprobs(result, raw.get("variants", {}).get("logprobs"))
     stack_c1 = _at(levels.get("stack", []), 1)
     if stack_c1 is not None:
         result.figure("stack_c1_ttft_p50_ms", stack_c1["ttft_p50_ms"], "ms", better="lower")
