@@ -25,7 +25,7 @@ clients finish together and arrive together (the lockstep worst case for TTFT).
 - stack: ``loom serve`` in a subprocess, c clients streaming ``/v1/completions`` over HTTP
   (``generation_client``);
 - logprobs: the same server at the top concurrency, the plain requests and then the same
-  requests with ``logprobs: 5`` on every fourth, in turns (plain, mixed, plain, mixed), so the
+  requests with ``logprobs: 5`` on every fourth, in turns (plain, mixed, three times), so the
   two see the same machine; ``logprobs_share`` is mixed tokens/s over plain (goal >= 0.9:
   asking for logprobs must not slow the batch down for everyone).
 
@@ -92,7 +92,7 @@ LOGPROBS = 5
 """What a scoring request asks for in the logprobs variant: the top 5, OpenAI's legacy cap."""
 LOGPROBS_EVERY = 4
 """Every fourth request of the logprobs variant's mixed turns asks for logprobs."""
-LOGPROBS_TURNS = 2
+LOGPROBS_TURNS = 3
 """Plain and mixed windows, taken in turns, each this many times."""
 IN_PROCESS_VARIANTS = frozenset({"sequential", "static", "cb"})
 
