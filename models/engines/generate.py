@@ -354,6 +354,11 @@ class GenerationEngine(PretrainedEngine):
                 max_requests_per_batch=self.max_sequences,
                 per_request_processors=True,
                 allow_block_sharing=False,  # prompts rarely share prefixes; keeps pages simple
+                # no CUDA graphs: the per-sequence sampler and the prompt-logprobs hook decide
+                # in Python at every step (which rows to draw, which positions to score), and
+                # a captured graph would replay one step's decisions for all (on a CPU there
+                # are no graphs anyway)
+                use_cuda_graph=False,
             ),
         )
         if self.device.type == "cpu" and model.config._attn_implementation == "sdpa":
