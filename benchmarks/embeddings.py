@@ -244,6 +244,22 @@ def say(line: str) -> None:
     print(line, flush=True)
 
 
+def finish_run(
+    results: dict[str, Any], out_path: Path, work_dir: Path, *, started: float, failed: bool
+) -> None:
+    """A module run's end, whatever happened: its wall time and the load at the end into
+    ``results``, the JSON written, the work folder removed, or kept and named when the run
+    failed (its server logs are in it)."""
+    results["wall_s"] = time.monotonic() - started
+    results["machine"]["load_avg_1m_end"] = load_average_1m()
+    write_json(out_path, _jsonable(results))
+    say(f"wrote {out_path}")
+    if failed:
+        say(f"work folder and server logs kept in {work_dir}")
+    else:
+        shutil.rmtree(work_dir, ignore_errors=True)
+
+
 def warn_if_busy(facts: Mapping[str, Any]) -> None:
     """Say so when other work already keeps the CPUs busy: every figure will be noisy."""
     load, cpus = facts.get("load_avg_1m"), facts.get("cpus_usable") or facts.get("cpu_count")
@@ -566,14 +582,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         failed = any(record["error"] for record in (noop, *setups.values()))
         results.update(summarise(results))
     finally:
-        results["wall_s"] = time.monotonic() - started
-        results["machine"]["load_avg_1m_end"] = load_average_1m()
-        write_json(config.out_path, _jsonable(results))
-        say(f"wrote {config.out_path}")
-        if failed:
-            say(f"server logs kept in {work_dir / 'logs'}")
-        else:
-            shutil.rmtree(work_dir, ignore_errors=True)
+        finish_run(results, config.out_path, work_dir, started=started, failed=failed)
     return 1 if failed else 0
 
 

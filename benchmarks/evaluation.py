@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
-import shutil
 import statistics
 import tempfile
 import time
@@ -33,7 +32,7 @@ from typing import Any
 
 import yaml
 
-from benchmarks.embeddings import say, warn_if_busy
+from benchmarks.embeddings import finish_run, say, warn_if_busy
 from benchmarks.generation_model import TinyGptSpec, build_tiny_gpt, register_tiny_gpt
 from benchmarks.lm_eval_runs import (
     MC_METRIC,
@@ -48,9 +47,8 @@ from benchmarks.lm_eval_runs import (
     offline_env,
     run_lm_eval,
 )
-from benchmarks.machine import load_average_1m, machine_facts
+from benchmarks.machine import machine_facts
 from benchmarks.processes import ServerNotReady, ServerProcess
-from benchmarks.report import write_json
 from benchmarks.setups import stack_spec
 
 RESULTS_DIR = REPO_ROOT / "benchmarks" / "results"
@@ -210,14 +208,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         results["error"] = str(exc)
         say(f"FAILED: {exc}")
     finally:
-        results["wall_s"] = time.monotonic() - started
-        results["machine"]["load_avg_1m_end"] = load_average_1m()
-        write_json(out_path, results)
-        say(f"wrote {out_path}")
-        if results["error"] is None:
-            shutil.rmtree(work_dir, ignore_errors=True)
-        else:
-            say(f"work folder and logs kept in {work_dir}")
+        failed = results["error"] is not None
+        finish_run(results, out_path, work_dir, started=started, failed=failed)
     return 1 if results["error"] else 0
 
 

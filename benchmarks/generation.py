@@ -42,7 +42,6 @@ import dataclasses
 import datetime as dt
 import gc
 import math
-import shutil
 import sys
 import tempfile
 import time
@@ -53,7 +52,7 @@ from typing import Any
 
 import yaml
 
-from benchmarks.embeddings import _jsonable, say, warn_if_busy
+from benchmarks.embeddings import _jsonable, finish_run, say, warn_if_busy
 from benchmarks.generation_cb import CB_API, TransformersCbEngine, cb_settings, run_closed_loop
 from benchmarks.generation_client import StreamLoadConfig, completion_request, run_stream_load
 from benchmarks.generation_model import (
@@ -78,10 +77,10 @@ from benchmarks.generation_report import (
     useful_token_share,
     window_figures,
 )
-from benchmarks.machine import load_average_1m, machine_facts
+from benchmarks.machine import machine_facts
 from benchmarks.options import parse_env_assignments, parse_int_list
 from benchmarks.processes import ServerNotReady, ServerProcess, ServerSpec
-from benchmarks.report import format_target_line, target_record, write_json
+from benchmarks.report import format_target_line, target_record
 from benchmarks.setups import stack_spec
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -567,14 +566,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         results["targets"] = summarise(variants)
         failed = any(record.get("error") for record in variants.values())
     finally:
-        results["wall_s"] = time.monotonic() - started
-        results["machine"]["load_avg_1m_end"] = load_average_1m()
-        write_json(out_path, _jsonable(results))
-        say(f"wrote {out_path}")
-        if failed:
-            say(f"work folder and server logs kept in {work_dir}")
-        else:
-            shutil.rmtree(work_dir, ignore_errors=True)
+        finish_run(results, out_path, work_dir, started=started, failed=failed)
     return 1 if failed else 0
 
 

@@ -27,7 +27,6 @@ import argparse
 import asyncio
 import datetime as dt
 import json
-import shutil
 import sys
 import tempfile
 import time
@@ -39,7 +38,7 @@ from typing import Any
 import numpy as np
 import yaml
 
-from benchmarks.embeddings import _jsonable, say, warn_if_busy
+from benchmarks.embeddings import _jsonable, finish_run, say, warn_if_busy
 from benchmarks.loadgen import (
     LOCALHOST,
     NS_PER_S,
@@ -50,9 +49,9 @@ from benchmarks.loadgen import (
     run_on_own_loop,
     run_requests,
 )
-from benchmarks.machine import load_average_1m, machine_facts
+from benchmarks.machine import machine_facts
 from benchmarks.processes import ServerNotReady, ServerProcess, free_port
-from benchmarks.report import percentile, write_json
+from benchmarks.report import percentile
 from benchmarks.setups import stack_spec
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -365,14 +364,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         results["error"] = str(exc)
         say(f"FAILED: {exc}")
     finally:
-        results["wall_s"] = time.monotonic() - started
-        results["machine"]["load_avg_1m_end"] = load_average_1m()
-        write_json(out_path, _jsonable(results))
-        say(f"wrote {out_path}")
-        if failed:
-            say(f"work folder and server logs kept in {work_dir}")
-        else:
-            shutil.rmtree(work_dir, ignore_errors=True)
+        finish_run(results, out_path, work_dir, started=started, failed=failed)
     return 1 if failed else 0
 
 
