@@ -238,3 +238,16 @@ def test_a_request_rate_near_the_load_generators_ceiling_is_refused_with_a_note(
         "embeddings.engine_texts_per_s",
     ]
     assert "load generator's own ceiling (1000 req/s" in section.notes[0]
+
+
+def test_all_quick_leaves_out_evaluation_and_the_logprobs_turns_a_full_run_has() -> None:
+    quick = plan(["all"], BenchOptions(quick=True))
+    full = plan(["all"], BenchOptions())
+    assert "evaluation" not in [step.name for step in quick]
+    assert "evaluation" in [step.name for step in full]
+    generation = next(step for step in quick if step.name == "generation")
+    only = generation.argv[generation.argv.index("--only") + 1]
+    assert "logprobs" not in only.split(",")
+    assert "stack" in only.split(",")
+    named = plan(["evaluation"], BenchOptions(quick=True))  # by name it still runs
+    assert [step.name for step in named] == ["evaluation"]
