@@ -481,7 +481,8 @@ class GenerationReplica:
                 raise GenerationFailed(name, update.error)
             self._observe(choices[index], update, arrived_s, at_s)
             texts.setdefault(index, []).append(update.delta)
-            logprobs.setdefault(index, []).extend(update.logprobs)
+            if update.logprobs:  # only calls that asked carry any
+                logprobs.setdefault(index, []).extend(update.logprobs)
             if update.prompt_logprobs is not None:
                 prompt_logprobs[index] = update.prompt_logprobs
             last[index] = update
@@ -492,7 +493,7 @@ class GenerationReplica:
                 "".join(texts[i]),
                 u.completion_tokens,
                 u.finish_reason,
-                logprobs=self._shown(logprobs[i]),
+                logprobs=self._shown(logprobs[i]) if i in logprobs else (),
             )
             if call.echo and not choices[i].started:
                 delta = self._echoed(call, prompts[i // call.n], delta, prompt_logprobs.get(i))

@@ -383,8 +383,10 @@ class ChunkWriter:
     def deltas(self, deltas: tuple[ChoiceDelta, ...]) -> bytes:
         out = []
         for d in deltas:
-            text, entries = echoed(d)
-            if not text and d.finish_reason is None and not (self._logprobs and entries):
+            # every stream's hot path: the logprob entries are gathered only when asked for
+            text = d.text if d.prompt_text is None else d.prompt_text + d.text
+            entries = echoed(d)[1] if self._logprobs else []
+            if not text and d.finish_reason is None and not entries:
                 continue
             logprobs: dict[str, Any] | None = None
             if self._chat:

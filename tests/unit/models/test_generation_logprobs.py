@@ -151,3 +151,24 @@ def test_the_end_of_sequence_token_that_ends_a_choice_has_its_logprob(engine):
     assert ended.finish_reason == "stop"
     assert ended.token_ids == ()
     assert [e.token_id for e in ended.logprobs] == list(first.token_ids)
+
+
+def test_a_prompt_scoring_failure_fails_its_sequence_alone(engine, monkeypatch):
+    """The hook never raises into transformers' loop: a failure (here forced) ends the scored
+    sequences of that batch with an error, and the sequence beside them finishes as usual."""
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("the batch's tokens are not the planned prompt chunk")
+
+    monkeypatch.setattr(engine, "_score", fail)
+    scored, plain = engine.run(
+        [
+            (LONG_PROMPT, SamplingParams(max_tokens=0, prompt_logprobs=1)),
+            (SHORT_PROMPT, SamplingParams(max_tokens=3, temperature=0, ignore_eos=True)),
+        ]
+    )
+    assert scored.finish_reason == "error"
+    assert "prompt logprobs failed" in (scored.error or "")
+    assert plain.error is None
+    assert len(plain.token_ids) == 3
+    engine.check()  # the loop goes on
